@@ -1,0 +1,53 @@
+# Tandem: `make setup` installs everything (idempotent), `make demo` shows it working, `make test` checks it.
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STUBS  := protos/cri_pb2.py protos/cri_pb2_grpc.py
+
+# Debian packages Tandem and its tests use, each for a reason:
+#   docker-registry        the local OCI registry the tests and the demo pull from
+#   busybox-static         the one binary inside every test and demo image
+#   containernetworking-plugins  CNI plugins (bridge, host-local, loopback, portmap)
+#   python3-venv           the project's virtualenv
+#   iproute2, util-linux   ip, mount
+APT_PACKAGES := docker-registry busybox-static containernetworking-plugins python3-venv \
+                iproute2 util-linux ca-certificates
+
+.PHONY: setup apt venv protos demo test lint clean
+
+setup: apt venv protos
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "installing: $$missing"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+protos: $(STUBS)
+
+$(STUBS): protos/cri.proto $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/cri.proto
+
+demo: setup
+	$(PY) -m demo
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+clean:
+	rm -rf $(VENV) $(STUBS) protos/cri_pb2.pyi

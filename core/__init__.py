@@ -1,0 +1,1 @@
+"""The vocabulary every Tandem package shares: domain errors, atomic files, external programs."""

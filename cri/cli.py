@@ -1,0 +1,83 @@
+"""`tandem`: the daemon and the operator's tools."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+from pathlib import Path
+
+from core import logfmt
+from core.errors import TandemError
+from cri.config import LOG_LEVELS, Config, load_config
+from cri.version import CRI_API_VERSION, RUNTIME_NAME, RUNTIME_VERSION
+
+
+def _config(args: argparse.Namespace) -> Config:
+    config = load_config(Path(args.config) if args.config else None)
+    overrides = {
+        key: value
+        for key, value in {
+            "socket": Path(args.socket) if args.socket else None,
+            "state_dir": Path(args.state_dir) if args.state_dir else None,
+            "log_level": args.log_level,
+        }.items()
+        if value is not None
+    }
+    return dataclasses.replace(config, **overrides)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cri.server import serve
+
+    config = _config(args)
+    logfmt.configure(config.log_level)
+    asyncio.run(serve(config))
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from cri.doctor import run_doctor
+
+    return run_doctor(args.config and Path(args.config))
+
+
+def _version(args: argparse.Namespace) -> int:
+    print(f"{RUNTIME_NAME} {RUNTIME_VERSION} (CRI {CRI_API_VERSION})")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="tandem", description=__doc__)
+    commands = top.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the CRI on a unix socket until SIGTERM")
+    serve.add_argument("--config", help="TOML config file (default /etc/tandem/tandem.toml if present)")
+    serve.add_argument("--socket", help="unix socket path (default /run/tandem/tandem.sock)")
+    serve.add_argument("--state-dir", help="persistent state directory (default /var/lib/tandem)")
+    serve.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default info)")
+    serve.set_defaults(run=_serve)
+
+    doctor = commands.add_parser("doctor", help="check this host and say what to fix")
+    doctor.add_argument("--config", help="TOML config file to check")
+    doctor.set_defaults(run=_doctor)
+
+    version = commands.add_parser("version", help="print the version")
+    version.set_defaults(run=_version)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except TandemError as e:
+        print(f"tandem: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""`tandem doctor`: check this host for everything Tandem needs, and say how to fix what is missing.
+
+Each check prints one line: ok, warn (works, but something an operator should
+know) or FAIL (Tandem cannot do its job). The exit status is 1 if any check failed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.errors import TandemError
+from cri.config import Config, load_config
+from sandbox import cni
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # "ok", "warn" or "FAIL"
+    what: str
+    detail: str
+    fix: str = ""
+
+
+def _check_config(path: Path | None) -> tuple[Finding, Config | None]:
+    try:
+        config = load_config(path)
+    except TandemError as e:
+        return Finding("FAIL", "config", str(e), "fix the named key"), None
+    return Finding("ok", "config", config.source), config
+
+
+def _check_dir(what: str, path: Path) -> Finding:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        return Finding(
+            "FAIL", what, f"{path}: {e.strerror}", "run as root, or point the config at a writable dir"
+        )
+    free = shutil.disk_usage(path).free
+    if free < 2 * 2**30:
+        return Finding("warn", what, f"{path}: only {free // 2**20} MiB free", "free disk space for images")
+    return Finding("ok", what, f"{path} ({free // 2**30} GiB free)")
+
+
+def _check_overlay(state_dir: Path) -> Finding:
+    """Image layers are overlayfs diff dirs: whiteouts are 0:0 char devices, opaque dirs a trusted xattr."""
+    if "overlay" not in Path("/proc/filesystems").read_text():
+        subprocess.run(["modprobe", "overlay"], capture_output=True, check=False)
+    work = Path(tempfile.mkdtemp(prefix=".doctor-", dir=state_dir))
+    try:
+        lower, upper, wd, merged = (work / n for n in ("lower", "upper", "work", "merged"))
+        for d in (lower, upper, wd, merged):
+            d.mkdir()
+        (lower / "hidden").write_text("x")
+        (lower / "opaque").mkdir()
+        (lower / "opaque" / "gone").write_text("x")
+        os.mknod(upper / "hidden", 0o600 | 0o020000, os.makedev(0, 0))
+        (upper / "opaque").mkdir()
+        os.setxattr(upper / "opaque", "trusted.overlay.opaque", b"y")
+        opts = f"lowerdir={upper}:{lower}"
+        result = subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)], capture_output=True
+        )
+        if result.returncode != 0:
+            return Finding("FAIL", "overlayfs", result.stderr.decode().strip(), "load the overlay module")
+        try:
+            if (merged / "hidden").exists() or (merged / "opaque" / "gone").exists():
+                return Finding(
+                    "FAIL", "overlayfs", "whiteouts are not honoured", "use a kernel with overlayfs"
+                )
+        finally:
+            subprocess.run(["umount", str(merged)], check=False)
+    except OSError as e:
+        return Finding("FAIL", "overlayfs", f"{state_dir}: {e}", "run as root on a filesystem with xattrs")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return Finding("ok", "overlayfs", f"whiteouts and opaque dirs work under {state_dir}")
+
+
+def _check_socket(path: Path) -> Finding:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return Finding("ok", "socket", f"{path} is free (no daemon serving)")
+    finally:
+        probe.close()
+    return Finding("ok", "socket", f"a daemon is serving on {path}")
+
+
+def _check_cni(config: Config) -> Finding:
+    ready = cni.readiness(config.cni.conf_dir, config.cni.bin_dirs)
+    if ready.ready:
+        network = cni.find_network(config.cni.conf_dir)
+        return Finding("ok", "cni", f"network {network.name if network else '?'} from {config.cni.conf_dir}")
+    return Finding(
+        "warn",
+        "cni",
+        ready.message,
+        "install containernetworking-plugins and write a conflist; until then NetworkReady is false",
+    )
+
+
+def _check_mirrors(config: Config) -> list[Finding]:
+    findings = []
+    for registry, mirrors in sorted(config.registry.mirrors.items()):
+        for mirror in mirrors:
+            host, _, port = mirror.rpartition(":") if ":" in mirror else (mirror, "", "443")
+            try:
+                socket.create_connection((host, int(port)), timeout=2).close()
+                findings.append(Finding("ok", "mirror", f"{registry} -> {mirror} answers"))
+            except (OSError, ValueError) as e:
+                findings.append(
+                    Finding(
+                        "warn", "mirror", f"{registry} -> {mirror}: {e}", "start the mirror or fix the config"
+                    )
+                )
+    return findings
+
+
+def diagnose(config_path: Path | None) -> list[Finding]:
+    config_finding, config = _check_config(config_path)
+    findings = [config_finding]
+    if config is None:
+        return findings
+    checks: list[Callable[[], Finding]] = [
+        lambda: _check_dir("state dir", config.state_dir),
+        lambda: _check_dir("runtime dir", config.runtime_dir),
+        lambda: _check_overlay(config.state_dir),
+        lambda: _check_socket(config.socket),
+        lambda: _check_cni(config),
+    ]
+    findings += [check() for check in checks]
+    findings += _check_mirrors(config)
+    return findings
+
+
+def run_doctor(config_path: Path | None) -> int:
+    findings = diagnose(config_path)
+    for f in findings:
+        print(f"{f.level:<4}  {f.what:<12} {f.detail}")
+        if f.fix and f.level != "ok":
+            print(f"      {'':<12} fix: {f.fix}")
+    return 1 if any(f.level == "FAIL" for f in findings) else 0

@@ -1,0 +1,117 @@
+"""The Tandem daemon: both CRI services on one root-only unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+import grpc
+from images.unpack import UnpackLimits
+
+from core.errors import FailedPrecondition
+from core.files import private_dir
+from cri.config import Config
+from cri.errors import ErrorInterceptor
+from cri.image_service import ImageServicer
+from cri.runtime_service import RuntimeServicer
+from cri.version import RUNTIME_VERSION
+from images.registry import RegistryClient
+from images.store import ImageStore
+from protos import cri_pb2_grpc
+
+log = logging.getLogger("tandem.daemon")
+
+MAX_MESSAGE_BYTES = 16 * 2**20
+
+
+def _claim_socket(path: Path) -> None:
+    """Remove a stale socket, but never one another daemon is still serving."""
+    if not path.exists() and not path.is_symlink():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()
+    else:
+        raise FailedPrecondition(f"another process is already serving on {path}")
+    finally:
+        probe.close()
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._server: grpc.aio.Server | None = None
+        self._registry: RegistryClient | None = None
+        self.images: ImageStore | None = None
+
+    async def start(self) -> None:
+        config = self.config
+        private_dir(config.state_dir)
+        private_dir(config.runtime_dir)
+        private_dir(config.socket.parent)
+        self._registry = RegistryClient(config.registry)
+        self.images = ImageStore(
+            config.state_dir / "images",
+            self._registry,
+            limits=UnpackLimits(
+                max_bytes=config.images.max_layer_bytes,
+                max_entries=config.images.max_layer_entries,
+                allow_devices=config.images.allow_device_nodes,
+            ),
+            max_layers=config.images.max_layers,
+            parallel_downloads=config.images.parallel_downloads,
+        )
+        await asyncio.to_thread(self.images.load)
+
+        server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        cri_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeServicer(config), server)
+        cri_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.images), server)
+        _claim_socket(config.socket)
+        server.add_insecure_port(f"unix://{config.socket}")
+        await server.start()
+        os.chmod(config.socket, 0o600)
+        self._server = server
+        log.info(
+            "serving",
+            extra={"socket": str(config.socket), "version": RUNTIME_VERSION, "config": config.source},
+        )
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        if self._registry is not None:
+            await self._registry.close()
+            self._registry = None
+        with contextlib.suppress(FileNotFoundError):
+            self.config.socket.unlink()
+        log.info("stopped")
+
+
+async def serve(config: Config) -> None:
+    """Serve until SIGTERM or SIGINT, then finish in-flight calls and exit."""
+    os.umask(0o077)
+    daemon = Daemon(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await daemon.start()
+    try:
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await daemon.stop()

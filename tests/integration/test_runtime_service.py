@@ -1,0 +1,117 @@
+"""The daemon itself: socket, lifecycle, and the runtime-wide RuntimeService calls."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from protos import cri_pb2 as pb
+from tests.support.daemon import TandemDaemon
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = TandemDaemon.isolated(tmp_path).start()
+    yield d
+    d.stop()
+
+
+def test_version(daemon):
+    v = daemon.runtime.Version(pb.VersionRequest())
+    assert (v.version, v.runtime_name, v.runtime_api_version) == ("0.1.0", "tandem", "v1")
+    assert v.runtime_version
+
+
+def test_socket_is_root_only_and_sigterm_is_graceful(daemon):
+    mode = daemon.socket.stat().st_mode
+    assert stat.S_ISSOCK(mode) and mode & 0o077 == 0
+    assert daemon.stop() == 0
+    assert not daemon.socket.exists()
+
+
+def test_status_reports_network_readiness_from_cni_config(daemon, tmp_path):
+    conditions = {c.type: c for c in daemon.runtime.Status(pb.StatusRequest()).status.conditions}
+    assert conditions["RuntimeReady"].status
+    assert not conditions["NetworkReady"].status
+    assert conditions["NetworkReady"].reason == "NetworkPluginNotReady"
+
+    netd = tmp_path / "net.d"
+    netd.mkdir()
+    (netd / "10-test.conflist").write_text(
+        json.dumps({"cniVersion": "1.0.0", "name": "test", "plugins": [{"type": "loopback"}]})
+    )
+    response = daemon.runtime.Status(pb.StatusRequest(verbose=True))
+    conditions = {c.type: c for c in response.status.conditions}
+    assert conditions["NetworkReady"].status, conditions["NetworkReady"].message
+    assert json.loads(response.info["config"])["runtimes"] == {"runc": "runc", "vm": "vm"}
+    assert [h.name for h in response.runtime_handlers] == ["", "runc", "vm"]
+
+
+def test_runtime_config_and_update(daemon):
+    assert daemon.runtime.RuntimeConfig(pb.RuntimeConfigRequest()).linux.cgroup_driver == pb.CGROUPFS
+    daemon.runtime.UpdateRuntimeConfig(
+        pb.UpdateRuntimeConfigRequest(
+            runtime_config=pb.RuntimeConfig(network_config=pb.NetworkConfig(pod_cidr="10.1.0.0/24"))
+        )
+    )
+    info = json.loads(daemon.runtime.Status(pb.StatusRequest(verbose=True)).info["config"])
+    assert info["podCIDR"] == "10.1.0.0/24"
+
+
+def test_unserved_rpcs_say_so(daemon):
+    with pytest.raises(grpc.RpcError) as err:
+        daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest())
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "RunPodSandbox" in err.value.details()
+
+
+def test_a_second_daemon_on_the_same_socket_is_refused(daemon, tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cri.cli",
+            "serve",
+            "--config",
+            str(daemon.config_path),
+            "--socket",
+            str(daemon.socket),
+            "--state-dir",
+            str(tmp_path / "other"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "already serving" in result.stderr
+    daemon.runtime.Version(pb.VersionRequest())  # the first one is unharmed
+
+
+def test_a_bad_config_stops_the_daemon_with_key_and_reason(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('default_workload_trust = "sometimes"\n')
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cri.cli",
+            "serve",
+            "--config",
+            str(bad),
+            "--socket",
+            str(tmp_path / "s.sock"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "default_workload_trust" in result.stderr and "must be one of" in result.stderr
