@@ -7,11 +7,13 @@ STUBS  := protos/cri_pb2.py protos/cri_pb2_grpc.py
 # Debian packages Tandem and its tests use, each for a reason:
 #   docker-registry        the local OCI registry the tests and the demo pull from
 #   busybox-static         the one binary inside every test and demo image
-#   containernetworking-plugins  CNI plugins (bridge, host-local, loopback, portmap)
+#   runc, conmon           the trusted backend: the OCI runtime and CRI-O's per-container monitor
+#   catatonit              the static pause process that holds a trusted pod's namespaces
+#   containernetworking-plugins, iptables  CNI plugins (bridge, host-local, loopback, portmap)
 #   python3-venv           the project's virtualenv
-#   iproute2, util-linux   ip, mount
-APT_PACKAGES := docker-registry busybox-static containernetworking-plugins python3-venv \
-                iproute2 util-linux ca-certificates
+#   iproute2, iputils-ping, util-linux, procps  ip, ping, mount/unshare/nsenter, ps
+APT_PACKAGES := docker-registry busybox-static runc conmon catatonit containernetworking-plugins \
+                iptables python3-venv iproute2 iputils-ping util-linux procps ca-certificates
 
 .PHONY: setup apt venv protos demo test lint clean
 

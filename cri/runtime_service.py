@@ -1,30 +1,57 @@
-"""RuntimeService: runtime-wide calls. Pod and container calls arrive with the backends."""
+"""RuntimeService: CRI runtime calls translated onto the pod manager.
+
+Each handler validates what only the CRI layer can see, calls `sandbox.manager`,
+and converts the answer (`cri.convert`). Errors are domain exceptions, mapped
+to status codes by `cri.errors`.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import TypeVar
 
 import grpc
 
+from core.errors import NotFound, Unimplemented
+from cri import convert
 from cri.config import Config
 from cri.errors import answer_unimplemented
 from cri.version import CRI_API_VERSION, KUBELET_API_VERSION, RUNTIME_NAME, RUNTIME_VERSION
 from protos import cri_pb2 as pb
 from protos import cri_pb2_grpc
 from sandbox import cni
+from sandbox.manager import PodManager
+from sandbox.model import ContainerRecord
 
 log = logging.getLogger("tandem.cri")
 
+T = TypeVar("T")
+STREAM_CHUNK = 100
+EVENT_KINDS = {
+    "created": pb.CONTAINER_CREATED_EVENT,
+    "started": pb.CONTAINER_STARTED_EVENT,
+    "stopped": pb.CONTAINER_STOPPED_EVENT,
+    "deleted": pb.CONTAINER_DELETED_EVENT,
+}
+
+
+def _chunks(items: list[T]) -> Iterator[list[T]]:
+    for start in range(0, len(items), STREAM_CHUNK):
+        yield items[start : start + STREAM_CHUNK]
+
 
 class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, pods: PodManager) -> None:
         self.config = config
+        self.pods = pods
         self.pod_cidr = ""
+        self._cpu_samples: dict[str, tuple[int, int]] = {}
 
-    async def Version(
-        self, request: pb.VersionRequest, context: grpc.aio.ServicerContext
-    ) -> pb.VersionResponse:
+    # ---- runtime ---------------------------------------------------------------------------
+
+    async def Version(self, request: pb.VersionRequest, context: grpc.aio.ServicerContext) -> pb.VersionResponse:
         return pb.VersionResponse(
             version=KUBELET_API_VERSION,
             runtime_name=RUNTIME_NAME,
@@ -42,8 +69,7 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
         ]
         handlers = [pb.RuntimeHandler(name="", features=pb.RuntimeHandlerFeatures())]
         handlers += [
-            pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures())
-            for name in sorted(self.config.runtimes)
+            pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures()) for name in sorted(self.config.runtimes)
         ]
         info = {}
         if request.verbose:
@@ -52,6 +78,7 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
                     "configSource": self.config.source,
                     "defaultWorkloadTrust": self.config.default_workload_trust,
                     "runtimes": {n: h.backend for n, h in sorted(self.config.runtimes.items())},
+                    "backendsAvailable": sorted(self.pods.backends),
                     "stateDir": str(self.config.state_dir),
                     "cniConfDir": str(self.config.cni.conf_dir),
                     "cniBinDirs": [str(d) for d in self.config.cni.bin_dirs],
@@ -79,6 +106,245 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
             log.info("pod CIDR updated", extra={"pod_cidr": cidr})
             self.pod_cidr = cidr
         return pb.UpdateRuntimeConfigResponse()
+
+    # ---- pods ------------------------------------------------------------------------------
+
+    async def RunPodSandbox(
+        self, request: pb.RunPodSandboxRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RunPodSandboxResponse:
+        sandbox = await self.pods.run_sandbox(request.config, request.runtime_handler)
+        return pb.RunPodSandboxResponse(pod_sandbox_id=sandbox.id)
+
+    async def StopPodSandbox(
+        self, request: pb.StopPodSandboxRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StopPodSandboxResponse:
+        await self.pods.stop_sandbox(request.pod_sandbox_id)
+        return pb.StopPodSandboxResponse()
+
+    async def RemovePodSandbox(
+        self, request: pb.RemovePodSandboxRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RemovePodSandboxResponse:
+        await self.pods.remove_sandbox(request.pod_sandbox_id)
+        return pb.RemovePodSandboxResponse()
+
+    async def PodSandboxStatus(
+        self, request: pb.PodSandboxStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PodSandboxStatusResponse:
+        sandbox = self.pods.sandbox(request.pod_sandbox_id)
+        ready = await self.pods.sandbox_ready(sandbox)
+        containers = await self.pods.list_containers(pb.ContainerFilter(pod_sandbox_id=sandbox.id))
+        return pb.PodSandboxStatusResponse(
+            status=convert.pod_sandbox_status(sandbox, ready),
+            info=convert.sandbox_info(sandbox) if request.verbose else {},
+            containers_statuses=[convert.container_status(c) for c in containers],
+        )
+
+    async def _pod_sandboxes(self, flt: pb.PodSandboxFilter | None) -> list[pb.PodSandbox]:
+        return [
+            convert.pod_sandbox(s, await self.pods.sandbox_ready(s))
+            for s in self.pods.list_sandboxes(flt)
+        ]
+
+    async def ListPodSandbox(
+        self, request: pb.ListPodSandboxRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListPodSandboxResponse:
+        items = await self._pod_sandboxes(request.filter if request.HasField("filter") else None)
+        return pb.ListPodSandboxResponse(items=items)
+
+    async def StreamPodSandboxes(
+        self, request: pb.StreamPodSandboxesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamPodSandboxesResponse]:
+        items = await self._pod_sandboxes(request.filter if request.HasField("filter") else None)
+        for chunk in _chunks(items):
+            yield pb.StreamPodSandboxesResponse(pod_sandboxes=chunk)
+
+    # ---- containers ------------------------------------------------------------------------
+
+    async def CreateContainer(
+        self, request: pb.CreateContainerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateContainerResponse:
+        container = await self.pods.create_container(
+            request.pod_sandbox_id, request.config, request.sandbox_config
+        )
+        return pb.CreateContainerResponse(container_id=container.id)
+
+    async def StartContainer(
+        self, request: pb.StartContainerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StartContainerResponse:
+        await self.pods.start_container(request.container_id)
+        return pb.StartContainerResponse()
+
+    async def StopContainer(
+        self, request: pb.StopContainerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StopContainerResponse:
+        await self.pods.stop_container(request.container_id, max(0, request.timeout))
+        return pb.StopContainerResponse()
+
+    async def RemoveContainer(
+        self, request: pb.RemoveContainerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RemoveContainerResponse:
+        await self.pods.remove_container(request.container_id)
+        return pb.RemoveContainerResponse()
+
+    async def ListContainers(
+        self, request: pb.ListContainersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListContainersResponse:
+        containers = await self.pods.list_containers(request.filter if request.HasField("filter") else None)
+        return pb.ListContainersResponse(containers=[convert.container(c) for c in containers])
+
+    async def StreamContainers(
+        self, request: pb.StreamContainersRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamContainersResponse]:
+        containers = await self.pods.list_containers(request.filter if request.HasField("filter") else None)
+        for chunk in _chunks([convert.container(c) for c in containers]):
+            yield pb.StreamContainersResponse(containers=chunk)
+
+    async def ContainerStatus(
+        self, request: pb.ContainerStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ContainerStatusResponse:
+        container = await self.pods.container_status(request.container_id)
+        backend = self.pods.sandbox(container.sandbox_id).backend
+        return pb.ContainerStatusResponse(
+            status=convert.container_status(container),
+            info=convert.container_info(container, backend) if request.verbose else {},
+        )
+
+    async def UpdateContainerResources(
+        self, request: pb.UpdateContainerResourcesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateContainerResourcesResponse:
+        await self.pods.update_resources(request.container_id, request.linux)
+        return pb.UpdateContainerResourcesResponse()
+
+    async def ReopenContainerLog(
+        self, request: pb.ReopenContainerLogRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReopenContainerLogResponse:
+        await self.pods.reopen_log(request.container_id)
+        return pb.ReopenContainerLogResponse()
+
+    async def ExecSync(self, request: pb.ExecSyncRequest, context: grpc.aio.ServicerContext) -> pb.ExecSyncResponse:
+        result = await self.pods.exec_sync(request.container_id, list(request.cmd), request.timeout)
+        return pb.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)
+
+    # ---- stats -----------------------------------------------------------------------------
+
+    async def _container_stats(self, container: ContainerRecord) -> pb.ContainerStats:
+        sandbox = self.pods.sandbox(container.sandbox_id)
+        usage = await self.pods.backends[sandbox.backend].container_usage(sandbox, container)
+        nano_cores = None
+        if usage.cpu_usage_ns is not None:
+            previous = self._cpu_samples.get(container.id)
+            self._cpu_samples[container.id] = (usage.timestamp, usage.cpu_usage_ns)
+            if previous is not None and usage.timestamp > previous[0]:
+                nano_cores = (usage.cpu_usage_ns - previous[1]) * 10**9 // (usage.timestamp - previous[0])
+        return convert.container_stats(container, usage, nano_cores)
+
+    async def _stats_of(self, containers: Iterable[ContainerRecord]) -> list[pb.ContainerStats]:
+        live = {c.id for c in containers}
+        for stale in set(self._cpu_samples) - live - {c.id for c in await self.pods.list_containers(None)}:
+            del self._cpu_samples[stale]
+        return [await self._container_stats(c) for c in containers]
+
+    async def ContainerStats(
+        self, request: pb.ContainerStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ContainerStatsResponse:
+        container = await self.pods.container_status(request.container_id)
+        return pb.ContainerStatsResponse(stats=await self._container_stats(container))
+
+    async def _list_container_stats(self, flt: pb.ContainerStatsFilter | None) -> list[pb.ContainerStats]:
+        cflt = pb.ContainerFilter()
+        if flt is not None:
+            cflt = pb.ContainerFilter(id=flt.id, pod_sandbox_id=flt.pod_sandbox_id, label_selector=flt.label_selector)
+        cflt.state.state = pb.CONTAINER_RUNNING
+        return await self._stats_of(await self.pods.list_containers(cflt))
+
+    async def ListContainerStats(
+        self, request: pb.ListContainerStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListContainerStatsResponse:
+        stats = await self._list_container_stats(request.filter if request.HasField("filter") else None)
+        return pb.ListContainerStatsResponse(stats=stats)
+
+    async def StreamContainerStats(
+        self, request: pb.StreamContainerStatsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamContainerStatsResponse]:
+        stats = await self._list_container_stats(request.filter if request.HasField("filter") else None)
+        for chunk in _chunks(stats):
+            yield pb.StreamContainerStatsResponse(container_stats=chunk)
+
+    async def _pod_stats(self, sandbox_id: str) -> pb.PodSandboxStats:
+        sandbox = self.pods.sandbox(sandbox_id)
+        running = pb.ContainerFilter(pod_sandbox_id=sandbox.id)
+        running.state.state = pb.CONTAINER_RUNNING
+        containers = await self._stats_of(await self.pods.list_containers(running))
+        now = max((c.cpu.timestamp for c in containers), default=0)
+        cpu = pb.CpuUsage(timestamp=now)
+        memory = pb.MemoryUsage(timestamp=now)
+        if containers:
+            cpu.usage_core_nano_seconds.value = sum(c.cpu.usage_core_nano_seconds.value for c in containers)
+            cpu.usage_nano_cores.value = sum(c.cpu.usage_nano_cores.value for c in containers)
+            memory.working_set_bytes.value = sum(c.memory.working_set_bytes.value for c in containers)
+            memory.usage_bytes.value = sum(c.memory.usage_bytes.value for c in containers)
+            memory.rss_bytes.value = sum(c.memory.rss_bytes.value for c in containers)
+        return pb.PodSandboxStats(
+            attributes=pb.PodSandboxAttributes(
+                id=sandbox.id,
+                metadata=sandbox.config.metadata,
+                labels=sandbox.config.labels,
+                annotations=sandbox.config.annotations,
+            ),
+            linux=pb.LinuxPodSandboxStats(cpu=cpu, memory=memory, containers=containers),
+        )
+
+    async def PodSandboxStats(
+        self, request: pb.PodSandboxStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PodSandboxStatsResponse:
+        return pb.PodSandboxStatsResponse(stats=await self._pod_stats(request.pod_sandbox_id))
+
+    async def _list_pod_stats(self, flt: pb.PodSandboxStatsFilter | None) -> list[pb.PodSandboxStats]:
+        sflt = None
+        if flt is not None:
+            sflt = pb.PodSandboxFilter(id=flt.id, label_selector=flt.label_selector)
+        sandboxes = [s for s in self.pods.list_sandboxes(sflt) if await self.pods.sandbox_ready(s)]
+        return [await self._pod_stats(s.id) for s in sandboxes]
+
+    async def ListPodSandboxStats(
+        self, request: pb.ListPodSandboxStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListPodSandboxStatsResponse:
+        stats = await self._list_pod_stats(request.filter if request.HasField("filter") else None)
+        return pb.ListPodSandboxStatsResponse(stats=stats)
+
+    async def StreamPodSandboxStats(
+        self, request: pb.StreamPodSandboxStatsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamPodSandboxStatsResponse]:
+        stats = await self._list_pod_stats(request.filter if request.HasField("filter") else None)
+        for chunk in _chunks(stats):
+            yield pb.StreamPodSandboxStatsResponse(pod_sandbox_stats=chunk)
+
+    # ---- events ----------------------------------------------------------------------------
+
+    async def GetContainerEvents(
+        self, request: pb.GetEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ContainerEventResponse]:
+        async for event in self.pods.events.subscribe():
+            response = pb.ContainerEventResponse(
+                container_id=event.container_id,
+                container_event_type=EVENT_KINDS[event.kind],
+                created_at=event.at,
+            )
+            try:
+                sandbox = self.pods.sandbox(event.sandbox_id)
+            except NotFound:  # the pod may be gone by the time its event is sent
+                yield response
+                continue
+            response.pod_sandbox_status.CopyFrom(convert.pod_sandbox_status(sandbox, sandbox.state == "ready"))
+            response.containers_statuses.extend(
+                convert.container_status(c) for c in self.pods.containers_of(sandbox.id)
+            )
+            yield response
+
+    async def CheckpointContainer(
+        self, request: pb.CheckpointContainerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CheckpointContainerResponse:
+        raise Unimplemented("CheckpointContainer: Tandem does not checkpoint containers (no CRIU integration)")
 
 
 answer_unimplemented(RuntimeServicer, cri_pb2_grpc.RuntimeServiceServicer, "RuntimeService")

@@ -11,7 +11,6 @@ import socket
 from pathlib import Path
 
 import grpc
-from images.unpack import UnpackLimits
 
 from core.errors import FailedPrecondition
 from core.files import private_dir
@@ -22,7 +21,11 @@ from cri.runtime_service import RuntimeServicer
 from cri.version import RUNTIME_VERSION
 from images.registry import RegistryClient
 from images.store import ImageStore
+from images.unpack import UnpackLimits
 from protos import cri_pb2_grpc
+from sandbox.backends import available_backends
+from sandbox.cni import CniPlugins
+from sandbox.manager import PodManager
 
 log = logging.getLogger("tandem.daemon")
 
@@ -50,6 +53,7 @@ class Daemon:
         self._server: grpc.aio.Server | None = None
         self._registry: RegistryClient | None = None
         self.images: ImageStore | None = None
+        self.pods: PodManager | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -69,6 +73,13 @@ class Daemon:
             parallel_downloads=config.images.parallel_downloads,
         )
         await asyncio.to_thread(self.images.load)
+        self.pods = PodManager(
+            config,
+            self.images,
+            available_backends(config),
+            CniPlugins(config.cni.conf_dir, config.cni.bin_dirs),
+        )
+        await self.pods.recover()
 
         server = grpc.aio.server(
             interceptors=[ErrorInterceptor()],
@@ -77,7 +88,7 @@ class Daemon:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
         )
-        cri_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeServicer(config), server)
+        cri_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeServicer(config, self.pods), server)
         cri_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.images), server)
         _claim_socket(config.socket)
         server.add_insecure_port(f"unix://{config.socket}")
@@ -93,6 +104,9 @@ class Daemon:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        if self.pods is not None:
+            await self.pods.close()
+            self.pods = None
         if self._registry is not None:
             await self._registry.close()
             self._registry = None

@@ -438,7 +438,7 @@ class Repository:
                 await self._download(ep, desc, dest)
             except BaseException:
                 # one unlink is cheap, and it must run even when the pull is cancelled
-                dest.unlink(missing_ok=True)  # noqa: ASYNC240
+                dest.unlink(missing_ok=True)
                 raise
 
         try:

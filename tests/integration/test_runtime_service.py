@@ -67,9 +67,19 @@ def test_runtime_config_and_update(daemon):
 
 def test_unserved_rpcs_say_so(daemon):
     with pytest.raises(grpc.RpcError) as err:
-        daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest())
+        daemon.runtime.Exec(pb.ExecRequest(container_id="x", cmd=["sh"]))
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "RunPodSandbox" in err.value.details()
+    assert "RuntimeService/Exec is not implemented" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        daemon.runtime.CheckpointContainer(pb.CheckpointContainerRequest(container_id="x"))
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED and "checkpoint" in err.value.details()
+
+
+def test_bad_pod_requests_are_invalid_and_leave_nothing(daemon):
+    with pytest.raises(grpc.RpcError) as err:
+        daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert daemon.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items == []
 
 
 def test_a_second_daemon_on_the_same_socket_is_refused(daemon, tmp_path):

@@ -100,6 +100,12 @@ class TandemDaemon:
         self.process = None
         return code
 
+    def unmount_workdir(self, workdir: Path) -> None:
+        """Detach every mount left under `workdir` (the netns root's bind, say) so pytest can delete it."""
+        points = [line.split()[4] for line in open("/proc/self/mountinfo")]
+        for point in sorted((p for p in points if p.startswith(f"{workdir}/")), key=len, reverse=True):
+            subprocess.run(["umount", "--lazy", point], capture_output=True, check=False)
+
     def kill(self) -> None:
         """SIGKILL: the crash that recovery must survive."""
         self._close_channel()

@@ -1,0 +1,173 @@
+"""A private containerd for side-by-side benchmarks: its own root, state and socket in a temp dir.
+
+It is modelled on /etc/containerd-bench/config.toml (CRI plugin, overlayfs,
+cgroupfs, `restrict_oom_score_adj`, registry mirrors) but shares nothing with
+that long-running instance, so a benchmark neither disturbs it nor inherits
+its content store. Garbage collection runs after every deletion, so content
+of a removed image leaves the disk promptly (and `content_files()` can prove it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import grpc
+
+from protos import cri_pb2_grpc
+
+CONTAINERD = "containerd"
+
+_CONFIG = """\
+version = 2
+root = "{root}"
+state = "{state}"
+oom_score = 0
+# snapshotters that cannot work here only add warnings to the log
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+]
+
+[grpc]
+  address = "{socket}"
+
+[ttrpc]
+  address = "{socket}.ttrpc"
+
+[debug]
+  address = "{debug_socket}"
+  level = "info"
+
+[metrics]
+  address = ""
+
+[plugins]
+  # collect garbage after every single deletion, at once
+  [plugins."io.containerd.gc.v1.scheduler"]
+    deletion_threshold = 1
+    schedule_delay = "0s"
+  [plugins."io.containerd.grpc.v1.cri"]
+    sandbox_image = "registry.k8s.io/pause:3.9"
+    restrict_oom_score_adj = true
+    enable_selinux = false
+    [plugins."io.containerd.grpc.v1.cri".containerd]
+      snapshotter = "overlayfs"
+      default_runtime_name = "runc"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+        runtime_type = "io.containerd.runc.v2"
+        [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+          SystemdCgroup = false
+    [plugins."io.containerd.grpc.v1.cri".cni]
+      bin_dir = "/usr/lib/cni"
+      conf_dir = "{cni_dir}"
+      max_conf_num = 1
+    [plugins."io.containerd.grpc.v1.cri".registry]
+      [plugins."io.containerd.grpc.v1.cri".registry.mirrors]
+{mirrors}"""
+
+_MIRROR = """\
+        [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{host}"]
+          endpoint = ["{endpoint}"]
+"""
+
+
+def installed() -> bool:
+    return shutil.which(CONTAINERD) is not None
+
+
+class ContainerdInstance:
+    """`containerd --config <workdir>/config.toml` as a child process, everything under `workdir`."""
+
+    def __init__(self, workdir: Path, mirrors: Mapping[str, str]) -> None:
+        """`mirrors` maps a registry host to one endpoint URL, e.g. "gcr.io" -> "http://127.0.0.1:5000"."""
+        self.workdir = workdir
+        self.root = workdir / "root"
+        self.socket = workdir / "run" / "containerd.sock"
+        self.config_path = workdir / "config.toml"
+        self.log_path = workdir / "containerd.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self._channel: grpc.Channel | None = None
+        (workdir / "run").mkdir(parents=True, exist_ok=True)
+        (workdir / "net.d").mkdir(exist_ok=True)
+        self.config_path.write_text(
+            _CONFIG.format(
+                root=self.root,
+                state=workdir / "state",
+                socket=self.socket,
+                debug_socket=workdir / "run" / "debug.sock",
+                cni_dir=workdir / "net.d",
+                mirrors="".join(_MIRROR.format(host=h, endpoint=e) for h, e in mirrors.items()),
+            )
+        )
+
+    def start(self, timeout: float = 30.0) -> ContainerdInstance:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [CONTAINERD, "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                start_new_session=True,  # a Ctrl-C meant for the benchmark reaches us, not containerd
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"containerd exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            if self.socket.exists():
+                channel = grpc.insecure_channel(f"unix://{self.socket}")
+                try:
+                    grpc.channel_ready_future(channel).result(timeout=1)
+                except grpc.FutureTimeoutError:
+                    channel.close()
+                    continue
+                self._channel = channel
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"containerd did not listen on {self.socket} within {timeout}s:\n{self.log()[-3000:]}")
+
+    @property
+    def images(self) -> cri_pb2_grpc.ImageServiceStub:
+        assert self._channel is not None, "containerd not started"
+        return cri_pb2_grpc.ImageServiceStub(self._channel)
+
+    @property
+    def runtime(self) -> cri_pb2_grpc.RuntimeServiceStub:
+        assert self._channel is not None, "containerd not started"
+        return cri_pb2_grpc.RuntimeServiceStub(self._channel)
+
+    def content_files(self) -> list[Path]:
+        """Blobs in the content store and snapshots on disk: empty once every image is gone and GC ran."""
+        dirs = (
+            self.root / "io.containerd.content.v1.content" / "blobs" / "sha256",
+            self.root / "io.containerd.content.v1.content" / "ingest",
+            self.root / "io.containerd.snapshotter.v1.overlayfs" / "snapshots",
+        )
+        return [entry for d in dirs if d.is_dir() for entry in d.iterdir()]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL if it lingers. Only pulls ran, so there are no shims or mounts to clean."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.process = None

@@ -1,0 +1,371 @@
+"""The trusted backend: each pod is a catatonit infra container holding its namespaces, each
+container a runc container beside it, every one watched by its own conmon.
+
+Everything here assumes that container processes run on this host: that is
+what makes this the runc backend, and why nothing above `sandbox/backend.py`
+may assume it.
+
+Where things live (runtime dirs vanish on reboot, as the containers do):
+    <runtime_dir>/runc/root/            runc's state (`runc --root`)
+    <runtime_dir>/runc/bundles/<id>/    config.json, the rootfs mount point, conmon's persist dir and ctl fifo
+    <runtime_dir>/runc/exits/<id>       conmon's exit files
+    <runtime_dir>/runc/pods/<id>/       a pod's hostname, resolv.conf, hosts and /dev/shm
+    <runtime_dir>/a/                    conmon's attach-socket links (short: unix socket paths are limited)
+    <state_dir>/runc/layers/<id>/       a container's writable layer (upper, work)
+    <state_dir>/runc/infra-rootfs/      the read-only root of every infra container: a static catatonit
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from core.errors import FailedPrecondition, TandemError, Unavailable
+from core.files import atomic_write_bytes, atomic_write_json, private_dir
+from core.proc import run
+from cri.config import Config
+from protos import cri_pb2 as pb
+from runc_backend import cgroups, conmon, rootfs, spec
+from runc_backend.conmon import Conmon
+from runc_backend.runc import Runc
+from sandbox.backend import Backend, ContainerUsage, ExecResult, ExitStatus, ImageRootfs
+from sandbox.model import ContainerRecord, SandboxRecord
+
+log = logging.getLogger("tandem.runc")
+
+CATATONIT = Path("/usr/bin/catatonit")
+SHM_SIZE = 64 * 2**20
+STOP_GRACE_AFTER_KILL = 10.0
+
+
+def _signal_number(name: str) -> int:
+    """`SIGTERM`, `TERM`, `15` or `SIGRTMIN+3` → its number; unknown names fall back to SIGTERM."""
+    name = name.strip().upper()
+    if name.isdigit():
+        return int(name)
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    if name.startswith("SIGRTMIN+") and name[9:].isdigit():
+        return signal.SIGRTMIN + int(name[9:])
+    with contextlib.suppress(KeyError):
+        return signal.Signals[name].value
+    log.warning("unknown stop signal, using SIGTERM", extra={"signal": name})
+    return signal.SIGTERM
+
+
+def _resolv_conf(dns: pb.DNSConfig) -> bytes:
+    if not dns.servers and not dns.searches and not dns.options:
+        return Path("/etc/resolv.conf").read_bytes() if Path("/etc/resolv.conf").exists() else b""
+    lines = [f"nameserver {s}" for s in dns.servers]
+    if dns.searches:
+        lines.append("search " + " ".join(dns.searches))
+    if dns.options:
+        lines.append("options " + " ".join(dns.options))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _hosts(hostname: str, ips: list[str]) -> bytes:
+    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+    lines += [f"{ip}\t{hostname}" for ip in ips]
+    return ("\n".join(lines) + "\n").encode()
+
+
+class RuncBackend(Backend):
+    name = "runc"
+
+    def __init__(self, config: Config) -> None:
+        run = config.runtime_dir / "runc"
+        self.runc = Runc(private_dir(run / "root"))
+        self.conmon = Conmon(self.runc, socket_dir=private_dir(config.runtime_dir / "a"))
+        self.bundles = private_dir(run / "bundles")
+        self.exits = private_dir(run / "exits")
+        self.pods = private_dir(run / "pods")
+        self.layers = private_dir(config.state_dir / "runc" / "layers")
+        self.infra_rootfs = config.state_dir / "runc" / "infra-rootfs"
+        self.oom_floor = cgroups.oom_score_adj_floor()
+
+    @classmethod
+    def create(cls, config: Config) -> RuncBackend:
+        """The backend, if this host can run it: runc, conmon and a static catatonit must exist."""
+        missing = [p for p in ("runc", "conmon") if shutil.which(p) is None]
+        if not CATATONIT.exists():
+            missing.append(str(CATATONIT))
+        if missing:
+            raise Unavailable(f"runc backend needs {', '.join(missing)} (apt-get install runc conmon catatonit)")
+        backend = cls(config)
+        backend._install_infra_rootfs()
+        return backend
+
+    def _install_infra_rootfs(self) -> None:
+        """A root holding only catatonit; runc adds /proc and /dev mount points, then mounts it read-only."""
+        target = self.infra_rootfs / "catatonit"
+        data = CATATONIT.read_bytes()
+        if not target.exists() or target.read_bytes() != data:
+            private_dir(self.infra_rootfs)
+            os.chmod(self.infra_rootfs, 0o755)
+            atomic_write_bytes(target, data, mode=0o755)
+
+    # ---- paths -----------------------------------------------------------------------------
+
+    def _bundle(self, ident: str) -> Path:
+        return self.bundles / ident
+
+    def _persist(self, ident: str) -> Path:
+        return self._bundle(ident) / "persist"
+
+    def _pod_dir(self, sandbox: SandboxRecord) -> Path:
+        return self.pods / sandbox.id
+
+    @staticmethod
+    def _infra_pid(sandbox: SandboxRecord) -> int:
+        pid = sandbox.backend_state.get("pid")
+        if not pid:
+            raise FailedPrecondition(f"pod {sandbox.id} has no infra process")
+        return int(pid)
+
+    def _pod_cgroup(self, sandbox: SandboxRecord) -> str:
+        return cgroups.pod_parent(sandbox.config.linux.cgroup_parent, sandbox.id)
+
+    # ---- pods ------------------------------------------------------------------------------
+
+    async def _write_pod_files(self, sandbox: SandboxRecord) -> spec.PodFiles:
+        config = sandbox.config
+        pod_dir = private_dir(self._pod_dir(sandbox))
+        os.chmod(pod_dir, 0o755)
+        hostname = config.hostname or config.metadata.name
+        if sandbox.host_network:
+            hostname = spec.detect_host().hostname
+        files = spec.PodFiles(
+            hostname=pod_dir / "hostname",
+            resolv_conf=pod_dir / "resolv.conf",
+            hosts=pod_dir / "hosts",
+            shm=None if config.linux.security_context.namespace_options.ipc == pb.NODE else pod_dir / "shm",
+        )
+        atomic_write_bytes(files.hostname, f"{hostname}\n".encode(), mode=0o644)
+        atomic_write_bytes(files.resolv_conf, _resolv_conf(config.dns_config), mode=0o644)
+        hosts = Path("/etc/hosts").read_bytes() if sandbox.host_network else _hosts(hostname, sandbox.ips)
+        atomic_write_bytes(files.hosts, hosts, mode=0o644)
+        if files.shm is not None and not rootfs.is_mounted(files.shm):
+            files.shm.mkdir(exist_ok=True)
+            await _mount_shm(files.shm)
+        return files
+
+    def _pod_files(self, sandbox: SandboxRecord) -> spec.PodFiles:
+        pod_dir = self._pod_dir(sandbox)
+        host_ipc = sandbox.config.linux.security_context.namespace_options.ipc == pb.NODE
+        return spec.PodFiles(pod_dir / "hostname", pod_dir / "resolv.conf", pod_dir / "hosts",
+                             None if host_ipc else pod_dir / "shm")  # fmt: skip
+
+    async def start_sandbox(self, sandbox: SandboxRecord) -> None:
+        await self._write_pod_files(sandbox)
+        options = sandbox.config.linux.security_context.namespace_options
+        namespaces = spec.Namespaces(
+            network=sandbox.netns_path or spec.HOST,
+            ipc=spec.HOST if options.ipc == pb.NODE else spec.NEW,
+            uts=spec.HOST if sandbox.host_network else spec.NEW,
+            pid=spec.HOST if options.pid == pb.NODE else spec.NEW,
+        )
+        infra = spec.infra_spec(
+            sandbox.config,
+            rootfs=self.infra_rootfs,
+            namespaces=namespaces,
+            cgroups_path=cgroups.cgroups_path(self._pod_cgroup(sandbox), sandbox.id),
+            sandbox_id=sandbox.id,
+        )
+        bundle = private_dir(self._bundle(sandbox.id))
+        atomic_write_json(bundle / "config.json", infra)
+        pid = await self.conmon.create(
+            sandbox.id,
+            bundle,
+            log_path=bundle / "infra.log",
+            exit_dir=self.exits,
+            persist_dir=self._persist(sandbox.id),
+        )
+        await self.runc.start(sandbox.id)
+        sandbox.backend_state["pid"] = pid
+
+    async def stop_sandbox(self, sandbox: SandboxRecord) -> None:
+        if await self.runc.state(sandbox.id) is not None:
+            await self.runc.kill(sandbox.id, signal.SIGKILL, all_processes=True)
+            await conmon.wait_exit(self.exits, sandbox.id, STOP_GRACE_AFTER_KILL)
+        shm = self._pod_files(sandbox).shm
+        if shm is not None:
+            await rootfs.unmount(shm)
+
+    async def remove_sandbox(self, sandbox: SandboxRecord) -> None:
+        await self.stop_sandbox(sandbox)
+        await self.runc.delete(sandbox.id, force=True)
+        self.conmon.remove_attach_link(sandbox.id)
+        await asyncio.to_thread(self._remove_dirs, self._bundle(sandbox.id), self._pod_dir(sandbox))
+        (self.exits / sandbox.id).unlink(missing_ok=True)
+        if not sandbox.config.linux.cgroup_parent:
+            await asyncio.to_thread(cgroups.remove, self._pod_cgroup(sandbox))
+
+    async def sandbox_alive(self, sandbox: SandboxRecord) -> bool:
+        return "pid" in sandbox.backend_state and conmon.read_exit(self.exits, sandbox.id) is None
+
+    # ---- containers ------------------------------------------------------------------------
+
+    def _namespaces(self, sandbox: SandboxRecord, config: pb.ContainerConfig) -> spec.Namespaces:
+        infra = self._infra_pid(sandbox)
+        pod = sandbox.config.linux.security_context.namespace_options
+        mode = config.linux.security_context.namespace_options
+        if mode.pid == pb.NODE:
+            pid = spec.HOST
+        elif mode.pid == pb.POD:
+            pid = f"/proc/{infra}/ns/pid"
+        elif mode.pid == pb.TARGET:
+            target = self._target_pid(mode.target_id)
+            pid = f"/proc/{target}/ns/pid"
+        else:
+            pid = spec.NEW
+        return spec.Namespaces(
+            network=spec.HOST if sandbox.host_network else f"/proc/{infra}/ns/net",
+            ipc=spec.HOST if pod.ipc == pb.NODE else f"/proc/{infra}/ns/ipc",
+            uts=spec.HOST if sandbox.host_network else f"/proc/{infra}/ns/uts",
+            pid=pid,
+        )
+
+    def _target_pid(self, container_id: str) -> int:
+        try:
+            return int((self._persist(container_id) / "pidfile").read_text().strip())
+        except (FileNotFoundError, ValueError):
+            raise FailedPrecondition(
+                f"target container {container_id!r} for the PID namespace is not running"
+            ) from None
+
+    async def create_container(self, sandbox: SandboxRecord, container: ContainerRecord, image: ImageRootfs) -> None:
+        bundle = private_dir(self._bundle(container.id))
+        layer = self.layers / container.id
+        root = bundle / "rootfs"
+        await rootfs.mount_rootfs(image.layers, layer / "upper", layer / "work", root)
+        container_spec = spec.container_spec(
+            container.config,
+            sandbox.config,
+            sandbox_id=sandbox.id,
+            container_id=container.id,
+            rootfs=root,
+            image_config=image.config,
+            namespaces=self._namespaces(sandbox, container.config),
+            cgroups_path=cgroups.cgroups_path(self._pod_cgroup(sandbox), container.id),
+            pod_files=self._pod_files(sandbox),
+            oom_score_adj_floor=self.oom_floor,
+        )
+        atomic_write_json(bundle / "config.json", container_spec)
+        config = container.config
+        pid = await self.conmon.create(
+            container.id,
+            bundle,
+            log_path=Path(container.log_path) if container.log_path else bundle / "discarded.log",
+            exit_dir=self.exits,
+            persist_dir=self._persist(container.id),
+            terminal=config.tty,
+            stdin=config.stdin,
+            stdin_once=config.stdin_once,
+        )
+        user = container_spec["process"]["user"]
+        container.backend_state.update(
+            {
+                "pid": pid,
+                "uid": user.get("uid", 0),
+                "gid": user.get("gid", 0),
+                "groups": user.get("additionalGids", []),
+                "stop_signal": self._stop_signal(config, image.config),
+            }
+        )
+
+    @staticmethod
+    def _stop_signal(config: pb.ContainerConfig, image_config: dict[str, Any]) -> int:
+        if config.stop_signal:
+            return _signal_number(pb.Signal.Name(config.stop_signal))
+        return _signal_number((image_config.get("config") or {}).get("StopSignal") or "SIGTERM")
+
+    async def start_container(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
+        await self.runc.start(container.id)
+
+    async def stop_container(self, sandbox: SandboxRecord, container: ContainerRecord, timeout: int) -> None:
+        if await self.runc.state(container.id) is None:
+            return
+        if timeout > 0:
+            await self.runc.kill(container.id, container.backend_state.get("stop_signal", signal.SIGTERM))
+            if await conmon.wait_exit(self.exits, container.id, timeout) is not None:
+                return
+        await self.runc.kill(container.id, signal.SIGKILL, all_processes=True)
+        if await conmon.wait_exit(self.exits, container.id, STOP_GRACE_AFTER_KILL) is None:
+            raise FailedPrecondition(f"container {container.id} did not die after SIGKILL")
+
+    async def remove_container(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
+        await self.runc.delete(container.id, force=True)
+        self.conmon.remove_attach_link(container.id)
+        bundle = self._bundle(container.id)
+        await rootfs.unmount(bundle / "rootfs")
+        await asyncio.to_thread(self._remove_dirs, bundle, self.layers / container.id)
+        (self.exits / container.id).unlink(missing_ok=True)
+
+    @staticmethod
+    def _remove_dirs(*dirs: Path) -> None:
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+    async def container_exit(self, sandbox: SandboxRecord, container: ContainerRecord) -> ExitStatus | None:
+        exited = conmon.read_exit(self.exits, container.id)
+        if exited is None:
+            if conmon.monitor_pid(self._persist(container.id), container.id) is not None:
+                return None
+            exited = conmon.read_exit(self.exits, container.id)  # the monitor may have just finished
+            if exited is None:
+                return ExitStatus(
+                    exit_code=255,
+                    finished_at=time.time_ns(),
+                    reason="Unknown",
+                    message="the container's monitor is gone and recorded no exit (was the node rebooted?)",
+                )
+        code, finished_at = exited
+        if conmon.oom_killed(self._persist(container.id)):
+            return ExitStatus(code, finished_at, reason="OOMKilled")
+        return ExitStatus(code if code >= 0 else 255, finished_at)
+
+    async def exec_sync(
+        self, sandbox: SandboxRecord, container: ContainerRecord, cmd: list[str], timeout: int
+    ) -> ExecResult:
+        process = json.loads((self._bundle(container.id) / "config.json").read_text())["process"]
+        process.update(args=cmd, terminal=False)
+        result = await self.runc.exec_sync(container.id, process, float(timeout) if timeout > 0 else 0.0)
+        return ExecResult(result.exit_code, result.stdout, result.stderr)
+
+    async def update_resources(
+        self, sandbox: SandboxRecord, container: ContainerRecord, resources: pb.LinuxContainerResources
+    ) -> None:
+        await self.runc.update(container.id, spec.linux_resources(resources))
+
+    async def container_usage(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage:
+        stats = cgroups.usage_from_stats(await self.runc.stats(container.id))
+        used, inodes = await asyncio.to_thread(rootfs.writable_layer_usage, self.layers / container.id / "upper")
+        return ContainerUsage(
+            timestamp=time.time_ns(),
+            **stats,
+            writable_layer_bytes=used,
+            writable_layer_inodes=inodes,
+            writable_layer_mountpoint=str(self.layers),
+        )
+
+    async def reopen_log(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
+        if not container.log_path:
+            return
+        await self.conmon.reopen_log(self._bundle(container.id), Path(container.log_path))
+
+
+async def _mount_shm(target: Path) -> None:
+    options = f"mode=1777,size={SHM_SIZE},nosuid,nodev,noexec"
+    try:
+        await run(["mount", "-t", "tmpfs", "-o", options, "shm", str(target)])
+    except TandemError as e:
+        raise FailedPrecondition(f"cannot mount the pod's /dev/shm: {e}") from e

@@ -1,0 +1,511 @@
+"""The pod manager: every pod and container Tandem runs, whichever backend runs it.
+
+It owns the records (persisted before and after each step, so a crash at any
+point leaves something recovery can finish or undo), the per-object locks,
+pod networking (netns + CNI, shared by both backends), names, exit watching
+and events. What actually runs is the backend's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TandemError
+from core.files import private_dir
+from core.records import RecordStore
+from cri.config import Config
+from images.store import ImageStore
+from protos import cri_pb2 as pb
+from sandbox import cni, netns, trust
+from sandbox.backend import Backend, ExecResult, ExitStatus, ImageRootfs
+from sandbox.cni import CniAttachment, CniPlugins, PortMapping
+from sandbox.events import ContainerEvent, EventHub
+from sandbox.locks import KeyedLocks
+from sandbox.model import ContainerRecord, ContainerState, SandboxRecord, SandboxState, now_ns
+
+log = logging.getLogger("tandem.pods")
+
+EXIT_POLL_SECONDS = 1.0
+
+
+def _new_id() -> str:
+    return secrets.token_hex(32)
+
+
+def _port_mappings(config: pb.PodSandboxConfig) -> list[PortMapping]:
+    protocols = {pb.TCP: "tcp", pb.UDP: "udp", pb.SCTP: "sctp"}
+    return [
+        PortMapping(p.container_port, p.host_port, protocols.get(p.protocol, "tcp"), p.host_ip)
+        for p in config.port_mappings
+        if p.host_port > 0
+    ]
+
+
+def _log_path(sandbox: pb.PodSandboxConfig, container: pb.ContainerConfig) -> str:
+    """The container's CRI log file, confined to the pod's log directory."""
+    if not container.log_path:
+        return ""
+    directory = sandbox.log_directory
+    if not directory or not os.path.isabs(directory):
+        raise InvalidArgument(f"pod log_directory {directory!r} must be an absolute path when log_path is set")
+    if os.path.isabs(container.log_path):
+        raise InvalidArgument(f"container log_path {container.log_path!r} must be relative to the log directory")
+    path = os.path.normpath(os.path.join(directory, container.log_path))
+    if os.path.commonpath([path, os.path.normpath(directory)]) != os.path.normpath(directory):
+        raise InvalidArgument(f"container log_path {container.log_path!r} escapes the pod's log directory")
+    return path
+
+
+def _match_labels(labels: dict[str, str] | object, selector: dict[str, str] | object) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())  # type: ignore[union-attr]
+
+
+class PodManager:
+    def __init__(
+        self,
+        config: Config,
+        images: ImageStore,
+        backends: dict[str, Backend],
+        cni: CniPlugins,
+    ) -> None:
+        self.config = config
+        self.images = images
+        self.backends = backends
+        self.cni = cni
+        self.events = EventHub()
+        self._netns_root = private_dir(config.runtime_dir / "netns")
+        self._sandbox_store = RecordStore(config.state_dir / "sandboxes", SandboxRecord)
+        self._container_store = RecordStore(config.state_dir / "containers", ContainerRecord)
+        self._sandboxes: dict[str, SandboxRecord] = {}
+        self._containers: dict[str, ContainerRecord] = {}
+        self._names: dict[str, str] = {}
+        self._locks = KeyedLocks()
+        self._watcher: asyncio.Task[None] | None = None
+
+    # ---- start-up and shutdown -------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Reload every record and reconcile it with what is still running."""
+        self._sandboxes = self._sandbox_store.load_all()
+        self._containers = self._container_store.load_all()
+        for sandbox in self._sandboxes.values():
+            self._names[self._sandbox_name(sandbox.config)] = sandbox.id
+        for container in self._containers.values():
+            if container.sandbox_id not in self._sandboxes:
+                log.warning("container without its pod forgotten", extra={"container": container.id})
+                self._container_store.delete(container.id)
+                continue
+            self._names[self._container_name(container.sandbox_id, container.config)] = container.id
+        self._containers = {c.id: c for c in self._containers.values() if c.sandbox_id in self._sandboxes}
+        for sandbox in self._sandboxes.values():
+            if sandbox.state == SandboxState.READY and not await self._backend(sandbox).sandbox_alive(sandbox):
+                log.warning("pod died while Tandem was down", extra={"pod": sandbox.id})
+                sandbox.state = SandboxState.NOTREADY
+                self._sandbox_store.put(sandbox)
+        for container in list(self._containers.values()):
+            await self._refresh(container)
+        log.info("pods recovered", extra={"pods": len(self._sandboxes), "containers": len(self._containers)})
+        self._watcher = asyncio.create_task(self._watch_exits(), name="exit watcher")
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+
+    # ---- lookups ---------------------------------------------------------------------------
+
+    def _backend(self, sandbox: SandboxRecord) -> Backend:
+        backend = self.backends.get(sandbox.backend)
+        if backend is None:
+            raise FailedPrecondition(f"{sandbox.backend} backend not available")
+        return backend
+
+    def _find(self, table: dict, kind: str, ident: str) -> object:
+        if not ident:
+            raise InvalidArgument(f"{kind} ID is empty")
+        if ident in table:
+            return table[ident]
+        matches = [v for k, v in table.items() if k.startswith(ident)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise InvalidArgument(f"{kind} ID prefix {ident!r} is ambiguous")
+        raise NotFound(f"{kind} {ident!r} not found")
+
+    def sandbox(self, ident: str) -> SandboxRecord:
+        return self._find(self._sandboxes, "pod sandbox", ident)  # type: ignore[return-value]
+
+    def container(self, ident: str) -> ContainerRecord:
+        return self._find(self._containers, "container", ident)  # type: ignore[return-value]
+
+    def containers_of(self, sandbox_id: str) -> list[ContainerRecord]:
+        return [c for c in self._containers.values() if c.sandbox_id == sandbox_id]
+
+    @staticmethod
+    def _sandbox_name(config: pb.PodSandboxConfig) -> str:
+        m = config.metadata
+        return f"{m.name}_{m.namespace}_{m.uid}_{m.attempt}"
+
+    @staticmethod
+    def _container_name(sandbox_id: str, config: pb.ContainerConfig) -> str:
+        return f"{config.metadata.name}_{config.metadata.attempt}@{sandbox_id}"
+
+    def _reserve(self, name: str, ident: str, kind: str) -> None:
+        holder = self._names.get(name)
+        if holder is not None:
+            raise AlreadyExists(f"{kind} name {name!r} is already in use by {holder}")
+        self._names[name] = ident
+
+    # ---- pods ------------------------------------------------------------------------------
+
+    async def run_sandbox(self, config: pb.PodSandboxConfig, runtime_handler: str) -> SandboxRecord:
+        m = config.metadata
+        if not (m.name and m.namespace and m.uid):
+            raise InvalidArgument("pod metadata needs a name, a namespace and a uid")
+        decision = trust.decide(config, runtime_handler, self.config.runtimes, self.config.default_workload_trust)
+        backend = self.backends.get(decision.backend)
+        if backend is None:
+            raise FailedPrecondition(
+                f"{decision.backend} backend not available (pod routed there by {decision.reason})"
+            )
+        sandbox = SandboxRecord(
+            id=_new_id(),
+            config=config,
+            runtime_handler=runtime_handler,
+            backend=decision.backend,
+            trust_reason=decision.reason,
+        )
+        name = self._sandbox_name(config)
+        self._reserve(name, sandbox.id, "pod sandbox")
+        async with self._locks.hold(sandbox.id):
+            self._sandboxes[sandbox.id] = sandbox
+            self._sandbox_store.put(sandbox)
+            try:
+                await self._connect(sandbox)
+                await backend.start_sandbox(sandbox)
+            except BaseException:
+                await self._release_sandbox(sandbox, best_effort=True)
+                raise
+            sandbox.state = SandboxState.READY
+            self._sandbox_store.put(sandbox)
+        log.info(
+            "pod started",
+            extra={
+                "pod": sandbox.id[:12],
+                "pod_name": f"{m.namespace}/{m.name}",
+                "handler": runtime_handler or "<default>",
+                "backend": decision.backend,
+                "why": decision.reason,
+                "ip": sandbox.ips[0] if sandbox.ips else "",
+            },
+        )
+        return sandbox
+
+    async def _connect(self, sandbox: SandboxRecord) -> None:
+        """Give the pod its network namespace and CNI attachment (none for host-network pods)."""
+        if sandbox.host_network:
+            return
+        sandbox.netns_path = str(await netns.create(self._netns_root, sandbox.id))
+        self._sandbox_store.put(sandbox)
+        m = sandbox.config.metadata
+        attachment = await self.cni.setup(
+            sandbox.id,
+            Path(sandbox.netns_path),
+            pod_name=m.name,
+            pod_namespace=m.namespace,
+            pod_uid=m.uid,
+            port_mappings=_port_mappings(sandbox.config),
+        )
+        sandbox.cni_result = attachment.to_dict()
+        sandbox.ips = attachment.ips()
+        self._sandbox_store.put(sandbox)
+
+    async def _disconnect(self, sandbox: SandboxRecord) -> None:
+        """Undo `_connect`. A crash between CNI ADD and persisting its result leaves no result:
+        DEL with the current network config then, since the plugins clean up by container ID."""
+        netns_path = Path(sandbox.netns_path) if sandbox.netns_path else None
+        if sandbox.cni_result is not None:
+            attachment = CniAttachment.from_dict(sandbox.cni_result)
+        elif netns_path is not None and (network := cni.find_network(self.config.cni.conf_dir)) is not None:
+            attachment = CniAttachment(network.conflist(), "eth0", {})
+        else:
+            attachment = None
+        if attachment is not None:
+            m = sandbox.config.metadata
+            await self.cni.teardown(
+                sandbox.id,
+                netns_path,
+                attachment,
+                pod_name=m.name,
+                pod_namespace=m.namespace,
+                pod_uid=m.uid,
+                port_mappings=_port_mappings(sandbox.config),
+            )
+            sandbox.cni_result = None
+        if netns_path is not None:
+            await netns.remove(netns_path)
+            sandbox.netns_path = ""
+        self._sandbox_store.put(sandbox)
+
+    async def stop_sandbox(self, ident: str) -> None:
+        try:
+            sandbox = self.sandbox(ident)
+        except NotFound:
+            return
+        async with self._locks.hold(sandbox.id):
+            for container in self.containers_of(sandbox.id):
+                await self._stop_container(sandbox, container, timeout=0)
+            await self._backend(sandbox).stop_sandbox(sandbox)
+            await self._disconnect(sandbox)
+            if sandbox.state != SandboxState.NOTREADY:
+                sandbox.state = SandboxState.NOTREADY
+                self._sandbox_store.put(sandbox)
+        log.info("pod stopped", extra={"pod": sandbox.id[:12]})
+
+    async def remove_sandbox(self, ident: str) -> None:
+        try:
+            sandbox = self.sandbox(ident)
+        except NotFound:
+            return
+        async with self._locks.hold(sandbox.id):
+            for container in self.containers_of(sandbox.id):
+                async with self._locks.hold(container.id):
+                    await self._stop_container(sandbox, container, timeout=0)
+                    await self._remove_container(sandbox, container)
+            await self._release_sandbox(sandbox, best_effort=False)
+        log.info("pod removed", extra={"pod": sandbox.id[:12]})
+
+    async def _release_sandbox(self, sandbox: SandboxRecord, best_effort: bool) -> None:
+        steps: list[Callable[[], Awaitable[None]]] = [
+            lambda: self._backend(sandbox).stop_sandbox(sandbox),
+            lambda: self._disconnect(sandbox),
+            lambda: self._backend(sandbox).remove_sandbox(sandbox),
+        ]
+        for step in steps:
+            try:
+                await step()
+            except TandemError:
+                if not best_effort:
+                    raise
+                log.exception("cleanup step failed", extra={"pod": sandbox.id[:12]})
+        self._sandbox_store.delete(sandbox.id)
+        self._sandboxes.pop(sandbox.id, None)
+        self._names.pop(self._sandbox_name(sandbox.config), None)
+
+    async def sandbox_ready(self, sandbox: SandboxRecord) -> bool:
+        """READY only while the pod's holder is alive; a crash shows up as NOTREADY."""
+        if sandbox.state != SandboxState.READY:
+            return False
+        if await self._backend(sandbox).sandbox_alive(sandbox):
+            return True
+        async with self._locks.hold(sandbox.id):
+            if sandbox.state == SandboxState.READY:
+                log.warning("pod's holder died", extra={"pod": sandbox.id[:12]})
+                sandbox.state = SandboxState.NOTREADY
+                self._sandbox_store.put(sandbox)
+        return False
+
+    def list_sandboxes(self, flt: pb.PodSandboxFilter | None) -> list[SandboxRecord]:
+        sandboxes = list(self._sandboxes.values())
+        if flt is None:
+            return sandboxes
+        if flt.id:
+            sandboxes = [s for s in sandboxes if s.id.startswith(flt.id)]
+        if flt.HasField("state"):
+            wanted = SandboxState.READY if flt.state.state == pb.SANDBOX_READY else SandboxState.NOTREADY
+            sandboxes = [s for s in sandboxes if s.state == wanted]
+        return [s for s in sandboxes if _match_labels(s.config.labels, flt.label_selector)]
+
+    # ---- containers ------------------------------------------------------------------------
+
+    async def create_container(
+        self, sandbox_id: str, config: pb.ContainerConfig, sandbox_config: pb.PodSandboxConfig
+    ) -> ContainerRecord:
+        sandbox = self.sandbox(sandbox_id)
+        if not config.metadata.name:
+            raise InvalidArgument("container metadata needs a name")
+        if not config.image.image:
+            raise InvalidArgument("container config names no image")
+        image = self.images.resolve(config.image.image)
+        if image is None:
+            raise NotFound(f"image {config.image.image!r} not found; pull it first")
+        container = ContainerRecord(
+            id=_new_id(),
+            sandbox_id=sandbox.id,
+            config=config,
+            image_id=image.image_id,
+            image_ref=image.repo_digests[0] if image.repo_digests else image.image_id,
+            log_path=_log_path(sandbox.config, config),
+        )
+        name = self._container_name(sandbox.id, config)
+        async with self._locks.hold(sandbox.id):
+            if sandbox.state != SandboxState.READY:
+                raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
+            self._reserve(name, container.id, "container")
+            self._containers[container.id] = container
+            self._container_store.put(container)
+            rootfs = ImageRootfs(image.image_id, self.images.layer_dirs(image), self.images.config_of(image))
+            try:
+                await self._backend(sandbox).create_container(sandbox, container, rootfs)
+            except BaseException:
+                with contextlib.suppress(TandemError):
+                    await self._backend(sandbox).remove_container(sandbox, container)
+                self._forget(container)
+                raise
+            self._container_store.put(container)
+        self._publish(container, "created")
+        return container
+
+    async def start_container(self, ident: str) -> None:
+        container = self.container(ident)
+        sandbox = self.sandbox(container.sandbox_id)
+        async with self._locks.hold(container.id):
+            if container.state != ContainerState.CREATED:
+                raise FailedPrecondition(f"container {container.id} is {container.state}, not created")
+            try:
+                await self._backend(sandbox).start_container(sandbox, container)
+            except TandemError as e:
+                container.state = ContainerState.EXITED
+                container.finished_at = now_ns()
+                container.exit_code = 128
+                container.reason = "StartError"
+                container.message = str(e)
+                self._container_store.put(container)
+                raise
+            container.state = ContainerState.RUNNING
+            container.started_at = now_ns()
+            self._container_store.put(container)
+        self._publish(container, "started")
+
+    async def stop_container(self, ident: str, timeout: int) -> None:
+        try:
+            container = self.container(ident)
+        except NotFound:
+            return
+        sandbox = self.sandbox(container.sandbox_id)
+        async with self._locks.hold(container.id):
+            await self._stop_container(sandbox, container, timeout)
+
+    async def _stop_container(self, sandbox: SandboxRecord, container: ContainerRecord, timeout: int) -> None:
+        if container.state in (ContainerState.EXITED, ContainerState.UNKNOWN):
+            return
+        await self._backend(sandbox).stop_container(sandbox, container, timeout)
+        if container.state == ContainerState.CREATED:
+            self._mark_exited(container, ExitStatus(exit_code=0, finished_at=now_ns(), reason="NeverStarted"))
+            return
+        exit_status = await self._backend(sandbox).container_exit(sandbox, container)
+        if exit_status is None:
+            raise FailedPrecondition(f"container {container.id} is still running after being killed")
+        self._mark_exited(container, exit_status)
+
+    async def remove_container(self, ident: str) -> None:
+        try:
+            container = self.container(ident)
+        except NotFound:
+            return
+        sandbox = self.sandbox(container.sandbox_id)
+        async with self._locks.hold(container.id):
+            await self._stop_container(sandbox, container, timeout=0)
+            await self._remove_container(sandbox, container)
+
+    async def _remove_container(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
+        await self._backend(sandbox).remove_container(sandbox, container)
+        self._forget(container)
+        self._publish(container, "deleted")
+
+    def _forget(self, container: ContainerRecord) -> None:
+        self._container_store.delete(container.id)
+        self._containers.pop(container.id, None)
+        self._names.pop(self._container_name(container.sandbox_id, container.config), None)
+
+    def _mark_exited(self, container: ContainerRecord, exit_status: ExitStatus) -> None:
+        container.state = ContainerState.EXITED
+        container.exit_code = exit_status.exit_code
+        container.finished_at = exit_status.finished_at
+        container.reason = exit_status.reason or ("Completed" if exit_status.exit_code == 0 else "Error")
+        container.message = exit_status.message
+        self._container_store.put(container)
+        self._publish(container, "stopped")
+
+    async def _refresh(self, container: ContainerRecord) -> ContainerRecord:
+        """Notice a running container's exit (the watcher does this too; status calls must not lag behind)."""
+        if container.state != ContainerState.RUNNING:
+            return container
+        sandbox = self._sandboxes.get(container.sandbox_id)
+        if sandbox is None:
+            return container
+        exit_status = await self._backend(sandbox).container_exit(sandbox, container)
+        if exit_status is not None and container.state == ContainerState.RUNNING:
+            self._mark_exited(container, exit_status)
+        return container
+
+    async def container_status(self, ident: str) -> ContainerRecord:
+        return await self._refresh(self.container(ident))
+
+    async def list_containers(self, flt: pb.ContainerFilter | None) -> list[ContainerRecord]:
+        containers = list(self._containers.values())
+        if flt is not None:
+            if flt.id:
+                containers = [c for c in containers if c.id.startswith(flt.id)]
+            if flt.pod_sandbox_id:
+                containers = [c for c in containers if c.sandbox_id.startswith(flt.pod_sandbox_id)]
+            containers = [c for c in containers if _match_labels(c.config.labels, flt.label_selector)]
+        for container in containers:
+            await self._refresh(container)
+        if flt is not None and flt.HasField("state"):
+            wanted = {
+                pb.CONTAINER_CREATED: ContainerState.CREATED,
+                pb.CONTAINER_RUNNING: ContainerState.RUNNING,
+                pb.CONTAINER_EXITED: ContainerState.EXITED,
+                pb.CONTAINER_UNKNOWN: ContainerState.UNKNOWN,
+            }[flt.state.state]
+            containers = [c for c in containers if c.state == wanted]
+        return containers
+
+    async def running(self, ident: str) -> tuple[SandboxRecord, ContainerRecord]:
+        container = await self._refresh(self.container(ident))
+        if container.state != ContainerState.RUNNING:
+            raise FailedPrecondition(f"container {container.id} is not running ({container.state})")
+        return self.sandbox(container.sandbox_id), container
+
+    async def exec_sync(self, ident: str, cmd: list[str], timeout: int) -> ExecResult:
+        if not cmd:
+            raise InvalidArgument("exec needs a command")
+        sandbox, container = await self.running(ident)
+        return await self._backend(sandbox).exec_sync(sandbox, container, cmd, timeout)
+
+    async def update_resources(self, ident: str, resources: pb.LinuxContainerResources) -> None:
+        container = self.container(ident)
+        sandbox = self.sandbox(container.sandbox_id)
+        async with self._locks.hold(container.id):
+            if container.state not in (ContainerState.CREATED, ContainerState.RUNNING):
+                raise FailedPrecondition(f"container {container.id} is {container.state}")
+            await self._backend(sandbox).update_resources(sandbox, container, resources)
+            container.config.linux.resources.CopyFrom(resources)
+            self._container_store.put(container)
+
+    async def reopen_log(self, ident: str) -> None:
+        sandbox, container = await self.running(ident)
+        await self._backend(sandbox).reopen_log(sandbox, container)
+
+    # ---- exits and events ------------------------------------------------------------------
+
+    def _publish(self, container: ContainerRecord, kind: str) -> None:
+        self.events.publish(ContainerEvent(container.id, container.sandbox_id, kind, now_ns()))
+
+    async def _watch_exits(self) -> None:
+        while True:
+            await asyncio.sleep(EXIT_POLL_SECONDS)
+            for container in [c for c in self._containers.values() if c.state == ContainerState.RUNNING]:
+                try:
+                    async with self._locks.hold(container.id):
+                        await self._refresh(container)
+                except TandemError:
+                    log.exception("checking a container's exit failed", extra={"container": container.id[:12]})

@@ -1,0 +1,77 @@
+"""Helpers for tests that run pods: a private CNI bridge network and CRI request builders."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import time
+from pathlib import Path
+
+from protos import cri_pb2 as pb
+
+
+def write_bridge_network(conf_dir: Path, subnet_octet: int) -> str:
+    """A bridge conflist on 10.<octet>.0.0/24 with its own bridge name; returns the bridge's name.
+
+    No masquerade and no route anywhere but the bridge: pods reach the host and each other only.
+    """
+    bridge = f"tdt{secrets.token_hex(3)}"
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    (conf_dir / "10-test.conflist").write_text(
+        json.dumps(
+            {
+                "cniVersion": "1.0.0",
+                "name": f"test-{bridge}",
+                "plugins": [
+                    {
+                        "type": "bridge",
+                        "bridge": bridge,
+                        "isGateway": True,
+                        "ipMasq": False,
+                        "ipam": {
+                            "type": "host-local",
+                            "ranges": [[{"subnet": f"10.{subnet_octet}.0.0/24"}]],
+                            "dataDir": str(conf_dir.parent / "ipam"),
+                        },
+                    },
+                    {"type": "portmap", "capabilities": {"portMappings": True}},
+                ],
+            }
+        )
+    )
+    return bridge
+
+
+def delete_bridge(bridge: str) -> None:
+    subprocess.run(["ip", "link", "delete", bridge], capture_output=True, check=False)
+
+
+def pod_config(name: str, log_dir: Path, **annotations: str) -> pb.PodSandboxConfig:
+    return pb.PodSandboxConfig(
+        metadata=pb.PodSandboxMetadata(name=name, namespace="tests", uid=secrets.token_hex(8), attempt=0),
+        hostname=name,
+        log_directory=str(log_dir),
+        annotations=annotations,
+        dns_config=pb.DNSConfig(servers=["10.0.0.10"], searches=["tests.svc.cluster.local"], options=["ndots:5"]),
+    )
+
+
+def container_config(name: str, image: str, *command: str, tty: bool = False) -> pb.ContainerConfig:
+    return pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name=name, attempt=0),
+        image=pb.ImageSpec(image=image),
+        command=list(command),
+        log_path=f"{name}.log",
+        tty=tty,
+    )
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
