@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+import grpc
 import httpx
 
 from bench.containerd import ContainerdInstance, installed
@@ -93,6 +94,7 @@ class Side:
     name: str
     images: cri_pb2_grpc.ImageServiceStub
     leftovers: Callable[[], list[Path]]
+    slowest_cleanup: float = 0.0  # longest wait for content to leave the disk after RemoveImage returned
 
     def pull(self, ref: str) -> str:
         request = pb.PullImageRequest(image=pb.ImageSpec(image=ref))
@@ -224,11 +226,16 @@ def registry_answers(host: str) -> bool:
 @contextlib.contextmanager
 def critest_registry(mirror_dir: Path) -> Iterator[None]:
     """Use the critest mirror registry; if it is down but was built here, run it until we are done."""
+    if not (mirror_dir / "images.txt").exists():
+        raise MirrorUnavailable(
+            f"no {mirror_dir / 'images.txt'}; build the mirror as /work/shared/critest-mirror/README.md says "
+            f"(OUT_DIR={mirror_dir} /work/shared/critest-mirror/build-mirror.sh)"
+        )
     if registry_answers(CRITEST_REGISTRY):
         yield
         return
     config = mirror_dir / "registry-config.yml"
-    if not (config.exists() and (mirror_dir / "images.txt").exists() and REGISTRY_BIN.exists()):
+    if not (config.exists() and REGISTRY_BIN.exists()):
         raise MirrorUnavailable(
             f"nothing answers on http://{CRITEST_REGISTRY}/v2/ and there is no built mirror in {mirror_dir}; "
             "build it as /work/shared/critest-mirror/README.md says "
@@ -236,7 +243,10 @@ def critest_registry(mirror_dir: Path) -> Iterator[None]:
         )
     print(f"# starting the critest mirror registry ({config}) for this run")
     log = (mirror_dir / "registry.log").open("ab")
-    proc = subprocess.Popen([str(REGISTRY_BIN), "serve", str(config)], stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}  # as LocalRegistry does
+    proc = subprocess.Popen(
+        [str(REGISTRY_BIN), "serve", str(config)], stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env
+    )
     log.close()
     try:
         deadline = time.monotonic() + 15
@@ -267,7 +277,7 @@ def timed_run(side: Side, pulls: Sequence[Pull]) -> float:
     elapsed = time.perf_counter() - started
     check(side, pulls)
     side.remove_all()
-    side.wait_empty()
+    side.slowest_cleanup = max(side.slowest_cleanup, side.wait_empty())
     return elapsed
 
 
@@ -309,6 +319,14 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except (RuntimeError, grpc.RpcError) as e:  # everything started is stopped by now
+        print(f"bench.pull: failed: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.pull", description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=5, help="timed samples per workload (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed samples first (default 1)")
@@ -371,6 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             except MirrorUnavailable as e:
                 print(f"pull-critest-images: SKIPPED: {e}", file=sys.stderr)
                 failed = True
+        cleanup = ", ".join(f"{side.name} {side.slowest_cleanup * 1000:.0f} ms" for side in sides)
+        print(f"# image content gone from disk at most this long after RemoveImage returned: {cleanup}")
         print()
         for workload in done:
             print(summary(workload))

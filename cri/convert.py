@@ -112,6 +112,11 @@ def container_status(c: ContainerRecord) -> pb.ContainerStatus:
         mounts=c.config.mounts,
         log_path=c.log_path,
         resources=pb.ContainerResources(linux=c.config.linux.resources),
+        user=None
+        if c.user is None
+        else pb.ContainerUser(
+            linux=pb.LinuxContainerUser(uid=c.user.uid, gid=c.user.gid, supplemental_groups=c.user.groups)
+        ),
     )
 
 

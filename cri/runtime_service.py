@@ -90,7 +90,7 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
             status=pb.RuntimeStatus(conditions=conditions),
             info=info,
             runtime_handlers=handlers,
-            features=pb.RuntimeFeatures(),
+            features=pb.RuntimeFeatures(supplemental_groups_policy=True),
         )
 
     async def RuntimeConfig(

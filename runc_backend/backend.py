@@ -37,7 +37,7 @@ from runc_backend import cgroups, conmon, rootfs, spec
 from runc_backend.conmon import Conmon
 from runc_backend.runc import Runc
 from sandbox.backend import Backend, ContainerUsage, ExecResult, ExitStatus, ImageRootfs
-from sandbox.model import ContainerRecord, SandboxRecord
+from sandbox.model import ContainerRecord, ProcessUser, SandboxRecord
 
 log = logging.getLogger("tandem.runc")
 
@@ -272,15 +272,8 @@ class RuncBackend(Backend):
             stdin_once=config.stdin_once,
         )
         user = container_spec["process"]["user"]
-        container.backend_state.update(
-            {
-                "pid": pid,
-                "uid": user.get("uid", 0),
-                "gid": user.get("gid", 0),
-                "groups": user.get("additionalGids", []),
-                "stop_signal": self._stop_signal(config, image.config),
-            }
-        )
+        container.user = ProcessUser(user.get("uid", 0), user.get("gid", 0), list(user.get("additionalGids", [])))
+        container.backend_state.update({"pid": pid, "stop_signal": self._stop_signal(config, image.config)})
 
     @staticmethod
     def _stop_signal(config: pb.ContainerConfig, image_config: dict[str, Any]) -> int:

@@ -80,6 +80,8 @@ def _prepare(layers: list[Path], upper: Path, work: Path, target: Path) -> str:
     base = upper.parent
     for d in (upper, work, target):
         d.mkdir(parents=True, exist_ok=True)
+    # the container's / takes the upper dir's mode, and the daemon's umask (077) would make it root-only
+    os.chmod(upper, 0o755)
     lower = _link_layers(base / LINKS_DIR, layers)
     upper_rel, work_rel = os.path.relpath(upper, base), os.path.relpath(work, base)
     if any(c in p for p in (upper_rel, work_rel) for c in ",:\\"):

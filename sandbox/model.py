@@ -94,6 +94,15 @@ class SandboxRecord:
         )
 
 
+@dataclass(frozen=True)
+class ProcessUser:
+    """The identity a container's process runs as, once the backend resolved it against the image."""
+
+    uid: int
+    gid: int
+    groups: list[int]
+
+
 @dataclass
 class ContainerRecord:
     KIND = "container"
@@ -112,6 +121,7 @@ class ContainerRecord:
     exit_code: int = 0
     reason: str = ""
     message: str = ""
+    user: ProcessUser | None = None
     backend_state: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -133,15 +143,18 @@ class ContainerRecord:
             "exit_code": self.exit_code,
             "reason": self.reason,
             "message": self.message,
+            "user": None if self.user is None else [self.user.uid, self.user.gid, self.user.groups],
             "backend_state": self.backend_state,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], schema: int) -> Self:
+        user = data.get("user")
         return cls(
             **{
                 **data,
                 "config": _decode(pb.ContainerConfig, data["config"]),
                 "state": ContainerState(data["state"]),
+                "user": None if user is None else ProcessUser(user[0], user[1], list(user[2])),
             }
         )

@@ -177,3 +177,19 @@ def test_recovery_after_kill_9(env):
     other = next(cid for cid in pods.values() if cid != first)
     assert daemon.runtime.ExecSync(pb.ExecSyncRequest(container_id=other, cmd=["true"], timeout=10)).exit_code == 0
     assert log_file.exists()
+
+
+def test_non_root_user_can_use_the_rootfs(env):
+    daemon, image, tmp = env
+    pod_id, pod = run_pod(daemon, "non-root", tmp / "logs")
+    config = container_config("user", image, "sh", "-c", "sleep 3600")
+    config.linux.security_context.run_as_user.value = 1001
+    config.linux.security_context.supplemental_groups.append(1234)
+    cid = run_container(daemon, pod_id, pod, config)
+    user = container_status(daemon, cid).user.linux
+    assert (user.uid, user.gid, list(user.supplemental_groups)) == (1001, 0, [0, 1234])
+    result = daemon.runtime.ExecSync(
+        pb.ExecSyncRequest(container_id=cid, cmd=["sh", "-c", "id -u; cat /etc/hostname; ls /"], timeout=10)
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith(b"1001\nnon-root\n")
