@@ -5,10 +5,14 @@ cgroupfs, `restrict_oom_score_adj`, registry mirrors) but shares nothing with
 that long-running instance, so a benchmark neither disturbs it nor inherits
 its content store. Garbage collection runs after every deletion, so content
 of a removed image leaves the disk promptly (and `content_files()` can prove it).
+Pod network namespaces and runc's state live under the work dir too, like
+Tandem's, so pods cost both runtimes the same filesystem and a crashed run
+leaves nothing outside it (`reap()` cleans what is left there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -55,8 +59,9 @@ disabled_plugins = [
     deletion_threshold = 1
     schedule_delay = "0s"
   [plugins."io.containerd.grpc.v1.cri"]
-    sandbox_image = "registry.k8s.io/pause:3.9"
+    sandbox_image = "{sandbox_image}"
     restrict_oom_score_adj = true
+    netns_mounts_under_state_dir = true
     enable_selinux = false
     [plugins."io.containerd.grpc.v1.cri".containerd]
       snapshotter = "overlayfs"
@@ -65,6 +70,7 @@ disabled_plugins = [
         runtime_type = "io.containerd.runc.v2"
         [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
           SystemdCgroup = false
+          Root = "{runc_root}"
     [plugins."io.containerd.grpc.v1.cri".cni]
       bin_dir = "/usr/lib/cni"
       conf_dir = "{cni_dir}"
@@ -86,10 +92,17 @@ def installed() -> bool:
 class ContainerdInstance:
     """`containerd --config <workdir>/config.toml` as a child process, everything under `workdir`."""
 
-    def __init__(self, workdir: Path, mirrors: Mapping[str, str]) -> None:
-        """`mirrors` maps a registry host to one endpoint URL, e.g. "gcr.io" -> "http://127.0.0.1:5000"."""
+    def __init__(
+        self, workdir: Path, mirrors: Mapping[str, str], sandbox_image: str = "registry.k8s.io/pause:3.9"
+    ) -> None:
+        """`mirrors` maps a registry host to one endpoint URL, e.g. "gcr.io" -> "http://127.0.0.1:5000".
+
+        Pods join the first network in `cni_dir` (<workdir>/net.d) and are held by `sandbox_image`.
+        """
         self.workdir = workdir
         self.root = workdir / "root"
+        self.cni_dir = workdir / "net.d"
+        self.runc_root = workdir / "runc"
         self.socket = workdir / "run" / "containerd.sock"
         self.config_path = workdir / "config.toml"
         self.log_path = workdir / "containerd.log"
@@ -103,7 +116,9 @@ class ContainerdInstance:
                 state=workdir / "state",
                 socket=self.socket,
                 debug_socket=workdir / "run" / "debug.sock",
-                cni_dir=workdir / "net.d",
+                cni_dir=self.cni_dir,
+                sandbox_image=sandbox_image,
+                runc_root=self.runc_root,
                 mirrors="".join(_MIRROR.format(host=h, endpoint=e) for h, e in mirrors.items()),
             )
         )
@@ -157,7 +172,7 @@ class ContainerdInstance:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM, then SIGKILL if it lingers. Only pulls ran, so there are no shims or mounts to clean."""
+        """SIGTERM, then SIGKILL if it lingers. Pods (their shims) outlive it: remove them first, or `reap()`."""
         if self._channel is not None:
             self._channel.close()
             self._channel = None
@@ -171,3 +186,42 @@ class ContainerdInstance:
                 os.kill(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.process = None
+
+    def reap(self) -> list[str]:
+        """After `stop()`: kill what pods left behind (shims, runc containers), unmount the work dir.
+
+        Only needed when pods could not be removed through CRI; returns what it found, for the log.
+        """
+        found = []
+        for root in self.runc_root.glob("*"):  # one runc root per containerd namespace (k8s.io)
+            listed = subprocess.run(["runc", "--root", str(root), "list", "-q"], capture_output=True, text=True)
+            for cid in listed.stdout.split():
+                found.append(f"runc container {cid}")
+                subprocess.run(["runc", "--root", str(root), "delete", "--force", cid], capture_output=True)
+        for pid in _pids_with_arg(str(self.socket)):  # shims get `-address <socket>`
+            found.append(f"shim {pid}")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        found += [f"mount {point}" for point in unmount_under(self.workdir)]
+        return found
+
+
+def _pids_with_arg(arg: str) -> list[int]:
+    """Processes with `arg` as one of their command-line arguments."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if arg.encode() in Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0"):
+                    pids.append(int(entry))
+    return pids
+
+
+def unmount_under(directory: Path) -> list[str]:
+    """Lazily unmount everything mounted below `directory`, deepest first; returns the mount points."""
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    below = sorted((p for p in points if p.startswith(f"{directory}/")), key=len, reverse=True)
+    for point in below:
+        subprocess.run(["umount", "--lazy", point], capture_output=True, check=False)
+    return below

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from core.errors import TandemError
 from cri.config import Config, load_config
+from runc_backend import cgroups
 from sandbox import cni
 
 
@@ -42,9 +44,7 @@ def _check_dir(what: str, path: Path) -> Finding:
         with tempfile.NamedTemporaryFile(dir=path):
             pass
     except OSError as e:
-        return Finding(
-            "FAIL", what, f"{path}: {e.strerror}", "run as root, or point the config at a writable dir"
-        )
+        return Finding("FAIL", what, f"{path}: {e.strerror}", "run as root, or point the config at a writable dir")
     free = shutil.disk_usage(path).free
     if free < 2 * 2**30:
         return Finding("warn", what, f"{path}: only {free // 2**20} MiB free", "free disk space for images")
@@ -67,16 +67,12 @@ def _check_overlay(state_dir: Path) -> Finding:
         (upper / "opaque").mkdir()
         os.setxattr(upper / "opaque", "trusted.overlay.opaque", b"y")
         opts = f"lowerdir={upper}:{lower}"
-        result = subprocess.run(
-            ["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)], capture_output=True
-        )
+        result = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)], capture_output=True)
         if result.returncode != 0:
             return Finding("FAIL", "overlayfs", result.stderr.decode().strip(), "load the overlay module")
         try:
             if (merged / "hidden").exists() or (merged / "opaque" / "gone").exists():
-                return Finding(
-                    "FAIL", "overlayfs", "whiteouts are not honoured", "use a kernel with overlayfs"
-                )
+                return Finding("FAIL", "overlayfs", "whiteouts are not honoured", "use a kernel with overlayfs")
         finally:
             subprocess.run(["umount", str(merged)], check=False)
     except OSError as e:
@@ -110,6 +106,51 @@ def _check_cni(config: Config) -> Finding:
     )
 
 
+def _version_line(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"does not run: {e}"
+    return out.strip().splitlines()[0] if out.strip() else "no version output"
+
+
+def _check_program(name: str, package: str, version_flag: str = "--version") -> Finding:
+    path = shutil.which(name)
+    if path is None:
+        return Finding("FAIL", name, "not installed; trusted pods cannot run", f"apt-get install {package}")
+    return Finding("ok", name, f"{path}: {_version_line([path, version_flag])}")
+
+
+def _is_static_elf(path: Path) -> bool:
+    """No PT_INTERP program header: the binary needs no dynamic loader, so it runs in an empty root."""
+    data = path.read_bytes()
+    if data[:4] != b"\x7fELF" or data[4] != 2:  # 64-bit ELF only
+        return False
+    (phoff,) = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    return all(struct.unpack_from("<I", data, phoff + i * phentsize)[0] != 3 for i in range(phnum))
+
+
+def _check_catatonit() -> Finding:
+    path = Path("/usr/bin/catatonit")
+    if not path.exists():
+        return Finding("FAIL", "catatonit", f"{path} missing: no pod infra process", "apt-get install catatonit")
+    if not _is_static_elf(path):
+        return Finding("FAIL", "catatonit", f"{path} is not static; it must run in an empty root", "reinstall it")
+    return Finding("ok", "catatonit", f"{path} (static pod infra process)")
+
+
+def _check_cgroups() -> Finding:
+    mode = cgroups.detect_mode()
+    controllers = sorted(p.name for p in cgroups.hierarchies())
+    missing = [c for c in ("cpu", "memory", "pids") if mode != "v2" and c not in controllers]
+    if missing:
+        return Finding("FAIL", "cgroups", f"{mode}: no {', '.join(missing)} hierarchy", "mount the cgroup controllers")
+    floor = cgroups.oom_score_adj_floor()
+    note = f"; oom_score_adj floor {floor} (containers are clamped to it)" if floor > -1000 else ""
+    return Finding("ok", "cgroups", f"{mode}, cgroupfs driver{note}")
+
+
 def _check_mirrors(config: Config) -> list[Finding]:
     findings = []
     for registry, mirrors in sorted(config.registry.mirrors.items()):
@@ -120,9 +161,7 @@ def _check_mirrors(config: Config) -> list[Finding]:
                 findings.append(Finding("ok", "mirror", f"{registry} -> {mirror} answers"))
             except (OSError, ValueError) as e:
                 findings.append(
-                    Finding(
-                        "warn", "mirror", f"{registry} -> {mirror}: {e}", "start the mirror or fix the config"
-                    )
+                    Finding("warn", "mirror", f"{registry} -> {mirror}: {e}", "start the mirror or fix the config")
                 )
     return findings
 
@@ -137,6 +176,10 @@ def diagnose(config_path: Path | None) -> list[Finding]:
         lambda: _check_dir("runtime dir", config.runtime_dir),
         lambda: _check_overlay(config.state_dir),
         lambda: _check_socket(config.socket),
+        lambda: _check_program("runc", "runc"),
+        lambda: _check_program("conmon", "conmon"),
+        _check_catatonit,
+        _check_cgroups,
         lambda: _check_cni(config),
     ]
     findings += [check() for check in checks]

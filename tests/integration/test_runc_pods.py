@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
 import grpc
 import pytest
@@ -158,25 +159,42 @@ def test_dispatch_refusals_leave_no_pod(env):
 
 
 def test_recovery_after_kill_9(env):
+    """Ten pods, the daemon killed with SIGKILL, two containers exiting while it is down."""
     daemon, image, tmp = env
-    pods = {}
-    for i in range(3):
+    containers = {}
+    for i in range(10):
         pod_id, pod = run_pod(daemon, f"survivor-{i}", tmp / "logs")
-        command = "sleep 3600" if i else "sleep 2; exit 5"
-        pods[pod_id] = run_container(daemon, pod_id, pod, container_config(f"c{i}", image, "sh", "-c", command))
+        command = f"sleep 2; exit {i + 4}" if i < 2 else "sleep 3600"
+        containers[f"c{i}"] = (
+            pod_id,
+            run_container(daemon, pod_id, pod, container_config(f"c{i}", image, "sh", "-c", command)),
+        )
     daemon.kill()
-    log_file = tmp / "logs" / "c1.log"
+    wait_for(
+        lambda: all((tmp / "run" / "runc" / "exits" / containers[f"c{i}"][1]).exists() for i in range(2)),
+        what="the two short-lived containers to exit while the daemon is down",
+    )
     daemon.start()
-    states = {c.id: c for c in daemon.runtime.ListContainers(pb.ListContainersRequest()).containers}
-    assert set(states) == set(pods.values())
-    ready = [s for s in daemon.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items if s.state == pb.SANDBOX_READY]
-    assert len(ready) == 3
-    first = next(cid for pid, cid in pods.items() if container_status(daemon, cid).metadata.name == "c0")
-    exited = wait_for(lambda: (s := container_status(daemon, first)).state == pb.CONTAINER_EXITED and s, what="exit")
-    assert exited.exit_code == 5
-    other = next(cid for cid in pods.values() if cid != first)
-    assert daemon.runtime.ExecSync(pb.ExecSyncRequest(container_id=other, cmd=["true"], timeout=10)).exit_code == 0
-    assert log_file.exists()
+
+    pods = daemon.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items
+    assert len(pods) == 10 and all(p.state == pb.SANDBOX_READY for p in pods)
+    for i in range(10):
+        status = container_status(daemon, containers[f"c{i}"][1])
+        if i < 2:
+            assert (status.state, status.exit_code) == (pb.CONTAINER_EXITED, i + 4)
+        else:
+            assert status.state == pb.CONTAINER_RUNNING
+    running = containers["c5"][1]
+    assert daemon.runtime.ExecSync(pb.ExecSyncRequest(container_id=running, cmd=["true"], timeout=10)).exit_code == 0
+
+    for pod_id, _ in containers.values():
+        daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+        daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    assert leftovers(daemon) == []
+    cgroup_dirs = [
+        p for p in Path("/sys/fs/cgroup").glob("*/tandem/*") if p.name in {c[0] for c in containers.values()}
+    ]
+    assert cgroup_dirs == []
 
 
 def test_non_root_user_can_use_the_rootfs(env):

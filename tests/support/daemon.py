@@ -35,6 +35,16 @@ class TandemDaemon:
         return cls(config_path, workdir / "run" / "tandem.sock", workdir / "state", workdir / "tandem.log")
 
     def start(self, timeout: float = 30.0) -> TandemDaemon:
+        if self.socket.exists():
+            probe = grpc.insecure_channel(f"unix://{self.socket}")
+            try:
+                grpc.channel_ready_future(probe).result(timeout=1)
+            except grpc.FutureTimeoutError:
+                pass
+            else:
+                raise RuntimeError(f"another daemon is already serving {self.socket}; stop it first")
+            finally:
+                probe.close()
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [
