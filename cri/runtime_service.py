@@ -15,7 +15,7 @@ from typing import TypeVar
 import grpc
 
 from core.errors import NotFound, Unimplemented
-from cri import convert
+from cri import convert, metrics
 from cri.config import Config
 from cri.errors import answer_unimplemented
 from cri.version import CRI_API_VERSION, KUBELET_API_VERSION, RUNTIME_NAME, RUNTIME_VERSION
@@ -140,10 +140,7 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
         )
 
     async def _pod_sandboxes(self, flt: pb.PodSandboxFilter | None) -> list[pb.PodSandbox]:
-        return [
-            convert.pod_sandbox(s, await self.pods.sandbox_ready(s))
-            for s in self.pods.list_sandboxes(flt)
-        ]
+        return [convert.pod_sandbox(s, await self.pods.sandbox_ready(s)) for s in self.pods.list_sandboxes(flt)]
 
     async def ListPodSandbox(
         self, request: pb.ListPodSandboxRequest, context: grpc.aio.ServicerContext
@@ -163,9 +160,7 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
     async def CreateContainer(
         self, request: pb.CreateContainerRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateContainerResponse:
-        container = await self.pods.create_container(
-            request.pod_sandbox_id, request.config, request.sandbox_config
-        )
+        container = await self.pods.create_container(request.pod_sandbox_id, request.config, request.sandbox_config)
         return pb.CreateContainerResponse(container_id=container.id)
 
     async def StartContainer(
@@ -318,6 +313,43 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
         stats = await self._list_pod_stats(request.filter if request.HasField("filter") else None)
         for chunk in _chunks(stats):
             yield pb.StreamPodSandboxStatsResponse(pod_sandbox_stats=chunk)
+
+    # ---- metrics ---------------------------------------------------------------------------
+
+    async def ListMetricDescriptors(
+        self, request: pb.ListMetricDescriptorsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListMetricDescriptorsResponse:
+        return pb.ListMetricDescriptorsResponse(descriptors=metrics.descriptors())
+
+    async def _pod_metrics(self) -> list[pb.PodSandboxMetrics]:
+        pods = []
+        for sandbox in self.pods.list_sandboxes(None):
+            if not await self.pods.sandbox_ready(sandbox):
+                continue
+            running = pb.ContainerFilter(pod_sandbox_id=sandbox.id)
+            running.state.state = pb.CONTAINER_RUNNING
+            backend = self.pods.backends[sandbox.backend]
+            pods.append(
+                pb.PodSandboxMetrics(
+                    pod_sandbox_id=sandbox.id,
+                    container_metrics=[
+                        metrics.container_metrics(c, await backend.container_usage(sandbox, c))
+                        for c in await self.pods.list_containers(running)
+                    ],
+                )
+            )
+        return pods
+
+    async def ListPodSandboxMetrics(
+        self, request: pb.ListPodSandboxMetricsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListPodSandboxMetricsResponse:
+        return pb.ListPodSandboxMetricsResponse(pod_metrics=await self._pod_metrics())
+
+    async def StreamPodSandboxMetrics(
+        self, request: pb.StreamPodSandboxMetricsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamPodSandboxMetricsResponse]:
+        for chunk in _chunks(await self._pod_metrics()):
+            yield pb.StreamPodSandboxMetricsResponse(pod_sandbox_metrics=chunk)
 
     # ---- events ----------------------------------------------------------------------------
 

@@ -261,7 +261,8 @@ class PodManager:
             return
         async with self._locks.hold(sandbox.id):
             for container in self.containers_of(sandbox.id):
-                await self._stop_container(sandbox, container, timeout=0)
+                async with self._locks.hold(container.id):
+                    await self._stop_container(sandbox, container, timeout=0)
             await self._backend(sandbox).stop_sandbox(sandbox)
             await self._disconnect(sandbox)
             if sandbox.state != SandboxState.NOTREADY:

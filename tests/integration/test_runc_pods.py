@@ -211,3 +211,46 @@ def test_non_root_user_can_use_the_rootfs(env):
     )
     assert result.exit_code == 0, result.stderr
     assert result.stdout.startswith(b"1001\nnon-root\n")
+
+
+def test_stats_metrics_and_events(env):
+    daemon, image, tmp = env
+    events = daemon.runtime.GetContainerEvents(pb.GetEventsRequest())
+    pod_id, pod = run_pod(daemon, "observed", tmp / "logs")
+    cid = run_container(daemon, pod_id, pod, container_config("busy", image, "sh", "-c", "echo x > /big; sleep 3600"))
+
+    seen = []
+    for event in events:
+        seen.append((event.container_id, event.container_event_type))
+        if event.container_event_type == pb.CONTAINER_STARTED_EVENT:
+            assert event.pod_sandbox_status.id == pod_id
+            break
+    events.cancel()
+    assert seen == [(cid, pb.CONTAINER_CREATED_EVENT), (cid, pb.CONTAINER_STARTED_EVENT)]
+
+    stats = daemon.runtime.ContainerStats(pb.ContainerStatsRequest(container_id=cid)).stats
+    assert stats.attributes.id == cid
+    assert stats.memory.working_set_bytes.value > 0 and stats.cpu.usage_core_nano_seconds.value > 0
+    assert stats.writable_layer.used_bytes.value > 0
+    (pod_stats,) = daemon.runtime.ListPodSandboxStats(pb.ListPodSandboxStatsRequest()).stats
+    assert pod_stats.attributes.id == pod_id and [c.attributes.id for c in pod_stats.linux.containers] == [cid]
+
+    names = {d.name for d in daemon.runtime.ListMetricDescriptors(pb.ListMetricDescriptorsRequest()).descriptors}
+    assert "container_memory_working_set_bytes" in names
+    (pod_metrics,) = daemon.runtime.ListPodSandboxMetrics(pb.ListPodSandboxMetricsRequest()).pod_metrics
+    (container_metrics,) = pod_metrics.container_metrics
+    values = {m.name: m for m in container_metrics.metrics}
+    assert values["container_processes"].value.value >= 1
+    assert list(values["container_processes"].label_values) == [cid, "busy", image]
+
+
+def test_pods_for_the_vm_backend_are_refused_until_it_exists(env):
+    daemon, _, tmp = env
+    with pytest.raises(grpc.RpcError) as err:
+        run_pod(daemon, "untrusted", tmp / "logs", handler="vm")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "vm backend not available" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        run_pod(daemon, "untrusted-annotated", tmp / "logs", **{"io.kubernetes.cri.untrusted-workload": "true"})
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert daemon.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items == []
