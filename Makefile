@@ -2,7 +2,7 @@
 
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STUBS  := protos/cri_pb2.py protos/cri_pb2_grpc.py
+STUBS  := protos/cri_pb2.py protos/cri_pb2_grpc.py protos/agent_pb2.py
 
 # Debian packages Tandem and its tests use, each for a reason:
 #   docker-registry        the local OCI registry the tests and the demo pull from
@@ -37,8 +37,9 @@ $(VENV)/.installed: pyproject.toml
 
 protos: $(STUBS)
 
-$(STUBS): protos/cri.proto $(VENV)/.installed
+$(STUBS): protos/cri.proto protos/agent.proto $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/cri.proto
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. protos/agent.proto
 
 demo: setup
 	$(PY) -m demo
@@ -52,4 +53,4 @@ lint: venv
 	$(PY) -m ruff format --check .
 
 clean:
-	rm -rf $(VENV) $(STUBS) protos/cri_pb2.pyi
+	rm -rf $(VENV) $(STUBS) protos/*_pb2.pyi
