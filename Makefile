@@ -12,12 +12,15 @@ STUBS  := protos/cri_pb2.py protos/cri_pb2_grpc.py protos/agent_pb2.py
 #   containernetworking-plugins, iptables  CNI plugins (bridge, host-local, loopback, portmap)
 #   python3-venv           the project's virtualenv
 #   iproute2, iputils-ping, util-linux, procps  ip, ping, mount/unshare/nsenter, ps
+#   qemu-system-x86        the untrusted backend's micro-VMs (its qemu-system-common dependency ships virtiofsd)
+#   (the guest kernel, busybox, Python and runc inside the VMs are fetched by `tandem assets` with
+#   apt-get download and unpacked into the state dir, never installed on the host)
 APT_PACKAGES := docker-registry busybox-static runc conmon catatonit containernetworking-plugins \
-                iptables python3-venv iproute2 iputils-ping util-linux procps ca-certificates
+                iptables python3-venv iproute2 iputils-ping util-linux procps ca-certificates qemu-system-x86
 
-.PHONY: setup apt venv protos demo test lint clean
+.PHONY: setup apt venv protos assets demo test lint clean
 
-setup: apt venv protos
+setup: apt venv protos assets
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do \
@@ -40,6 +43,10 @@ protos: $(STUBS)
 $(STUBS): protos/cri.proto protos/agent.proto $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/cri.proto
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. protos/agent.proto
+
+# The VM guest's kernel + initramfs (rebuilt only when an input changed) and the accelerator probe.
+assets: apt venv protos
+	$(VENV)/bin/tandem assets
 
 demo: setup
 	$(PY) -m demo

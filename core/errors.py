@@ -52,6 +52,10 @@ class ResourceExhausted(TandemError):
     """A configured limit (size, count) was reached."""
 
 
+class Internal(TandemError):
+    """Something below Tandem (a guest agent, say) failed in a way the caller cannot fix."""
+
+
 class CommandFailed(TandemError):
     """An external program exited non-zero; carries its stderr for the operator."""
 

@@ -18,30 +18,33 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
     """Write `data` to `path` via a unique temp file, fsync and rename.
 
     Unique temp names make concurrent writers safe: each rename is atomic and
-    the last one wins; a reader never sees a half-written file.
+    the last one wins; a reader never sees a half-written file. `durable=False`
+    skips the fsyncs, for files on tmpfs or recreated after a reboot anyway.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, value: Any, mode: int = 0o600) -> None:
-    atomic_write_bytes(path, json.dumps(value, indent=1, sort_keys=True).encode(), mode)
+def atomic_write_json(path: Path, value: Any, mode: int = 0o600, durable: bool = True) -> None:
+    atomic_write_bytes(path, json.dumps(value, indent=1, sort_keys=True).encode(), mode, durable)
 
 
 def private_dir(path: Path) -> Path:

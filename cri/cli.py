@@ -43,6 +43,26 @@ def _doctor(args: argparse.Namespace) -> int:
     return run_doctor(args.config and Path(args.config))
 
 
+def _assets(args: argparse.Namespace) -> int:
+    """Build (or confirm) the guest kernel + initramfs and probe the accelerator, printing the paths."""
+    from vm_backend.accel import choose_accel
+    from vm_backend.assets import ensure_assets
+
+    config = load_config(Path(args.config) if args.config else None)
+    state_dir = Path(args.state_dir) if args.state_dir else config.state_dir
+
+    async def build() -> None:
+        assets = await ensure_assets(state_dir, force=args.force)
+        print(f"assets     {assets.dir} ({assets.digest})")
+        print(f"kernel     {assets.kernel} ({assets.kernel_release})")
+        print(f"initramfs  {assets.initramfs} ({assets.manifest['initramfs_bytes'] / 2**20:.1f} MiB)")
+        choice = await choose_accel(config.vm.accel, state_dir, assets, config.vm.qemu)
+        print(f"accel      {choice.accel}: {choice.reason}")
+
+    asyncio.run(build())
+    return 0
+
+
 def _version(args: argparse.Namespace) -> int:
     print(f"{RUNTIME_NAME} {RUNTIME_VERSION} (CRI {CRI_API_VERSION})")
     return 0
@@ -62,6 +82,12 @@ def parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser("doctor", help="check this host and say what to fix")
     doctor.add_argument("--config", help="TOML config file to check")
     doctor.set_defaults(run=_doctor)
+
+    assets = commands.add_parser("assets", help="build the VM guest kernel + initramfs if stale; print them")
+    assets.add_argument("--config", help="TOML config file (default /etc/tandem/tandem.toml if present)")
+    assets.add_argument("--state-dir", help="persistent state directory (default /var/lib/tandem)")
+    assets.add_argument("--force", action="store_true", help="rebuild even if the inputs did not change")
+    assets.set_defaults(run=_assets)
 
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(run=_version)

@@ -7,6 +7,7 @@ errors, so a typo stops the daemon instead of being silently ignored.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/tandem/tandem.toml")
 BACKENDS = ("runc", "vm")
 TRUST_LEVELS = ("trusted", "untrusted")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ACCELS = ("auto", "kvm", "tcg")
 
 
 class ConfigError(InvalidArgument):
@@ -50,6 +52,27 @@ class CniSettings:
 
 
 @dataclass(frozen=True)
+class StreamingSettings:
+    """Where the exec/attach/port-forward server listens; its one-time URLs are the only access control."""
+
+    address: str = "127.0.0.1"
+    port: int = 0  # 0: any free port (the URLs name the one chosen)
+    token_ttl_seconds: int = 60
+
+
+@dataclass(frozen=True)
+class VmSettings:
+    """The untrusted path's micro-VMs: accelerator choice, default size, boot deadline, programs."""
+
+    accel: str = "auto"  # auto: KVM if a probe guest boots on it, else TCG (with a warning)
+    default_vcpus: int = 1
+    default_memory_mib: int = 256
+    boot_timeout_seconds: float = 30.0  # TCG boots take ~2-3 s; a hung boot is killed and retried once
+    qemu: Path = Path("/usr/bin/qemu-system-x86_64")
+    virtiofsd: Path = Path("/usr/lib/qemu/virtiofsd")
+
+
+@dataclass(frozen=True)
 class Config:
     default_workload_trust: str = "trusted"
     socket: Path = Path("/run/tandem/tandem.sock")
@@ -62,6 +85,8 @@ class Config:
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     images: ImageSettings = field(default_factory=ImageSettings)
     cni: CniSettings = field(default_factory=CniSettings)
+    vm: VmSettings = field(default_factory=VmSettings)
+    streaming: StreamingSettings = field(default_factory=StreamingSettings)
     source: str = "embedded defaults"
 
 
@@ -163,11 +188,43 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
     cni_table = top.sub("cni")
     cni = CniSettings(
         conf_dir=cni_table.path("conf_dir", defaults.cni.conf_dir),
-        bin_dirs=tuple(
-            Path(p) for p in cni_table.strings("bin_dirs", [str(p) for p in defaults.cni.bin_dirs])
-        ),
+        bin_dirs=tuple(Path(p) for p in cni_table.strings("bin_dirs", [str(p) for p in defaults.cni.bin_dirs])),
     )
     cni_table.done()
+
+    stream_table = top.sub("streaming")
+    address = stream_table.get("address", str, defaults.streaming.address)
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise stream_table.fail("address", f"must be an IP address, got {address!r}") from None
+    port = stream_table.get("port", int, defaults.streaming.port)
+    if not 0 <= port <= 65535:
+        raise stream_table.fail("port", f"must be 0 (any free port) to 65535, got {port}")
+    streaming = StreamingSettings(
+        address=address,
+        port=port,
+        token_ttl_seconds=stream_table.positive("token_ttl_seconds", defaults.streaming.token_ttl_seconds),
+    )
+    stream_table.done()
+
+    vm_table = top.sub("vm")
+    vm = VmSettings(
+        accel=vm_table.choice("accel", ACCELS, defaults.vm.accel),
+        default_vcpus=vm_table.positive("default_vcpus", defaults.vm.default_vcpus),
+        default_memory_mib=vm_table.positive("default_memory_mib", defaults.vm.default_memory_mib),
+        boot_timeout_seconds=float(
+            vm_table.get("boot_timeout_seconds", (int, float), defaults.vm.boot_timeout_seconds)
+        ),
+        qemu=vm_table.path("qemu", defaults.vm.qemu),
+        virtiofsd=vm_table.path("virtiofsd", defaults.vm.virtiofsd),
+    )
+    if vm.default_memory_mib < 128:
+        memory = vm.default_memory_mib
+        raise vm_table.fail("default_memory_mib", f"must be at least 128 (the initramfs lives in RAM), got {memory}")
+    if vm.boot_timeout_seconds <= 0:
+        raise vm_table.fail("boot_timeout_seconds", f"must be positive, got {vm.boot_timeout_seconds:g}")
+    vm_table.done()
     top.done()
     return Config(
         default_workload_trust=trust,
@@ -179,6 +236,8 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         registry=registry,
         images=images,
         cni=cni,
+        vm=vm,
+        streaming=streaming,
         source=source,
     )
 

@@ -6,6 +6,7 @@ know) or FAIL (Tandem cannot do its job). The exit status is 1 if any check fail
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -166,6 +167,51 @@ def _check_mirrors(config: Config) -> list[Finding]:
     return findings
 
 
+def _check_vm_program(what: str, path: Path, package: str) -> Finding:
+    if not os.access(path, os.X_OK):
+        return Finding("FAIL", what, f"{path} missing: untrusted pods cannot run", f"apt-get install {package}")
+    return Finding("ok", what, f"{path}: {_version_line([str(path), '--version'])}")
+
+
+async def _check_vm_guest(config: Config) -> list[Finding]:
+    """Guest assets built and current, and the accelerator pod VMs would use (from the cached probe)."""
+    from vm_backend import accel, assets
+
+    fix = "run `tandem assets` (make setup does)"
+    try:
+        status = await assets.asset_status(config.state_dir)
+    except TandemError as e:
+        return [Finding("warn", "guest assets", f"cannot compare with the packages apt offers: {e}", fix)]
+    current = status.current
+    if current is None:
+        return [
+            Finding("warn", "guest assets", f"not built under {assets.assets_root(config.state_dir)}", fix),
+            Finding("warn", "accel", "not probed yet", fix),
+        ]
+    size = current.manifest.get("initramfs_bytes", 0) / 2**20
+    detail = f"{current.dir} (kernel {current.kernel_release}, initramfs {size:.1f} MiB)"
+    findings = [
+        Finding("ok", "guest assets", detail)
+        if status.fresh
+        else Finding("warn", "guest assets", f"{detail} is out of date: an input changed", fix)
+    ]
+    if config.vm.accel != "auto":
+        return [*findings, Finding("ok", "accel", f"{config.vm.accel} (set by [vm] accel)")]
+    try:
+        key = await accel.probe_key(config.vm.qemu, current)
+    except TandemError as e:
+        return [*findings, Finding("warn", "accel", f"cannot run QEMU: {e}", "fix QEMU first")]
+    choice = accel.cached_choice(config.state_dir, key)
+    if choice is None:
+        findings.append(Finding("warn", "accel", "not probed yet (or QEMU, a kernel or /dev/kvm changed)", fix))
+    elif choice.accel == "tcg":
+        slow = "untrusted pods run emulated (slow); KVM needs a usable /dev/kvm"
+        findings.append(Finding("warn", "accel", f"tcg: {choice.reason}", slow))
+    else:
+        findings.append(Finding("ok", "accel", f"kvm: {choice.reason}"))
+    return findings
+
+
 def diagnose(config_path: Path | None) -> list[Finding]:
     config_finding, config = _check_config(config_path)
     findings = [config_finding]
@@ -183,6 +229,9 @@ def diagnose(config_path: Path | None) -> list[Finding]:
         lambda: _check_cni(config),
     ]
     findings += [check() for check in checks]
+    findings.append(_check_vm_program("qemu", config.vm.qemu, "qemu-system-x86"))
+    findings.append(_check_vm_program("virtiofsd", config.vm.virtiofsd, "qemu-system-common"))
+    findings += asyncio.run(_check_vm_guest(config))
     findings += _check_mirrors(config)
     return findings
 

@@ -31,6 +31,7 @@ STATUS_CODES: dict[type[errors.TandemError], grpc.StatusCode] = {
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.CommandFailed: grpc.StatusCode.INTERNAL,
+    errors.Internal: grpc.StatusCode.INTERNAL,
 }
 
 
@@ -72,9 +73,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 except Exception as e:
                     await _abort(context, method, e)
                 finally:
-                    log.debug(
-                        "rpc", extra={"method": method, "ms": round((time.monotonic() - started) * 1000, 2)}
-                    )
+                    log.debug("rpc", extra={"method": method, "ms": round((time.monotonic() - started) * 1000, 2)})
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,

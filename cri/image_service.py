@@ -91,9 +91,7 @@ class ImageServicer(cri_pb2_grpc.ImageServiceServicer):
             )
         return pb.ImageStatusResponse(image=image_message(record), info=info)
 
-    async def PullImage(
-        self, request: pb.PullImageRequest, context: grpc.aio.ServicerContext
-    ) -> pb.PullImageResponse:
+    async def PullImage(self, request: pb.PullImageRequest, context: grpc.aio.ServicerContext) -> pb.PullImageResponse:
         record = await self.store.pull(_required_image(request.image), _credentials(request.auth))
         return pb.PullImageResponse(image_ref=record.image_id)
 

@@ -14,10 +14,11 @@ from typing import TypeVar
 
 import grpc
 
-from core.errors import NotFound, Unimplemented
+from core.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from cri import convert, metrics
 from cri.config import Config
 from cri.errors import answer_unimplemented
+from cri.streaming.server import StreamingServer
 from cri.version import CRI_API_VERSION, KUBELET_API_VERSION, RUNTIME_NAME, RUNTIME_VERSION
 from protos import cri_pb2 as pb
 from protos import cri_pb2_grpc
@@ -43,9 +44,10 @@ def _chunks(items: list[T]) -> Iterator[list[T]]:
 
 
 class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
-    def __init__(self, config: Config, pods: PodManager) -> None:
+    def __init__(self, config: Config, pods: PodManager, streaming: StreamingServer) -> None:
         self.config = config
         self.pods = pods
+        self.streaming = streaming
         self.pod_cidr = ""
         self._cpu_samples: dict[str, tuple[int, int]] = {}
 
@@ -219,6 +221,47 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
     async def ExecSync(self, request: pb.ExecSyncRequest, context: grpc.aio.ServicerContext) -> pb.ExecSyncResponse:
         result = await self.pods.exec_sync(request.container_id, list(request.cmd), request.timeout)
         return pb.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)
+
+    # ---- streaming: each call validates and answers with a one-time URL on the streaming server ----
+
+    @staticmethod
+    def _check_streams(request: pb.ExecRequest | pb.AttachRequest) -> None:
+        """kubelet's streaming server's rules: some stream, and no stderr beside a tty (it has only one output)."""
+        if not (request.stdin or request.stdout or request.stderr):
+            raise InvalidArgument("one of stdin, stdout or stderr must be set")
+        if request.tty and request.stderr:
+            raise InvalidArgument("tty and stderr cannot both be set: a terminal has a single output")
+
+    async def Exec(self, request: pb.ExecRequest, context: grpc.aio.ServicerContext) -> pb.ExecResponse:
+        if not request.cmd:
+            raise InvalidArgument("exec needs a command")
+        self._check_streams(request)
+        _, container = await self.pods.running(request.container_id)
+        cached = pb.ExecRequest()
+        cached.CopyFrom(request)
+        cached.container_id = container.id
+        return pb.ExecResponse(url=self.streaming.url(cached))
+
+    async def Attach(self, request: pb.AttachRequest, context: grpc.aio.ServicerContext) -> pb.AttachResponse:
+        self._check_streams(request)
+        _, container = await self.pods.running(request.container_id)
+        cached = pb.AttachRequest()
+        cached.CopyFrom(request)
+        cached.container_id = container.id
+        return pb.AttachResponse(url=self.streaming.url(cached))
+
+    async def PortForward(
+        self, request: pb.PortForwardRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PortForwardResponse:
+        sandbox = self.pods.sandbox(request.pod_sandbox_id)
+        if not await self.pods.sandbox_ready(sandbox):
+            raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
+        if bad := [p for p in request.port if not 0 < p < 65536]:
+            raise InvalidArgument(f"ports must be 1-65535, got {bad}")
+        cached = pb.PortForwardRequest()
+        cached.CopyFrom(request)
+        cached.pod_sandbox_id = sandbox.id
+        return pb.PortForwardResponse(url=self.streaming.url(cached))
 
     # ---- stats -----------------------------------------------------------------------------
 

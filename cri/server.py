@@ -18,6 +18,8 @@ from cri.config import Config
 from cri.errors import ErrorInterceptor
 from cri.image_service import ImageServicer
 from cri.runtime_service import RuntimeServicer
+from cri.streaming.pods import PodStreams
+from cri.streaming.server import StreamingServer
 from cri.version import RUNTIME_VERSION
 from images.registry import RegistryClient
 from images.store import ImageStore
@@ -54,6 +56,7 @@ class Daemon:
         self._registry: RegistryClient | None = None
         self.images: ImageStore | None = None
         self.pods: PodManager | None = None
+        self.streaming: StreamingServer | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -80,6 +83,8 @@ class Daemon:
             CniPlugins(config.cni.conf_dir, config.cni.bin_dirs),
         )
         await self.pods.recover()
+        self.streaming = StreamingServer(config.streaming, PodStreams(self.pods))
+        await self.streaming.start()
 
         server = grpc.aio.server(
             interceptors=[ErrorInterceptor()],
@@ -88,7 +93,7 @@ class Daemon:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
         )
-        cri_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeServicer(config, self.pods), server)
+        cri_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeServicer(config, self.pods, self.streaming), server)
         cri_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.images), server)
         _claim_socket(config.socket)
         server.add_insecure_port(f"unix://{config.socket}")
@@ -104,6 +109,9 @@ class Daemon:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        if self.streaming is not None:
+            await self.streaming.stop()
+            self.streaming = None
         if self.pods is not None:
             await self.pods.close()
             self.pods = None

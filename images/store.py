@@ -278,9 +278,7 @@ class ImageStore:
             if dest.exists():
                 # left by a crash after the unpack but before its record: redo it from scratch
                 await asyncio.to_thread(shutil.rmtree, dest)
-            result = await asyncio.to_thread(
-                unpack_layer, tmp, dest, expected_diff_id=diff_id, limits=self._limits
-            )
+            result = await asyncio.to_thread(unpack_layer, tmp, dest, expected_diff_id=diff_id, limits=self._limits)
         finally:
             tmp.unlink(missing_ok=True)
         layer = LayerRecord(diff_id=diff_id, size=result.size, entries=result.entries)

@@ -33,10 +33,10 @@ from core.files import atomic_write_bytes, atomic_write_json, private_dir
 from core.proc import run
 from cri.config import Config
 from protos import cri_pb2 as pb
-from runc_backend import cgroups, conmon, rootfs, spec
+from runc_backend import cgroups, conmon, rootfs, spec, streams
 from runc_backend.conmon import Conmon
 from runc_backend.runc import Runc
-from sandbox.backend import Backend, ContainerUsage, ExecResult, ExitStatus, ImageRootfs
+from sandbox.backend import Backend, ContainerUsage, ExecResult, ExitStatus, ImageRootfs, Process
 from sandbox.model import ContainerRecord, ProcessUser, SandboxRecord
 
 log = logging.getLogger("tandem.runc")
@@ -149,10 +149,10 @@ class RuncBackend(Backend):
             hosts=pod_dir / "hosts",
             shm=None if config.linux.security_context.namespace_options.ipc == pb.NODE else pod_dir / "shm",
         )
-        atomic_write_bytes(files.hostname, f"{hostname}\n".encode(), mode=0o644)
-        atomic_write_bytes(files.resolv_conf, _resolv_conf(config.dns_config), mode=0o644)
+        atomic_write_bytes(files.hostname, f"{hostname}\n".encode(), mode=0o644, durable=False)
+        atomic_write_bytes(files.resolv_conf, _resolv_conf(config.dns_config), mode=0o644, durable=False)
         hosts = Path("/etc/hosts").read_bytes() if sandbox.host_network else _hosts(hostname, sandbox.ips)
-        atomic_write_bytes(files.hosts, hosts, mode=0o644)
+        atomic_write_bytes(files.hosts, hosts, mode=0o644, durable=False)
         if files.shm is not None and not rootfs.is_mounted(files.shm):
             files.shm.mkdir(exist_ok=True)
             await _mount_shm(files.shm)
@@ -181,7 +181,7 @@ class RuncBackend(Backend):
             sandbox_id=sandbox.id,
         )
         bundle = private_dir(self._bundle(sandbox.id))
-        atomic_write_json(bundle / "config.json", infra)
+        atomic_write_json(bundle / "config.json", infra, durable=False)
         pid = await self.conmon.create(
             sandbox.id,
             bundle,
@@ -193,7 +193,8 @@ class RuncBackend(Backend):
         sandbox.backend_state["pid"] = pid
 
     async def stop_sandbox(self, sandbox: SandboxRecord) -> None:
-        if await self.runc.state(sandbox.id) is not None:
+        already_exited = conmon.read_exit(self.exits, sandbox.id) is not None
+        if not already_exited and await self.runc.state(sandbox.id) is not None:
             await self.runc.kill(sandbox.id, signal.SIGKILL, all_processes=True)
             await conmon.wait_exit(self.exits, sandbox.id, STOP_GRACE_AFTER_KILL)
         shm = self._pod_files(sandbox).shm
@@ -259,7 +260,7 @@ class RuncBackend(Backend):
             pod_files=self._pod_files(sandbox),
             oom_score_adj_floor=self.oom_floor,
         )
-        atomic_write_json(bundle / "config.json", container_spec)
+        atomic_write_json(bundle / "config.json", container_spec, durable=False)
         config = container.config
         pid = await self.conmon.create(
             container.id,
@@ -285,7 +286,7 @@ class RuncBackend(Backend):
         await self.runc.start(container.id)
 
     async def stop_container(self, sandbox: SandboxRecord, container: ContainerRecord, timeout: int) -> None:
-        if await self.runc.state(container.id) is None:
+        if conmon.read_exit(self.exits, container.id) is not None or await self.runc.state(container.id) is None:
             return
         if timeout > 0:
             await self.runc.kill(container.id, container.backend_state.get("stop_signal", signal.SIGTERM))
@@ -354,6 +355,36 @@ class RuncBackend(Backend):
         if not container.log_path:
             return
         await self.conmon.reopen_log(self._bundle(container.id), Path(container.log_path))
+
+    # ---- streaming (runc_backend/streams.py) -----------------------------------------------
+
+    async def exec(
+        self,
+        sandbox: SandboxRecord,
+        container: ContainerRecord,
+        cmd: list[str],
+        *,
+        tty: bool,
+        stdin: bool,
+        terminal_size: tuple[int, int] | None = None,
+    ) -> Process:
+        bundle = self._bundle(container.id)
+        return await streams.exec_process(
+            self.runc, bundle, container.id, cmd, tty=tty, stdin=stdin, terminal_size=terminal_size
+        )
+
+    async def attach(self, sandbox: SandboxRecord, container: ContainerRecord, *, tty: bool, stdin: bool) -> Process:
+        config = container.config
+        return await streams.attach_process(
+            self.conmon.attach_socket_path(container.id),
+            self._bundle(container.id) / "ctl",
+            detach_on_stdin_eof=config.stdin and not config.stdin_once and not config.tty,
+        )
+
+    async def port_forward(
+        self, sandbox: SandboxRecord, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await streams.connect(sandbox.netns_path or None, port)
 
 
 async def _mount_shm(target: Path) -> None:

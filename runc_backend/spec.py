@@ -36,44 +36,115 @@ SANDBOX_CPU_SHARES = 2  # containerd's: the infra process idles and should never
 
 # Capability names by number (0 = CAP_CHOWN ... 40 = CAP_CHECKPOINT_RESTORE).
 CAPABILITIES = (
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
-    "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE",
-    "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT",
-    "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
-    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG",
-    "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
 )
 _CAPABILITY_NUMBER = {name: number for number, name in enumerate(CAPABILITIES)}
 
-DEFAULT_CAPABILITIES = frozenset({
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID",
-    "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL",
-    "CAP_AUDIT_WRITE",
-})
+DEFAULT_CAPABILITIES = frozenset(
+    {
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_FSETID",
+        "CAP_FOWNER",
+        "CAP_MKNOD",
+        "CAP_NET_RAW",
+        "CAP_SETGID",
+        "CAP_SETUID",
+        "CAP_SETFCAP",
+        "CAP_SETPCAP",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_SYS_CHROOT",
+        "CAP_KILL",
+        "CAP_AUDIT_WRITE",
+    }
+)
 
 # The infra process gets the classic masks; containers get what kubelet sends
 # (kubelet sends these same defaults unless the pod asks for an unmasked /proc).
 DEFAULT_MASKED_PATHS = (
-    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
-    "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
 )
 DEFAULT_READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 
 # Devices every container may use: null, zero, full, random, urandom, tty,
 # console, ptmx and the pty slaves (runc appends the same list on its own).
 _STANDARD_DEVICES = (
-    ("c", 1, 3), ("c", 1, 5), ("c", 1, 7), ("c", 1, 8), ("c", 1, 9),
-    ("c", 5, 0), ("c", 5, 1), ("c", 5, 2), ("c", 136, None),
+    ("c", 1, 3),
+    ("c", 1, 5),
+    ("c", 1, 7),
+    ("c", 1, 8),
+    ("c", 1, 9),
+    ("c", 5, 0),
+    ("c", 5, 1),
+    ("c", 5, 2),
+    ("c", 136, None),
 )
 # Not walked when a whole /dev is handed to a privileged container (containerd's list).
 _SKIPPED_DEV_DIRS = frozenset({"pts", "shm", "fd", "mqueue", ".lxc", ".lxd-mounts", ".udev"})
 
 # Sysctls runc accepts, by the namespace that makes them per-pod.
-_IPC_SYSCTLS = frozenset({
-    "kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem",
-    "kernel.shmall", "kernel.shmmax", "kernel.shmmni", "kernel.shm_rmid_forced",
-})
+_IPC_SYSCTLS = frozenset(
+    {
+        "kernel.msgmax",
+        "kernel.msgmnb",
+        "kernel.msgmni",
+        "kernel.sem",
+        "kernel.shmall",
+        "kernel.shmmax",
+        "kernel.shmmni",
+        "kernel.shm_rmid_forced",
+    }
+)
 
 ANNOTATION_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 ANNOTATION_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
@@ -114,8 +185,11 @@ class Namespaces:
 
     def entries(self) -> list[dict[str, str]]:
         """`linux.namespaces` for these choices, plus the private mount namespace every container has."""
-        entries = [{"type": kind} if value == NEW else {"type": kind, "path": value}
-                   for kind, value in self._items() if value != HOST]
+        entries = [
+            {"type": kind} if value == NEW else {"type": kind, "path": value}
+            for kind, value in self._items()
+            if value != HOST
+        ]
         return [*entries, {"type": "mount"}]
 
 
@@ -493,6 +567,7 @@ def _seccomp_profile(choice: pb.SecurityProfile | None, bounding: list[str]) -> 
 
 # ---------------------------------------------------------------- mounts
 
+
 def _kernel_mounts(privileged: bool) -> list[dict[str, Any]]:
     """The kernel filesystems every container gets; /sys and the cgroup tree are writable only when privileged.
 
@@ -501,14 +576,26 @@ def _kernel_mounts(privileged: bool) -> list[dict[str, Any]]:
     sys_mode = "rw" if privileged else "ro"
     return [
         {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
-        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+        {
+            "destination": "/dev",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+        },
+        {
+            "destination": "/dev/pts",
+            "type": "devpts",
+            "source": "devpts",
+            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+        },
         {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
         {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", sys_mode]},
-        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-         "options": ["nosuid", "noexec", "nodev", "relatime", sys_mode]},
+        {
+            "destination": "/sys/fs/cgroup",
+            "type": "cgroup",
+            "source": "cgroup",
+            "options": ["nosuid", "noexec", "nodev", "relatime", sys_mode],
+        },
     ]
 
 
@@ -540,7 +627,7 @@ def _mount_of(path: str, mountinfo: str) -> tuple[str, list[str]]:
             continue
         point = _unescape(fields[4])
         if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best[0]):
-            best = (point, fields[6:fields.index("-", 6)])
+            best = (point, fields[6 : fields.index("-", 6)])
     return best
 
 
@@ -596,7 +683,9 @@ def _container_mounts(
     taken = {destination for destination, _ in requested}
     etc_mode = "ro" if sc.readonly_rootfs else "rw"
     etc_files = {
-        "/etc/hostname": pod_files.hostname, "/etc/resolv.conf": pod_files.resolv_conf, "/etc/hosts": pod_files.hosts
+        "/etc/hostname": pod_files.hostname,
+        "/etc/resolv.conf": pod_files.resolv_conf,
+        "/etc/hosts": pod_files.hosts,
     }
     for destination, file in etc_files.items():
         if destination not in taken:
@@ -607,7 +696,8 @@ def _container_mounts(
         binds.append(_bind("/dev/shm", shm, ["rbind", "rprivate", "nosuid", "nodev", "noexec", "rw"]))
     bound = {m["destination"] for m in binds}
     defaults = [
-        m for m in _kernel_mounts(sc.privileged)
+        m
+        for m in _kernel_mounts(sc.privileged)
         if m["destination"] not in bound and not ("/dev" in bound and m["destination"].startswith("/dev/"))
     ]
     return sorted([*defaults, *binds], key=lambda m: _depth(m["destination"])), propagation
@@ -640,8 +730,13 @@ def _device(path: str, container_path: str) -> dict[str, Any] | None:
     else:
         return None
     return {
-        "path": container_path, "type": kind, "major": os.major(st.st_rdev), "minor": os.minor(st.st_rdev),
-        "fileMode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid,
+        "path": container_path,
+        "type": kind,
+        "major": os.major(st.st_rdev),
+        "minor": os.minor(st.st_rdev),
+        "fileMode": stat.S_IMODE(st.st_mode),
+        "uid": st.st_uid,
+        "gid": st.st_gid,
     }
 
 
@@ -707,8 +802,13 @@ def _resources(linux: pb.LinuxContainerConfig, host: HostInfo) -> dict[str, Any]
     if r.cpu_period < 0 or r.cpu_shares < 0:
         raise InvalidArgument("cpu period and shares cannot be negative")
     cpu: dict[str, Any] = {}
-    for key, value in (("shares", r.cpu_shares), ("quota", r.cpu_quota), ("period", r.cpu_period),
-                       ("cpus", r.cpuset_cpus), ("mems", r.cpuset_mems)):
+    for key, value in (
+        ("shares", r.cpu_shares),
+        ("quota", r.cpu_quota),
+        ("period", r.cpu_period),
+        ("cpus", r.cpuset_cpus),
+        ("mems", r.cpuset_mems),
+    ):
         if value:
             cpu[key] = value
     memory: dict[str, Any] = {}

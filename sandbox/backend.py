@@ -8,6 +8,7 @@ belongs in `runc_backend/`, never here or above.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,45 @@ class ContainerUsage:
     writable_layer_mountpoint: str = ""
 
 
+class Process(ABC):
+    """What exec or attach connected the streaming server to: a process's stdio, its terminal, its end.
+
+    Both backends implement it, so the streaming server never knows where the process runs.
+    """
+
+    @abstractmethod
+    async def read_stdout(self) -> bytes:
+        """The next chunk of output; b"" at its end. With a terminal, all output comes here."""
+
+    @abstractmethod
+    async def read_stderr(self) -> bytes:
+        """The next chunk of error output; b"" at its end, and at once with a terminal."""
+
+    @abstractmethod
+    async def write_stdin(self, data: bytes) -> None:
+        """Feed the process; what it no longer takes (it closed stdin, or exited) is dropped."""
+
+    @abstractmethod
+    async def close_stdin(self) -> None:
+        """The client's input ended: the process sees end of file (a terminal has none to see).
+
+        Attached to a container that keeps stdin open for the next client
+        (`stdin` without `stdin_once`, no tty), this ends the attach instead, as CRI-O does.
+        """
+
+    @abstractmethod
+    async def resize(self, width: int, height: int) -> None:
+        """Set the terminal's size in characters (no effect without a terminal)."""
+
+    @abstractmethod
+    async def wait(self) -> int | None:
+        """Wait for the end: an exec'd command's exit code, or None when an attach is over."""
+
+    @abstractmethod
+    async def kill(self) -> None:
+        """End it now (the client went away): an exec'd command is killed, an attach detaches."""
+
+
 class Backend(ABC):
     """Runs pods of one isolation kind. Every method is idempotent where the CRI call it serves is."""
 
@@ -85,9 +125,7 @@ class Backend(ABC):
         """Whether the pod's holder is still running (false after a crash)."""
 
     @abstractmethod
-    async def create_container(
-        self, sandbox: SandboxRecord, container: ContainerRecord, rootfs: ImageRootfs
-    ) -> None:
+    async def create_container(self, sandbox: SandboxRecord, container: ContainerRecord, rootfs: ImageRootfs) -> None:
         """Prepare the container so that `start_container` only has to start it."""
 
     @abstractmethod
@@ -120,3 +158,30 @@ class Backend(ABC):
 
     @abstractmethod
     async def reopen_log(self, sandbox: SandboxRecord, container: ContainerRecord) -> None: ...
+
+    @abstractmethod
+    async def exec(
+        self,
+        sandbox: SandboxRecord,
+        container: ContainerRecord,
+        cmd: list[str],
+        *,
+        tty: bool,
+        stdin: bool,
+        terminal_size: tuple[int, int] | None = None,
+    ) -> Process:
+        """Start `cmd` in the running container as its own process would run.
+
+        With `tty` it gets a terminal, `terminal_size` (width, height) big from the
+        start when the client sent one: a later resize would race the command.
+        """
+
+    @abstractmethod
+    async def attach(self, sandbox: SandboxRecord, container: ContainerRecord, *, tty: bool, stdin: bool) -> Process:
+        """Connect to the container's own stdio, which its log also records; `stdin` if the client writes to it."""
+
+    @abstractmethod
+    async def port_forward(
+        self, sandbox: SandboxRecord, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A TCP connection to `port` on the pod's loopback, made inside the pod's network namespace."""

@@ -56,11 +56,7 @@ def _parse(path: Path) -> NetworkConfigList:
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
     plugins = doc.get("plugins") if path.suffix == ".conflist" else [doc]
-    if (
-        not isinstance(plugins, list)
-        or not plugins
-        or not all(isinstance(p, dict) and p.get("type") for p in plugins)
-    ):
+    if not isinstance(plugins, list) or not plugins or not all(isinstance(p, dict) and p.get("type") for p in plugins):
         raise ValueError("no plugins with a type")
     name = doc.get("name")
     if not isinstance(name, str) or not name:
@@ -160,7 +156,7 @@ def k8s_args(*, pod_namespace: str, pod_name: str, container_id: str, pod_uid: s
 
 
 def _version(text: str) -> tuple[int, ...]:
-    """"0.4.0" as (0, 4, 0), for comparing spec versions; anything unparsable counts as the oldest."""
+    """ "0.4.0" as (0, 4, 0), for comparing spec versions; anything unparsable counts as the oldest."""
     try:
         return tuple(int(part) for part in text.split("."))
     except ValueError:

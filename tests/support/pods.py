@@ -6,9 +6,13 @@ import json
 import secrets
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from protos import cri_pb2 as pb
+
+T = TypeVar("T")
 
 
 def write_bridge_network(conf_dir: Path, subnet_octet: int) -> str:
@@ -67,7 +71,8 @@ def container_config(name: str, image: str, *command: str, tty: bool = False) ->
     )
 
 
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
+def wait_for(predicate: Callable[[], T], timeout: float = 20.0, what: str = "condition") -> T:
+    """Poll `predicate` until it returns something truthy, and return that."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

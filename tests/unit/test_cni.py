@@ -17,8 +17,10 @@ def test_first_valid_config_wins_and_plugins_must_exist(tmp_path):
     conf.mkdir()
     bins.mkdir()
     (conf / "00-broken.conflist").write_text("{")
-    write(conf / "10-pods.conflist", {"cniVersion": "1.0.0", "name": "pods",
-                                      "plugins": [{"type": "bridge"}, {"type": "portmap"}]})
+    write(
+        conf / "10-pods.conflist",
+        {"cniVersion": "1.0.0", "name": "pods", "plugins": [{"type": "bridge"}, {"type": "portmap"}]},
+    )
     write(conf / "20-other.conf", {"cniVersion": "1.0.0", "name": "other", "type": "macvlan"})
     assert cni.find_network(conf).name == "pods"
     r = cni.readiness(conf, (bins,))

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from cri.config import Config, ConfigError, load_config, parse_config
+from cri.config import Config, ConfigError, StreamingSettings, load_config, parse_config
 
 
 def test_embedded_defaults_work_on_a_fresh_host():
@@ -43,6 +43,11 @@ def test_contract_names_from_the_design_parse():
         ({"images": {"max_layers": 0}}, "images.max_layers", "must be positive"),
         ({"images": {"max_layers": True}}, "images.max_layers", "must be a int"),
         ({"sockett": "/x"}, "sockett", "unknown key"),
+        ({"streaming": {"address": "localhost"}}, "streaming.address", "must be an IP address"),
+        ({"streaming": {"port": 70000}}, "streaming.port", "0 (any free port) to 65535"),
+        ({"streaming": {"port": "80"}}, "streaming.port", "must be a int"),
+        ({"streaming": {"token_ttl_seconds": 0}}, "streaming.token_ttl_seconds", "must be positive"),
+        ({"streaming": {"tls": True}}, "streaming.tls", "unknown key"),
     ],
 )
 def test_bad_keys_are_named_with_a_reason(data, key, reason):
@@ -51,6 +56,12 @@ def test_bad_keys_are_named_with_a_reason(data, key, reason):
     assert f"key '{key}'" in str(err.value)
     assert reason in str(err.value)
     assert "test.toml" in str(err.value)
+
+
+def test_streaming_defaults_to_loopback_on_any_free_port():
+    assert Config().streaming == StreamingSettings(address="127.0.0.1", port=0, token_ttl_seconds=60)
+    config = parse_config({"streaming": {"address": "::1", "port": 10010, "token_ttl_seconds": 30}})
+    assert config.streaming == StreamingSettings(address="::1", port=10010, token_ttl_seconds=30)
 
 
 def test_load_config_reports_toml_syntax_and_missing_files(tmp_path):
@@ -68,3 +79,30 @@ def test_load_config_reads_a_file(tmp_path):
     config = load_config(path)
     assert config.registry.mirrors == {"registry.k8s.io": ["localhost:5000"]}
     assert config.source == str(path)
+
+
+def test_vm_section_defaults_and_overrides():
+    assert Config().vm.accel == "auto"
+    assert (Config().vm.default_vcpus, Config().vm.default_memory_mib) == (1, 256)
+    vm = parse_config(
+        {"vm": {"accel": "tcg", "default_vcpus": 2, "default_memory_mib": 512, "boot_timeout_seconds": 12.5}}
+    ).vm
+    assert (vm.accel, vm.default_vcpus, vm.default_memory_mib, vm.boot_timeout_seconds) == ("tcg", 2, 512, 12.5)
+    assert vm.qemu == Path("/usr/bin/qemu-system-x86_64")
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "reason"),
+    [
+        ({"accel": "hvf"}, "vm.accel", "must be one of auto, kvm, tcg"),
+        ({"default_vcpus": 0}, "vm.default_vcpus", "must be positive"),
+        ({"default_memory_mib": 64}, "vm.default_memory_mib", "at least 128"),
+        ({"boot_timeout_seconds": 0}, "vm.boot_timeout_seconds", "must be positive"),
+        ({"qemu": "qemu-system-x86_64"}, "vm.qemu", "absolute path"),
+        ({"vcpus": 2}, "vm.vcpus", "unknown key"),
+    ],
+)
+def test_bad_vm_keys_are_named(table, key, reason):
+    with pytest.raises(ConfigError) as err:
+        parse_config({"vm": table}, "test.toml")
+    assert f"key '{key}'" in str(err.value) and reason in str(err.value)

@@ -15,6 +15,7 @@ from cri.errors import answer_unimplemented, status_code
         (errors.Unimplemented("x"), grpc.StatusCode.UNIMPLEMENTED),
         (errors.DataCorruption("x"), grpc.StatusCode.DATA_LOSS),
         (errors.CommandFailed(["runc", "start"], 1, "boom"), grpc.StatusCode.INTERNAL),
+        (errors.Internal("agent crashed"), grpc.StatusCode.INTERNAL),
     ],
 )
 def test_each_domain_error_has_its_code(error, code):

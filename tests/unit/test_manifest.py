@@ -58,8 +58,14 @@ def test_config_diff_ids_must_match_layers():
 
 @pytest.mark.parametrize(
     ("user", "expected"),
-    [("", (None, "")), ("1000", (1000, "")), ("1000:50", (1000, "")), ("nobody", (None, "nobody")),
-     ("www:www", (None, "www")), ("0", (0, ""))],
+    [
+        ("", (None, "")),
+        ("1000", (1000, "")),
+        ("1000:50", (1000, "")),
+        ("nobody", (None, "nobody")),
+        ("www:www", (None, "www")),
+        ("0", (0, "")),
+    ],
 )
 def test_user_of_matches_containerd(user, expected):
     assert user_of(user) == expected

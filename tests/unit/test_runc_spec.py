@@ -29,8 +29,15 @@ from runc_backend.spec import (
 HOST_CAPS = frozenset(CAPABILITIES) - {"CAP_SYS_RESOURCE"}
 INFRA_NS = Namespaces(network="/run/netns/pod", ipc=NEW, uts=NEW, pid=NEW)
 POD_NS = Namespaces(network="/proc/7/ns/net", ipc="/proc/7/ns/ipc", uts="/proc/7/ns/uts", pid=NEW)
-IMAGE = {"config": {"Env": ["PATH=/bin:/usr/bin", "LANG=C"], "Entrypoint": ["/entry"], "Cmd": ["--serve"],
-                    "WorkingDir": "/srv", "User": ""}}
+IMAGE = {
+    "config": {
+        "Env": ["PATH=/bin:/usr/bin", "LANG=C"],
+        "Entrypoint": ["/entry"],
+        "Cmd": ["--serve"],
+        "WorkingDir": "/srv",
+        "User": "",
+    }
+}
 SC = pb.LinuxContainerSecurityContext
 DEV_NULL = os.path.realpath("/dev/null")
 
@@ -39,8 +46,9 @@ DEV_NULL = os.path.realpath("/dev/null")
 def rootfs(tmp_path):
     root = tmp_path / "rootfs"
     (root / "etc").mkdir(parents=True)
-    (root / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n"
-                                         "app:x:1000:1000::/home/app:/bin/sh\n")
+    (root / "etc" / "passwd").write_text(
+        "root:x:0:0::/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\napp:x:1000:1000::/home/app:/bin/sh\n"
+    )
     (root / "etc" / "group").write_text("root:x:0:\nwheel:x:10:root\napp:x:1000:\nextra:x:50000:app\n")
     return root
 
@@ -48,8 +56,10 @@ def rootfs(tmp_path):
 @pytest.fixture
 def mountinfo(tmp_path):
     path = tmp_path / "mountinfo"
-    path.write_text(f"1 0 8:1 / / rw - ext4 /dev/vda rw\n2 1 0:5 / {tmp_path}/shared rw shared:7 - tmpfs t rw\n"
-                    f"3 1 0:6 / {tmp_path}/slave rw master:7 - tmpfs t rw\n")
+    path.write_text(
+        f"1 0 8:1 / / rw - ext4 /dev/vda rw\n2 1 0:5 / {tmp_path}/shared rw shared:7 - tmpfs t rw\n"
+        f"3 1 0:6 / {tmp_path}/slave rw master:7 - tmpfs t rw\n"
+    )
     for name in ("shared", "slave", "private"):
         (tmp_path / name).mkdir()
     return path
@@ -59,20 +69,32 @@ def mountinfo(tmp_path):
 def host(tmp_path, mountinfo):
     dev = tmp_path / "devroot"
     dev.mkdir()
-    return HostInfo(capabilities=HOST_CAPS, cgroup_mode="hybrid", swap_accounting=True, hugetlb=False,
-                    hostname="node-1", dev_dir=dev, mountinfo=mountinfo)
+    return HostInfo(
+        capabilities=HOST_CAPS,
+        cgroup_mode="hybrid",
+        swap_accounting=True,
+        hugetlb=False,
+        hostname="node-1",
+        dev_dir=dev,
+        mountinfo=mountinfo,
+    )
 
 
 @pytest.fixture
 def pod_files(tmp_path):
-    return PodFiles(hostname=tmp_path / "hostname", resolv_conf=tmp_path / "resolv.conf", hosts=tmp_path / "hosts",
-                    shm=tmp_path / "shm")
+    return PodFiles(
+        hostname=tmp_path / "hostname",
+        resolv_conf=tmp_path / "resolv.conf",
+        hosts=tmp_path / "hosts",
+        shm=tmp_path / "shm",
+    )
 
 
 def sandbox_config(privileged=False, **kwargs):
     return pb.PodSandboxConfig(
         metadata=pb.PodSandboxMetadata(name="web", uid="uid-1", namespace="default"),
-        hostname="web-0", log_directory="/var/log/pods/x",
+        hostname="web-0",
+        log_directory="/var/log/pods/x",
         linux=pb.LinuxPodSandboxConfig(security_context=pb.LinuxSandboxSecurityContext(privileged=privileged)),
         **kwargs,
     )
@@ -83,17 +105,31 @@ def config(sc=None, resources=None, **kwargs):
     if resources is not None:
         linux.resources.CopyFrom(resources)
     kwargs.setdefault("command", ["sh", "-c", "sleep 1"])
-    return pb.ContainerConfig(metadata=pb.ContainerMetadata(name="app"),
-                              image=pb.ImageSpec(image="sha256:abc", user_specified_image="busybox:1"),
-                              linux=linux, **kwargs)
+    return pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name="app"),
+        image=pb.ImageSpec(image="sha256:abc", user_specified_image="busybox:1"),
+        linux=linux,
+        **kwargs,
+    )
 
 
 @pytest.fixture
 def make(rootfs, host, pod_files):
     def make(cfg=None, sandbox=None, image=IMAGE, namespaces=POD_NS, files=pod_files, host=host, floor=-999):
-        return container_spec(cfg or config(), sandbox or sandbox_config(), sandbox_id="sb1", container_id="c1",
-                              rootfs=rootfs, image_config=image, namespaces=namespaces, cgroups_path="/tandem/sb1/c1",
-                              pod_files=files, oom_score_adj_floor=floor, host=host)
+        return container_spec(
+            cfg or config(),
+            sandbox or sandbox_config(),
+            sandbox_id="sb1",
+            container_id="c1",
+            rootfs=rootfs,
+            image_config=image,
+            namespaces=namespaces,
+            cgroups_path="/tandem/sb1/c1",
+            pod_files=files,
+            oom_score_adj_floor=floor,
+            host=host,
+        )
+
     return make
 
 
@@ -138,12 +174,12 @@ def test_environment_defaults(make):
     sandbox = sandbox_config()
     sandbox.hostname = ""
     env = make(config(tty=True), sandbox=sandbox, image={"config": {"Cmd": ["sh"]}})["process"]["env"]
-    assert env == ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm",
-                   "HOSTNAME=node-1"]
+    assert env == ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm", "HOSTNAME=node-1"]
 
 
-@pytest.mark.parametrize(("working_dir", "image_dir", "expected"), [("/w", "/srv", "/w"), ("", "/srv", "/srv"),
-                                                                    ("", None, "/")])
+@pytest.mark.parametrize(
+    ("working_dir", "image_dir", "expected"), [("/w", "/srv", "/w"), ("", "/srv", "/srv"), ("", None, "/")]
+)
 def test_working_dir(make, working_dir, image_dir, expected):
     spec = make(config(working_dir=working_dir), image={"config": {"WorkingDir": image_dir}})
     assert spec["process"]["cwd"] == expected
@@ -180,8 +216,11 @@ def int64(v):
         (SC(), "app:wheel", (1000, 10, [10, 50000])),
         (SC(), "1000:5", (1000, 5, [5, 50000])),
         (SC(run_as_user=int64(1000), supplemental_groups=[1234, 5678]), "", (1000, 1000, [1000, 1234, 5678, 50000])),
-        (SC(run_as_user=int64(1000), supplemental_groups=[1234], supplemental_groups_policy=pb.Strict), "",
-         (1000, 1000, [1000, 1234])),
+        (
+            SC(run_as_user=int64(1000), supplemental_groups=[1234], supplemental_groups_policy=pb.Strict),
+            "",
+            (1000, 1000, [1000, 1234]),
+        ),
     ],
 )
 def test_user(make, sc, image_user, expected):
@@ -241,9 +280,14 @@ def test_ambient_capabilities_join_every_set(make):
     assert all(caps[k] == ["CAP_NET_BIND_SERVICE"] for k in caps)
 
 
-@pytest.mark.parametrize("capabilities", [pb.Capability(add_capabilities=["FLY"]),
-                                          pb.Capability(drop_capabilities=["CAP_FLY"]),
-                                          pb.Capability(add_ambient_capabilities=["ALL"])])
+@pytest.mark.parametrize(
+    "capabilities",
+    [
+        pb.Capability(add_capabilities=["FLY"]),
+        pb.Capability(drop_capabilities=["CAP_FLY"]),
+        pb.Capability(add_ambient_capabilities=["ALL"]),
+    ],
+)
 def test_bad_capability_names(make, capabilities):
     with pytest.raises(InvalidArgument):
         make(config(sc=SC(capabilities=capabilities)))
@@ -277,8 +321,13 @@ def test_privileged_container(make, host):
     (host.dev_dir / "regular").write_text("")
     (host.dev_dir / "link").symlink_to("sda")
     seccomp = pb.SecurityProfile(profile_type=pb.SecurityProfile.RuntimeDefault)
-    sc = SC(privileged=True, masked_paths=["/proc/kcore"], readonly_paths=["/proc/sys"], seccomp=seccomp,
-            capabilities=pb.Capability(drop_capabilities=["ALL"]))
+    sc = SC(
+        privileged=True,
+        masked_paths=["/proc/kcore"],
+        readonly_paths=["/proc/sys"],
+        seccomp=seccomp,
+        capabilities=pb.Capability(drop_capabilities=["ALL"]),
+    )
     spec = make(config(sc=sc), sandbox=sandbox_config(privileged=True))
     linux = spec["linux"]
     assert "seccomp" not in linux and linux["maskedPaths"] == [] and linux["readonlyPaths"] == []
@@ -286,7 +335,9 @@ def test_privileged_container(make, host):
     assert "rw" in mount_at(spec, "/sys")["options"] and "rw" in mount_at(spec, "/sys/fs/cgroup")["options"]
     assert linux["resources"]["devices"] == [{"allow": True, "access": "rwm"}]
     assert [(d["path"], d["type"], d["major"], d["minor"], d["fileMode"]) for d in linux["devices"]] == [
-        ("/dev/net/tun", "c", 10, 200, 0o660), ("/dev/sda", "b", 8, 0, 0o660)]
+        ("/dev/net/tun", "c", 10, 200, 0o660),
+        ("/dev/sda", "b", 8, 0, 0o660),
+    ]
     assert not any(ns["type"] == "cgroup" for ns in linux["namespaces"])
 
 
@@ -304,8 +355,17 @@ def test_unprivileged_defaults(make):
     assert linux["devices"] == []
     assert linux["resources"]["devices"][0] == {"allow": False, "access": "rwm"}
     allowed = {(r["type"], r["major"], r.get("minor")) for r in linux["resources"]["devices"][1:]}
-    assert allowed == {("c", 1, 3), ("c", 1, 5), ("c", 1, 7), ("c", 1, 8), ("c", 1, 9), ("c", 5, 0), ("c", 5, 1),
-                       ("c", 5, 2), ("c", 136, None)}
+    assert allowed == {
+        ("c", 1, 3),
+        ("c", 1, 5),
+        ("c", 1, 7),
+        ("c", 1, 8),
+        ("c", 1, 9),
+        ("c", 5, 0),
+        ("c", 5, 1),
+        ("c", 5, 2),
+        ("c", 136, None),
+    }
     assert "seccomp" not in linux  # nothing asked for: unconfined, as kubelet's nil profile means
 
 
@@ -315,10 +375,23 @@ def test_unprivileged_defaults(make):
 def test_standard_mounts_and_pod_files(make, pod_files, tmp_path):
     spec = make()
     assert [m["destination"] for m in spec["mounts"]] == [
-        "/proc", "/dev", "/sys", "/dev/pts", "/dev/mqueue", "/etc/hostname", "/etc/resolv.conf", "/etc/hosts",
-        "/dev/shm", "/sys/fs/cgroup"]
-    assert mount_at(spec, "/etc/hosts") == {"destination": "/etc/hosts", "type": "bind",
-                                            "source": str(pod_files.hosts), "options": ["rbind", "rprivate", "rw"]}
+        "/proc",
+        "/dev",
+        "/sys",
+        "/dev/pts",
+        "/dev/mqueue",
+        "/etc/hostname",
+        "/etc/resolv.conf",
+        "/etc/hosts",
+        "/dev/shm",
+        "/sys/fs/cgroup",
+    ]
+    assert mount_at(spec, "/etc/hosts") == {
+        "destination": "/etc/hosts",
+        "type": "bind",
+        "source": str(pod_files.hosts),
+        "options": ["rbind", "rprivate", "rw"],
+    }
     assert mount_at(spec, "/dev/shm")["source"] == str(tmp_path / "shm")
     assert mount_at(spec, "/sys/fs/cgroup")["type"] == "cgroup"
     assert mount_at(spec, "/etc/resolv.conf")["options"][-1] == "rw"
@@ -334,19 +407,27 @@ def test_host_ipc_pod_shares_the_hosts_dev_shm(make, pod_files):
 def test_config_mounts_replace_pod_files_and_defaults(make, tmp_path):
     (tmp_path / "myhosts").write_text("")
     (tmp_path / "devdir").mkdir()
-    mounts = [pb.Mount(container_path="/etc/hosts/", host_path=str(tmp_path / "myhosts"), readonly=True),
-              pb.Mount(container_path="/dev", host_path=str(tmp_path / "devdir"))]
+    mounts = [
+        pb.Mount(container_path="/etc/hosts/", host_path=str(tmp_path / "myhosts"), readonly=True),
+        pb.Mount(container_path="/dev", host_path=str(tmp_path / "devdir")),
+    ]
     spec = make(config(mounts=mounts))
-    assert mount_at(spec, "/etc/hosts") == {"destination": "/etc/hosts", "type": "bind",
-                                            "source": str(tmp_path / "myhosts"), "options": ["rbind", "rprivate", "ro"]}
+    assert mount_at(spec, "/etc/hosts") == {
+        "destination": "/etc/hosts",
+        "type": "bind",
+        "source": str(tmp_path / "myhosts"),
+        "options": ["rbind", "rprivate", "ro"],
+    }
     assert mount_at(spec, "/dev")["type"] == "bind"
     assert mount_at(spec, "/dev/pts") is None and mount_at(spec, "/dev/mqueue") is None
     assert mount_at(spec, "/dev/shm")["type"] == "bind"
 
 
 def test_mount_order_puts_parents_first(make, tmp_path):
-    mounts = [pb.Mount(container_path=p, host_path=str(tmp_path / "v" / p.strip("/").replace("/", "_")))
-              for p in ("/data/a/b", "/data", "/data/a")]
+    mounts = [
+        pb.Mount(container_path=p, host_path=str(tmp_path / "v" / p.strip("/").replace("/", "_")))
+        for p in ("/data/a/b", "/data", "/data/a")
+    ]
     order = [m["destination"] for m in make(config(mounts=mounts))["mounts"]]
     assert order.index("/data") < order.index("/data/a") < order.index("/data/a/b")
     assert order.index("/dev") < order.index("/dev/shm")
@@ -355,8 +436,10 @@ def test_mount_order_puts_parents_first(make, tmp_path):
 def test_missing_host_path_is_created_and_symlinks_resolved(make, tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
-    mounts = [pb.Mount(container_path="/new", host_path=str(tmp_path / "made" / "here")),
-              pb.Mount(container_path="/linked", host_path=str(tmp_path / "link"))]
+    mounts = [
+        pb.Mount(container_path="/new", host_path=str(tmp_path / "made" / "here")),
+        pb.Mount(container_path="/linked", host_path=str(tmp_path / "link")),
+    ]
     spec = make(config(mounts=mounts))
     assert (tmp_path / "made" / "here").is_dir()
     assert mount_at(spec, "/new")["source"] == str(tmp_path / "made" / "here")
@@ -380,16 +463,22 @@ def test_mount_propagation(make, tmp_path, directory, propagation, option, rootf
 
 
 def test_shared_propagation_wins_over_slave(make, tmp_path):
-    requests = [("/a", "slave", pb.PROPAGATION_HOST_TO_CONTAINER), ("/b", "shared", pb.PROPAGATION_BIDIRECTIONAL),
-                ("/c", "shared", pb.PROPAGATION_HOST_TO_CONTAINER)]
+    requests = [
+        ("/a", "slave", pb.PROPAGATION_HOST_TO_CONTAINER),
+        ("/b", "shared", pb.PROPAGATION_BIDIRECTIONAL),
+        ("/c", "shared", pb.PROPAGATION_HOST_TO_CONTAINER),
+    ]
     mounts = [pb.Mount(container_path=c, host_path=str(tmp_path / h), propagation=p) for c, h, p in requests]
     assert make(config(mounts=mounts))["linux"]["rootfsPropagation"] == "rshared"
 
 
 @pytest.mark.parametrize(
     ("directory", "propagation"),
-    [("private", pb.PROPAGATION_BIDIRECTIONAL), ("slave", pb.PROPAGATION_BIDIRECTIONAL),
-     ("private", pb.PROPAGATION_HOST_TO_CONTAINER)],
+    [
+        ("private", pb.PROPAGATION_BIDIRECTIONAL),
+        ("slave", pb.PROPAGATION_BIDIRECTIONAL),
+        ("private", pb.PROPAGATION_HOST_TO_CONTAINER),
+    ],
 )
 def test_propagation_needs_a_propagating_host_mount(make, tmp_path, directory, propagation):
     mount = pb.Mount(container_path="/vol", host_path=str(tmp_path / directory), propagation=propagation)
@@ -402,8 +491,10 @@ def test_propagation_needs_a_propagating_host_mount(make, tmp_path, directory, p
     [
         (pb.Mount(container_path="vol", host_path="/tmp"), "container path 'vol' must be absolute"),
         (pb.Mount(container_path="/vol", host_path="tmp"), "host path 'tmp' must be absolute"),
-        (pb.Mount(container_path="/vol", host_path="/tmp", readonly=True, recursive_read_only=True),
-         "recursive read-only mounts are not supported by this runtime"),
+        (
+            pb.Mount(container_path="/vol", host_path="/tmp", readonly=True, recursive_read_only=True),
+            "recursive read-only mounts are not supported by this runtime",
+        ),
         (pb.Mount(container_path="/vol", image=pb.ImageSpec(image="busybox")), "image volumes"),
         (pb.Mount(container_path="/vol", host_path="/tmp", uidMappings=[pb.IDMapping(length=1)]), "ID-mapped"),
     ],
@@ -444,8 +535,17 @@ def test_requested_device(make):
     dev = pb.Device(host_path="/dev/null", container_path="/dev/xnull", permissions="rw")
     linux = make(config(devices=[dev]))["linux"]
     st = os.stat(DEV_NULL)
-    assert linux["devices"] == [{"path": "/dev/xnull", "type": "c", "major": 1, "minor": 3,
-                                 "fileMode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid}]
+    assert linux["devices"] == [
+        {
+            "path": "/dev/xnull",
+            "type": "c",
+            "major": 1,
+            "minor": 3,
+            "fileMode": stat.S_IMODE(st.st_mode),
+            "uid": st.st_uid,
+            "gid": st.st_gid,
+        }
+    ]
     assert linux["resources"]["devices"][-1] == {"allow": True, "type": "c", "major": 1, "minor": 3, "access": "rw"}
 
 
@@ -477,8 +577,9 @@ def test_bad_devices(make, device, error):
 
 def write_profile(tmp_path, name="block.json"):
     path = tmp_path / name
-    path.write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW",
-                                "syscalls": [{"names": ["chmod"], "action": "SCMP_ACT_ERRNO"}]}))
+    path.write_text(
+        json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["chmod"], "action": "SCMP_ACT_ERRNO"}]})
+    )
     return str(path)
 
 
@@ -521,14 +622,18 @@ def test_runtime_default_follows_the_containers_capabilities(make):
 @pytest.mark.parametrize(
     ("sc", "error"),
     [
-        (SC(seccomp=pb.SecurityProfile(profile_type=pb.SecurityProfile.Localhost, localhost_ref="/nope.json")),
-         NotFound),
+        (
+            SC(seccomp=pb.SecurityProfile(profile_type=pb.SecurityProfile.Localhost, localhost_ref="/nope.json")),
+            NotFound,
+        ),
         (SC(seccomp_profile_path="localhost//nope.json"), NotFound),
         (SC(seccomp_profile_path="localhost/relative.json"), InvalidArgument),
         (SC(seccomp_profile_path="strict"), InvalidArgument),
         (SC(seccomp=pb.SecurityProfile(localhost_ref="/x.json")), InvalidArgument),
-        (SC(apparmor=pb.SecurityProfile(profile_type=pb.SecurityProfile.Localhost, localhost_ref="p")),
-         InvalidArgument),
+        (
+            SC(apparmor=pb.SecurityProfile(profile_type=pb.SecurityProfile.Localhost, localhost_ref="p")),
+            InvalidArgument,
+        ),
         (SC(apparmor_profile="localhost/p"), InvalidArgument),
         (SC(apparmor_profile="strange"), InvalidArgument),
     ],
@@ -549,8 +654,12 @@ def test_invalid_localhost_profile(make, tmp_path):
 def test_apparmor_error_message_and_harmless_profiles(make):
     with pytest.raises(InvalidArgument, match="apparmor is not enabled on this host"):
         make(config(sc=SC(apparmor=pb.SecurityProfile(profile_type=pb.SecurityProfile.Localhost))))
-    for sc in (SC(apparmor=pb.SecurityProfile()), SC(apparmor=pb.SecurityProfile(profile_type=1)),
-               SC(apparmor_profile="runtime/default"), SC(apparmor_profile="unconfined")):
+    for sc in (
+        SC(apparmor=pb.SecurityProfile()),
+        SC(apparmor=pb.SecurityProfile(profile_type=1)),
+        SC(apparmor_profile="runtime/default"),
+        SC(apparmor_profile="unconfined"),
+    ):
         make(config(sc=sc))
 
 
@@ -558,10 +667,17 @@ def test_apparmor_error_message_and_harmless_profiles(make):
 
 
 def test_resources(make):
-    resources = pb.LinuxContainerResources(cpu_period=100000, cpu_quota=50000, cpu_shares=512, cpuset_cpus="0-1",
-                                           cpuset_mems="0", memory_limit_in_bytes=15 << 20, oom_score_adj=-500,
-                                           hugepage_limits=[pb.HugepageLimit(page_size="2MB", limit=1 << 21)],
-                                           unified={"memory.high": "1"})
+    resources = pb.LinuxContainerResources(
+        cpu_period=100000,
+        cpu_quota=50000,
+        cpu_shares=512,
+        cpuset_cpus="0-1",
+        cpuset_mems="0",
+        memory_limit_in_bytes=15 << 20,
+        oom_score_adj=-500,
+        hugepage_limits=[pb.HugepageLimit(page_size="2MB", limit=1 << 21)],
+        unified={"memory.high": "1"},
+    )
     spec = make(config(resources=resources), floor=0)
     assert spec["linux"]["resources"] == {
         "devices": spec["linux"]["resources"]["devices"],
@@ -574,9 +690,13 @@ def test_resources(make):
 
 def test_resources_on_a_v2_host_with_hugetlb(make, host):
     v2 = dataclasses.replace(host, cgroup_mode="v2", hugetlb=True, swap_accounting=False)
-    resources = pb.LinuxContainerResources(memory_limit_in_bytes=1 << 30, memory_swap_limit_in_bytes=2 << 30,
-                                           oom_score_adj=900, unified={"memory.high": "1", "cpu.idle": "0"},
-                                           hugepage_limits=[pb.HugepageLimit(page_size="2MB", limit=1 << 21)])
+    resources = pb.LinuxContainerResources(
+        memory_limit_in_bytes=1 << 30,
+        memory_swap_limit_in_bytes=2 << 30,
+        oom_score_adj=900,
+        unified={"memory.high": "1", "cpu.idle": "0"},
+        hugepage_limits=[pb.HugepageLimit(page_size="2MB", limit=1 << 21)],
+    )
     spec = make(config(resources=resources), host=v2)
     res = spec["linux"]["resources"]
     assert res["memory"] == {"limit": 1 << 30}
@@ -604,10 +724,17 @@ def test_negative_cpu_values_are_invalid(make):
 def test_container_namespaces(make):
     ns = Namespaces(network=HOST, ipc="/proc/7/ns/ipc", uts=HOST, pid="/proc/7/ns/pid")
     assert make(namespaces=ns)["linux"]["namespaces"] == [
-        {"type": "pid", "path": "/proc/7/ns/pid"}, {"type": "ipc", "path": "/proc/7/ns/ipc"}, {"type": "mount"}]
+        {"type": "pid", "path": "/proc/7/ns/pid"},
+        {"type": "ipc", "path": "/proc/7/ns/ipc"},
+        {"type": "mount"},
+    ]
     assert make()["linux"]["namespaces"] == [
-        {"type": "pid"}, {"type": "network", "path": "/proc/7/ns/net"}, {"type": "ipc", "path": "/proc/7/ns/ipc"},
-        {"type": "uts", "path": "/proc/7/ns/uts"}, {"type": "mount"}]
+        {"type": "pid"},
+        {"type": "network", "path": "/proc/7/ns/net"},
+        {"type": "ipc", "path": "/proc/7/ns/ipc"},
+        {"type": "uts", "path": "/proc/7/ns/uts"},
+        {"type": "mount"},
+    ]
 
 
 def test_namespaces_reject_nonsense():
@@ -650,8 +777,7 @@ def test_deterministic_and_json_serializable(make):
 def test_infra_spec(tmp_path):
     sandbox = sandbox_config()
     sandbox.linux.sysctls.update({"net.ipv4.ip_forward": "1", "kernel.shm_rmid_forced": "1"})
-    spec = infra_spec(sandbox, rootfs=tmp_path, namespaces=INFRA_NS, cgroups_path="/tandem/sb1/infra",
-                      sandbox_id="sb1")
+    spec = infra_spec(sandbox, rootfs=tmp_path, namespaces=INFRA_NS, cgroups_path="/tandem/sb1/infra", sandbox_id="sb1")
     process = spec["process"]
     assert process["args"] == ["/catatonit", "-P"] and process["noNewPrivileges"] is True
     assert all(v == [] for v in process["capabilities"].values())
@@ -661,8 +787,13 @@ def test_infra_spec(tmp_path):
     linux = spec["linux"]
     assert linux["sysctl"] == {"kernel.shm_rmid_forced": "1", "net.ipv4.ip_forward": "1"}
     assert linux["seccomp"] == runtime_default_profile()
-    assert linux["namespaces"] == [{"type": "pid"}, {"type": "network", "path": "/run/netns/pod"}, {"type": "ipc"},
-                                   {"type": "uts"}, {"type": "mount"}]
+    assert linux["namespaces"] == [
+        {"type": "pid"},
+        {"type": "network", "path": "/run/netns/pod"},
+        {"type": "ipc"},
+        {"type": "uts"},
+        {"type": "mount"},
+    ]
     assert linux["resources"]["cpu"] == {"shares": 2}
     assert [m["destination"] for m in spec["mounts"]] == ["/proc", "/dev"]
     assert spec["annotations"]["io.kubernetes.cri.container-type"] == "sandbox"
@@ -754,8 +885,12 @@ def test_runc_accepts_generated_specs(tmp_path):
         (rootfs / "bin" / tool).symlink_to("busybox")
     (rootfs / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/:/bin/sh\n")
     (rootfs / "etc" / "group").write_text("root:x:0:\napp:x:1000:\nextra:x:50000:app\n")
-    files = PodFiles(hostname=tmp_path / "hostname", resolv_conf=tmp_path / "resolv.conf", hosts=tmp_path / "hosts",
-                     shm=tmp_path / "shm")
+    files = PodFiles(
+        hostname=tmp_path / "hostname",
+        resolv_conf=tmp_path / "resolv.conf",
+        hosts=tmp_path / "hosts",
+        shm=tmp_path / "shm",
+    )
     for path in (files.hostname, files.resolv_conf, files.hosts):
         path.write_text("")
     files.shm.mkdir()
@@ -766,24 +901,54 @@ def test_runc_accepts_generated_specs(tmp_path):
     infra_id, ctr_id = f"infra-{parent[-12:]}", f"ctr-{parent[-12:]}"
     sandbox = sandbox_config()
     sandbox.linux.sysctls.update({"kernel.shm_rmid_forced": "1", "net.ipv4.ip_forward": "1"})
-    infra = infra_spec(sandbox, rootfs=infra_root, namespaces=Namespaces(network=NEW, ipc=NEW, uts=NEW, pid=NEW),
-                       cgroups_path=f"{parent}/infra", sandbox_id="sb")
+    infra = infra_spec(
+        sandbox,
+        rootfs=infra_root,
+        namespaces=Namespaces(network=NEW, ipc=NEW, uts=NEW, pid=NEW),
+        cgroups_path=f"{parent}/infra",
+        sandbox_id="sb",
+    )
     try:
         result = _runc(runc_root, "run", "-d", "--bundle", str(_bundle(tmp_path / "infra", infra)), infra_id)
         assert result.returncode == 0, result.stderr
         pid = json.loads(_runc(runc_root, "state", infra_id).stdout)["pid"]
-        joined = Namespaces(**{kind: f"/proc/{pid}/ns/{name}" for kind, name in
-                               (("network", "net"), ("ipc", "ipc"), ("uts", "uts"), ("pid", "pid"))})
-        sc = SC(run_as_username="app", readonly_rootfs=True, seccomp=pb.SecurityProfile(),
-                masked_paths=["/proc/kcore"], readonly_paths=["/proc/sys"])
-        cfg = config(sc=sc, command=["sh", "-c", "id; grep -E '^(Seccomp|CapBnd):' /proc/self/status; hostname; "
-                                     "cat /proc/sys/kernel/shm_rmid_forced /data/flag; touch /x"],
-                     mounts=[pb.Mount(container_path="/data", host_path=str(tmp_path / "data"), readonly=True)],
-                     resources=pb.LinuxContainerResources(memory_limit_in_bytes=64 << 20, cpu_shares=512))
+        joined = Namespaces(
+            **{
+                kind: f"/proc/{pid}/ns/{name}"
+                for kind, name in (("network", "net"), ("ipc", "ipc"), ("uts", "uts"), ("pid", "pid"))
+            }
+        )
+        sc = SC(
+            run_as_username="app",
+            readonly_rootfs=True,
+            seccomp=pb.SecurityProfile(),
+            masked_paths=["/proc/kcore"],
+            readonly_paths=["/proc/sys"],
+        )
+        cfg = config(
+            sc=sc,
+            command=[
+                "sh",
+                "-c",
+                "id; grep -E '^(Seccomp|CapBnd):' /proc/self/status; hostname; "
+                "cat /proc/sys/kernel/shm_rmid_forced /data/flag; touch /x",
+            ],
+            mounts=[pb.Mount(container_path="/data", host_path=str(tmp_path / "data"), readonly=True)],
+            resources=pb.LinuxContainerResources(memory_limit_in_bytes=64 << 20, cpu_shares=512),
+        )
         floor = int(Path("/proc/self/oom_score_adj").read_text())
-        spec = container_spec(cfg, sandbox, sandbox_id="sb", container_id=ctr_id, rootfs=rootfs,
-                              image_config={"config": {}}, namespaces=joined, cgroups_path=f"{parent}/ctr",
-                              pod_files=files, oom_score_adj_floor=floor)
+        spec = container_spec(
+            cfg,
+            sandbox,
+            sandbox_id="sb",
+            container_id=ctr_id,
+            rootfs=rootfs,
+            image_config={"config": {}},
+            namespaces=joined,
+            cgroups_path=f"{parent}/ctr",
+            pod_files=files,
+            oom_score_adj_floor=floor,
+        )
         result = _runc(runc_root, "run", "--bundle", str(_bundle(tmp_path / "ctr", spec)), ctr_id)
         assert result.stdout.splitlines() == [
             "uid=1000(app) gid=1000(app) groups=1000(app),50000(extra)",

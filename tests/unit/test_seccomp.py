@@ -61,13 +61,50 @@ def test_shape(default):
 @pytest.mark.parametrize(
     "call",
     [
-        ("read",), ("write",), ("openat",), ("close",), ("mmap",), ("mprotect",), ("brk",), ("execve",),
-        ("exit_group",), ("futex",), ("epoll_wait",), ("epoll_pwait",), ("getrandom",), ("rt_sigaction",),
-        ("arch_prctl",), ("newfstatat",), ("statx",), ("getdents64",), ("fchownat",), ("chroot",),
-        ("clone", SIGCHLD), ("clone", CLONE_THREAD_FLAGS), ("wait4",), ("pipe2",), ("dup3",), ("setuid",),
-        ("socket", AF_UNIX), ("socket", AF_INET), ("socket", AF_INET6), ("socket", AF_NETLINK), ("socket", AF_NFC),
-        ("connect",), ("accept4",), ("sendmsg",), ("shmget",), ("mq_open",), ("clock_nanosleep",), ("prctl",),
-        ("personality", 0), ("personality", 0xFFFFFFFF), ("ptrace",), ("seccomp",), ("rseq",), ("capset",),
+        ("read",),
+        ("write",),
+        ("openat",),
+        ("close",),
+        ("mmap",),
+        ("mprotect",),
+        ("brk",),
+        ("execve",),
+        ("exit_group",),
+        ("futex",),
+        ("epoll_wait",),
+        ("epoll_pwait",),
+        ("getrandom",),
+        ("rt_sigaction",),
+        ("arch_prctl",),
+        ("newfstatat",),
+        ("statx",),
+        ("getdents64",),
+        ("fchownat",),
+        ("chroot",),
+        ("clone", SIGCHLD),
+        ("clone", CLONE_THREAD_FLAGS),
+        ("wait4",),
+        ("pipe2",),
+        ("dup3",),
+        ("setuid",),
+        ("socket", AF_UNIX),
+        ("socket", AF_INET),
+        ("socket", AF_INET6),
+        ("socket", AF_NETLINK),
+        ("socket", AF_NFC),
+        ("connect",),
+        ("accept4",),
+        ("sendmsg",),
+        ("shmget",),
+        ("mq_open",),
+        ("clock_nanosleep",),
+        ("prctl",),
+        ("personality", 0),
+        ("personality", 0xFFFFFFFF),
+        ("ptrace",),
+        ("seccomp",),
+        ("rseq",),
+        ("capset",),
     ],
 )
 def test_ordinary_workloads_are_allowed(default, call):
@@ -77,13 +114,45 @@ def test_ordinary_workloads_are_allowed(default, call):
 @pytest.mark.parametrize(
     "call",
     [
-        ("kexec_load",), ("kexec_file_load",), ("init_module",), ("finit_module",), ("delete_module",),
-        ("mount",), ("umount2",), ("move_mount",), ("fsopen",), ("pivot_root",), ("unshare", CLONE_NEWUSER),
-        ("unshare", CLONE_NEWNS), ("setns",), ("clone", SIGCHLD | CLONE_NEWUSER), ("clone", CLONE_NEWNS),
-        ("bpf",), ("perf_event_open",), ("keyctl",), ("add_key",), ("request_key",), ("userfaultfd",),
-        ("io_uring_setup",), ("kcmp",), ("pidfd_getfd",), ("process_madvise",), ("reboot",), ("swapon",),
-        ("settimeofday",), ("clock_settime",), ("iopl",), ("ioperm",), ("acct",), ("syslog",), ("sethostname",),
-        ("open_by_handle_at",), ("mbind",), ("vhangup",), ("socket", AF_VSOCK), ("socket", AF_ALG),
+        ("kexec_load",),
+        ("kexec_file_load",),
+        ("init_module",),
+        ("finit_module",),
+        ("delete_module",),
+        ("mount",),
+        ("umount2",),
+        ("move_mount",),
+        ("fsopen",),
+        ("pivot_root",),
+        ("unshare", CLONE_NEWUSER),
+        ("unshare", CLONE_NEWNS),
+        ("setns",),
+        ("clone", SIGCHLD | CLONE_NEWUSER),
+        ("clone", CLONE_NEWNS),
+        ("bpf",),
+        ("perf_event_open",),
+        ("keyctl",),
+        ("add_key",),
+        ("request_key",),
+        ("userfaultfd",),
+        ("io_uring_setup",),
+        ("kcmp",),
+        ("pidfd_getfd",),
+        ("process_madvise",),
+        ("reboot",),
+        ("swapon",),
+        ("settimeofday",),
+        ("clock_settime",),
+        ("iopl",),
+        ("ioperm",),
+        ("acct",),
+        ("syslog",),
+        ("sethostname",),
+        ("open_by_handle_at",),
+        ("mbind",),
+        ("vhangup",),
+        ("socket", AF_VSOCK),
+        ("socket", AF_ALG),
         ("personality", 0x0400000),  # READ_IMPLIES_EXEC
     ],
 )
@@ -112,8 +181,17 @@ def test_clone_mask_covers_every_namespace_flag():
 
 # Syscalls newer than Debian 12's libseccomp 2.5.4; runc skips names its libseccomp does not know.
 NEWER_THAN_LIBSECCOMP = {
-    "mseal", "listmount", "statmount", "getxattrat", "setxattrat", "listxattrat", "removexattrat",
-    "uretprobe", "lsm_get_self_attr", "lsm_set_self_attr", "lsm_list_modules",
+    "mseal",
+    "listmount",
+    "statmount",
+    "getxattrat",
+    "setxattrat",
+    "listxattrat",
+    "removexattrat",
+    "uretprobe",
+    "lsm_get_self_attr",
+    "lsm_set_self_attr",
+    "lsm_list_modules",
 }
 
 
@@ -125,8 +203,11 @@ def test_every_name_is_a_real_syscall():
     lib = ctypes.CDLL(path)
     lib.seccomp_syscall_resolve_name_arch.argtypes = [ctypes.c_uint32, ctypes.c_char_p]
     arches = (0xC000003E, 0x40000003, 0x4000003E)  # x86_64, x86, x32
-    names = {n for rule in runtime_default_profile(["CAP_" + c for c in ("SYS_ADMIN", "SYS_NICE")])["syscalls"]
-             for n in rule["names"]}
+    names = {
+        n
+        for rule in runtime_default_profile(["CAP_" + c for c in ("SYS_ADMIN", "SYS_NICE")])["syscalls"]
+        for n in rule["names"]
+    }
     unknown = {n for n in names if all(lib.seccomp_syscall_resolve_name_arch(a, n.encode()) == -1 for a in arches)}
     assert unknown <= NEWER_THAN_LIBSECCOMP
 

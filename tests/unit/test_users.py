@@ -39,17 +39,19 @@ def rootfs(tmp_path):
 
 
 def test_parse_passwd_skips_malformed_lines():
-    text = "\n".join([
-        "good:x:5:6:g:/:/bin/sh",
-        "short:x:7",
-        "baduid:x:abc:1::/:",
-        "neg:x:-1:1::/:",
-        "huge:x:4294967296:1::/:",
-        "+nis:x:0:0::/:",
-        ":x:8:8::/:",
-        "",
-        "min:x:9:9",
-    ])
+    text = "\n".join(
+        [
+            "good:x:5:6:g:/:/bin/sh",
+            "short:x:7",
+            "baduid:x:abc:1::/:",
+            "neg:x:-1:1::/:",
+            "huge:x:4294967296:1::/:",
+            "+nis:x:0:0::/:",
+            ":x:8:8::/:",
+            "",
+            "min:x:9:9",
+        ]
+    )
     assert parse_passwd(text) == [PasswdEntry("good", 5, 6), PasswdEntry("min", 9, 9)]
 
 

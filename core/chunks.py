@@ -1,0 +1,35 @@
+"""A bounded queue of byte chunks with an end: how a reader task hands a byte stream to its one consumer.
+
+Bounded, so a slow consumer stops the reader and the sender feels it (TCP
+push-back) instead of Tandem buffering without limit; with an end that the
+producer can mark without waiting, even when the queue is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+
+class ChunkQueue:
+    def __init__(self, depth: int = 16) -> None:
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=depth)
+        self.ended = False
+
+    async def put(self, data: bytes) -> None:
+        """Queue `data`, waiting while the queue is full; empty chunks and chunks after the end are dropped."""
+        if data and not self.ended:
+            await self._queue.put(data)
+
+    def end(self) -> None:
+        """No more data: the consumer gets what is queued, then b""."""
+        if not self.ended:
+            self.ended = True
+            with contextlib.suppress(asyncio.QueueFull):  # wakes a waiting consumer; a full queue has none
+                self._queue.put_nowait(b"")
+
+    async def get(self) -> bytes:
+        """The next chunk; b"" once the end is reached."""
+        if self.ended and self._queue.empty():
+            return b""
+        return await self._queue.get()

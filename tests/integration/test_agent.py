@@ -1,0 +1,545 @@
+"""The guest agent for real, but on the host: `python -m vm_backend.agent --socket` with pure-Python protobuf,
+driving this host's runc against a busybox rootfs, talked to through `AgentClient`.
+
+SetupPod runs with `--dry-setup` (it must not rename the host's NICs or set its
+clock). Containers get new pid/ipc/uts/mount namespaces but share the host's
+network namespace, so port-forwarding to 127.0.0.1 reaches them. Each test gets
+its own run dir and cgroup parent; teardown shuts the agent down and fails the
+test if a container, process or cgroup outlived it (after removing them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core import errors
+from protos import agent_pb2 as pb
+from runc_backend import cgroups
+from vm_backend.agent.framing import Decoder
+from vm_backend.channel import AgentClient, AgentError
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+PATH_ENV = "PATH=/bin"
+IDLE = ["sleep", "1000"]
+
+
+def busybox_rootfs(root: Path) -> None:
+    for d in ("bin", "proc", "dev", "sys", "tmp", "etc"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2("/bin/busybox", root / "bin/busybox")
+    applets = subprocess.run(["/bin/busybox", "--list"], capture_output=True, text=True, check=True).stdout.split()
+    for applet in applets:
+        if applet != "busybox":
+            (root / "bin" / applet).symlink_to("busybox")
+
+
+def process(args: list[str], terminal: bool = False) -> dict[str, Any]:
+    return {"terminal": terminal, "user": {"uid": 0, "gid": 0}, "args": args, "env": [PATH_ENV], "cwd": "/"}
+
+
+def spec(args: list[str], cgroups_path: str, terminal: bool = False) -> dict[str, Any]:
+    """A minimal spec as the host would send it; root.path is the agent's to fill in. No network namespace."""
+    return {
+        "ociVersion": "1.0.2",
+        "process": process(args, terminal),
+        "root": {"path": "replaced-by-the-agent", "readonly": True},
+        "hostname": "agent-test",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
+            {
+                "destination": "/dev/pts",
+                "type": "devpts",
+                "source": "devpts",
+                "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
+            },
+        ],
+        "linux": {
+            "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount")],
+            "cgroupsPath": cgroups_path,
+            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+        },
+    }
+
+
+class Events:
+    """The client's event callback: keeps every event and wakes waiters."""
+
+    def __init__(self) -> None:
+        self.items: list[pb.Event] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, event: pb.Event) -> None:
+        self.items.append(event)
+        self._changed.set()
+
+    async def wait_for(self, check: Callable[[], Any], timeout: float = 15.0) -> Any:
+        async with asyncio.timeout(timeout):
+            while not (result := check()):
+                self._changed.clear()
+                await self._changed.wait()
+        return result
+
+    def output(self, cid: str, process_id: str = "", stream: int | None = None) -> bytes:
+        return b"".join(
+            e.output.data
+            for e in self.items
+            if e.HasField("output")
+            and e.output.container_id == cid
+            and e.output.process_id == process_id
+            and (stream is None or e.output.stream == stream)
+        )
+
+    def exit_of(self, cid: str, process_id: str = "") -> pb.ProcessExited | None:
+        for e in self.items:
+            if e.HasField("process_exited") and (e.process_exited.container_id, e.process_exited.process_id) == (
+                cid,
+                process_id,
+            ):
+                return e.process_exited
+        return None
+
+    async def exit(self, cid: str, process_id: str = "") -> pb.ProcessExited:
+        return await self.wait_for(lambda: self.exit_of(cid, process_id))
+
+    def port(self, stream_id: str) -> tuple[bytes, pb.PortClosed | None]:
+        data = b"".join(e.port_data.data for e in self.items if e.port_data.stream_id == stream_id)
+        closed = [
+            e.port_closed for e in self.items if e.HasField("port_closed") and e.port_closed.stream_id == stream_id
+        ]
+        return data, closed[0] if closed else None
+
+
+@dataclass
+class Harness:
+    run_dir: Path
+    socket: Path
+    parent: str  # cgroup parent of every container of the test
+    agent: subprocess.Popen[bytes]
+    events: Events
+    client: AgentClient
+    clients: list[AgentClient] = field(default_factory=list)
+
+    def cgroups_path(self, cid: str) -> str:
+        return f"{self.parent}/{cid}"
+
+    async def create(self, args: list[str], *, terminal: bool = False, stdin: bool = False) -> str:
+        cid = f"c{secrets.token_hex(6)}"
+        await self.client.create_container(
+            cid, spec(args, self.cgroups_path(cid), terminal), "rootfs", terminal=terminal, stdin=stdin
+        )
+        return cid
+
+    async def run(self, args: list[str], **options: Any) -> str:
+        cid = await self.create(args, **options)
+        await self.client.start_container(cid)
+        return cid
+
+    async def connect(self, path: Path | None = None, **options: Any) -> tuple[AgentClient, Events]:
+        """Another client (as after a daemon restart), closed at teardown."""
+        events = Events()
+        client = AgentClient(path or self.socket, events, **options)
+        self.clients.append(client)
+        await client.start(10)
+        return client, events
+
+    def runc(self, *args: str) -> str:
+        return subprocess.run(
+            ["runc", "--root", str(self.run_dir / "runc"), *args], capture_output=True, text=True, check=True
+        ).stdout
+
+    def runc_list(self) -> list[str]:
+        return self.runc("list", "-q").split()
+
+
+def processes_in(parent: str) -> list[int]:
+    """Processes in any cgroup below `parent`, in any hierarchy."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                text = Path(f"/proc/{entry}/cgroup").read_text()
+            except OSError:
+                continue
+            if f"{parent}/" in text:
+                found.append(int(entry))
+    return found
+
+
+def start_agent(sock: Path, run_dir: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """The agent as the guest runs it, but on a socket, with pure-Python protobuf, and SetupPod dry."""
+    env = dict(os.environ, PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION="python")
+    with open(log_path, "wb") as agent_log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "vm_backend.agent", "--socket", str(sock), "--run-dir", str(run_dir),
+             "--dry-setup", "--log-level", "debug"],
+            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=agent_log, stderr=agent_log, start_new_session=True,
+        )  # fmt: skip
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    run_dir = Path(tempfile.mkdtemp(prefix="ta-", dir="/tmp"))  # console socket paths must stay short
+    busybox_rootfs(run_dir / "share" / "rootfs")
+    sock = run_dir / "agent.sock"
+    agent = start_agent(sock, run_dir, tmp_path / "agent.log")
+    events = Events()
+    client = AgentClient(sock, events)
+    h = Harness(run_dir, sock, f"/tandem-agent-test-{secrets.token_hex(4)}", agent, events, client)
+    try:
+        await client.start(30)
+        yield h
+    finally:
+        for c in [client, *h.clients]:
+            await c.close()
+        leaks: list[str] = []
+        if agent.poll() is None:
+            shutting = AgentClient(sock, lambda event: None)
+            with contextlib.suppress(errors.TandemError):
+                await shutting.start(10)
+                await shutting.shutdown()
+            await shutting.close()
+        try:
+            await asyncio.to_thread(agent.wait, 15)
+        except subprocess.TimeoutExpired:
+            leaks.append("the agent did not exit on Shutdown")
+            agent.kill()
+            agent.wait()
+        for cid in h.runc_list():
+            leaks.append(f"runc container {cid}")
+            with contextlib.suppress(subprocess.CalledProcessError):
+                h.runc("delete", "--force", cid)
+        for pid in processes_in(h.parent):
+            leaks.append(f"process {pid}")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for _ in range(100):  # killed processes take a moment to leave their cgroups
+            try:
+                cgroups.remove(h.parent)
+                break
+            except errors.FailedPrecondition:
+                await asyncio.sleep(0.05)
+        else:
+            leaks.append(f"cgroup {h.parent}")
+        leaks += [f"bundle {b}" for b in os.listdir(run_dir / "bundles")] if (run_dir / "bundles").exists() else []
+        shutil.rmtree(run_dir, ignore_errors=True)
+        print((tmp_path / "agent.log").read_text(errors="replace")[-5000:])
+        assert not leaks, f"left behind: {leaks}"
+        assert agent.returncode == 0, f"agent exited with {agent.returncode}"
+
+
+def lines(data: bytes) -> list[str]:
+    return data.decode().splitlines()
+
+
+# ---------------------------------------------------------------- containers
+
+
+async def test_output_then_exit_in_order(harness: Harness) -> None:
+    cid = await harness.run(["sh", "-c", "echo out1; echo err1 >&2; echo out2; exit 7"])
+    exited = await harness.events.exit(cid)
+    assert exited.exit_code == 7 and exited.finished_unix_ns > 0 and not exited.oom_killed
+    assert harness.events.output(cid, stream=pb.STDOUT) == b"out1\nout2\n"
+    assert harness.events.output(cid, stream=pb.STDERR) == b"err1\n"
+    ours = [e for e in harness.events.items if e.output.container_id == cid or e.process_exited.container_id == cid]
+    assert ours[-1].HasField("process_exited")  # output first, the exit last
+    assert [e.seq for e in ours] == sorted(e.seq for e in ours)
+    assert all(0 < e.output.timestamp_unix_ns <= exited.finished_unix_ns for e in ours[:-1])
+
+
+async def test_terminal_container(harness: Harness) -> None:
+    cid = await harness.run(["sh", "-c", "tty; echo done"], terminal=True)
+    assert (await harness.events.exit(cid)).exit_code == 0
+    out = harness.events.output(cid)
+    assert b"/dev/pts/" in out and b"done\r\n" in out  # a pty: \n becomes \r\n
+
+
+async def test_create_errors(harness: Harness) -> None:
+    cid = await harness.create(IDLE)
+    with pytest.raises(errors.AlreadyExists):
+        await harness.client.create_container(cid, spec(IDLE, harness.cgroups_path(cid)), "rootfs")
+    with pytest.raises(AgentError, match="no-such-program"):
+        await harness.create(["/bin/no-such-program"])
+    with pytest.raises(errors.NotFound):
+        await harness.client.start_container("c-unknown")
+    await harness.client.remove_container(cid)
+    assert harness.runc_list() == []
+    assert os.listdir(harness.run_dir / "bundles") == []
+
+
+async def test_remove_leaves_nothing(harness: Harness) -> None:
+    cid = await harness.run(IDLE)
+    await harness.client.start_exec(cid, "e1", process(IDLE))
+    pid = json.loads(harness.runc("state", cid))["pid"]
+    await harness.client.remove_container(cid)
+    assert (await harness.events.exit(cid)).exit_code == 128 + signal.SIGKILL
+    await harness.events.exit(cid, "e1")
+    assert harness.runc_list() == []
+    assert not (harness.run_dir / "bundles" / cid).exists()
+    assert not Path(f"/proc/{pid}").exists()
+    assert processes_in(harness.parent) == []
+    assert [h for h in cgroups.hierarchies() if (h / harness.cgroups_path(cid).lstrip("/")).exists()] == []
+    await harness.client.remove_container(cid)  # again: idempotent
+    with pytest.raises(errors.NotFound):
+        await harness.client.stats(cid)
+
+
+async def test_shutdown_stops_everything(harness: Harness) -> None:
+    await harness.run(IDLE)
+    await harness.client.shutdown()
+    assert await asyncio.to_thread(harness.agent.wait, 15) == 0
+    assert harness.runc_list() == []
+    assert processes_in(harness.parent) == []
+
+
+# ---------------------------------------------------------------- exec
+
+
+async def test_exec_sync(harness: Harness) -> None:
+    cid = await harness.run(IDLE)
+    result = await harness.client.exec_sync(cid, process(["sh", "-c", "echo hi; echo oops >&2; exit 3"]), 10)
+    assert (result.exit_code, result.stdout, result.stderr) == (3, b"hi\n", b"oops\n")
+    big = await harness.client.exec_sync(cid, process(["sh", "-c", "head -c 300000 /dev/zero"]), 10)
+    assert big.exit_code == 0 and big.stdout == b"\0" * 300000
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(errors.DeadlineExceeded):
+        await harness.client.exec_sync(cid, process(["sh", "-c", "sleep 30 & sleep 31"]), 1)
+    assert loop.time() - started < 10
+    ps = await harness.client.exec_sync(cid, process(["ps", "-o", "args"]), 10)
+    assert b"sleep 3" not in ps.stdout  # the timed-out command's whole tree is gone
+
+    with pytest.raises(errors.NotFound):
+        await harness.client.exec_sync("c-unknown", process(["true"]), 10)
+    assert harness.events.exit_of(cid) is None  # execs never touch the container's own events
+
+
+async def test_streaming_exec(harness: Harness) -> None:
+    cid = await harness.run(IDLE)
+    await harness.client.start_exec(
+        cid, "e1", process(["sh", "-c", "read x; echo got $x; echo bye >&2; exit 5"]), stdin=True
+    )
+    await harness.client.write_stdin(cid, "e1", b"hello\n", close=True)
+    assert (await harness.events.exit(cid, "e1")).exit_code == 5
+    assert harness.events.output(cid, "e1", pb.STDOUT) == b"got hello\n"
+    assert harness.events.output(cid, "e1", pb.STDERR) == b"bye\n"
+    with pytest.raises(errors.NotFound):  # gone once it exited
+        await harness.client.write_stdin(cid, "e1", b"more")
+
+    await harness.client.start_exec(
+        cid, "t1", process(["sh", "-c", "read x; stty size"], True), terminal=True, stdin=True
+    )
+    await harness.client.resize_terminal(cid, "t1", width=100, height=40)
+    await harness.client.write_stdin(cid, "t1", b"go\n")
+    assert (await harness.events.exit(cid, "t1")).exit_code == 0
+    assert b"40 100" in harness.events.output(cid, "t1")
+
+
+# ---------------------------------------------------------------- signals, stats, resources
+
+
+async def test_signal_stats_and_update(harness: Harness) -> None:
+    script = (
+        'i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; trap "exit 42" TERM; echo ready; while :; do sleep 0.1; done'
+    )
+    cid = await harness.run(["sh", "-c", script])
+    await harness.events.wait_for(lambda: b"ready" in harness.events.output(cid))
+
+    stats = await harness.client.stats(cid)
+    assert stats.cpu_usage_ns > 0
+    unified = cgroups.hierarchies()[0] if cgroups.detect_mode() == "v2" else Path(cgroups.CGROUP_ROOT) / "unified"
+    leaf = unified / harness.cgroups_path(cid).lstrip("/")
+    if (leaf / "memory.current").exists():  # a v2 memory controller (the guest's case; hybrid hosts lack it)
+        assert stats.memory_usage_bytes > 0 and stats.memory_working_set_bytes > 0
+    if (leaf / "pids.current").exists():
+        assert stats.pids >= 1
+
+    await harness.client.update_resources(cid, {"pids": {"limit": 77}})
+    pids_dir = "" if cgroups.detect_mode() == "v2" else "pids"
+    pids_max = Path(cgroups.CGROUP_ROOT) / pids_dir / harness.cgroups_path(cid).lstrip("/") / "pids.max"
+    assert pids_max.read_text().strip() == "77"
+    with pytest.raises(errors.InvalidArgument):
+        await harness.client.call(
+            pb.Request(update_resources=pb.UpdateResources(container_id=cid, resources_json=b"[1]"))
+        )
+
+    await harness.client.signal(cid, signal.SIGTERM)
+    assert (await harness.events.exit(cid)).exit_code == 42
+    await harness.client.signal(cid, signal.SIGTERM)  # stopped already: not an error
+    with pytest.raises(errors.NotFound):
+        await harness.client.signal("c-unknown", signal.SIGTERM)
+    with pytest.raises(errors.InvalidArgument):
+        await harness.client.signal(cid, 0)
+
+
+# ---------------------------------------------------------------- port forwarding
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def open_when_listening(client: AgentClient, stream_id: str, port: int) -> None:
+    for _ in range(100):
+        try:
+            return await client.open_port(stream_id, port)
+        except errors.FailedPrecondition:
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+async def test_port_forward(harness: Harness) -> None:
+    echo_port, hello_port = free_port(), free_port()
+    echo = await harness.run(["nc", "-l", "-p", str(echo_port), "-e", "cat"])
+    hello = await harness.run(["nc", "-l", "-p", str(hello_port), "-e", "echo", "hello"])
+
+    await open_when_listening(harness.client, "s1", echo_port)
+    await harness.client.write_port("s1", b"ping\n")
+    await harness.events.wait_for(lambda: harness.events.port("s1")[0] == b"ping\n")
+    await harness.client.close_port("s1")
+    assert (await harness.events.exit(echo)).exit_code == 0  # cat saw EOF, nc ended
+
+    await open_when_listening(harness.client, "s2", hello_port)
+    data, closed = await harness.events.wait_for(lambda: (p := harness.events.port("s2"))[1] and p)
+    assert data == b"hello\n" and closed.error == ""  # the guest side closed: PortClosed follows the data
+    await harness.events.exit(hello)
+    with pytest.raises(errors.NotFound):
+        await harness.client.write_port("s2", b"late")
+
+
+# ---------------------------------------------------------------- reconnection
+
+
+class Proxy:
+    """A unix-socket relay between a client and the agent that the test can cut; it records the frames it relays."""
+
+    def __init__(self, upstream: Path, path: Path) -> None:
+        self.upstream, self.path = upstream, path
+        self.refuse = False
+        self.connections: list[tuple[list[int], list[int]]] = []  # per connection: (acks relayed, event seqs relayed)
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> Proxy:
+        self._server = await asyncio.start_unix_server(self._relay, str(self.path))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        self.cut()
+
+    def cut(self) -> None:
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refuse:
+            writer.transport.abort()
+            return
+        up_reader, up_writer = await asyncio.open_unix_connection(str(self.upstream))
+        self._writers += [writer, up_writer]
+        acks: list[int] = []
+        seqs: list[int] = []
+        self.connections.append((acks, seqs))
+
+        async def pump(
+            src: asyncio.StreamReader, dst: asyncio.StreamWriter, record: Callable[[pb.Frame], None]
+        ) -> None:
+            decoder = Decoder()
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    for frame in decoder.feed(data):
+                        record(frame)
+            dst.transport.abort()
+
+        def to_agent(frame: pb.Frame) -> None:
+            if frame.request.HasField("ack"):
+                acks.append(frame.request.ack.seq)
+
+        def to_client(frame: pb.Frame) -> None:
+            if frame.HasField("event"):
+                seqs.append(frame.event.seq)
+
+        await asyncio.gather(pump(reader, up_writer, to_agent), pump(up_reader, writer, to_client))
+
+
+LINES = ["sh", "-c", "for i in $(seq 1 40); do echo line $i; sleep 0.05; done"]
+
+
+async def test_dropped_connection_loses_nothing(harness: Harness) -> None:
+    await harness.client.close()  # the agent serves one host at a time: the proxied client is the host now
+    async with Proxy(harness.socket, harness.run_dir / "proxy.sock") as proxy:
+        harness.client, events = await harness.connect(proxy.path)
+        cid = await harness.run(LINES)
+        await events.wait_for(lambda: len(lines(events.output(cid))) >= 5)
+        proxy.refuse = True
+        proxy.cut()
+        await asyncio.sleep(0.6)  # output keeps coming while no host listens
+        proxy.refuse = False
+        exited = await events.exit(cid)
+        assert lines(events.output(cid)) == [f"line {i}" for i in range(1, 41)]  # all of it, once, in order
+        assert exited.exit_code == 0 and events.items[-1].HasField("process_exited")
+        (first_acks, first_seqs), *later = proxy.connections
+        resent = [seq for _, seqs in later for seq in seqs]
+        assert first_acks and min(resent) > max(first_acks)  # acked events are not resent
+        assert max(resent) > max(first_seqs)  # what happened while away came after reconnecting
+
+
+async def test_new_client_gets_what_the_old_one_did_not_ack(harness: Harness) -> None:
+    cid = await harness.run(LINES)
+    await harness.events.wait_for(lambda: len(lines(harness.events.output(cid))) >= 5)
+    await harness.client.close()  # acks what it handled, as a daemon shutting down would
+    seen = len(lines(harness.events.output(cid)))
+    await asyncio.sleep(0.5)
+    _, events = await harness.connect()
+    await events.exit(cid)
+    assert lines(harness.events.output(cid)) + lines(events.output(cid)) == [f"line {i}" for i in range(1, 41)]
+    assert len(lines(events.output(cid))) == 40 - seen
+
+
+# ---------------------------------------------------------------- pod setup
+
+
+async def test_setup_pod_writes_pod_files(harness: Harness) -> None:
+    hostname = socket.gethostname()
+    await harness.client.setup_pod(
+        pb.SetupPod(
+            hostname="pod-a",
+            resolv_conf=b"nameserver 10.96.0.10\n",
+            hosts=b"127.0.0.1 localhost\n",
+            sysctls={"net.ipv4.ping_group_range": "0 0"},
+            host_time_unix_ns=1,
+        )
+    )
+    pod_dir = harness.run_dir / "pod"
+    assert (pod_dir / "hostname").read_text() == "pod-a\n"
+    assert (pod_dir / "resolv.conf").read_bytes() == b"nameserver 10.96.0.10\n"
+    assert (pod_dir / "hosts").read_bytes() == b"127.0.0.1 localhost\n"
+    assert (pod_dir / "shm").is_dir()
+    assert socket.gethostname() == hostname  # dry: the host was not touched
+    with pytest.raises(errors.InvalidArgument):
+        await harness.client.setup_pod(pb.SetupPod(sysctls={"../x": "1"}))

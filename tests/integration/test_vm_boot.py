@@ -1,0 +1,128 @@
+"""Real TCG boots of the guest assets: what the guest sees of the host, and that stopping leaves nothing behind.
+
+Each boot costs ~2-3 s of TCG on two shared cores, so there are only three (one is a relaunch).
+"""
+
+import asyncio
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from core import proc
+from core.errors import DeadlineExceeded
+from cri.config import Config
+from vm_backend.assets import GuestAssets, ensure_assets
+from vm_backend.qemu import QemuVm, VmSpec, console_marker
+from vm_backend.virtiofs import Virtiofsd
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def guest_assets() -> GuestAssets:
+    """The default state dir's assets (`make setup` built them; rebuilt here only if an input changed)."""
+    return asyncio.run(ensure_assets(Config().state_dir))
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    """A short path: unix socket paths must fit in 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="tvm-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def vm_spec(assets: GuestAssets, run_dir: Path, debug: str) -> VmSpec:
+    return VmSpec(
+        name=f"test-{debug}",
+        run_dir=run_dir,
+        kernel=assets.kernel,
+        initramfs=assets.initramfs,
+        accel="tcg",
+        kernel_args=(f"tandem.debug={debug}",),
+    )
+
+
+def leftovers(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.iterdir() if p.name.endswith((".sock", ".pid")))
+
+
+async def test_the_guest_sees_its_share_and_nothing_else(guest_assets, run_dir):
+    vfs = Virtiofsd(run_dir)
+    await vfs.prepare_share()
+    propagation = await proc.run(["findmnt", "-n", "-o", "PROPAGATION", vfs.share])
+    assert propagation.stdout.decode().strip() == "private"  # binds inside the share stay out of other namespaces
+    secret = run_dir / "secret.txt"  # beside the share, on the host
+    secret.write_text("host secret\n")
+    (vfs.share / "hello.txt").write_text("hello from the host\n")
+    (vfs.share / "escape.txt").symlink_to("../secret.txt")
+    (vfs.share / "absolute.txt").symlink_to(secret)
+    rootfs = run_dir / "prepared-rootfs"
+    rootfs.mkdir()
+    (rootfs / "marker.txt").write_text("container rootfs\n")
+    assert await vfs.bind_rootfs("c1", rootfs) == "c1/rootfs"
+
+    vm = QemuVm(vm_spec(guest_assets, run_dir, "share"), vfs)
+    try:
+        await vm.start(ready=console_marker("tandem-init: share end"), boot_timeout=60)
+        await asyncio.wait_for(vm.wait(), 30)  # /init powers off after listing
+        console = vm.console_since_launch()
+    finally:
+        await vm.stop(timeout=5)
+        await vfs.unbind_rootfs("c1")
+        await vfs.remove_share()
+
+    assert "hello from the host" in console
+    assert "/run/tandem/share/c1/rootfs/marker.txt" in console and "container rootfs" in console
+    assert "host secret" not in console  # symlinks resolve in the guest, never on the host
+    assert "tandem-init: root is tmpfs" in console  # not the initramfs rootfs: runc can pivot_root
+    assert not vm.alive() and not vfs.alive()
+    assert leftovers(run_dir) == [] and not vfs.share.exists()
+
+
+def boot_idle_and_exit(run_dir: str, kernel: str, initramfs: str) -> None:
+    """Run as a separate "daemon" process: start an idle VM (its first boot made to look hung), then exit."""
+    spec = VmSpec(name="test-idle", run_dir=Path(run_dir), kernel=Path(kernel), initramfs=Path(initramfs),
+                  accel="tcg", kernel_args=("tandem.debug=idle",))  # fmt: skip
+    vm = QemuVm(spec, Virtiofsd(Path(run_dir)))
+    attempts = 0
+
+    async def hangs_once(booting: QemuVm) -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise DeadlineExceeded("simulated hung boot")
+        await console_marker("tandem-init: idle")(booting)
+
+    asyncio.run(vm.start(ready=hangs_once, boot_timeout=60))
+    print(f"attempts={attempts} pid={vm.pid()}")
+
+
+async def test_a_vm_outlives_its_daemon_and_stops_cleanly(guest_assets, run_dir):
+    code = "import sys; from tests.integration.test_vm_boot import boot_idle_and_exit as b; b(*sys.argv[1:])"
+    daemon = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, str(run_dir), str(guest_assets.kernel), str(guest_assets.initramfs),
+        cwd=Path(__file__).parents[2], stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await daemon.communicate()
+    assert daemon.returncode == 0
+    assert out.decode().startswith("attempts=2 ")  # the "hung" boot was killed and relaunched
+
+    restarted = QemuVm(vm_spec(guest_assets, run_dir, "idle"), Virtiofsd(run_dir))  # rebuilt from records
+    try:
+        assert f"pid={restarted.pid()}" in out.decode()
+        assert restarted.virtiofsd is not None and restarted.virtiofsd.alive()
+        assert await restarted.status() == "running"
+        began = time.monotonic()
+        await restarted.stop(timeout=20)
+        assert time.monotonic() - began < 15  # the guest powered off on the ACPI button; no SIGKILL needed
+    finally:
+        await restarted.kill()
+        await Virtiofsd(run_dir).remove_share()
+    assert not restarted.alive() and not Virtiofsd(run_dir).alive()
+    assert leftovers(run_dir) == []

@@ -1,0 +1,386 @@
+"""SPDY/3.1: the frame codec, header compression across frames, flow control, and malformed input."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import zlib
+
+import pytest
+
+from cri.streaming.spdy import (
+    DICTIONARY,
+    FLAG_FIN,
+    SETTINGS_INITIAL_WINDOW_SIZE,
+    Data,
+    FrameDecoder,
+    FrameEncoder,
+    GoAway,
+    GoAwayStatus,
+    HeadersFrame,
+    Ping,
+    ProtocolError,
+    RstStatus,
+    RstStream,
+    Settings,
+    SpdySession,
+    StreamClosed,
+    StreamError,
+    SynReply,
+    SynStream,
+    WindowUpdate,
+)
+
+
+def test_the_dictionary_is_spdy3s():
+    assert zlib.adler32(DICTIONARY) == 0xE3C6A7C2
+    assert len(DICTIONARY) == 1423
+
+
+ALL_FRAMES = [
+    SynStream(1, {"streamtype": ["stdout"], "port": ["80"]}, flags=FLAG_FIN, associated_id=0, priority=3),
+    SynReply(1, {}),
+    SynReply(3, {"a": ["1", "2"]}, flags=FLAG_FIN),
+    HeadersFrame(5, {"x-more": ["yes"]}),
+    RstStream(7, RstStatus.CANCEL),
+    Settings(((0, SETTINGS_INITIAL_WINDOW_SIZE, 1000), (1, 4, 100))),
+    Ping(9),
+    GoAway(11, GoAwayStatus.PROTOCOL_ERROR),
+    WindowUpdate(0, 65536),
+    WindowUpdate(13, 1),
+    Data(15, b"hello", flags=FLAG_FIN),
+    Data(17, b""),
+    Data(19, bytes(range(256)) * 100),
+]
+
+
+def test_every_frame_round_trips_through_one_encoder_and_decoder():
+    encoder, decoder = FrameEncoder(), FrameDecoder()
+    decoder.feed(b"".join(encoder.encode(frame) for frame in ALL_FRAMES))
+    assert [decoder.next_frame() for _ in ALL_FRAMES] == ALL_FRAMES
+    assert decoder.next_frame() is None
+
+
+def test_frames_decode_from_any_split():
+    encoder = FrameEncoder()
+    wire = b"".join(encoder.encode(frame) for frame in ALL_FRAMES)
+    decoder, decoded = FrameDecoder(), []
+    for byte in wire:
+        decoder.feed(bytes([byte]))
+        while (frame := decoder.next_frame()) is not None:
+            decoded.append(frame)
+    assert decoded == ALL_FRAMES
+
+
+def test_header_blocks_share_one_compression_context_per_direction():
+    headers = {"streamtype": ["error"], "port": ["8080"], "requestid": ["0"]}
+    encoder = FrameEncoder()
+    first, second = encoder.encode(SynStream(1, headers)), encoder.encode(SynStream(3, headers))
+    assert len(second) < len(first)  # the second block refers back to the first
+    decoder = FrameDecoder()
+    decoder.feed(first + second)
+    assert [decoder.next_frame(), decoder.next_frame()] == [SynStream(1, headers), SynStream(3, headers)]
+    alone = FrameDecoder()
+    alone.feed(second)
+    with pytest.raises(ProtocolError):  # without the first block's state the second cannot be read
+        alone.next_frame()
+
+
+def test_header_blocks_are_zlib_with_the_spdy_dictionary():
+    """What a Go peer (compress/zlib with the dictionary) reads: a zlib stream flushed at every block."""
+    frame = FrameEncoder().encode(SynReply(1, {"status": ["200"]}))
+    block = frame[12:]
+    inflate = zlib.decompressobj(zdict=DICTIONARY)
+    raw = inflate.decompress(block)
+    assert raw == struct.pack(">II", 1, 6) + b"status" + struct.pack(">I", 3) + b"200"
+    assert block.endswith(b"\x00\x00\xff\xff")  # sync flush: the peer can decode the block at once
+
+
+def control(kind: int, payload: bytes, version: int = 3, flags: int = 0) -> bytes:
+    return struct.pack(">HHI", 0x8000 | version, kind, flags << 24 | len(payload)) + payload
+
+
+def raw_header_block(encoder_state: zlib._Compress, pairs: list[tuple[bytes, bytes]]) -> bytes:
+    raw = struct.pack(">I", len(pairs)) + b"".join(
+        struct.pack(">I", len(n)) + n + struct.pack(">I", len(v)) + v for n, v in pairs
+    )
+    return encoder_state.compress(raw) + encoder_state.flush(zlib.Z_SYNC_FLUSH)
+
+
+@pytest.mark.parametrize(
+    ("pairs", "reason"),
+    [
+        ([(b"StreamType", b"stdout")], "lower case"),
+        ([(b"a", b"1"), (b"a", b"2")], "twice"),
+        ([(b"", b"x")], "empty"),
+    ],
+)
+def test_a_malformed_header_block_fails_its_stream_only(pairs, reason):
+    deflate = zlib.compressobj(zdict=DICTIONARY)
+    bad = control(1, struct.pack(">IIBB", 1, 0, 0, 0) + raw_header_block(deflate, pairs))
+    good = control(1, struct.pack(">IIBB", 3, 0, 0, 0) + raw_header_block(deflate, [(b"streamtype", b"error")]))
+    decoder = FrameDecoder()
+    decoder.feed(bad + good)
+    with pytest.raises(StreamError, match=reason) as err:
+        decoder.next_frame()
+    assert (err.value.stream_id, err.value.status) == (1, RstStatus.PROTOCOL_ERROR)
+    assert decoder.next_frame() == SynStream(3, {"streamtype": ["error"]})  # compression state stayed in step
+
+
+def test_a_truncated_header_block_fails_its_stream():
+    deflate = zlib.compressobj(zdict=DICTIONARY)
+    block = deflate.compress(struct.pack(">II", 1, 10) + b"abc") + deflate.flush(zlib.Z_SYNC_FLUSH)
+    decoder = FrameDecoder()
+    decoder.feed(control(2, struct.pack(">I", 5) + block))
+    with pytest.raises(StreamError, match="truncated"):
+        decoder.next_frame()
+
+
+@pytest.mark.parametrize(
+    ("wire", "reason"),
+    [
+        (control(6, struct.pack(">I", 1), version=2), "version 2"),
+        (control(3, struct.pack(">I", 1)), "RST_STREAM must be 8 bytes"),
+        (control(3, struct.pack(">II", 1, 0)), "status 0"),
+        (control(6, b"\x00\x00"), "PING must be 4 bytes"),
+        (control(7, struct.pack(">I", 1)), "GOAWAY must be 8 bytes"),
+        (control(9, struct.pack(">III", 1, 1, 1)), "WINDOW_UPDATE must be 8 bytes"),
+        (control(4, struct.pack(">III", 2, 7, 1)), "entry count"),
+        (control(1, struct.pack(">IIBB", 1, 0, 0, 0) + b"not zlib at all"), "does not decompress"),
+        (control(1, struct.pack(">IIBB", 0, 0, 0, 0) + b"x"), "stream ID 0"),
+        (struct.pack(">II", 0, 3) + b"abc", "stream 0"),
+        (struct.pack(">HHI", 0x8003, 1, 2**20), "too large"),
+    ],
+)
+def test_broken_frames_are_protocol_errors(wire, reason):
+    decoder = FrameDecoder()
+    decoder.feed(wire)
+    with pytest.raises(ProtocolError, match=reason):
+        decoder.next_frame()
+
+
+def test_a_header_block_that_inflates_too_far_is_refused():
+    deflate = zlib.compressobj(zdict=DICTIONARY)
+    pairs = [(b"big", b"a" * 300_000)]
+    decoder = FrameDecoder()
+    decoder.feed(control(2, struct.pack(">I", 1) + raw_header_block(deflate, pairs)))
+    with pytest.raises(ProtocolError, match="too large"):
+        decoder.next_frame()
+
+
+def test_unknown_control_frames_are_skipped():
+    decoder = FrameDecoder()
+    decoder.feed(control(0x55, b"whatever") + FrameEncoder().encode(Ping(1)))
+    assert decoder.next_frame() == Ping(1)
+
+
+# ---- the session, against a scripted peer --------------------------------------------------
+
+
+class Wire:
+    """An in-memory connection: the test plays the client through `send` and `frames`."""
+
+    def __init__(self) -> None:
+        self.inbound: asyncio.Queue[bytes] = asyncio.Queue()
+        self.encoder, self.decoder = FrameEncoder(), FrameDecoder()
+        self.received: list = []
+        self.arrived = asyncio.Event()
+        self.closed = False
+
+    # the session's side
+    async def read(self) -> bytes:
+        return await self.inbound.get()
+
+    async def write(self, data: bytes) -> None:
+        if self.closed:
+            raise ConnectionResetError("closed")
+        self.decoder.feed(data)
+        while (frame := self.decoder.next_frame()) is not None:
+            self.received.append(frame)
+        self.arrived.set()
+
+    async def close(self) -> None:
+        self.closed = True
+        self.inbound.put_nowait(b"")
+
+    # the peer's side
+    def send(self, *frames) -> None:
+        for frame in frames:
+            self.inbound.put_nowait(frame if isinstance(frame, bytes) else self.encoder.encode(frame))
+
+    async def wait_for(self, predicate, timeout: float = 2.0):
+        async with asyncio.timeout(timeout):
+            while not (found := [f for f in self.received if predicate(f)]):
+                self.arrived.clear()
+                await self.arrived.wait()
+        return found
+
+    def data_for(self, stream_id: int) -> bytes:
+        return b"".join(f.data for f in self.received if isinstance(f, Data) and f.stream_id == stream_id)
+
+
+@pytest.fixture
+async def wire():
+    wire = Wire()
+    session = SpdySession(wire)
+    session.start()
+    wire.session = session
+    yield wire
+    await session.close()
+
+
+async def open_stream(wire: Wire, stream_id: int = 1, **headers: str):
+    wire.send(SynStream(stream_id, {k: [v] for k, v in (headers or {"streamtype": "stdout"}).items()}))
+    stream = await wire.session.accept()
+    await stream.reply()
+    return stream
+
+
+async def test_a_stream_carries_data_both_ways_with_half_close(wire):
+    stream = await open_stream(wire, 1, streamtype="stdin")
+    assert stream.header("streamtype") == "stdin"
+    assert await wire.wait_for(lambda f: f == SynReply(1, {}))
+    wire.send(Data(1, b"in"), Data(1, b"put", flags=FLAG_FIN))
+    assert [await stream.read(), await stream.read(), await stream.read()] == [b"in", b"put", b""]
+    await stream.write(b"out")
+    await stream.close()
+    await wire.wait_for(lambda f: isinstance(f, Data) and f.flags & FLAG_FIN)
+    assert wire.data_for(1) == b"out"
+    with pytest.raises(StreamClosed):
+        await stream.write(b"late")
+
+
+async def test_the_sender_blocks_at_the_peers_window_and_resumes_on_window_update(wire):
+    wire.send(Settings(((0, SETTINGS_INITIAL_WINDOW_SIZE, 10),)))
+    stream = await open_stream(wire)
+    writer = asyncio.create_task(stream.write(b"x" * 25))
+    await wire.wait_for(lambda f: isinstance(f, Data))
+    await asyncio.sleep(0.05)
+    assert len(wire.data_for(1)) == 10 and not writer.done()
+    wire.send(WindowUpdate(1, 10))
+    await asyncio.sleep(0.05)
+    assert len(wire.data_for(1)) == 20 and not writer.done()
+    wire.send(WindowUpdate(1, 100))
+    await asyncio.wait_for(writer, 1)
+    assert wire.data_for(1) == b"x" * 25
+
+
+async def test_the_connection_window_bounds_all_streams(wire):
+    wire.send(WindowUpdate(1, 10**6))  # the peer does flow control; stream 1 may take a lot, the connection 64 KiB
+    stream = await open_stream(wire)
+    wire.send(WindowUpdate(1, 10**6))
+    writer = asyncio.create_task(stream.write(b"y" * 100_000))
+    await asyncio.sleep(0.1)
+    assert len(wire.data_for(1)) == 65536 and not writer.done()
+    wire.send(WindowUpdate(0, 50_000))
+    await asyncio.wait_for(writer, 1)
+    assert len(wire.data_for(1)) == 100_000
+
+
+async def test_a_window_shrunk_by_settings_goes_negative_and_must_be_refilled(wire):
+    stream = await open_stream(wire)
+    await stream.write(b"z" * 100)  # the peer has shown no flow control yet: nothing blocks
+    wire.send(Settings(((0, SETTINGS_INITIAL_WINDOW_SIZE, 50),)))  # window now 50 - 100 = -50
+    await asyncio.sleep(0.05)
+    writer = asyncio.create_task(stream.write(b"z"))
+    await asyncio.sleep(0.05)
+    assert not writer.done()
+    wire.send(WindowUpdate(1, 50))
+    await asyncio.sleep(0.05)
+    assert not writer.done()  # back to 0: still nothing may be sent
+    wire.send(WindowUpdate(1, 1))
+    await asyncio.wait_for(writer, 1)
+
+
+async def test_a_peer_without_flow_control_is_never_stalled(wire):
+    """moby/spdystream sends no WINDOW_UPDATE: writes go through past the default 64 KiB window."""
+    stream = await open_stream(wire)
+    await asyncio.wait_for(stream.write(b"w" * 300_000), 2)
+    assert len(wire.data_for(1)) == 300_000
+    assert max(len(f.data) for f in wire.received if isinstance(f, Data)) <= 32 * 1024
+
+
+async def test_reading_gives_window_back(wire):
+    stream = await open_stream(wire)
+    for _ in range(5):
+        wire.send(Data(1, b"r" * 16 * 1024))
+    for _ in range(5):
+        await stream.read()
+    updates = await wire.wait_for(lambda f: isinstance(f, WindowUpdate))
+    assert sum(u.delta for u in updates if u.stream_id == 1) == 64 * 1024
+    assert sum(u.delta for u in updates if u.stream_id == 0) == 64 * 1024
+
+
+async def test_a_peer_overrunning_our_window_is_held_back_not_reset(wire):
+    stream = await open_stream(wire, 1)
+    wire.send(*[Data(1, b"o" * 32 * 1024) for _ in range(4)])  # 128 KiB into a 64 KiB window
+    await asyncio.sleep(0.05)
+    wire.send(Ping(1))
+    await asyncio.sleep(0.05)
+    assert Ping(1) not in wire.received  # the read loop waits for the application
+    received = b""
+    while len(received) < 128 * 1024:
+        received += await stream.read()
+    assert await wire.wait_for(lambda f: f == Ping(1))
+    assert not [f for f in wire.received if isinstance(f, RstStream)]
+
+
+async def test_bad_stream_ids_are_reset_and_the_session_goes_on(wire):
+    await open_stream(wire, 5)
+    wire.send(SynStream(4, {}), SynStream(3, {}), Data(99, b"x"))
+    await wire.wait_for(lambda f: f == RstStream(99, RstStatus.INVALID_STREAM))
+    assert [f for f in wire.received if isinstance(f, RstStream)] == [
+        RstStream(4, RstStatus.PROTOCOL_ERROR),
+        RstStream(3, RstStatus.PROTOCOL_ERROR),
+        RstStream(99, RstStatus.INVALID_STREAM),
+    ]
+    assert (await open_stream(wire, 7)).id == 7
+
+
+async def test_a_malformed_header_block_resets_one_stream(wire):
+    deflate = wire.encoder._deflate  # the peer's own compression context, kept in step
+    wire.send(control(1, struct.pack(">IIBB", 1, 0, 0, 0) + raw_header_block(deflate, [(b"Upper", b"x")])))
+    await wire.wait_for(lambda f: f == RstStream(1, RstStatus.PROTOCOL_ERROR))
+    assert (await open_stream(wire, 3, streamtype="error")).header("streamtype") == "error"
+
+
+async def test_a_broken_frame_ends_the_session_with_goaway(wire):
+    wire.send(control(6, struct.pack(">I", 1), version=2))
+    await wire.wait_for(lambda f: isinstance(f, GoAway))
+    assert [f for f in wire.received if isinstance(f, GoAway)] == [GoAway(0, GoAwayStatus.PROTOCOL_ERROR)]
+    await asyncio.wait_for(wire.session.closed.wait(), 1)
+    assert await wire.session.accept() is None
+
+
+async def test_pings_from_the_client_are_answered(wire):
+    wire.send(Ping(7), Ping(8))
+    await wire.wait_for(lambda f: f == Ping(7))
+    await asyncio.sleep(0.05)
+    assert Ping(8) not in wire.received  # an even ID would be an answer to a ping of ours
+
+
+async def test_a_reset_from_the_peer_ends_the_stream(wire):
+    stream = await open_stream(wire)
+    wire.send(RstStream(1, RstStatus.CANCEL))
+    assert await stream.read() == b""
+    assert stream.reset_by_peer
+    with pytest.raises(StreamClosed):
+        await stream.write(b"x")
+
+
+async def test_data_after_fin_is_a_stream_error(wire):
+    await open_stream(wire)
+    wire.send(Data(1, b"a", flags=FLAG_FIN), Data(1, b"b"))
+    assert await wire.wait_for(lambda f: f == RstStream(1, RstStatus.STREAM_ALREADY_CLOSED))
+
+
+async def test_goaway_from_the_peer_stops_new_streams(wire):
+    wire.send(GoAway(0))
+    assert await wire.session.accept() is None
+
+
+async def test_closing_says_goaway_with_the_last_stream(wire):
+    await open_stream(wire, 9)
+    await wire.session.close()
+    assert wire.received[-1] == GoAway(9, GoAwayStatus.OK)
+    assert wire.closed

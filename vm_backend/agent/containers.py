@@ -1,0 +1,605 @@
+"""Containers inside the guest, run by the guest's own runc the way the host runs its own.
+
+Files under the run dir (default /run/tandem):
+  share/                     the pod's shared directory (virtio-fs); container rootfs paths are relative to it
+  bundles/<id>/config.json   the host's spec with root.path rewritten to share/<rootfs>
+  bundles/<id>/runc.log      runc's own log, kept out of the container's stdio
+  runc/                      runc's state root (`runc --root`)
+  sock/                      console sockets for terminal processes (short paths)
+
+Every process (a container's init, an exec) is started detached, with its stdio
+wired straight to the agent: pipes, or a pty whose master runc hands over on a
+console socket. Being a subreaper, the agent reaps the process itself; its exit
+becomes a ProcessExited event once its output has reached EOF, so output always
+precedes the exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import functools
+import itertools
+import json
+import logging
+import os
+import posixpath
+import re
+import shutil
+import socket
+import struct
+import termios
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protos import agent_pb2
+
+from .errors import Fail
+from .events import EventLog
+from .framing import MAX_FRAME
+from .procs import Reaper, kill_tree, pipe, pipe_names, read_fd, run, spawn, wait_fd, write_all
+
+log = logging.getLogger("tandem.agent.containers")
+
+CREATE_TIMEOUT = 240.0  # seconds for `runc create` (CRI-O's ContainerCreateTimeout; TCG is slow)
+RUNC_TIMEOUT = 60.0
+EXIT_DRAIN_GRACE = 2.0
+"""Seconds output may still arrive after a process exited; then whoever still holds its stdout loses it."""
+EXEC_OUTPUT_LIMIT = (MAX_FRAME - 64 * 1024) // 2
+"""Bytes of each of stdout and stderr an ExecSync returns: both must fit one response frame."""
+REMOVE_WAIT = 10.0
+
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+_NOT_FOUND = "does not exist"
+_NOT_RUNNING = ("not running", "stopped container", "process already finished", "no such process")
+_MSG = re.compile(r'msg="((?:[^"\\]|\\.)*)"')
+
+OutputSink = Callable[["agent_pb2.OutputStream", bytes], None]  # (stream, data)
+
+
+def _check_id(value: str, what: str) -> None:
+    if not _ID.fullmatch(value):
+        raise Fail(agent_pb2.INVALID_ARGUMENT, f"invalid {what} {value!r}")
+
+
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except ValueError as e:
+        raise Fail(agent_pb2.INVALID_ARGUMENT, f"{what} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise Fail(agent_pb2.INVALID_ARGUMENT, f"{what} is not a JSON object")
+    return value
+
+
+def _runc_message(stderr: bytes) -> str:
+    """runc's error out of its stderr: the logrus `msg="..."` if it used that format, else the last line."""
+    lines = stderr.decode(errors="replace").strip().splitlines()
+    for line in reversed(lines):
+        if m := _MSG.search(line):
+            return m[1].replace('\\"', '"')
+    return lines[-1] if lines else ""
+
+
+def _code_for(message: str) -> agent_pb2.ErrorCode:
+    if _NOT_FOUND in message:
+        return agent_pb2.NOT_FOUND
+    if any(s in message for s in _NOT_RUNNING):
+        return agent_pb2.FAILED_PRECONDITION
+    return agent_pb2.INTERNAL
+
+
+def _keyed(path: Path) -> dict[str, int]:
+    """A cgroup `key value` file (cpu.stat, memory.stat, memory.events); empty when absent."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    values = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            values[key] = int(value)
+    return values
+
+
+def _single(path: Path) -> int:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> Path | None:
+    """Where the cgroup v2 hierarchy is mounted: /sys/fs/cgroup in the guest, /sys/fs/cgroup/unified on hybrid hosts."""
+    with open(mountinfo) as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[sep + 1] == "cgroup2":
+                return Path(fields[4].replace("\\040", " "))
+    return None
+
+
+@dataclass(eq=False)
+class Process:
+    """A container's init or an exec, from the moment runc reported it started."""
+
+    container_id: str
+    process_id: str
+    pid: int
+    exited: asyncio.Future[int]
+    pipes: frozenset[str]  # its output pipes as /proc names, to find who holds them
+    readers: list[tuple[asyncio.ReadTransport, asyncio.Future[None]]] = field(default_factory=list)
+    stdin_fd: int | None = None  # our end of its stdin (a pipe, or a dup of the pty master)
+    console_fd: int | None = None  # a dup of the pty master, for resizing
+    stdin_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    monitor: asyncio.Task[None] | None = None
+
+    async def drain(self) -> None:
+        """Wait for EOF on its output, at most EXIT_DRAIN_GRACE, then stop reading."""
+        eofs = [eof for _, eof in self.readers]
+        if eofs:
+            await asyncio.wait(eofs, timeout=EXIT_DRAIN_GRACE)
+        for transport, _ in self.readers:
+            transport.close()
+
+    def close(self) -> None:
+        for transport, _ in self.readers:
+            transport.close()
+        for fd in {self.stdin_fd, self.console_fd}:
+            if fd is not None:
+                os.close(fd)
+        self.stdin_fd = self.console_fd = None
+
+
+@dataclass(eq=False)
+class Container:
+    id: str
+    bundle: Path
+    init: Process | None = None
+    cgroup: Path | None = None
+    execs: dict[str, Process] = field(default_factory=dict)
+    starting: set[str] = field(default_factory=set)  # exec ids being started
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class Containers:
+    """Every container in the guest, by id."""
+
+    def __init__(self, *, run_dir: Path, runc: str, reaper: Reaper, events: EventLog) -> None:
+        self.share_dir = run_dir / "share"
+        self.bundles = run_dir / "bundles"
+        self.runc_root = run_dir / "runc"
+        self.sock_dir = run_dir / "sock"
+        self.runc = runc
+        self.reaper = reaper
+        self.events = events
+        self.cgroup_root = cgroup2_root()
+        self._containers: dict[str, Container] = {}
+        self._counter = itertools.count(1)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def create(self, request: agent_pb2.CreateContainer) -> None:
+        cid = request.container_id
+        _check_id(cid, "container id")
+        spec = _json_object(request.oci_spec_json, "the OCI spec")
+        if not isinstance(spec.get("root"), dict) or not isinstance(spec.get("process"), dict):
+            raise Fail(agent_pb2.INVALID_ARGUMENT, "the OCI spec has no root or process object")
+        spec["root"]["path"] = str(self._rootfs(request.rootfs))
+        spec["process"]["terminal"] = request.terminal
+        bundle = self.bundles / cid
+        if cid in self._containers or bundle.exists():
+            raise Fail(agent_pb2.ALREADY_EXISTS, f"container {cid} already exists")
+        container = self._containers[cid] = Container(cid, bundle)
+        async with container.lock:
+            try:
+                bundle.mkdir(parents=True)
+                (bundle / "config.json").write_text(json.dumps(spec))
+                process = await self._launch(
+                    container,
+                    "",
+                    ["create", "--bundle", str(bundle)],
+                    bundle / "init.pid",
+                    terminal=request.terminal,
+                    stdin=request.stdin,
+                    sink=self._emitter(cid, ""),
+                    timeout=CREATE_TIMEOUT,
+                )
+            except BaseException:
+                del self._containers[cid]
+                with contextlib.suppress(Exception):
+                    await self._runc("delete", "--force", cid)
+                shutil.rmtree(bundle, ignore_errors=True)
+                raise
+            container.init = process
+            container.cgroup = self._cgroup_of(process.pid)
+            process.monitor = asyncio.create_task(self._monitor(container, process))
+
+    async def start(self, cid: str) -> None:
+        container = self._get(cid)
+        async with container.lock:
+            await self._runc("start", cid)
+
+    async def signal(self, request: agent_pb2.SignalProcess) -> None:
+        if not 0 < request.signal < 65:
+            raise Fail(agent_pb2.INVALID_ARGUMENT, f"invalid signal {request.signal}")
+        container = self._get(request.container_id)
+        if request.process_id:
+            process = self._process(container, request.process_id)
+            if not process.exited.done():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, request.signal)
+            return
+        args = ["kill", "--all"] if request.all_processes else ["kill"]
+        try:
+            await self._runc(*args, container.id, str(request.signal))
+        except Fail as e:
+            if e.code != agent_pb2.FAILED_PRECONDITION:  # already stopped: stopping races with exiting
+                raise
+
+    async def remove(self, cid: str) -> None:
+        """Kill the container if it runs, forget it, remove its bundle; an unknown id is success (idempotent)."""
+        _check_id(cid, "container id")
+        container = self._containers.get(cid)
+        if container is None:
+            await self._delete(cid)
+            shutil.rmtree(self.bundles / cid, ignore_errors=True)
+            return
+        async with container.lock:
+            await self._delete(cid)
+            processes = [p for p in (container.init, *container.execs.values()) if p is not None]
+            monitors = [p.monitor for p in processes if p.monitor is not None]
+            if monitors:
+                _, late = await asyncio.wait(monitors, timeout=REMOVE_WAIT)
+                for task in late:
+                    task.cancel()
+            for process in processes:
+                process.close()
+            shutil.rmtree(container.bundle, ignore_errors=True)
+            if self._containers.get(cid) is container:
+                del self._containers[cid]
+
+    async def remove_all(self) -> None:
+        for cid in list(self._containers):
+            try:
+                await self.remove(cid)
+            except Exception:
+                log.exception("could not remove container %s", cid)
+
+    async def update(self, request: agent_pb2.UpdateResources) -> None:
+        container = self._get(request.container_id)
+        resources = _json_object(request.resources_json, "resources")
+        async with container.lock:
+            await self._runc("update", "--resources", "-", container.id, input=json.dumps(resources).encode())
+
+    # ------------------------------------------------------------------ exec
+
+    async def exec_sync(self, request: agent_pb2.ExecSync) -> agent_pb2.ExecSyncResult:
+        """Run a process to completion and return its output; past the timeout its whole tree is killed."""
+        container = self._get(request.container_id)
+        spec = _json_object(request.process_json, "the process")
+        spec["terminal"] = False
+        output = {agent_pb2.STDOUT: bytearray(), agent_pb2.STDERR: bytearray()}
+
+        def collect(stream: agent_pb2.OutputStream, data: bytes) -> None:
+            buffer = output[stream]
+            buffer += data[: EXEC_OUTPUT_LIMIT - len(buffer)]
+
+        timeout = request.timeout_ms / 1000 if request.timeout_ms else None
+        process: Process | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                # "_" cannot start a host-chosen exec id, so its files cannot clash with a StartExec's
+                name = f"_sync{next(self._counter)}"
+                process = await self._exec(container, name, spec, False, False, collect)
+                code = await asyncio.shield(process.exited)  # a timeout must not cancel the reaper's future
+                await process.drain()
+        except TimeoutError:
+            if process is not None:
+                kill_tree(process.pid, process.pipes)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(process.exited), 5.0)
+            raise Fail(agent_pb2.DEADLINE_EXCEEDED, f"command timed out after {timeout:g}s") from None
+        finally:
+            if process is not None:
+                process.close()
+        return agent_pb2.ExecSyncResult(
+            exit_code=code, stdout=bytes(output[agent_pb2.STDOUT]), stderr=bytes(output[agent_pb2.STDERR])
+        )
+
+    async def start_exec(self, request: agent_pb2.StartExec) -> None:
+        container = self._get(request.container_id)
+        _check_id(request.exec_id, "exec id")
+        spec = _json_object(request.process_json, "the process")
+        spec["terminal"] = request.terminal
+        if request.exec_id in container.execs or request.exec_id in container.starting:
+            raise Fail(agent_pb2.ALREADY_EXISTS, f"exec {request.exec_id} already exists in {container.id}")
+        sink = self._emitter(container.id, request.exec_id)
+        container.starting.add(request.exec_id)
+        try:
+            process = await self._exec(container, request.exec_id, spec, request.terminal, request.stdin, sink)
+        finally:
+            container.starting.discard(request.exec_id)
+        container.execs[request.exec_id] = process
+        process.monitor = asyncio.create_task(self._monitor(container, process))
+
+    async def _exec(
+        self, container: Container, name: str, spec: dict[str, Any], terminal: bool, stdin: bool, sink: OutputSink
+    ) -> Process:
+        process_file = container.bundle / f"exec-{name}.json"
+        pid_file = container.bundle / f"exec-{name}.pid"
+        process_file.write_text(json.dumps(spec))
+        try:
+            return await self._launch(
+                container,
+                name,
+                ["exec", "--detach", "--process", str(process_file)],  # the file's `terminal` decides
+                pid_file,
+                terminal=terminal,
+                stdin=stdin,
+                sink=sink,
+                timeout=RUNC_TIMEOUT,
+            )
+        finally:
+            process_file.unlink(missing_ok=True)
+            pid_file.unlink(missing_ok=True)
+
+    async def write_stdin(self, request: agent_pb2.WriteStdin) -> None:
+        process = self._process(self._get(request.container_id), request.process_id)
+        async with process.stdin_lock:
+            fd = process.stdin_fd
+            if fd is None:
+                raise Fail(agent_pb2.FAILED_PRECONDITION, "the process has no open stdin")
+            if request.data:
+                try:
+                    await write_all(fd, request.data)
+                except OSError as e:  # EPIPE, or EIO on a pty: the process is gone
+                    raise Fail(agent_pb2.FAILED_PRECONDITION, f"cannot write to the process's stdin: {e}") from None
+            if request.close:
+                process.stdin_fd = None
+                if fd != process.console_fd:
+                    os.close(fd)  # a pty stays open for output; only the pipe is closed
+
+    def resize(self, request: agent_pb2.ResizeTerminal) -> None:
+        process = self._process(self._get(request.container_id), request.process_id)
+        if process.console_fd is None:
+            raise Fail(agent_pb2.FAILED_PRECONDITION, "the process has no terminal")
+        fcntl.ioctl(process.console_fd, termios.TIOCSWINSZ, struct.pack("HHHH", request.height, request.width, 0, 0))
+
+    # ------------------------------------------------------------------ stats
+
+    def stats(self, cid: str) -> agent_pb2.Stats:
+        """From the container's cgroup v2 files; figures its cgroup lacks stay 0.
+
+        The writable layer is the host's (the rootfs comes over virtio-fs), so
+        the host measures it.
+        """
+        directory = self._get(cid).cgroup
+        if directory is None:
+            return agent_pb2.Stats()
+        memory = _keyed(directory / "memory.stat")
+        usage = _single(directory / "memory.current")
+        return agent_pb2.Stats(
+            cpu_usage_ns=_keyed(directory / "cpu.stat").get("usage_usec", 0) * 1000,
+            memory_usage_bytes=usage,
+            memory_working_set_bytes=max(usage - memory.get("inactive_file", 0), 0),
+            memory_rss_bytes=memory.get("anon", 0),
+            page_faults=memory.get("pgfault", 0),
+            major_page_faults=memory.get("pgmajfault", 0),
+            pids=_single(directory / "pids.current"),
+        )
+
+    # ------------------------------------------------------------------ internals
+
+    def _get(self, cid: str) -> Container:
+        container = self._containers.get(cid)
+        if container is None or container.init is None:
+            raise Fail(agent_pb2.NOT_FOUND, f"no container {cid!r}")
+        return container
+
+    @staticmethod
+    def _process(container: Container, process_id: str) -> Process:
+        process = container.execs.get(process_id) if process_id else container.init
+        if process is None:
+            raise Fail(agent_pb2.NOT_FOUND, f"no process {process_id!r} in container {container.id}")
+        return process
+
+    def _rootfs(self, rootfs: str) -> Path:
+        """The rootfs inside the share: a relative path that must not climb out of it."""
+        clean = posixpath.normpath(rootfs) if rootfs else ""
+        if not clean or clean.startswith(("/", "..")) or clean == ".":
+            raise Fail(agent_pb2.INVALID_ARGUMENT, f"rootfs {rootfs!r} must be a path inside the pod's shared dir")
+        return self.share_dir / clean
+
+    def _cgroup_of(self, pid: int) -> Path | None:
+        try:
+            lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            if line.startswith("0::") and self.cgroup_root is not None:
+                return self.cgroup_root / line[3:].lstrip("/")
+        return None
+
+    def _emitter(self, cid: str, process_id: str) -> OutputSink:
+        def emit(stream: agent_pb2.OutputStream, data: bytes) -> None:
+            output = agent_pb2.Output(
+                container_id=cid, process_id=process_id, stream=stream, data=data, timestamp_unix_ns=time.time_ns()
+            )
+            self.events.append(agent_pb2.Event(output=output))
+
+        return emit
+
+    async def _runc(self, *args: str, input: bytes | None = None) -> None:
+        argv = [self.runc, "--root", str(self.runc_root), *args]
+        try:
+            result = await run(self.reaper, argv, input=input, timeout=RUNC_TIMEOUT)
+        except FileNotFoundError:
+            raise Fail(agent_pb2.INTERNAL, f"{self.runc} is not installed in the guest") from None
+        except TimeoutError:
+            raise Fail(agent_pb2.DEADLINE_EXCEEDED, f"runc {args[0]} did not finish in {RUNC_TIMEOUT:g}s") from None
+        if result.code != 0:
+            message = _runc_message(result.stderr) or f"exit code {result.code}"
+            raise Fail(_code_for(message), f"runc {args[0]}: {message}")
+
+    async def _delete(self, cid: str) -> None:
+        try:
+            await self._runc("delete", "--force", cid)
+        except Fail as e:
+            if e.code != agent_pb2.NOT_FOUND:
+                raise
+
+    async def _launch(
+        self,
+        container: Container,
+        process_id: str,
+        args: list[str],
+        pid_file: Path,
+        *,
+        terminal: bool,
+        stdin: bool,
+        sink: OutputSink,
+        timeout: float,
+    ) -> Process:
+        """Run `runc create` or `runc exec --detach` with the new process's stdio wired to us; return it started.
+
+        runc's own log goes to the bundle, so its stdio carries only what the
+        process writes, plus runc's final error line if it fails.
+        """
+        loop = asyncio.get_running_loop()
+        ours: list[int] = []  # our ends: closed on failure
+        theirs: list[int] = []  # the child's ends: closed once runc has them
+        listener: socket.socket | None = None
+        accepting: asyncio.Future[tuple[socket.socket, Any]] | None = None
+        process: Process | None = None
+        try:
+            null = os.open(os.devnull, os.O_RDWR)
+            theirs.append(null)
+            err_r, err_w = pipe()
+            ours.append(err_r)
+            theirs.append(err_w)
+            extra: list[str] = []
+            if terminal:
+                self.sock_dir.mkdir(parents=True, exist_ok=True)
+                sock_path = self.sock_dir / f"{next(self._counter)}.sock"
+                sock_path.unlink(missing_ok=True)
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                listener.bind(str(sock_path))
+                listener.listen(1)
+                listener.setblocking(False)
+                accepting = asyncio.ensure_future(loop.sock_accept(listener))
+                extra = ["--console-socket", str(sock_path)]
+                stdio, out_r, in_w = (null, null, err_w), -1, -1
+            else:
+                out_r, out_w = pipe()
+                ours.append(out_r)
+                theirs.append(out_w)
+                in_r, in_w = pipe() if stdin else (null, -1)
+                if stdin:
+                    ours.append(in_w)
+                    theirs.append(in_r)
+                stdio = (in_r, out_w, err_w)
+            pipes = frozenset() if terminal else pipe_names(out_r, err_r)
+            argv = [
+                self.runc, "--root", str(self.runc_root), "--log", str(container.bundle / "runc.log"),
+                "--log-format", "json", *args, *extra, "--pid-file", str(pid_file), container.id,
+            ]  # fmt: skip
+            since = time.monotonic()
+            try:
+                runc_pid = spawn(argv, *stdio)
+            except FileNotFoundError:
+                raise Fail(agent_pb2.INTERNAL, f"{self.runc} is not installed in the guest") from None
+            for fd in theirs:
+                os.close(fd)
+            theirs.clear()
+            runc_exited = self.reaper.watch(runc_pid, since)
+            try:
+                code = await asyncio.wait_for(runc_exited, timeout)
+            except BaseException as e:  # runc and whatever it started must not outlive the request
+                kill_tree(runc_pid, pipes)
+                if isinstance(e, TimeoutError):
+                    raise Fail(agent_pb2.DEADLINE_EXCEEDED, f"runc {args[0]} did not finish in {timeout:g}s") from None
+                raise
+            if code != 0:
+                try:
+                    message = _runc_message(os.read(err_r, 65536))
+                except BlockingIOError:
+                    message = ""
+                if not message.startswith("runc "):
+                    message = f"runc {args[0]} failed: {message or f'exit code {code}'}"
+                raise Fail(_code_for(message), message)
+            pid = int(pid_file.read_text())
+            process = Process(container.id, process_id, pid, self.reaper.watch(pid, since), pipes)
+            if accepting is not None:
+                connection, _ = await asyncio.wait_for(accepting, 10.0)
+                with connection:
+                    master = await _receive_fd(connection)
+                ours.append(master)
+                process.console_fd = os.dup(master)
+                if stdin:
+                    process.stdin_fd = process.console_fd
+                outputs = [(master, agent_pb2.STDOUT)]
+                ours.remove(err_r)
+                os.close(err_r)  # it carried runc's errors only
+            else:
+                outputs = [(out_r, agent_pb2.STDOUT), (err_r, agent_pb2.STDERR)]
+                if stdin:
+                    ours.remove(in_w)
+                    process.stdin_fd = in_w
+            for fd, stream in outputs:
+                ours.remove(fd)  # the reader owns it from here
+                process.readers.append(await read_fd(fd, functools.partial(sink, stream)))
+            return process
+        except BaseException:
+            if process is not None:  # started, but we could not take hold of its terminal
+                kill_tree(process.pid, pipes)
+            for fd in ours:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
+        finally:
+            for fd in theirs:
+                os.close(fd)
+            if accepting is not None and not accepting.done():
+                accepting.cancel()
+            if listener is not None:
+                Path(listener.getsockname()).unlink(missing_ok=True)
+                listener.close()
+
+    async def _monitor(self, container: Container, process: Process) -> None:
+        """Report the process's exit once its output is drained; forget an exec once reported."""
+        code = await process.exited
+        finished = time.time_ns()
+        await process.drain()
+        oom = False
+        if not process.process_id and container.cgroup is not None:
+            oom = _keyed(container.cgroup / "memory.events").get("oom_kill", 0) > 0
+        exited = agent_pb2.ProcessExited(
+            container_id=container.id,
+            process_id=process.process_id,
+            exit_code=code,
+            finished_unix_ns=finished,
+            oom_killed=oom,
+        )
+        self.events.append(agent_pb2.Event(process_exited=exited))
+        if process.process_id:
+            process.close()
+            container.execs.pop(process.process_id, None)
+
+
+async def _receive_fd(connection: socket.socket) -> int:
+    """The pty master runc sends over the console socket (SCM_RIGHTS)."""
+    connection.setblocking(False)
+    await wait_fd(connection.fileno())
+    _, fds, _, _ = socket.recv_fds(connection, 4096, 4)
+    for extra in fds[1:]:
+        os.close(extra)
+    if not fds:
+        raise Fail(agent_pb2.INTERNAL, "runc sent no terminal on the console socket")
+    return fds[0]

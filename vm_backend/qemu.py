@@ -1,0 +1,397 @@
+"""One QEMU micro-VM per pod, launched detached so that it outlives the daemon.
+
+QEMU runs in its own session, output in `qemu.log`, and writes its own pidfile;
+nothing ties it to the daemon's process or event loop. (`-daemonize` is no option:
+QEMU forks and calls setsid() after its seccomp filter is in, which `spawn=deny`
+and `elevateprivileges=deny` forbid.) Everything about a running VM is found again
+from its run directory: the pidfile, the QMP socket, the console socket and log,
+the agent's socket. The flags follow shared/notes/qemu-on-these-hosts.md (measured
+on these hosts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from core.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, Unavailable
+from core.files import private_dir
+
+if TYPE_CHECKING:
+    from vm_backend.virtiofs import Virtiofsd
+
+log = logging.getLogger("tandem.vm.qemu")
+
+BOOT_MARKER = "tandem-init: agent starting"  # printed by init.sh right before it execs the agent
+PROBE_MARKER = "tandem-init: probe ok"  # printed by init.sh with tandem.probe=1
+QEMU = "qemu-system-x86_64"
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+# TCG's translation cache, MiB. The notes' 16 trims RSS but thrashes once Python runs: measured here,
+# the agent answered Hello 5.7 s after launch with 16 and 4.0 s with 32 or 64 (QEMU RSS 257, 275,
+# 310 MB). 64 leaves room for runc (Go) next to the kernel and Python.
+TCG_TB_SIZE_MIB = 64
+_TSC_KHZ_FALLBACK = 2_600_000  # the notes' value for these hosts
+_SOCKET_PATH_MAX = 107  # sun_path, minus the NUL
+
+
+def host_tsc_khz() -> int:
+    """The host's TSC rate: TCG guests read the host TSC, and telling the kernel avoids PIT calibration hangs."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return round(float(line.split(":")[1]) * 1000)
+    except (OSError, ValueError):
+        pass
+    return _TSC_KHZ_FALLBACK
+
+
+@dataclass(frozen=True)
+class TapNic:
+    """A tap device (already created in the pod's netns) that becomes the guest's NIC."""
+
+    ifname: str
+    mac: str
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """What to launch. `run_dir` holds every socket and file of this VM and nothing else."""
+
+    name: str
+    run_dir: Path
+    kernel: Path
+    initramfs: Path
+    accel: str = "tcg"  # "kvm" or "tcg"
+    vcpus: int = 1
+    memory_mib: int = 256
+    share_tag: str = "tandem"  # virtio-fs tag of the pod's share (when a Virtiofsd is attached)
+    tap: TapNic | None = None
+    netns: Path | None = None  # the pod's network namespace file: QEMU runs inside it
+    kernel_args: tuple[str, ...] = ()
+    qemu: str = QEMU
+    tsc_khz: int = field(default_factory=host_tsc_khz)
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / "qemu.pid"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def console_socket(self) -> Path:
+        return self.run_dir / "console.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.run_dir / "console.log"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.run_dir / "agent.sock"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.run_dir / "qemu.log"
+
+
+def kernel_cmdline(spec: VmSpec, share: bool) -> str:
+    args = ["console=ttyS0", "quiet", "panic=-1", f"tsc_early_khz={spec.tsc_khz}"]
+    if share:
+        args.append(f"tandem.share={spec.share_tag}")
+    return " ".join([*args, *spec.kernel_args])
+
+
+def _opt(path: Path) -> str:
+    """A path inside a QEMU option string, where a comma would end the value."""
+    text = str(path)
+    if "," in text:
+        raise InvalidArgument(f"QEMU cannot take a path with a comma: {text}")
+    return text
+
+
+def build_argv(spec: VmSpec, share_socket: Path | None = None) -> list[str]:
+    """The full command line (with the `nsenter` prefix when the VM belongs in a netns)."""
+    if spec.accel not in ("kvm", "tcg"):
+        raise InvalidArgument(f"accelerator must be kvm or tcg, got {spec.accel!r}")
+    for sock in (spec.qmp_socket, spec.console_socket, spec.agent_socket, share_socket):
+        if sock is not None and len(os.fsencode(sock)) > _SOCKET_PATH_MAX:
+            raise InvalidArgument(f"unix socket path too long ({len(str(sock))} bytes): {sock}")
+    mem = f"{spec.memory_mib}M"
+    if spec.accel == "kvm":
+        accel = ["-accel", "kvm", "-cpu", "host"]
+    else:
+        accel = ["-accel", f"tcg,tb-size={TCG_TB_SIZE_MIB}", "-cpu", "max"]
+    argv = ["nsenter", f"--net={spec.netns}", "--"] if spec.netns else []
+    argv += [
+        spec.qemu,
+        "-name", f"tandem-{spec.name}",
+        "-M", "microvm,memory-backend=mem",
+        "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",  # vhost-user-fs maps guest memory
+        *accel,
+        "-smp", str(spec.vcpus),
+        "-m", mem,
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-sandbox", SANDBOX,
+        "-global", "virtio-mmio.force-legacy=false",
+        "-kernel", str(spec.kernel),
+        "-initrd", str(spec.initramfs),
+        "-append", kernel_cmdline(spec, share_socket is not None),
+        "-chardev", f"socket,id=console,path={_opt(spec.console_socket)},server=on,wait=off,"
+        f"logfile={_opt(spec.console_log)},logappend=on",
+        "-serial", "chardev:console",
+        "-device", "virtio-serial-device",
+        "-chardev", f"socket,id=agent,path={_opt(spec.agent_socket)},server=on,wait=off",
+        "-device", "virtserialport,chardev=agent,name=agent",
+        "-qmp", f"unix:{_opt(spec.qmp_socket)},server=on,wait=off",
+        "-pidfile", str(spec.pidfile),
+    ]  # fmt: skip
+    if share_socket is not None:
+        argv += ["-chardev", f"socket,id=vfs,path={_opt(share_socket)}"]
+        argv += ["-device", f"vhost-user-fs-device,chardev=vfs,tag={spec.share_tag}"]
+    if spec.tap is not None:
+        argv += ["-netdev", f"tap,id=n0,ifname={spec.tap.ifname},script=no,downscript=no"]
+        argv += ["-device", f"virtio-net-device,netdev=n0,mac={spec.tap.mac}"]
+    return argv
+
+
+async def qmp(socket_path: Path, command: str, timeout: float = 5.0, **arguments: Any) -> Any:
+    """Run one QMP command on a fresh connection and return its result (events are skipped)."""
+
+    async def talk() -> Any:
+        reader, writer = await asyncio.open_unix_connection(str(socket_path))
+        try:
+            await reader.readline()  # greeting
+            for execute, args in (("qmp_capabilities", {}), (command, arguments)):
+                writer.write(json.dumps({"execute": execute, "arguments": args}).encode() + b"\n")
+                await writer.drain()
+                while True:
+                    line = await reader.readline()
+                    if not line:
+                        raise Unavailable(f"QMP {socket_path}: connection closed during {execute}")
+                    reply = json.loads(line)
+                    if "error" in reply:
+                        raise Unavailable(f"QMP {execute}: {reply['error'].get('desc', reply['error'])}")
+                    if "return" in reply:
+                        break
+            return reply["return"]
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    try:
+        return await asyncio.wait_for(talk(), timeout)
+    except (OSError, ValueError) as e:
+        raise Unavailable(f"QMP {socket_path}: {e}") from e
+    except TimeoutError:
+        raise DeadlineExceeded(f"QMP {socket_path}: no answer to {command} within {timeout:g}s") from None
+
+
+def spawn_detached(argv: list[str], log_path: Path) -> int:
+    """Start a long-lived program in its own session, output to `log_path`; return its pid.
+
+    Not asyncio's subprocess: its transport kills a still-running child when it is
+    closed or garbage-collected, and these processes must outlive the objects (and
+    the daemon) that started them. `wait_exit` reaps them.
+    """
+    log.info("exec %s", shlex.join(argv))
+    with open(log_path, "wb") as out:
+        try:
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+        except FileNotFoundError as e:
+            raise Unavailable(f"{argv[0]} is not installed (run `tandem doctor`)") from e
+    return child.pid
+
+
+async def wait_exit(pid: int, timeout: float | None = None) -> bool:
+    """Wait for a process to exit (whoever its parent is), reaping it if it is ours; False on timeout."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
+    loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+    try:
+        await asyncio.wait_for(exited, timeout)
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 - it has exited: WNOHANG returns at once
+    return True
+
+
+Ready = Callable[["QemuVm"], Awaitable[None]]
+
+
+def console_marker(marker: str = BOOT_MARKER) -> Ready:
+    """A readiness check: the marker line appears in the console log (after this launch's start)."""
+
+    async def ready(vm: QemuVm) -> None:
+        while True:  # a log file has no change notification worth the complexity here
+            if marker in vm.console_since_launch():
+                return
+            await asyncio.sleep(0.05)
+
+    return ready
+
+
+class QemuVm:
+    """A pod's VM: start (with a boot deadline and one retry), stop, kill, and re-attach after a restart.
+
+    Construct it with the same spec after a daemon restart and `alive()` tells
+    whether the VM survived; every method works on a re-attached VM.
+    """
+
+    def __init__(self, spec: VmSpec, virtiofsd: Virtiofsd | None = None) -> None:
+        self.spec = spec
+        self.virtiofsd = virtiofsd
+        self._log_offset = 0
+
+    def pid(self) -> int | None:
+        """QEMU's pid, if the pidfile names a live QEMU of this VM (not a recycled pid)."""
+        try:
+            pid = int(self.spec.pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return None
+        return pid if os.fsencode(self.spec.pidfile) in cmdline.split(b"\0") else None
+
+    def alive(self) -> bool:
+        return self.pid() is not None
+
+    def console_since_launch(self) -> str:
+        try:
+            with open(self.spec.console_log, "rb") as f:
+                f.seek(self._log_offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    async def start(self, ready: Ready | None = None, boot_timeout: float = 30.0, retries: int = 1) -> None:
+        """Launch and wait until `ready` (default: the boot marker on the console) returns.
+
+        Some TCG boots hang early; a boot that misses the deadline is killed, cleaned
+        up and launched again (`retries` times). A VM that exits during boot is not
+        retried: that failure is in the inputs, and the console tail says why.
+        """
+        if (running := self.pid()) is not None:
+            raise AlreadyExists(f"vm {self.spec.name} is already running (QEMU pid {running})")
+        ready = ready or console_marker()
+        for attempt in range(retries + 1):
+            started = time.monotonic()
+            pid = await self._launch()
+            try:
+                await self._wait_ready(pid, ready, boot_timeout)
+            except DeadlineExceeded:
+                await self._kill_pid(pid)
+                if attempt == retries:
+                    raise
+                log.warning("vm %s: no boot within %gs, relaunching", self.spec.name, boot_timeout)
+                continue
+            except BaseException:
+                await self._kill_pid(pid)
+                raise
+            log.info("vm %s: booted in %.2fs (%s)", self.spec.name, time.monotonic() - started, self.spec.accel)
+            return
+
+    async def _launch(self) -> int:
+        """Start QEMU (and a fresh virtiofsd first); return QEMU's pid."""
+        private_dir(self.spec.run_dir)
+        self._remove_runtime_files()
+        argv = build_argv(self.spec, self.virtiofsd.socket if self.virtiofsd is not None else None)
+        if self.virtiofsd is not None:
+            await self.virtiofsd.start()
+        self._log_offset = self.spec.console_log.stat().st_size if self.spec.console_log.exists() else 0
+        try:
+            return await asyncio.to_thread(spawn_detached, argv, self.spec.qemu_log)
+        except Unavailable:
+            if self.virtiofsd is not None:
+                await self.virtiofsd.stop()
+            raise
+
+    async def _wait_ready(self, pid: int, ready: Ready, timeout: float) -> None:
+        readiness = asyncio.ensure_future(ready(self))
+        exit_watch = asyncio.ensure_future(wait_exit(pid))
+        try:
+            done, _ = await asyncio.wait({readiness, exit_watch}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (readiness, exit_watch):
+                task.cancel()
+        if readiness in done:
+            readiness.result()
+            return
+        if exit_watch in done:
+            raise Unavailable(f"vm {self.spec.name}: QEMU exited during boot: {self._tails()}")
+        raise DeadlineExceeded(f"vm {self.spec.name}: not booted within {timeout:g}s: {self._tails()}")
+
+    def _tails(self) -> str:
+        try:
+            with open(self.spec.qemu_log, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 2000))
+                qemu_lines = f.read().decode(errors="replace").strip().splitlines()[-3:]
+        except OSError:
+            qemu_lines = []
+        qemu_part = f"QEMU: {' | '.join(qemu_lines)}; " if qemu_lines else ""
+        return f"{qemu_part}console: {self._console_tail()}"
+
+    def _console_tail(self, lines: int = 5) -> str:
+        tail = [line.strip() for line in self.console_since_launch().splitlines() if line.strip()][-lines:]
+        return " | ".join(tail) or "no console output"
+
+    async def status(self) -> str:
+        """QEMU's run state (`running`, `paused`, `shutdown`, ...), from QMP."""
+        return (await qmp(self.spec.qmp_socket, "query-status"))["status"]
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """ACPI power-down, then QMP `quit`, then SIGKILL; idempotent; cleans up sockets and virtiofsd."""
+        pid = self.pid()
+        if pid is not None:
+            for command, wait in (("system_powerdown", timeout), ("quit", 5.0)):
+                try:
+                    await qmp(self.spec.qmp_socket, command)
+                except (Unavailable, DeadlineExceeded) as e:
+                    log.info("vm %s: %s failed: %s", self.spec.name, command, e)
+                    continue
+                if await wait_exit(pid, wait):
+                    break
+        await self.kill()
+
+    async def kill(self) -> None:
+        """SIGKILL QEMU (if running), stop virtiofsd and remove the sockets; the logs stay."""
+        await self._kill_pid(self.pid())
+
+    async def _kill_pid(self, pid: int | None) -> None:
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            await wait_exit(pid, 10.0)
+        if self.virtiofsd is not None:
+            await self.virtiofsd.stop()
+        self._remove_runtime_files()
+
+    def _remove_runtime_files(self) -> None:
+        for path in (self.spec.pidfile, self.spec.qmp_socket, self.spec.console_socket, self.spec.agent_socket):
+            path.unlink(missing_ok=True)
+
+    async def wait(self) -> None:
+        """Until QEMU exits (the guest powered off, panicked or was killed)."""
+        pid = self.pid()
+        if pid is not None:
+            await wait_exit(pid)

@@ -1,0 +1,135 @@
+"""One virtiofsd per pod, sharing only that pod's directory (`<run_dir>/share`) into its VM.
+
+Container rootfs directories reach the guest by being bind-mounted into the
+share as they are created; nothing else of the host is ever exported. The share
+is its own private mount, so those binds stay out of other mount namespaces.
+virtiofsd serves one QEMU connection and exits when QEMU goes away: every QEMU
+launch (including a boot retry) gets a fresh one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from core import proc
+from core.errors import FailedPrecondition, InvalidArgument, Unavailable
+from runc_backend.rootfs import is_mounted, mounts, unmount
+from vm_backend.qemu import spawn_detached, wait_exit
+
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+_SOCKET_WAIT = 10.0
+
+
+def _check_id(container_id: str) -> None:
+    if not container_id or "/" in container_id or container_id in (".", ".."):
+        raise InvalidArgument(f"container id {container_id!r} cannot name a directory")
+
+
+class Virtiofsd:
+    """The pod's virtiofsd and its share directory, all under the pod's VM run dir."""
+
+    def __init__(self, run_dir: Path, binary: str = VIRTIOFSD) -> None:
+        self.run_dir = run_dir
+        self.binary = binary
+        self.share = run_dir / "share"
+        self.socket = run_dir / "virtiofsd.sock"
+        self.pidfile = run_dir / "virtiofsd.pid"
+        self.log_file = run_dir / "virtiofsd.log"
+
+    def argv(self) -> list[str]:
+        return [
+            self.binary,
+            f"--socket-path={self.socket}",
+            "-o", f"source={self.share}",
+            "-o", "cache=auto",
+            "-o", "sandbox=chroot",  # chroot into the share: nothing outside it can be named
+            "-o", "announce_submounts",  # each bind-mounted rootfs keeps its own st_dev in the guest
+        ]  # fmt: skip
+
+    async def prepare_share(self) -> None:
+        """Create the share and make it a private mount of its own (once)."""
+        self.share.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.share, 0o755)
+        if not is_mounted(self.share):
+            await proc.run(["mount", "--bind", self.share, self.share])
+            await proc.run(["mount", "--make-private", self.share])
+
+    def pid(self) -> int | None:
+        """virtiofsd's pid, if the pidfile names a live virtiofsd serving this share."""
+        try:
+            pid = int(self.pidfile.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return None
+        return pid if os.fsencode(f"--socket-path={self.socket}") in cmdline else None
+
+    def alive(self) -> bool:
+        return self.pid() is not None
+
+    async def start(self) -> None:
+        """Launch a fresh virtiofsd (stopping a previous one) and wait for its socket."""
+        await self.prepare_share()
+        await self.stop()
+        pid = await asyncio.to_thread(spawn_detached, self.argv(), self.log_file)
+        self.pidfile.write_text(f"{pid}\n")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _SOCKET_WAIT
+        while not self.socket.exists():
+            if self.pid() is None or loop.time() > deadline:
+                await self.stop()
+                raise Unavailable(f"virtiofsd did not start: {self._log_tail()}")
+            await asyncio.sleep(0.02)
+
+    def _log_tail(self) -> str:
+        try:
+            lines = self.log_file.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "no log"
+        return " | ".join(lines[-3:]) or "no output"
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout`; remove the socket and pidfile. Idempotent."""
+        pid = self.pid()
+        if pid is not None:
+            for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+                if await wait_exit(pid, wait):
+                    break
+        self.socket.unlink(missing_ok=True)
+        self.pidfile.unlink(missing_ok=True)
+
+    async def remove_share(self) -> None:
+        """Unmount and delete the share; refused while a rootfs is still bound inside (rmtree would go through it)."""
+        inside = [m.mount_point for m in mounts() if m.mount_point.startswith(f"{self.share}/")]
+        if inside:
+            raise FailedPrecondition(f"{self.share} still has mounts inside: {', '.join(inside)}")
+        await unmount(self.share)
+        await asyncio.to_thread(shutil.rmtree, self.share, True)
+
+    def guest_rootfs(self, container_id: str) -> str:
+        """Where the container's rootfs appears relative to the share (CreateContainer.rootfs)."""
+        _check_id(container_id)
+        return f"{container_id}/rootfs"
+
+    async def bind_rootfs(self, container_id: str, rootfs: Path) -> str:
+        """Bind-mount a prepared rootfs into the share; return its path relative to the share."""
+        relative = self.guest_rootfs(container_id)
+        target = self.share / relative
+        target.mkdir(parents=True, exist_ok=True)
+        if not is_mounted(target):
+            await proc.run(["mount", "--bind", rootfs, target])  # private too, as a mount under the share
+        return relative
+
+    async def unbind_rootfs(self, container_id: str) -> None:
+        """Undo `bind_rootfs`; not bound is success."""
+        target = self.share / self.guest_rootfs(container_id)
+        await unmount(target)
+        for directory in (target, target.parent):
+            with contextlib.suppress(OSError):  # gone already, or still holding something else
+                directory.rmdir()
