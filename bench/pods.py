@@ -143,21 +143,26 @@ class Sample:
 
 
 def write_sample(directory: Path, label: str, image: str) -> Sample:
-    """pod.json and container.json as an operator would write them; both runtimes get these very files."""
+    """pod.json and container.json as kubelet would send them; both runtimes get these very files.
+
+    kubelet asks for a PID namespace per container (namespace mode CONTAINER) unless the pod sets
+    shareProcessNamespace; a bare crictl pod.json would mean the rarer shared one (mode POD).
+    """
     name = f"bench-{label}"
     log_dir = directory / "logs" / label
+    per_container_pid = {"security_context": {"namespace_options": {"pid": 1}}}  # 1 = CONTAINER
     pod = {
         "metadata": {"name": name, "namespace": "bench", "uid": secrets.token_hex(16), "attempt": 0},
         "hostname": name,
         "log_directory": str(log_dir),
-        "linux": {},
+        "linux": per_container_pid,
     }
     container = {
         "metadata": {"name": "sleeper", "attempt": 0},
         "image": {"image": image},
         "command": ["sleep", "3600"],
         "log_path": "sleeper.log",
-        "linux": {},
+        "linux": per_container_pid,
     }
     pod_json, container_json = directory / f"pod-{label}.json", directory / f"container-{label}.json"
     pod_json.write_text(json.dumps(pod, indent=2))

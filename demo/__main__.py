@@ -4,13 +4,15 @@ A local registry stands in for registry.k8s.io (this host has no internet):
 the demo pushes a busybox image to it and writes a config that changes only
 two things, a mirror for registry.k8s.io and a CNI conf dir holding a private
 bridge network (no NAT, no route out). Then it starts `tandem serve`, pulls
-over the CRI, runs a trusted pod, shows what runs inside, and removes it all.
+over the CRI, runs a trusted pod and an untrusted one, shows the kernel each
+runs on (the host's, and the VM's own), and removes it all.
 """
 
 from __future__ import annotations
 
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from cri.config import Config
@@ -30,9 +32,10 @@ def show_images(daemon: TandemDaemon) -> None:
             print(f"{tag:<48} {image.id[7:20]:<20} {image.size / 1024:.0f} KiB")
 
 
-def run_trusted_pod(daemon: TandemDaemon, work: Path) -> None:
-    pod = pod_config("demo-trusted", work / "logs")
-    pod_id = daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=pod)).pod_sandbox_id
+def run_pod(daemon: TandemDaemon, work: Path, name: str, handler: str) -> tuple[str, str]:
+    """Run a pod with one busybox container under `handler`; return (pod IP, `uname -r` inside it)."""
+    pod = pod_config(name, work / "logs")
+    pod_id = daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=pod, runtime_handler=handler)).pod_sandbox_id
     try:
         status = daemon.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id)).status
         config = container_config("app", IMAGE, "sleep", "3600")
@@ -40,14 +43,22 @@ def run_trusted_pod(daemon: TandemDaemon, work: Path) -> None:
             pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod)
         ).container_id
         daemon.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
-        uname = daemon.runtime.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=["uname", "-r"], timeout=10))
-        handler = status.runtime_handler or "<default: trusted>"
-        print(f"trusted pod {pod_id[:12]} (handler {handler}, runc) has IP {status.network.ip}")
-        print(f"  uname -r inside the trusted pod: {uname.stdout.decode().strip()}  (the host's own kernel)")
+        uname = daemon.runtime.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=["uname", "-r"], timeout=30))
+        return status.network.ip, uname.stdout.decode().strip()
     finally:
         daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
         daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
-        print("  pod stopped and removed")
+
+
+def run_both_kinds(daemon: TandemDaemon, work: Path) -> None:
+    trusted_ip, trusted_kernel = run_pod(daemon, work, "demo-trusted", "")
+    print(f"trusted pod   (default handler -> runc): IP {trusted_ip:<12} uname -r: {trusted_kernel}")
+    started = time.monotonic()
+    untrusted_ip, guest_kernel = run_pod(daemon, work, "demo-untrusted", "vm")
+    print(f"untrusted pod (handler vm -> micro-VM):  IP {untrusted_ip:<12} uname -r: {guest_kernel}")
+    print(f"  (the VM pod booted, ran and was removed in {time.monotonic() - started:.1f} s; both pods are gone)")
+    if trusted_kernel == guest_kernel:
+        raise SystemExit("the untrusted pod ran on the host's kernel: that must never happen")
 
 
 def main() -> int:
@@ -68,7 +79,7 @@ def main() -> int:
             ref = daemon.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=IMAGE))).image_ref
             print(f"pulled {IMAGE} -> {ref}")
             show_images(daemon)
-            run_trusted_pod(daemon, work)
+            run_both_kinds(daemon, work)
         except Exception:
             print(daemon.log(), file=sys.stderr)
             raise

@@ -1,5 +1,8 @@
-"""The trusted backend: each pod is a catatonit infra container holding its namespaces, each
-container a runc container beside it, every one watched by its own conmon.
+"""The trusted backend: each container a runc container watched by its own conmon; a pod's
+namespaces are held by a catatonit infra container when its containers share a PID namespace
+(it must be that namespace's PID 1), else by files: the IPC and UTS namespaces pinned in the pod
+dir (see pinns.py), the network namespace by sandbox/netns.py. backend_state["mode"] says which
+("infra" or "pinned"; records without it are infra pods).
 
 Everything here assumes that container processes run on this host: that is
 what makes this the runc backend, and why nothing above `sandbox/backend.py`
@@ -9,7 +12,8 @@ Where things live (runtime dirs vanish on reboot, as the containers do):
     <runtime_dir>/runc/root/            runc's state (`runc --root`)
     <runtime_dir>/runc/bundles/<id>/    config.json, the rootfs mount point, conmon's persist dir and ctl fifo
     <runtime_dir>/runc/exits/<id>       conmon's exit files
-    <runtime_dir>/runc/pods/<id>/       a pod's hostname, resolv.conf, hosts and /dev/shm
+    <runtime_dir>/runc/pods/<id>/       a pod's hostname, resolv.conf, hosts and /dev/shm (and pinned ipc, uts);
+                                        pods/ itself is a private mount once a pod pinned namespaces
     <runtime_dir>/a/                    conmon's attach-socket links (short: unix socket paths are limited)
     <state_dir>/runc/layers/<id>/       a container's writable layer (upper, work)
     <state_dir>/runc/infra-rootfs/      the read-only root of every infra container: a static catatonit
@@ -28,20 +32,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core.errors import FailedPrecondition, TandemError, Unavailable
+from core.errors import FailedPrecondition, NotFound, Unavailable
 from core.files import atomic_write_bytes, atomic_write_json, private_dir
-from core.proc import run
 from cri.config import Config
 from protos import cri_pb2 as pb
-from runc_backend import cgroups, conmon, rootfs, spec, streams
+from runc_backend import cgroups, conmon, pinns, rootfs, spec, streams
 from runc_backend.conmon import Conmon
 from runc_backend.runc import Runc
 from sandbox.backend import Backend, ContainerUsage, ExecResult, ExitStatus, ImageRootfs, Process
 from sandbox.model import ContainerRecord, ProcessUser, SandboxRecord
+from sandbox.podfiles import hosts as _hosts
+from sandbox.podfiles import resolv_conf as _resolv_conf
 
 log = logging.getLogger("tandem.runc")
 
 CATATONIT = Path("/usr/bin/catatonit")
+INFRA, PINNED = "infra", "pinned"  # backend_state["mode"]: records without one are infra pods
 SHM_SIZE = 64 * 2**20
 STOP_GRACE_AFTER_KILL = 10.0
 
@@ -61,23 +67,6 @@ def _signal_number(name: str) -> int:
     return signal.SIGTERM
 
 
-def _resolv_conf(dns: pb.DNSConfig) -> bytes:
-    if not dns.servers and not dns.searches and not dns.options:
-        return Path("/etc/resolv.conf").read_bytes() if Path("/etc/resolv.conf").exists() else b""
-    lines = [f"nameserver {s}" for s in dns.servers]
-    if dns.searches:
-        lines.append("search " + " ".join(dns.searches))
-    if dns.options:
-        lines.append("options " + " ".join(dns.options))
-    return ("\n".join(lines) + "\n").encode()
-
-
-def _hosts(hostname: str, ips: list[str]) -> bytes:
-    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
-    lines += [f"{ip}\t{hostname}" for ip in ips]
-    return ("\n".join(lines) + "\n").encode()
-
-
 class RuncBackend(Backend):
     name = "runc"
 
@@ -91,6 +80,7 @@ class RuncBackend(Backend):
         self.layers = private_dir(config.state_dir / "runc" / "layers")
         self.infra_rootfs = config.state_dir / "runc" / "infra-rootfs"
         self.oom_floor = cgroups.oom_score_adj_floor()
+        self._pods_private = False
 
     @classmethod
     def create(cls, config: Config) -> RuncBackend:
@@ -123,6 +113,11 @@ class RuncBackend(Backend):
 
     def _pod_dir(self, sandbox: SandboxRecord) -> Path:
         return self.pods / sandbox.id
+
+    @staticmethod
+    def _pinned(sandbox: SandboxRecord) -> bool:
+        """Whether the pod has no infra container: its IPC/UTS namespaces are pinned as files in its pod dir."""
+        return sandbox.backend_state.get("mode") == PINNED
 
     @staticmethod
     def _infra_pid(sandbox: SandboxRecord) -> int:
@@ -165,8 +160,11 @@ class RuncBackend(Backend):
                              None if host_ipc else pod_dir / "shm")  # fmt: skip
 
     async def start_sandbox(self, sandbox: SandboxRecord) -> None:
-        await self._write_pod_files(sandbox)
         options = sandbox.config.linux.security_context.namespace_options
+        if options.pid != pb.POD:
+            await self._start_pinned(sandbox)
+            return
+        await self._write_pod_files(sandbox)
         namespaces = spec.Namespaces(
             network=sandbox.netns_path or spec.HOST,
             ipc=spec.HOST if options.ipc == pb.NODE else spec.NEW,
@@ -190,35 +188,88 @@ class RuncBackend(Backend):
             persist_dir=self._persist(sandbox.id),
         )
         await self.runc.start(sandbox.id)
-        sandbox.backend_state["pid"] = pid
+        sandbox.backend_state.update({"mode": INFRA, "pid": pid, **_process_identity(pid, own_pid_ns=True)})
+
+    async def _start_pinned(self, sandbox: SandboxRecord) -> None:
+        """A pod without infra container (its containers do not share a PID namespace): pin IPC and UTS as files."""
+        config = sandbox.config
+        options = config.linux.security_context.namespace_options
+        ipc, uts = options.ipc != pb.NODE, not sandbox.host_network
+        spec._refuse_user_namespaces(options)
+        pod_dir = self._pod_dir(sandbox)
+        spec._check_sysctls(
+            config.linux.sysctls,
+            spec.Namespaces(
+                network=sandbox.netns_path or spec.HOST,
+                ipc=str(pod_dir / "ipc") if ipc else spec.HOST,
+                uts=str(pod_dir / "uts") if uts else spec.HOST,
+                pid=spec.NEW,
+            ),
+        )
+        sandbox.backend_state["mode"] = PINNED  # from here on, removing the pod undoes what was done
+        if not self._pods_private:
+            await asyncio.to_thread(pinns.make_private, self.pods)
+            self._pods_private = True
+        await self._write_pod_files(sandbox)
+        if not (pinns.pinned(pod_dir, "ipc") or pinns.pinned(pod_dir, "uts")):
+            await pinns.pin(
+                pod_dir,
+                ipc=ipc,
+                uts=uts,
+                hostname=config.hostname or None,
+                netns=sandbox.netns_path or None,
+                sysctls=config.linux.sysctls,
+            )
 
     async def stop_sandbox(self, sandbox: SandboxRecord) -> None:
-        already_exited = conmon.read_exit(self.exits, sandbox.id) is not None
-        if not already_exited and await self.runc.state(sandbox.id) is not None:
-            await self.runc.kill(sandbox.id, signal.SIGKILL, all_processes=True)
-            await conmon.wait_exit(self.exits, sandbox.id, STOP_GRACE_AFTER_KILL)
+        if self._pinned(sandbox):
+            pinns.unpin(self._pod_dir(sandbox))
+        elif conmon.read_exit(self.exits, sandbox.id) is None:
+            await self._signal_and_wait(sandbox.id, sandbox.backend_state, signal.SIGKILL, True, STOP_GRACE_AFTER_KILL)
         shm = self._pod_files(sandbox).shm
         if shm is not None:
             await rootfs.unmount(shm)
 
     async def remove_sandbox(self, sandbox: SandboxRecord) -> None:
         await self.stop_sandbox(sandbox)
-        await self.runc.delete(sandbox.id, force=True)
-        self.conmon.remove_attach_link(sandbox.id)
+        if not self._pinned(sandbox):
+            await self.runc.delete(sandbox.id, force=True)
+            self.conmon.remove_attach_link(sandbox.id)
         await asyncio.to_thread(self._remove_dirs, self._bundle(sandbox.id), self._pod_dir(sandbox))
         (self.exits / sandbox.id).unlink(missing_ok=True)
         if not sandbox.config.linux.cgroup_parent:
             await asyncio.to_thread(cgroups.remove, self._pod_cgroup(sandbox))
 
     async def sandbox_alive(self, sandbox: SandboxRecord) -> bool:
+        if self._pinned(sandbox):
+            pod_dir = self._pod_dir(sandbox)
+            options = sandbox.config.linux.security_context.namespace_options
+            wanted = [k for k, w in (("ipc", options.ipc != pb.NODE), ("uts", not sandbox.host_network)) if w]
+            if not wanted:
+                return pod_dir.is_dir()
+            return all(pinns.pinned(pod_dir, kind) for kind in wanted)
         return "pid" in sandbox.backend_state and conmon.read_exit(self.exits, sandbox.id) is None
 
     # ---- containers ------------------------------------------------------------------------
 
     def _namespaces(self, sandbox: SandboxRecord, config: pb.ContainerConfig) -> spec.Namespaces:
-        infra = self._infra_pid(sandbox)
         pod = sandbox.config.linux.security_context.namespace_options
         mode = config.linux.security_context.namespace_options
+        if self._pinned(sandbox):
+            pod_dir = self._pod_dir(sandbox)
+            if mode.pid == pb.NODE:
+                pid = spec.HOST
+            elif mode.pid == pb.TARGET:
+                pid = f"/proc/{self._target_pid(mode.target_id)}/ns/pid"
+            else:  # POD needs an infra process: a pod asking for it has one
+                pid = spec.NEW
+            return spec.Namespaces(
+                network=sandbox.netns_path or spec.HOST,
+                ipc=spec.HOST if pod.ipc == pb.NODE else str(pod_dir / "ipc"),
+                uts=spec.HOST if sandbox.host_network else str(pod_dir / "uts"),
+                pid=pid,
+            )
+        infra = self._infra_pid(sandbox)
         if mode.pid == pb.NODE:
             pid = spec.HOST
         elif mode.pid == pb.POD:
@@ -274,7 +325,10 @@ class RuncBackend(Backend):
         )
         user = container_spec["process"]["user"]
         container.user = ProcessUser(user.get("uid", 0), user.get("gid", 0), list(user.get("additionalGids", [])))
-        container.backend_state.update({"pid": pid, "stop_signal": self._stop_signal(config, image.config)})
+        own_pid_ns = any(ns == {"type": "pid"} for ns in container_spec["linux"]["namespaces"])
+        container.backend_state.update(
+            {"pid": pid, "stop_signal": self._stop_signal(config, image.config), **_process_identity(pid, own_pid_ns)}
+        )
 
     @staticmethod
     def _stop_signal(config: pb.ContainerConfig, image_config: dict[str, Any]) -> int:
@@ -286,15 +340,50 @@ class RuncBackend(Backend):
         await self.runc.start(container.id)
 
     async def stop_container(self, sandbox: SandboxRecord, container: ContainerRecord, timeout: int) -> None:
-        if conmon.read_exit(self.exits, container.id) is not None or await self.runc.state(container.id) is None:
+        if conmon.read_exit(self.exits, container.id) is not None:
             return
+        state = container.backend_state
         if timeout > 0:
-            await self.runc.kill(container.id, container.backend_state.get("stop_signal", signal.SIGTERM))
-            if await conmon.wait_exit(self.exits, container.id, timeout) is not None:
+            stop_signal = state.get("stop_signal", signal.SIGTERM)
+            if await self._signal_and_wait(container.id, state, stop_signal, False, timeout):
                 return
-        await self.runc.kill(container.id, signal.SIGKILL, all_processes=True)
-        if await conmon.wait_exit(self.exits, container.id, STOP_GRACE_AFTER_KILL) is None:
+        if not await self._signal_and_wait(container.id, state, signal.SIGKILL, True, STOP_GRACE_AFTER_KILL):
             raise FailedPrecondition(f"container {container.id} did not die after SIGKILL")
+
+    async def _signal_and_wait(
+        self, cid: str, state: dict[str, Any], sig: int, all_processes: bool, timeout: float
+    ) -> bool:
+        """Signal a container (or infra) and wait up to `timeout` s for its exit; whether it is gone.
+
+        With the init's identity recorded at create, the signal goes straight to
+        it through a pidfd (immune to pid reuse), and the wait is on that pidfd,
+        then briefly on conmon's exit file, which trails the death slightly.
+        Killing every process takes more only when the container shares a PID
+        namespace (else killing its init kills them all): SIGKILL to each
+        process of its cgroup, or `runc kill --all` when that cannot be done.
+        Without that identity (records of older versions) it is runc and polling.
+        """
+        known, pidfd = _open_init(state)
+        try:
+            shared_pid_ns = all_processes and not state.get("own_pid_ns")
+            if shared_pid_ns and known and pidfd is not None and sig == signal.SIGKILL:
+                if await asyncio.to_thread(self.runc.kill_cgroup, cid):
+                    return await conmon.wait_exit(self.exits, cid, timeout, pidfd=pidfd) is not None
+            if not known or pidfd is None or shared_pid_ns:
+                if not known and await self.runc.state(cid) is None:
+                    return True  # runc does not know it (any more): nothing runs
+                if known and pidfd is None and conmon.read_exit(self.exits, cid) is None:
+                    if conmon.monitor_pid(self._persist(cid), cid) is None:
+                        return True  # init gone and nobody left to record it
+                with contextlib.suppress(NotFound):
+                    await self.runc.kill(cid, sig, all_processes=all_processes)
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, sig)
+            return await conmon.wait_exit(self.exits, cid, timeout, pidfd=pidfd) is not None
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
 
     async def remove_container(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
         await self.runc.delete(container.id, force=True)
@@ -323,6 +412,9 @@ class RuncBackend(Backend):
                     message="the container's monitor is gone and recorded no exit (was the node rebooted?)",
                 )
         code, finished_at = exited
+        # the exit file's mtime is the kernel's coarse clock (a tick behind): a container dying right
+        # after start could seem to have finished before the manager recorded it started
+        finished_at = max(finished_at, container.started_at)
         if conmon.oom_killed(self._persist(container.id)):
             return ExitStatus(code, finished_at, reason="OOMKilled")
         return ExitStatus(code if code >= 0 else 255, finished_at)
@@ -387,9 +479,39 @@ class RuncBackend(Backend):
         return await streams.connect(sandbox.netns_path or None, port)
 
 
-async def _mount_shm(target: Path) -> None:
-    options = f"mode=1777,size={SHM_SIZE},nosuid,nodev,noexec"
+def _start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks after boot, /proc/<pid>/stat field 22), None if it is gone."""
     try:
-        await run(["mount", "-t", "tmpfs", "-o", options, "shm", str(target)])
-    except TandemError as e:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _process_identity(pid: int, own_pid_ns: bool) -> dict[str, Any]:
+    """What `_open_init` needs later to find this very process again: its start time, and whether it is a PID 1."""
+    return {"start_time": _start_time(pid), "own_pid_ns": own_pid_ns}
+
+
+def _open_init(state: dict[str, Any]) -> tuple[bool, int | None]:
+    """(identity known, a pidfd of the recorded init or None when that process is gone)."""
+    pid, started = state.get("pid"), state.get("start_time")
+    if not pid or started is None:
+        return False, None
+    try:
+        pidfd = os.pidfd_open(int(pid))
+    except (ProcessLookupError, OSError):
+        return True, None
+    if _start_time(int(pid)) != started:  # checked after opening: the pidfd is of the process we checked
+        os.close(pidfd)
+        return True, None
+    return True, pidfd
+
+
+async def _mount_shm(target: Path) -> None:
+    options = f"mode=1777,size={SHM_SIZE}"
+    flags = rootfs.MS_NOSUID | rootfs.MS_NODEV | rootfs.MS_NOEXEC
+    try:
+        rootfs.sys_mount("shm", target, "tmpfs", flags, options)
+    except OSError as e:
         raise FailedPrecondition(f"cannot mount the pod's /dev/shm: {e}") from e

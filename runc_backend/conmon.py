@@ -39,6 +39,8 @@ CREATE_TIMEOUT = 240.0
 
 _REOPEN_LOGS = b"2 0 0\n"  # conmon ctl message: type 2 (REOPEN_LOGS_EVENT), height and width unused
 _POLL = 0.02
+_POLL_AFTER_DEATH = 0.001  # conmon writes the exit file within a few ms of reaping the container
+_EXIT_FILE_GRACE = 2.0  # seconds the exit file may trail the container's death
 
 
 def read_exit(exit_dir: Path, cid: str) -> tuple[int, int] | None:
@@ -57,14 +59,32 @@ def read_exit(exit_dir: Path, cid: str) -> tuple[int, int] | None:
     return int(text.strip()), finished
 
 
-async def wait_exit(exit_dir: Path, cid: str, timeout: float) -> tuple[int, int] | None:
-    """`read_exit`, polling up to `timeout` seconds for the file to appear (it trails the exit slightly)."""
+async def wait_exit(exit_dir: Path, cid: str, timeout: float, pidfd: int | None = None) -> tuple[int, int] | None:
+    """`read_exit`, waiting up to `timeout` seconds for the file to appear (it trails the exit slightly).
+
+    With `pidfd` (of the container's init) the wait is for that process to die,
+    then a short poll for the file conmon writes once it reaped it; else a poll
+    every 20 ms. The caller keeps owning `pidfd`.
+    """
     deadline = time.monotonic() + timeout
+    poll = _POLL
+    if pidfd is not None and (result := read_exit(exit_dir, cid)) is None:
+        loop = asyncio.get_running_loop()
+        died = loop.create_future()
+        loop.add_reader(pidfd, lambda: died.done() or died.set_result(None))
+        try:
+            await asyncio.wait_for(died, timeout)
+        except TimeoutError:
+            return read_exit(exit_dir, cid)
+        finally:
+            loop.remove_reader(pidfd)
+        poll = _POLL_AFTER_DEATH
+        deadline = max(deadline, time.monotonic() + _EXIT_FILE_GRACE)
     while True:
         result = read_exit(exit_dir, cid)
         if result is not None or time.monotonic() >= deadline:
             return result
-        await asyncio.sleep(_POLL)
+        await asyncio.sleep(poll)
 
 
 def oom_killed(persist_dir: Path) -> bool:

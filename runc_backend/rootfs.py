@@ -3,12 +3,18 @@
 The kernel takes mount options in one page (4 KiB), and 64-hex layer directory
 names under a state directory run to ~100 bytes each, so about 40 layers would
 not fit. Like Docker's overlay2, each layer gets a short symlink in a `l/`
-directory next to the upper dir, and `mount` runs with that directory's parent
-as its working directory so the options name layers as `l/7` (about 5 bytes).
+directory next to the upper dir, and the options name layers relative to that
+directory's parent: `/proc/self/fd/<fd>/l/7` for mount(2) called directly
+(through an fd of the parent; ~20 bytes), or `l/7` (about 5 bytes) when that
+would not fit, with the `mount` program run from the parent as its working
+directory.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import errno
 import logging
 import os
 import re
@@ -27,6 +33,35 @@ LINKS_DIR = "l"
 
 _EMPTY_LOWER = "empty"  # inside LINKS_DIR: the lower layer of an image without layers
 _MAX_OPTIONS = 4095  # one page, less the terminating NUL
+
+
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+MNT_DETACH = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
+_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+
+
+def _b(value: str | os.PathLike[str] | None) -> bytes | None:
+    return None if value is None else os.fsencode(value)
+
+
+def sys_mount(source: str | None, target: str | os.PathLike[str], fstype: str | None, flags: int = 0,
+              data: str | None = None) -> None:  # fmt: skip
+    """mount(2), without running the mount program; OSError on failure."""
+    if _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {fstype or ''} on {target}: {os.strerror(err)}")
+
+
+def sys_umount(target: str | os.PathLike[str], flags: int = 0) -> None:
+    """umount2(2); not mounted (EINVAL) and absent (ENOENT) are success."""
+    if _libc.umount2(_b(target), flags) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):
+            raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
 
 class MountEntry(NamedTuple):
@@ -102,20 +137,51 @@ async def mount_rootfs(layers: list[Path], upper: Path, work: Path, target: Path
         log.debug("rootfs already mounted", extra={"target": str(target)})
         return
     options = _prepare(layers, upper, work, target)
+    try:
+        if await asyncio.to_thread(_mount_overlay, options, upper.parent, target):
+            return
+    except OSError as e:
+        raise FailedPrecondition(f"cannot mount the container's rootfs: {e}") from e
     await run(["mount", "-t", "overlay", "overlay", "-o", options, str(target)], cwd=upper.parent)
+
+
+def _mount_overlay(options: str, base: Path, target: Path) -> bool:
+    """The overlay mount, from `base` as working directory (the options name layers relative to it).
+
+    The working directory is per process, so this opens `base` and names the
+    layers through /proc/self/fd/<fd> instead of changing directory: the
+    options grow by that prefix per entry; False when they would then not fit
+    in a page (nothing was mounted).
+    """
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        prefix = f"/proc/self/fd/{fd}/"
+        parts = []
+        for part in options.split(","):
+            key, _, value = part.partition("=")
+            parts.append(f"{key}={':'.join(prefix + v for v in value.split(':'))}")
+        absolute = ",".join(parts)
+        if len(absolute) > _MAX_OPTIONS:
+            return False  # too long with the prefix: the caller mounts from `base` as working directory
+        sys_mount("overlay", target, "overlay", 0, absolute)
+        return True
+    finally:
+        os.close(fd)
 
 
 async def unmount(target: Path) -> None:
     """Unmount `target`; not mounted is success, and a busy mount is detached lazily instead."""
-    if not is_mounted(target):
-        return
-    result = await run(["umount", str(target)], check=False)
-    if result.returncode != 0 and is_mounted(target):
-        log.warning(
-            "rootfs busy, detaching lazily",
-            extra={"target": str(target), "error": result.stderr.decode(errors="replace").strip()},
-        )
-        await run(["umount", "--lazy", str(target)])
+    await asyncio.to_thread(_unmount, target)
+
+
+def _unmount(target: Path) -> None:
+    try:
+        sys_umount(target)
+    except OSError as e:
+        if not is_mounted(target):
+            return
+        log.warning("rootfs busy, detaching lazily", extra={"target": str(target), "error": str(e)})
+        sys_umount(target, MNT_DETACH)
 
 
 def writable_layer_usage(upper: Path) -> tuple[int, int]:

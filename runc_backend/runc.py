@@ -16,6 +16,7 @@ import shlex
 import shutil
 import signal as signals
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -171,12 +172,81 @@ class Runc:
 
     async def delete(self, cid: str, force: bool = False) -> None:
         """Forget the container and remove its cgroup leaf; `force` kills it first. Unknown `cid` is success."""
+        if await asyncio.to_thread(self._delete_stopped, cid):
+            return
         try:
             await self._run(cid, "delete", *(["--force"] if force else []), cid)
         except NotFound:
             pass
         except CommandFailed as e:
             raise FailedPrecondition(f"cannot delete container {cid}: {e}") from e
+
+    def kill_cgroup(self, cid: str, timeout: float = 1.0) -> bool:
+        """SIGKILL every process in the container's cgroup without running runc: whether that was possible.
+
+        What `runc kill --all` does, less the freezing: rounds of reading
+        cgroup.procs and killing what is new, until a round finds nothing new
+        (a killed process forks no more; children made before are in the next
+        read). False (the caller falls back to runc) without runc's state or
+        past `timeout` seconds.
+        """
+        try:
+            paths = json.loads((self.root / cid / "state.json").read_text())["cgroup_paths"] or {}
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return False
+        path = paths.get("pids") or paths.get("memory") or paths.get("")
+        if not path:
+            return False
+        procs = Path(path) / "cgroup.procs"
+        deadline = time.monotonic() + timeout
+        killed: set[int] = set()
+        while True:
+            try:
+                found = {int(p) for p in procs.read_text().split()}
+            except FileNotFoundError:
+                return True
+            if not (new := found - killed):
+                return True
+            for pid in new:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signals.SIGKILL)
+            killed |= new
+            if time.monotonic() > deadline:
+                return False
+
+    def _delete_stopped(self, cid: str) -> bool:
+        """What `runc delete` does for a stopped container, without running runc (~20 ms): whether it did it.
+
+        Only when nothing of the container is left: its init is dead (pid and
+        start time of runc's state), it has no hooks nor RDT group, and each of
+        its cgroups can be removed (an rmdir fails while any process remains).
+        Otherwise the caller leaves it to runc.
+        """
+        state_dir = self.root / cid
+        try:
+            state = json.loads((state_dir / "state.json").read_text())
+            pid, started = int(state["init_process_pid"]), int(state["init_process_start"])
+        except FileNotFoundError:
+            return not state_dir.exists()  # unknown to runc: nothing to delete
+        except (ValueError, KeyError, TypeError):
+            return False
+        if (state.get("config") or {}).get("hooks") or state.get("intel_rdt_path"):
+            return False
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[19]) == started:
+                return False  # still running (or a zombie not yet reaped)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        for path in sorted(set((state.get("cgroup_paths") or {}).values())):
+            try:
+                os.rmdir(path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                return False
+        shutil.rmtree(state_dir, ignore_errors=True)
+        return True
 
     async def update(self, cid: str, resources: dict[str, Any]) -> None:
         """Apply an OCI `linux.resources` object to the running container (`runc update -r -`)."""

@@ -8,6 +8,7 @@ from core.errors import TandemError
 from cri.config import Config
 from runc_backend.backend import RuncBackend
 from sandbox.backend import Backend
+from vm_backend.backend import VmBackend
 
 log = logging.getLogger("tandem.backends")
 
@@ -19,7 +20,7 @@ def available_backends(config: Config) -> dict[str, Backend]:
     manager: it never falls back to another kind of isolation.
     """
     backends: dict[str, Backend] = {}
-    for factory in (RuncBackend.create,):
+    for factory in (RuncBackend.create, VmBackend.create):
         try:
             backend = factory(config)
         except TandemError as e:

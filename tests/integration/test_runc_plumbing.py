@@ -302,6 +302,26 @@ async def test_delete_is_idempotent_and_removes_the_container_cgroup(plumbing: P
     assert cgroup_dirs(plumbing.parent) == []
 
 
+async def test_stopped_container_is_deleted_without_runc_and_cgroup_kill_gets_every_process(plumbing: Plumbing):
+    c = await plumbing.run(["sh", "-c", "sleep 1001 & exec sleep 1002"])
+    procs = cgroup_dirs(c.cgroups_path)[0] / "cgroup.procs"
+    assert await eventually(lambda: len(procs.read_text().split()) == 2)
+    pidfd = os.pidfd_open(c.pid)
+    try:
+        assert plumbing.runc.kill_cgroup(c.cid)
+        started = time.monotonic()
+        result = await wait_exit(plumbing.exit_dir, c.cid, 10.0, pidfd=pidfd)
+        assert result is not None and result[0] == 137 and time.monotonic() - started < 1.0
+    finally:
+        os.close(pidfd)
+    assert not plumbing.runc.kill_cgroup("nosuch")
+    assert plumbing.runc._delete_stopped(c.cid)  # init dead, cgroups empty: no runc needed
+    assert await plumbing.runc.state(c.cid) is None
+    assert cgroup_dirs(c.cgroups_path) == []
+    await plumbing.runc.delete(c.cid)  # and unknown stays success
+    plumbing.conmon.remove_attach_link(c.cid)
+
+
 async def test_create_failure_carries_runc_message_and_leaves_nothing(plumbing: Plumbing):
     c = plumbing.bundle(IDLE, root=plumbing.base / "no-such-rootfs")
     with pytest.raises(CommandFailed) as failure:

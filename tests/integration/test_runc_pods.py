@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import grpc
@@ -62,13 +63,15 @@ def container_status(daemon, cid):
 def leftovers(daemon) -> list[str]:
     """Anything of a pod's still on the host: mounts, conmon processes, netns files.
 
-    The netns directory's own private bind mount stays: it is the daemon's, made once, not a pod's.
+    The netns directory's and the pod directories' own private bind mounts stay: they are the daemon's,
+    made once, not a pod's.
     """
     found = []
     state, run = str(daemon.state_dir), str(daemon.socket.parent)
+    daemons = (f"{run}/netns", f"{run}/runc/pods")
     for line in open("/proc/self/mountinfo"):
         mount_point = line.split()[4]
-        if (mount_point.startswith(state) or mount_point.startswith(f"{run}/")) and mount_point != f"{run}/netns":
+        if (mount_point.startswith(state) or mount_point.startswith(f"{run}/")) and mount_point not in daemons:
             found.append(f"mount: {mount_point}")
     found += [f"netns: {p.name}" for p in (daemon.socket.parent / "netns").iterdir()]
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
@@ -254,3 +257,114 @@ def test_pods_for_the_vm_backend_are_refused_until_it_exists(env):
         run_pod(daemon, "untrusted-annotated", tmp / "logs", **{"io.kubernetes.cri.untrusted-workload": "true"})
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert daemon.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items == []
+
+
+def with_pid(config, mode):
+    config.linux.security_context.namespace_options.pid = mode
+    return config
+
+
+def exec_out(daemon, cid, *cmd) -> str:
+    result = daemon.runtime.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=10))
+    assert result.exit_code == 0, result.stderr
+    return result.stdout.decode().strip()
+
+
+def namespaces_of(daemon, cid) -> dict[str, str]:
+    out = exec_out(daemon, cid, "sh", "-c", "for n in ipc uts net pid; do echo $n $(readlink /proc/self/ns/$n); done")
+    return dict(line.split(" ", 1) for line in out.splitlines())
+
+
+def test_pod_without_infra_pins_ipc_and_uts(env):
+    """pid CONTAINER (kubelet's default): no infra process; both containers join the pinned IPC/UTS and the netns."""
+    daemon, image, tmp = env
+    config = with_pid(pod_config("pinned", tmp / "logs"), pb.CONTAINER)
+    config.linux.sysctls.update({"kernel.shm_rmid_forced": "1", "net.ipv4.ping_group_range": "0 1234"})
+    pod_id = daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=config)).pod_sandbox_id
+    status = daemon.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True))
+    assert status.status.state == pb.SANDBOX_READY and '"mode": "pinned"' in status.info["info"]
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert not [p for p in ps.splitlines() if "conmon" in p and pod_id in p]
+
+    sleeper = ("sh", "-c", "sleep 3600")
+    a = run_container(daemon, pod_id, config, with_pid(container_config("a", image, *sleeper), pb.CONTAINER))
+    b = run_container(daemon, pod_id, config, with_pid(container_config("b", image, *sleeper), pb.CONTAINER))
+    ns_a, ns_b = namespaces_of(daemon, a), namespaces_of(daemon, b)
+    host = {n: str(Path(f"/proc/self/ns/{n}").readlink()) for n in ("ipc", "uts", "net", "pid")}
+    for kind in ("ipc", "uts", "net"):
+        assert ns_a[kind] == ns_b[kind] != host[kind], kind
+    assert ns_a["pid"] != ns_b["pid"] and host["pid"] not in (ns_a["pid"], ns_b["pid"])
+    for cid in (a, b):
+        assert exec_out(daemon, cid, "hostname") == "pinned"
+        assert exec_out(daemon, cid, "cat", "/proc/sys/kernel/shm_rmid_forced") == "1"
+        assert exec_out(daemon, cid, "cat", "/proc/sys/net/ipv4/ping_group_range").split() == ["0", "1234"]
+        assert "sleep" in exec_out(daemon, cid, "cat", "/proc/1/cmdline")  # its own PID 1, no catatonit
+    assert Path("/proc/sys/kernel/shm_rmid_forced").read_text().strip() == "0"
+
+    # a daemon restart finds the pod alive through its pinned namespaces
+    daemon.kill()
+    daemon.start()
+    status = daemon.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id))
+    assert status.status.state == pb.SANDBOX_READY
+    assert container_status(daemon, a).state == pb.CONTAINER_RUNNING
+
+    daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    assert container_status(daemon, a).state == pb.CONTAINER_EXITED
+    daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    assert leftovers(daemon) == []
+
+
+def test_pod_level_pid_keeps_an_infra_process(env):
+    daemon, image, tmp = env
+    pod_id, pod = run_pod(daemon, "shared-pid", tmp / "logs")
+    status = daemon.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True))
+    assert '"mode": "infra"' in status.info["info"]
+    a = run_container(daemon, pod_id, pod, container_config("a", image, "sleep", "3600"))
+    b = run_container(daemon, pod_id, pod, container_config("b", image, "sleep", "3600"))
+    assert namespaces_of(daemon, a) == namespaces_of(daemon, b)
+    assert "catatonit" in exec_out(daemon, a, "cat", "/proc/1/cmdline")
+    daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    assert container_status(daemon, b).state == pb.CONTAINER_EXITED
+    daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    assert leftovers(daemon) == []
+
+
+@pytest.mark.parametrize(
+    ("pid_mode", "timeout", "code"),
+    [
+        (pb.CONTAINER, 0, 137),  # SIGKILL straight away, to the container's PID 1
+        (pb.CONTAINER, 1, 137),  # PID 1 ignores SIGTERM: SIGKILL after the timeout
+        (pb.POD, 5, 143),  # not PID 1 (catatonit is): SIGTERM kills it
+        (pb.POD, 0, 137),  # shared PID namespace: runc kill --all
+    ],
+)
+def test_stop_exit_codes(env, pid_mode, timeout, code):
+    daemon, image, tmp = env
+    pod = with_pid(pod_config("stops", tmp / "logs"), pid_mode)
+    pod_id = daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=pod)).pod_sandbox_id
+    cid = run_container(daemon, pod_id, pod, with_pid(container_config("s", image, "sleep", "3600"), pid_mode))
+    started = time.monotonic()
+    daemon.runtime.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=timeout))
+    took = time.monotonic() - started
+    assert container_status(daemon, cid).exit_code == code
+    assert took < (timeout + 1 if code == 137 else 1.0), took
+    daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    assert leftovers(daemon) == []
+
+
+@pytest.mark.parametrize("pid_mode", [pb.POD, pb.CONTAINER])
+def test_stop_kills_every_process_of_the_container(env, pid_mode):
+    daemon, image, tmp = env
+    pod = with_pid(pod_config("stop-all", tmp / "logs"), pid_mode)
+    pod_id = daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=pod)).pod_sandbox_id
+    marker = f"{3000 + pid_mode}{int(time.time()) % 1000}"
+    config = with_pid(container_config("bg", image, "sh", "-c", f"sleep {marker}1 & sleep {marker}2"), pid_mode)
+    cid = run_container(daemon, pod_id, pod, config)
+    wait_for(lambda: subprocess.run(["pgrep", "-f", f"sleep {marker}1"]).returncode == 0, what="background sleep")
+    daemon.runtime.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=0))
+    assert container_status(daemon, cid).exit_code == 137
+    wait_for(lambda: subprocess.run(["pgrep", "-f", f"sleep {marker}[12]"]).returncode == 1, 5, "no sleep left")
+    daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    assert leftovers(daemon) == []

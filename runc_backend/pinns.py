@@ -1,0 +1,153 @@
+"""A pod's IPC and UTS namespaces pinned as files, instead of held by an infra process (CRI-O's pinns).
+
+A short-lived thread unshares the namespaces, sets the hostname and the pod's
+sysctls inside them (and inside the pod's network namespace), and bind-mounts
+its `/proc/<tid>/ns/{ipc,uts}` onto `<pod_dir>/ipc` and `<pod_dir>/uts`; the
+thread then ends and the mounts alone keep the namespaces alive. Containers
+join them by path. The directory holding pod dirs is made a private mount
+first, so these mounts neither propagate elsewhere nor get copied into peers.
+
+Namespaces are per thread for IPC, UTS and network, so none of this touches
+the daemon's other threads; the mounts are in the daemon's mount namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+from runc_backend import rootfs
+
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWNET = 0x40000000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_root_lock = threading.Lock()
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _propagation(mount_point: str) -> list[str] | None:
+    """Optional fields (shared:N, master:N) of the top mount at `mount_point`; None if it is no mount point."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if rootfs._unescape(fields[4]) == mount_point:
+                found = fields[6 : fields.index("-", 6)]
+    return found
+
+
+def make_private(root: Path) -> None:
+    """Make `root` a private mount of its own (bind it onto itself first if it is no mount point)."""
+    with _root_lock:
+        mount_point = os.path.realpath(root)
+        fields = _propagation(mount_point)
+        if fields is None:
+            rootfs.sys_mount(mount_point, mount_point, None, rootfs.MS_BIND)
+            fields = _propagation(mount_point) or []
+        if any(f.startswith(("shared:", "master:")) for f in fields):
+            rootfs.sys_mount(None, mount_point, None, rootfs.MS_PRIVATE)
+
+
+def _sysctl_path(name: str) -> str:
+    return "/proc/sys/" + (name if "/" in name else name.replace(".", "/"))
+
+
+def _write_sysctls(sysctls: Mapping[str, str]) -> None:
+    for name, value in sysctls.items():
+        with open(_sysctl_path(name), "w") as f:
+            f.write(value)
+
+
+def is_net_sysctl(name: str) -> bool:
+    return name.startswith("net.") or name.startswith("net/")
+
+
+def _pin(
+    pod_dir: Path, ipc: bool, uts: bool, hostname: str | None, netns: str | None, sysctls: Mapping[str, str]
+) -> None:
+    """In this (throwaway) thread: unshare, configure, bind-mount the namespaces."""
+    flags = (CLONE_NEWIPC if ipc else 0) | (CLONE_NEWUTS if uts else 0)
+    if flags:
+        _check(_libc.unshare(flags), "unshare")
+    if uts and hostname:
+        name = hostname.encode()
+        _check(_libc.sethostname(name, len(name)), "sethostname")
+    _write_sysctls({k: v for k, v in sysctls.items() if not is_net_sysctl(k)})
+    tid = threading.get_native_id()
+    for kind, wanted in (("ipc", ipc), ("uts", uts)):
+        if wanted:
+            target = pod_dir / kind
+            os.close(os.open(target, os.O_CREAT | os.O_RDONLY, 0o444))
+            rootfs.sys_mount(f"/proc/self/task/{tid}/ns/{kind}", target, None, rootfs.MS_BIND)
+    net = {k: v for k, v in sysctls.items() if is_net_sysctl(k)}
+    if net and netns:
+        fd = os.open(netns, os.O_RDONLY)
+        try:
+            _check(_libc.setns(fd, CLONE_NEWNET), "setns")
+        finally:
+            os.close(fd)
+        _write_sysctls(net)
+
+
+def _in_thread(fn, *args) -> None:  # type: ignore[no-untyped-def]
+    """Run `fn` in a thread of its own that ends with it (its namespaces die with it)."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            fn(*args)
+        except BaseException as e:  # handed to the caller
+            errors.append(e)
+
+    thread = threading.Thread(target=target, name="tandem-pinns", daemon=True)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+async def pin(
+    pod_dir: Path,
+    *,
+    ipc: bool,
+    uts: bool,
+    hostname: str | None,
+    netns: str | None,
+    sysctls: Mapping[str, str],
+) -> None:
+    """Pin new IPC/UTS namespaces at `<pod_dir>/ipc` and `<pod_dir>/uts`; on failure, nothing stays mounted."""
+    try:
+        await asyncio.to_thread(_in_thread, _pin, pod_dir, ipc, uts, hostname, netns, dict(sysctls))
+    except BaseException:
+        unpin(pod_dir)
+        raise
+
+
+def unpin(pod_dir: Path) -> None:
+    """Unmount (lazily) and remove the pinned namespace files; absent is success."""
+    for kind in ("ipc", "uts"):
+        path = pod_dir / kind
+        rootfs.sys_umount(path, rootfs.MNT_DETACH)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def pinned(pod_dir: Path, kind: str) -> bool:
+    """Whether a namespace is still mounted at `<pod_dir>/<kind>` (an nsfs file, not the plain placeholder)."""
+    try:
+        return os.stat(pod_dir / kind).st_dev != os.stat(pod_dir).st_dev
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,265 @@
+"""Untrusted pods end to end: a real daemon running each pod in its own QEMU micro-VM (TCG here) on a CNI bridge.
+
+Each boot costs ~4 s of TCG, so one VM carries the whole story: lifecycle, logs,
+the guest kernel, networking, isolation from the host's files, refusals, and a
+daemon killed with SIGKILL and restarted while the VM runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cri.config import Config
+from protos import cri_pb2 as pb
+from tests.support.crictl import Crictl
+from tests.support.daemon import TandemDaemon
+from tests.support.pods import container_config, delete_bridge, pod_config, wait_for, write_bridge_network
+from vm_backend.assets import assets_root, current_assets
+
+pytestmark = pytest.mark.integration
+
+CRI_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+(Z|[+-]\d\d:\d\d) (stdout|stderr) (P|F) (.*)$")
+
+
+@pytest.fixture
+def env(tmp_path, busybox_ref):
+    assets = current_assets(Config().state_dir)
+    if assets is None:
+        pytest.skip("no guest assets built (make setup)")
+    # The isolated daemon boots the assets `make setup` built for the default state dir.
+    root = assets_root(tmp_path / "state")
+    root.mkdir(parents=True)
+    (root / "current").symlink_to(assets.dir)
+    bridge = write_bridge_network(tmp_path / "net.d", 203)
+    daemon = TandemDaemon.isolated(tmp_path, '[vm]\naccel = "tcg"\n').start()
+    daemon.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=busybox_ref)))
+    yield daemon, busybox_ref, tmp_path, assets
+    if daemon.process is None:
+        daemon.start()
+    for sandbox in daemon.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items:
+        daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sandbox.id))
+        daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox.id))
+    daemon.stop()
+    daemon.unmount_workdir(tmp_path)
+    delete_bridge(bridge)
+
+
+def leftovers(daemon, tmp: Path) -> list[str]:
+    """Anything of a VM pod's still on the host: mounts, QEMU and virtiofsd processes, netns files, taps."""
+    found = []
+    state, run = str(daemon.state_dir), str(daemon.socket.parent)
+    daemons = (f"{run}/netns", f"{run}/runc/pods")  # the daemon's own, made once, not a pod's
+    for line in open("/proc/self/mountinfo"):
+        mount_point = line.split()[4]
+        if (mount_point.startswith(state) or mount_point.startswith(f"{run}/")) and mount_point not in daemons:
+            found.append(f"mount: {mount_point}")
+    found += [f"netns: {p.name}" for p in (daemon.socket.parent / "netns").iterdir()]
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    found += [f"process: {p}" for p in ps.splitlines() if str(tmp) in p and ("qemu" in p or "virtiofsd" in p)]
+    return found
+
+
+def ready(daemon, pod_id) -> pb.PodSandboxStatus:
+    return daemon.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True))
+
+
+def exec_sync(daemon, cid, *cmd, timeout=60):
+    return daemon.runtime.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=timeout))
+
+
+def test_vm_pod_lifecycle_isolation_and_restart(env):
+    daemon, image, tmp, assets = env
+    pod = pod_config("untrusted", tmp / "logs")
+    pod_id = daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=pod, runtime_handler="vm")).pod_sandbox_id
+    status = ready(daemon, pod_id)
+    assert status.status.state == pb.SANDBOX_READY
+    ip = status.status.network.ip
+    assert ip.startswith("10.203.0.")
+    assert '"backend": "vm"' in status.info["info"]
+
+    config = container_config("app", image, "sh", "-c", "echo hello; echo oops >&2; sleep 3600")
+    cid = daemon.runtime.CreateContainer(
+        pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod)
+    ).container_id
+    daemon.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
+    log_file = tmp / "logs" / "app.log"
+    lines = wait_for(
+        lambda: log_file.exists() and len(log_file.read_text().splitlines()) >= 2 and log_file.read_text().splitlines(),
+        timeout=60,
+        what="two log lines",
+    )
+    parsed = [CRI_LOG_LINE.match(line).groups()[1:] for line in lines]
+    assert ("stdout", "F", "hello") in parsed and ("stderr", "F", "oops") in parsed
+
+    uname = exec_sync(daemon, cid, "uname", "-r")
+    assert uname.exit_code == 0, uname.stderr
+    assert uname.stdout.decode().strip() == assets.kernel_release != os.uname().release
+    hostname = exec_sync(daemon, cid, "sh", "-c", "hostname; cat /etc/resolv.conf; exit 7")
+    assert hostname.exit_code == 7
+    assert hostname.stdout.startswith(b"untrusted\n") and b"nameserver 10.0.0.10" in hostname.stdout
+
+    ping = subprocess.run(["ping", "-c1", "-W5", ip], capture_output=True)
+    assert ping.returncode == 0, ping.stdout
+
+    # A file on the host, outside the pod's share: the guest has no way to name it.
+    name = f"host-secret-{secrets.token_hex(6)}"
+    secret = tmp / name
+    secret.write_text("host secret\n")
+    assert exec_sync(daemon, cid, "cat", str(secret)).exit_code != 0
+    assert exec_sync(daemon, cid, "ls", str(secret)).exit_code != 0
+    script = f"touch /tmp/{name}-inside; find / -name '{name}*' 2>/dev/null; true"
+    found = exec_sync(daemon, cid, "sh", "-c", script, timeout=120)
+    assert (found.exit_code, found.stdout) == (0, f"/tmp/{name}-inside\n".encode())  # find works, and sees no host file
+
+    # Host devices never reach a VM pod.
+    refused = container_config("dev", image, "sleep", "1")
+    refused.devices.append(pb.Device(container_path="/dev/xnull", host_path="/dev/null", permissions="rwm"))
+    with pytest.raises(grpc.RpcError) as err:
+        daemon.runtime.CreateContainer(
+            pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=refused, sandbox_config=pod)
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    # The daemon dies; the VM and its containers keep running, and the next daemon takes them over: what a
+    # container wrote and how it ended while no daemon listened reach its log and its status.
+    brief_config = container_config("brief", image, "sh", "-c", "sleep 3; echo while-down; exit 4")
+    brief = daemon.runtime.CreateContainer(
+        pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=brief_config, sandbox_config=pod)
+    ).container_id
+    daemon.runtime.StartContainer(pb.StartContainerRequest(container_id=brief))
+    daemon.kill()
+    time.sleep(6)
+    daemon.start()
+    ended = wait_for(
+        lambda: (
+            (s := daemon.runtime.ContainerStatus(pb.ContainerStatusRequest(container_id=brief)).status).state
+            == pb.CONTAINER_EXITED
+            and s
+        ),
+        timeout=30,
+        what="the exit that happened while the daemon was down",
+    )
+    assert ended.exit_code == 4
+    assert "stdout F while-down" in (tmp / "logs" / "brief.log").read_text()
+    (listed,) = daemon.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items
+    assert (listed.id, listed.state) == (pod_id, pb.SANDBOX_READY)
+    after = daemon.runtime.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status
+    assert after.state == pb.CONTAINER_RUNNING
+    assert exec_sync(daemon, cid, "echo", "still here").stdout == b"still here\n"
+
+    daemon.runtime.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=2))
+    stopped = daemon.runtime.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status
+    assert stopped.state == pb.CONTAINER_EXITED and stopped.exit_code in (137, 143)
+    daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    assert daemon.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items == []
+    assert leftovers(daemon, tmp) == []
+
+
+def test_vm_pod_streaming(env, tmp_path):
+    """Exec (with and without a terminal), attach and port-forward through the streaming server into the guest."""
+    daemon, image, tmp, _ = env
+    try:
+        crictl = Crictl(daemon, tmp)
+    except FileNotFoundError as e:
+        pytest.fail(str(e))
+    pod = pod_config("streams", tmp / "logs")
+    pod_id = daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=pod, runtime_handler="vm")).pod_sandbox_id
+
+    def start(config: pb.ContainerConfig) -> str:
+        request = pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod)
+        cid = daemon.runtime.CreateContainer(request).container_id
+        daemon.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
+        return cid
+
+    volume = tmp / "volume"
+    volume.mkdir()
+    (volume / "data.txt").write_text("from a host volume\n")
+    termination = tmp / "termination-log"
+    termination.touch()
+    echo_config = container_config("echo", image, "nc", "-ll", "-p", "80", "-e", "/bin/cat")
+    echo_config.mounts.extend(
+        [
+            pb.Mount(container_path="/data", host_path=str(volume), readonly=True),
+            pb.Mount(container_path="/dev/termination-log", host_path=str(termination)),
+        ]
+    )
+    echo = start(echo_config)
+    volume_read = crictl.run("exec", echo, "sh", "-c", "cat /data/data.txt; echo bye > /dev/termination-log")
+    assert volume_read.stdout == b"from a host volume\n", volume_read.stderr
+    assert termination.read_text() == "bye\n"
+    assert crictl.run("exec", echo, "touch", "/data/new").returncode != 0  # read-only
+    shell_config = container_config("shell", image, "sh")
+    shell_config.stdin = shell_config.stdin_once = True
+    shell = start(shell_config)
+
+    stats = daemon.runtime.ContainerStats(pb.ContainerStatsRequest(container_id=echo)).stats
+    assert stats.memory.working_set_bytes.value > 0 and stats.cpu.usage_core_nano_seconds.value > 0
+    assert stats.writable_layer.used_bytes.value >= 0
+    daemon.runtime.UpdateContainerResources(
+        pb.UpdateContainerResourcesRequest(
+            container_id=echo, linux=pb.LinuxContainerResources(cpu_quota=50_000, cpu_period=100_000)
+        )
+    )
+    quota = crictl.run("exec", echo, "cat", "/sys/fs/cgroup/cpu.max")
+    assert quota.stdout == b"50000 100000\n", quota.stderr
+    daemon.runtime.ReopenContainerLog(pb.ReopenContainerLogRequest(container_id=echo))
+
+    ws = crictl.run("exec", "-r", "websocket", echo, "sh", "-c", "echo over-websocket")
+    assert (ws.returncode, ws.stdout) == (0, b"over-websocket\n"), ws.stderr
+    failed = crictl.run("exec", echo, "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert failed.returncode == 1
+    assert failed.stdout == b"out\n"
+    assert b"err\n" in failed.stderr and b"command terminated with exit code 3" in failed.stderr
+    data = bytes(range(256)) * 400  # 100 KiB through stdin and back
+    echoed = crictl.run("exec", "-i", echo, "cat", input=data)
+    assert echoed.stdout == data, echoed.stderr
+
+    session = crictl.on_pty("exec", "-it", echo, "sh", "-c", "tty; stty size; read line; echo got $line", width=100,
+                            height=40)  # fmt: skip
+    try:
+        session.read_until(b"40 100\r")
+        session.write(b"hello\r")
+        session.read_until(b"got hello")
+        assert session.wait() == 0
+    finally:
+        session.close()
+
+    attached = crictl.run("attach", "-i", shell, input=b"echo hello-attach\necho to-err >&2\n")
+    assert attached.returncode == 0, attached.stderr
+    assert attached.stdout == b"hello-attach\n" and b"to-err\n" in attached.stderr
+    wait_for(
+        lambda: (
+            daemon.runtime.ContainerStatus(pb.ContainerStatusRequest(container_id=shell)).status.state
+            == pb.CONTAINER_EXITED
+        ),
+        what="sh to exit once its stdin closed",
+    )
+
+    forward = crictl.background("port-forward", pod_id, "0:80", log=tmp / "forward.log")
+    try:
+        line = wait_for(lambda: re.search(rb"Forwarding from 127\.0\.0\.1:(\d+)", (tmp / "forward.log").read_bytes()))
+        for i in range(2):
+            with socket.create_connection(("127.0.0.1", int(line.group(1))), timeout=20) as conn:
+                message = f"ping {i} into the guest\n".encode()
+                conn.sendall(message)
+                received = b""
+                while len(received) < len(message):
+                    received += conn.recv(100) or b"!"
+                assert received == message
+    finally:
+        forward.terminate()
+        forward.wait(10)
+
+    daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    assert leftovers(daemon, tmp) == []

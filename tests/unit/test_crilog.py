@@ -1,0 +1,31 @@
+import re
+
+from sandbox.crilog import CriLogWriter, format_lines, timestamp
+
+LINE = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z (stdout|stderr) (P|F) (.*)$")
+
+
+def test_timestamp_is_rfc3339_nano_utc():
+    assert timestamp(1_700_000_000_123_456_789) == "2023-11-14T22:13:20.123456789Z"
+    assert timestamp(0) == "1970-01-01T00:00:00.000000000Z"
+
+
+def test_complete_and_partial_lines():
+    out = format_lines("stdout", b"hello\nwor", 0).splitlines()
+    assert [LINE.match(line).groups() for line in out] == [(b"stdout", b"F", b"hello"), (b"stdout", b"P", b"wor")]
+    assert format_lines("stderr", b"", 0) == b""
+    (empty,) = format_lines("stderr", b"\n", 0).splitlines()
+    assert LINE.match(empty).groups() == (b"stderr", b"F", b"")
+
+
+def test_writer_appends_and_reopens(tmp_path):
+    path = tmp_path / "logs" / "c.log"
+    writer = CriLogWriter(path)
+    writer.write("stdout", b"one\n", 1)
+    path.rename(tmp_path / "rotated.log")
+    writer.write("stdout", b"two\n", 2)  # still the old file until reopened
+    writer.reopen()
+    writer.write("stderr", b"three\n", 3)
+    writer.close()
+    assert (tmp_path / "rotated.log").read_bytes().count(b"\n") == 2
+    assert path.read_bytes().endswith(b"stderr F three\n")

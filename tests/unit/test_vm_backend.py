@@ -1,0 +1,124 @@
+"""vm_backend.backend without a VM: the guest's OCI spec, the refusals, the VM's size."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from core.errors import InvalidArgument, Unavailable
+from cri.config import Config
+from protos import cri_pb2 as pb
+from runc_backend import spec
+from sandbox.backends import available_backends
+from vm_backend.backend import VmBackend, check_vm_container, guest_container_spec, vm_size
+
+
+def pod() -> pb.PodSandboxConfig:
+    return pb.PodSandboxConfig(metadata=pb.PodSandboxMetadata(name="p", namespace="n", uid="u"), hostname="guest")
+
+
+def container(**fields) -> pb.ContainerConfig:
+    return pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name="c"), image=pb.ImageSpec(image="busybox"), command=["sh"], **fields
+    )
+
+
+def make(tmp_path: Path, config: pb.ContainerConfig, sandbox: pb.PodSandboxConfig | None = None) -> dict:
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True, exist_ok=True)
+    (rootfs / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (rootfs / "etc" / "group").write_text("root:x:0:\n")
+    empty = tmp_path / "empty-dev"
+    empty.mkdir(exist_ok=True)
+    return guest_container_spec(
+        config,
+        sandbox or pod(),
+        sandbox_id="s" * 64,
+        container_id="c" * 64,
+        host_rootfs=rootfs,
+        image_config={},
+        share=tmp_path / "share",
+        empty_dev=empty,
+    )
+
+
+def test_the_guest_is_the_pod(tmp_path):
+    config = container()
+    config.linux.security_context.namespace_options.pid = pb.CONTAINER
+    result = make(tmp_path, config)
+    types = [n["type"] for n in result["linux"]["namespaces"]]
+    assert "network" not in types and "ipc" not in types and "uts" not in types
+    assert {"type": "pid"} in result["linux"]["namespaces"] and {"type": "cgroup"} in result["linux"]["namespaces"]
+    assert result["linux"]["cgroupsPath"] == "/tandem/" + "c" * 64
+    assert result["root"]["path"] == "rootfs"
+    sources = {m["destination"]: m["source"] for m in result["mounts"]}
+    assert sources["/etc/hosts"] == "/run/tandem/pod/hosts"
+    assert sources["/etc/resolv.conf"] == "/run/tandem/pod/resolv.conf"
+    assert sources["/etc/hostname"] == "/run/tandem/pod/hostname"
+    assert sources["/dev/shm"] == "/run/tandem/pod/shm"
+    assert "HOSTNAME=guest" in result["process"]["env"]
+
+
+def test_pod_pid_mode_shares_the_guests_pid_namespace(tmp_path):
+    config = container()  # POD is the enum's default
+    types = [n["type"] for n in make(tmp_path, config)["linux"]["namespaces"]]
+    assert "pid" not in types
+
+
+def test_mounts_come_from_the_share(tmp_path):
+    config = container(
+        mounts=[pb.Mount(container_path="/data", host_path=str(tmp_path / "share" / "c" / "mounts" / "0"))]
+    )
+    (tmp_path / "share" / "c" / "mounts" / "0").mkdir(parents=True)
+    (mount,) = [m for m in make(tmp_path, config)["mounts"] if m["destination"] == "/data"]
+    assert mount["source"] == "/run/tandem/share/c/mounts/0"
+
+
+def test_privileged_is_privileged_in_the_guest_without_host_devices(tmp_path):
+    sandbox = pod()
+    sandbox.linux.security_context.privileged = True
+    config = container()
+    config.linux.security_context.privileged = True
+    result = make(tmp_path, config, sandbox)
+    assert result["linux"]["devices"] == []
+    assert len(result["process"]["capabilities"]["bounding"]) == len(spec.CAPABILITIES)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        container(devices=[pb.Device(container_path="/dev/x", host_path="/dev/null", permissions="rwm")]),
+        container(
+            linux=pb.LinuxContainerConfig(
+                security_context=pb.LinuxContainerSecurityContext(namespace_options=pb.NamespaceOption(pid=pb.NODE))
+            )
+        ),
+        container(
+            linux=pb.LinuxContainerConfig(
+                security_context=pb.LinuxContainerSecurityContext(
+                    namespace_options=pb.NamespaceOption(pid=pb.TARGET, target_id="x")
+                )
+            )
+        ),
+        container(mounts=[pb.Mount(container_path="/m", host_path="/tmp", propagation=pb.PROPAGATION_BIDIRECTIONAL)]),
+    ],
+)
+def test_refusals(config):
+    with pytest.raises(InvalidArgument):
+        check_vm_container(config)
+
+
+def test_vm_size_adds_the_pods_resources_to_the_defaults():
+    sandbox = pod()
+    assert vm_size(sandbox, 1, 256) == (1, 256)
+    sandbox.linux.resources.memory_limit_in_bytes = 100 * 2**20 + 1
+    sandbox.linux.resources.cpu_quota, sandbox.linux.resources.cpu_period = 50_000, 100_000
+    vcpus, memory = vm_size(sandbox, 1, 256)
+    assert memory == 256 + 101 and vcpus == min(2, os.cpu_count())
+
+
+def test_without_guest_assets_the_backend_is_unavailable(tmp_path):
+    config = Config(state_dir=tmp_path / "state", runtime_dir=tmp_path / "run")
+    with pytest.raises(Unavailable, match="guest assets"):
+        VmBackend.create(config)
+    assert "vm" not in available_backends(config)
