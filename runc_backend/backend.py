@@ -39,10 +39,9 @@ from protos import cri_pb2 as pb
 from runc_backend import cgroups, conmon, pinns, rootfs, spec, streams
 from runc_backend.conmon import Conmon
 from runc_backend.runc import Runc
+from sandbox import podfiles
 from sandbox.backend import Backend, ContainerUsage, ExecResult, ExitStatus, ImageRootfs, Process
 from sandbox.model import ContainerRecord, ProcessUser, SandboxRecord
-from sandbox.podfiles import hosts as _hosts
-from sandbox.podfiles import resolv_conf as _resolv_conf
 
 log = logging.getLogger("tandem.runc")
 
@@ -135,7 +134,7 @@ class RuncBackend(Backend):
         config = sandbox.config
         pod_dir = private_dir(self._pod_dir(sandbox))
         os.chmod(pod_dir, 0o755)
-        hostname = config.hostname or config.metadata.name
+        hostname = podfiles.hostname(config)
         if sandbox.host_network:
             hostname = spec.detect_host().hostname
         files = spec.PodFiles(
@@ -145,8 +144,8 @@ class RuncBackend(Backend):
             shm=None if config.linux.security_context.namespace_options.ipc == pb.NODE else pod_dir / "shm",
         )
         atomic_write_bytes(files.hostname, f"{hostname}\n".encode(), mode=0o644, durable=False)
-        atomic_write_bytes(files.resolv_conf, _resolv_conf(config.dns_config), mode=0o644, durable=False)
-        hosts = Path("/etc/hosts").read_bytes() if sandbox.host_network else _hosts(hostname, sandbox.ips)
+        atomic_write_bytes(files.resolv_conf, podfiles.resolv_conf(config.dns_config), mode=0o644, durable=False)
+        hosts = Path("/etc/hosts").read_bytes() if sandbox.host_network else podfiles.hosts(hostname, sandbox.ips)
         atomic_write_bytes(files.hosts, hosts, mode=0o644, durable=False)
         if files.shm is not None and not rootfs.is_mounted(files.shm):
             files.shm.mkdir(exist_ok=True)

@@ -1,10 +1,22 @@
-"""The contents of a pod's /etc/resolv.conf and /etc/hosts, the same for both backends."""
+"""A pod's hostname, /etc/resolv.conf and /etc/hosts: the same rules for both backends."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from core.errors import InvalidArgument
 from protos import cri_pb2 as pb
+
+MAX_HOSTNAME_BYTES = 64  # the kernel's limit (sethostname fails with EINVAL beyond it)
+
+
+def hostname(config: pb.PodSandboxConfig) -> str:
+    """The pod's hostname: the one it asked for, else the node's, as containerd does."""
+    name = config.hostname or os.uname().nodename
+    if len(name.encode()) > MAX_HOSTNAME_BYTES:
+        raise InvalidArgument(f"pod hostname {name!r} is longer than {MAX_HOSTNAME_BYTES} bytes")
+    return name
 
 
 def resolv_conf(dns: pb.DNSConfig) -> bytes:

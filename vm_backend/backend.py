@@ -151,7 +151,7 @@ def guest_container_spec(
         cgroups_path=f"/tandem/{container_id}",
         pod_files=guest_pod_files(),
         oom_score_adj_floor=-1000,  # the agent runs with every capability in the guest
-        host=guest_host_info(sandbox.hostname or sandbox.metadata.name, empty_dev),
+        host=guest_host_info(podfiles.hostname(sandbox), empty_dev),
     )
     share_prefix = f"{share}/"
     for mount in result["mounts"]:
@@ -495,6 +495,7 @@ class VmBackend(Backend):
         if not sandbox.netns_path:
             raise FailedPrecondition("a VM pod needs its own network namespace")
         config = sandbox.config
+        podfiles.hostname(config)  # refuse a bad hostname before booting anything
         netns = Path(sandbox.netns_path)
         run_dir = private_dir(self._run_dir(sandbox))
         vcpus, memory = vm_size(config, self.config.vm.default_vcpus, self.config.vm.default_memory_mib)
@@ -513,7 +514,7 @@ class VmBackend(Backend):
         await pod.vm.start(boot_timeout=self.config.vm.boot_timeout_seconds)
         sandbox.backend_state["qemu_pid"] = pod.vm.pid()
         await self._connected(sandbox, AGENT_CONNECT_TIMEOUT)
-        hostname = config.hostname or config.metadata.name
+        hostname = podfiles.hostname(config)
         setup = agent_pb2.SetupPod(
             hostname=hostname,
             resolv_conf=podfiles.resolv_conf(config.dns_config),
@@ -544,6 +545,8 @@ class VmBackend(Backend):
                     await wait_exit(pid, SHUTDOWN_WAIT)
             await pod.close()
             await pod.vm.kill()  # also stops virtiofsd and removes the sockets
+            # a virtiofsd started for a boot that never reached QEMU has no QEMU to outlive it
+            await Virtiofsd(self._run_dir(sandbox), binary=str(self.config.vm.virtiofsd)).stop()
         if sandbox.netns_path:
             await detach_tap(Path(sandbox.netns_path), sandbox.backend_state.get("tap", TAP))
 

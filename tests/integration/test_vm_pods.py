@@ -263,3 +263,29 @@ def test_vm_pod_streaming(env, tmp_path):
     daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
     daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
     assert leftovers(daemon, tmp) == []
+
+
+@pytest.mark.parametrize("deadline", [1.0, 2.0, 3.0])
+def test_a_pod_start_given_up_by_its_client_leaves_nothing(env, deadline):
+    """kubelet's RunPodSandbox deadline can fire mid-boot: the cancelled start must clean up after itself."""
+    daemon, _, tmp, _ = env
+    request = pb.RunPodSandboxRequest(config=pod_config("given-up", tmp / "logs"), runtime_handler="vm")
+    with pytest.raises(grpc.RpcError) as err:
+        daemon.runtime.RunPodSandbox(request, timeout=deadline)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for(lambda: not daemon.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items, what="the pod to go")
+    wait_for(lambda: leftovers(daemon, tmp) == [], timeout=30, what="no QEMU, virtiofsd, mount or netns left")
+
+
+def test_a_daemon_killed_mid_boot_leaves_a_pod_that_removes_cleanly(env):
+    daemon, _, tmp, _ = env
+    request = pb.RunPodSandboxRequest(config=pod_config("cut-short", tmp / "logs"), runtime_handler="vm")
+    with pytest.raises(grpc.RpcError):
+        daemon.runtime.RunPodSandbox(request, timeout=2.0)
+    daemon.kill()
+    daemon.start()
+    for pod in daemon.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items:
+        assert pod.state == pb.SANDBOX_NOTREADY
+        daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod.id))
+        daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
+    wait_for(lambda: leftovers(daemon, tmp) == [], timeout=30, what="no QEMU, virtiofsd, mount or netns left")
