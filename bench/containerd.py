@@ -17,13 +17,13 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
 
 from protos import cri_pb2_grpc
+from tests.support.daemon import wait_for_grpc
 
 CONTAINERD = "containerd"
 
@@ -133,21 +133,8 @@ class ContainerdInstance:
                 cwd=self.workdir,
                 start_new_session=True,  # a Ctrl-C meant for the benchmark reaches us, not containerd
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"containerd exited with {self.process.returncode}:\n{self.log()[-3000:]}")
-            if self.socket.exists():
-                channel = grpc.insecure_channel(f"unix://{self.socket}")
-                try:
-                    grpc.channel_ready_future(channel).result(timeout=1)
-                except grpc.FutureTimeoutError:
-                    channel.close()
-                    continue
-                self._channel = channel
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(f"containerd did not listen on {self.socket} within {timeout}s:\n{self.log()[-3000:]}")
+        self._channel = wait_for_grpc(self.process, self.socket, timeout, "containerd", self.log)
+        return self
 
     @property
     def images(self) -> cri_pb2_grpc.ImageServiceStub:

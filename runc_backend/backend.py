@@ -39,7 +39,7 @@ from protos import cri_pb2 as pb
 from runc_backend import cgroups, conmon, pinns, rootfs, spec, streams
 from runc_backend.conmon import Conmon
 from runc_backend.runc import Runc
-from sandbox import podfiles
+from sandbox import podfiles, signals
 from sandbox.backend import Backend, ContainerUsage, ExecResult, ExitStatus, ImageRootfs, Process
 from sandbox.model import ContainerRecord, ProcessUser, SandboxRecord
 
@@ -49,21 +49,6 @@ CATATONIT = Path("/usr/bin/catatonit")
 INFRA, PINNED = "infra", "pinned"  # backend_state["mode"]: records without one are infra pods
 SHM_SIZE = 64 * 2**20
 STOP_GRACE_AFTER_KILL = 10.0
-
-
-def _signal_number(name: str) -> int:
-    """`SIGTERM`, `TERM`, `15` or `SIGRTMIN+3` → its number; unknown names fall back to SIGTERM."""
-    name = name.strip().upper()
-    if name.isdigit():
-        return int(name)
-    if not name.startswith("SIG"):
-        name = "SIG" + name
-    if name.startswith("SIGRTMIN+") and name[9:].isdigit():
-        return signal.SIGRTMIN + int(name[9:])
-    with contextlib.suppress(KeyError):
-        return signal.Signals[name].value
-    log.warning("unknown stop signal, using SIGTERM", extra={"signal": name})
-    return signal.SIGTERM
 
 
 class RuncBackend(Backend):
@@ -326,14 +311,8 @@ class RuncBackend(Backend):
         container.user = ProcessUser(user.get("uid", 0), user.get("gid", 0), list(user.get("additionalGids", [])))
         own_pid_ns = any(ns == {"type": "pid"} for ns in container_spec["linux"]["namespaces"])
         container.backend_state.update(
-            {"pid": pid, "stop_signal": self._stop_signal(config, image.config), **_process_identity(pid, own_pid_ns)}
+            {"pid": pid, "stop_signal": signals.stop_signal(config, image.config), **_process_identity(pid, own_pid_ns)}
         )
-
-    @staticmethod
-    def _stop_signal(config: pb.ContainerConfig, image_config: dict[str, Any]) -> int:
-        if config.stop_signal:
-            return _signal_number(pb.Signal.Name(config.stop_signal))
-        return _signal_number((image_config.get("config") or {}).get("StopSignal") or "SIGTERM")
 
     async def start_container(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
         await self.runc.start(container.id)

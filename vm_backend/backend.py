@@ -35,7 +35,7 @@ from cri.config import Config
 from protos import agent_pb2
 from protos import cri_pb2 as pb
 from runc_backend import rootfs, spec
-from sandbox import podfiles
+from sandbox import podfiles, signals
 from sandbox.backend import Backend, ContainerUsage, ExecResult, ExitStatus, ImageRootfs, Process
 from sandbox.crilog import STDERR, STDOUT, CriLogWriter
 from sandbox.model import ContainerRecord, ContainerState, ProcessUser, SandboxRecord
@@ -59,19 +59,6 @@ REATTACH_TIMEOUT = 10.0
 RETRY_CONNECT = 30.0
 _POLL = 0.05
 _MIB = 2**20
-
-
-def _signal_number(name: str) -> int:
-    name = name.strip().upper()
-    if name.isdigit():
-        return int(name)
-    if not name.startswith("SIG"):
-        name = "SIG" + name
-    if name.startswith("SIGRTMIN+") and name[9:].isdigit():
-        return signal.SIGRTMIN + int(name[9:])
-    with contextlib.suppress(KeyError):
-        return signal.Signals[name].value
-    return signal.SIGTERM
 
 
 def vm_size(config: pb.PodSandboxConfig, default_vcpus: int, default_memory_mib: int) -> tuple[int, int]:
@@ -615,7 +602,7 @@ class VmBackend(Backend):
         )
         user = container_spec["process"]["user"]
         container.user = ProcessUser(user.get("uid", 0), user.get("gid", 0), list(user.get("additionalGids", [])))
-        container.backend_state["stop_signal"] = self._stop_signal(config, image.config)
+        container.backend_state["stop_signal"] = signals.stop_signal(config, image.config)
 
     async def _share_mounts(self, vfs: Virtiofsd, container_id: str, config: pb.ContainerConfig) -> pb.ContainerConfig:
         """Bind each host path the container mounts into the share; the copy of `config` names the binds."""
@@ -651,12 +638,6 @@ class VmBackend(Backend):
         await vfs.unbind_rootfs(container_id)
         await rootfs.unmount(run_dir / "c" / container_id / "rootfs")
         await asyncio.to_thread(shutil.rmtree, run_dir / "c" / container_id, True)
-
-    @staticmethod
-    def _stop_signal(config: pb.ContainerConfig, image_config: dict[str, Any]) -> int:
-        if config.stop_signal:
-            return _signal_number(pb.Signal.Name(config.stop_signal))
-        return _signal_number((image_config.get("config") or {}).get("StopSignal") or "SIGTERM")
 
     async def start_container(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
         pod = await self._connected(sandbox)

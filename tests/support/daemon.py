@@ -7,11 +7,32 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 
 from protos import cri_pb2_grpc
+
+
+def wait_for_grpc(
+    process: subprocess.Popen[bytes], socket: Path, timeout: float, name: str, log: Callable[[], str]
+) -> grpc.Channel:
+    """A channel to a gRPC server `process` is starting on `socket`, once it answers; its log if it dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{log()[-3000:]}")
+        if socket.exists():
+            channel = grpc.insecure_channel(f"unix://{socket}")
+            try:
+                grpc.channel_ready_future(channel).result(timeout=1)
+            except grpc.FutureTimeoutError:
+                channel.close()
+                continue
+            return channel
+        time.sleep(0.05)
+    raise RuntimeError(f"{name} did not listen on {socket} within {timeout}s:\n{log()[-3000:]}")
 
 
 class TandemDaemon:
@@ -65,21 +86,8 @@ class TandemDaemon:
             stderr=log,
         )
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tandem exited with {self.process.returncode}:\n{self.log()}")
-            if self.socket.exists():
-                channel = grpc.insecure_channel(f"unix://{self.socket}")
-                try:
-                    grpc.channel_ready_future(channel).result(timeout=1)
-                except grpc.FutureTimeoutError:
-                    channel.close()
-                    continue
-                self._channel = channel
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(f"tandem did not listen on {self.socket} within {timeout}s:\n{self.log()}")
+        self._channel = wait_for_grpc(self.process, self.socket, timeout, "tandem", self.log)
+        return self
 
     @property
     def runtime(self) -> cri_pb2_grpc.RuntimeServiceStub:
