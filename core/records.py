@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar
 
-from core.errors import FailedPrecondition, InvalidArgument
+from core.errors import DataCorruption, FailedPrecondition, InvalidArgument
 from core.files import atomic_write_json, private_dir
 
 log = logging.getLogger("tandem.records")
@@ -57,6 +57,25 @@ class RecordStore(Generic[R]):
             os.unlink(self._path(record_id))
         except FileNotFoundError:
             pass
+
+    def ids(self) -> list[str]:
+        return sorted(path.stem for path in self.root.glob("*.json"))
+
+    def get(self, record_id: str) -> R | None:
+        """One record, read only (for tools beside a running daemon): None if absent; an unreadable file raises."""
+        path = self._path(record_id)
+        try:
+            envelope = json.loads(path.read_bytes())
+            kind, schema, data = envelope["kind"], int(envelope["schema"]), envelope["data"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataCorruption(f"{path} is unreadable: {e}") from None
+        if kind != self.record_type.KIND:
+            raise DataCorruption(f"{path} holds a {kind!r} record, expected {self.record_type.KIND!r}")
+        if schema > self.record_type.SCHEMA:
+            raise FailedPrecondition(f"{path} has schema {schema}, newer than this Tandem understands")
+        return self.record_type.from_dict(data, schema)
 
     def load_all(self) -> dict[str, R]:
         """Read every record; an unreadable file is set aside as `.corrupt` and reported, not fatal."""

@@ -63,6 +63,15 @@ def _assets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _console(args: argparse.Namespace) -> int:
+    from vm_backend.console import run_console
+
+    config = load_config(Path(args.config) if args.config else None)
+    if args.state_dir:
+        config = dataclasses.replace(config, state_dir=Path(args.state_dir))
+    return run_console(config, args.pod_id, tail=not args.no_log)
+
+
 def _version(args: argparse.Namespace) -> int:
     print(f"{RUNTIME_NAME} {RUNTIME_VERSION} (CRI {CRI_API_VERSION})")
     return 0
@@ -88,6 +97,15 @@ def parser() -> argparse.ArgumentParser:
     assets.add_argument("--state-dir", help="persistent state directory (default /var/lib/tandem)")
     assets.add_argument("--force", action="store_true", help="rebuild even if the inputs did not change")
     assets.set_defaults(run=_assets)
+
+    console = commands.add_parser(
+        "console", help="connect this terminal to a VM pod's serial console (Ctrl-] detaches)"
+    )
+    console.add_argument("pod_id", metavar="POD_ID", help="the pod's ID or a unique prefix of it")
+    console.add_argument("--config", help="TOML config file (default /etc/tandem/tandem.toml if present)")
+    console.add_argument("--state-dir", help="persistent state directory (default /var/lib/tandem)")
+    console.add_argument("--no-log", action="store_true", help="do not print the tail of the console log first")
+    console.set_defaults(run=_console)
 
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(run=_version)

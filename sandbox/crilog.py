@@ -44,18 +44,23 @@ class CriLogWriter:
         self.path = path
         self._file: BinaryIO | None = None
 
-    def write(self, stream: str, data: bytes, unix_ns: int) -> None:
-        lines = format_lines(stream, data, unix_ns)
-        if not lines:
-            return
+    def open(self) -> BinaryIO:
+        """Create the file if need be: it exists from the container's creation on, as kubelet expects."""
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             self._file = os.fdopen(fd, "ab", buffering=0)
-        self._file.write(lines)
+        return self._file
+
+    def write(self, stream: str, data: bytes, unix_ns: int) -> None:
+        lines = format_lines(stream, data, unix_ns)
+        if lines:
+            self.open().write(lines)
 
     def reopen(self) -> None:
+        """After the kubelet renamed the file: a new one at the path, at once, as conmon does."""
         self.close()
+        self.open()
 
     def close(self) -> None:
         if self._file is not None:

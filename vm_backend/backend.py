@@ -58,6 +58,7 @@ AGENT_CONNECT_TIMEOUT = 60.0
 REATTACH_TIMEOUT = 10.0
 RETRY_CONNECT = 30.0
 _POLL = 0.05
+VM_DIED = "VMDied"  # the reason of a container whose pod's QEMU died under it
 _MIB = 2**20
 
 
@@ -576,6 +577,9 @@ class VmBackend(Backend):
         assert vfs is not None
         directory = private_dir(pod.container_dir(container.id))
         (directory / "log_path").write_text(container.log_path)
+        if container.log_path:
+            pod.logs[container.id] = CriLogWriter(Path(container.log_path))
+            pod.logs[container.id].open()
         layer = self.layers / container.id
         host_root = directory / "rootfs"
         await rootfs.mount_rootfs(image.layers, layer / "upper", layer / "work", host_root)
@@ -697,7 +701,13 @@ class VmBackend(Backend):
                 return None
             exited = self._read_exit(sandbox, container.id)
             if exited is None:
-                return ExitStatus(255, time.time_ns(), reason="Unknown", message="the pod's VM is gone")
+                vm = self._pod(sandbox).vm.spec
+                return ExitStatus(
+                    255,
+                    time.time_ns(),
+                    reason=VM_DIED,
+                    message=f"the pod's VM tandem-{vm.name} (QEMU, run dir {vm.run_dir}) is gone",
+                )
         code = int(exited["code"])
         if exited.get("oom"):
             return ExitStatus(code, int(exited["finished"]), reason="OOMKilled")

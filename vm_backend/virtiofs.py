@@ -80,7 +80,8 @@ class Virtiofsd:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _SOCKET_WAIT
         while not self.socket.exists():
-            if self.pid() is None or loop.time() > deadline:
+            # not `self.pid()`: between fork and exec the child's cmdline is not virtiofsd's yet
+            if not _exists(pid) or loop.time() > deadline:
                 await self.stop()
                 raise Unavailable(f"virtiofsd did not start: {self._log_tail()}")
             await asyncio.sleep(0.02)
@@ -133,3 +134,11 @@ class Virtiofsd:
         for directory in (target, target.parent):
             with contextlib.suppress(OSError):  # gone already, or still holding something else
                 directory.rmdir()
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

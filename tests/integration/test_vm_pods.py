@@ -8,10 +8,13 @@ daemon killed with SIGKILL and restarted while the VM runs.
 from __future__ import annotations
 
 import os
+import pty
 import re
 import secrets
 import socket
 import subprocess
+import sys
+import termios
 import time
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from tests.support.crictl import Crictl
 from tests.support.daemon import TandemDaemon
 from tests.support.pods import container_config, delete_bridge, pod_config, wait_for, write_bridge_network
 from vm_backend.assets import assets_root, current_assets
+from vm_backend.qemu import BOOT_MARKER
 
 pytestmark = pytest.mark.integration
 
@@ -289,3 +293,117 @@ def test_a_daemon_killed_mid_boot_leaves_a_pod_that_removes_cleanly(env):
         daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod.id))
         daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
     wait_for(lambda: leftovers(daemon, tmp) == [], timeout=30, what="no QEMU, virtiofsd, mount or netns left")
+
+
+def start_sleeper(daemon, image, tmp: Path, name: str) -> tuple[str, str]:
+    """A VM pod running one sleeping container: (pod id, container id)."""
+    pod = pod_config(name, tmp / "logs")
+    pod_id = daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=pod, runtime_handler="vm")).pod_sandbox_id
+    config = container_config("sleeper", image, "sleep", "3600")
+    request = pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod)
+    cid = daemon.runtime.CreateContainer(request).container_id
+    daemon.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
+    return pod_id, cid
+
+
+def remove_pods(daemon, *pod_ids: str) -> None:
+    for pod_id in pod_ids:
+        daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+        daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+
+
+def console(daemon, pod_id: str) -> subprocess.Popen[bytes]:
+    """`tandem console` on a pod, stdin a pipe."""
+    argv = [sys.executable, "-m", "cri.cli", "console", pod_id, "--config", str(daemon.config_path)]
+    argv += ["--state-dir", str(daemon.state_dir)]
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_a_vm_dying_under_its_pod_shows_as_notready_with_its_containers_exited(env):
+    daemon, image, tmp, _ = env
+    pod_id, cid = start_sleeper(daemon, image, tmp, "doomed")
+    watching = console(daemon, pod_id[:8])
+    assert watching.stderr.readline().strip().endswith(b"Ctrl-] detaches]")  # connected
+    pidfile = daemon.socket.parent / "vm" / pod_id[:16] / "qemu.pid"
+    os.kill(int(pidfile.read_text()), 9)
+    assert watching.wait(timeout=30) == 1  # stdin stays open: only the VM's end ends the session
+    assert b"the VM stopped" in watching.stderr.read()
+    watching.stdin.close()
+    watching.stdout.close()
+    watching.stderr.close()
+
+    status = wait_for(
+        lambda: (
+            (s := daemon.runtime.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status).state
+            == pb.CONTAINER_EXITED
+            and s
+        ),
+        timeout=30,
+        what="the container to be marked exited",
+    )
+    assert (status.exit_code, status.reason) == (255, "VMDied")
+    assert f"tandem-{pod_id[:12]}" in status.message
+    assert ready(daemon, pod_id).status.state == pb.SANDBOX_NOTREADY
+    remove_pods(daemon, pod_id)
+    assert daemon.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items == []
+    wait_for(lambda: leftovers(daemon, tmp) == [], timeout=30, what="no QEMU, virtiofsd, mount or netns left")
+
+
+def test_several_vm_pods_survive_a_daemon_crash(env):
+    daemon, image, tmp, _ = env
+    pods = dict(start_sleeper(daemon, image, tmp, f"survivor-{i}") for i in range(3))
+    daemon.kill()
+    daemon.start()
+    listed = {p.id: p.state for p in daemon.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items}
+    assert listed == dict.fromkeys(pods, pb.SANDBOX_READY)
+    for cid in pods.values():
+        result = exec_sync(daemon, cid, "true")
+        assert result.exit_code == 0, result.stderr
+    remove_pods(daemon, *pods)
+    assert daemon.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items == []
+    wait_for(lambda: leftovers(daemon, tmp) == [], timeout=30, what="no QEMU, virtiofsd, mount or netns left")
+
+
+def test_console(env):
+    """`tandem console`: the boot log, then the live serial console until Ctrl-]; runc pods have none."""
+    daemon, _, tmp, _ = env
+    pod_id = daemon.runtime.RunPodSandbox(
+        pb.RunPodSandboxRequest(config=pod_config("consoled", tmp / "logs"), runtime_handler="vm")
+    ).pod_sandbox_id
+    for _ in range(2):  # QEMU takes the next client once one detaches
+        session = console(daemon, pod_id[:10])
+        out, err = session.communicate(b"\n\x1d", timeout=30)
+        assert session.returncode == 0, err
+        assert BOOT_MARKER.encode() in out
+        assert b"Ctrl-] detaches" in err and b"[tandem: detached]" in err
+
+    # On a terminal: raw mode while connected (Ctrl-] arrives as a byte, not a signal), the modes restored after.
+    primary, secondary = pty.openpty()
+    before = termios.tcgetattr(secondary)
+    argv = [sys.executable, "-m", "cri.cli", "console", pod_id, "--config", str(daemon.config_path), "--no-log"]
+    argv += ["--state-dir", str(daemon.state_dir)]
+    session = subprocess.Popen(argv, stdin=secondary, stdout=secondary, stderr=secondary)
+    try:
+        seen = b""
+        while b"detaches]" not in seen:
+            seen += os.read(primary, 1024)
+        assert not termios.tcgetattr(secondary)[3] & termios.ICANON  # raw
+        os.write(primary, b"\x1d")
+        assert session.wait(timeout=30) == 0
+        assert termios.tcgetattr(secondary) == before
+    finally:
+        session.kill()
+        os.close(primary)
+        os.close(secondary)
+
+    trusted = daemon.runtime.RunPodSandbox(
+        pb.RunPodSandboxRequest(config=pod_config("trusted", tmp / "logs"))
+    ).pod_sandbox_id
+    refused = console(daemon, trusted)
+    _, err = refused.communicate(b"", timeout=30)
+    assert refused.returncode == 2 and b"not in a VM" in err, err
+    unknown = console(daemon, "ffffffffffffffff")
+    _, err = unknown.communicate(b"", timeout=30)
+    assert unknown.returncode == 2 and b"not found" in err, err
+    remove_pods(daemon, pod_id, trusted)
+    assert leftovers(daemon, tmp) == []

@@ -29,3 +29,17 @@ def test_writer_appends_and_reopens(tmp_path):
     writer.close()
     assert (tmp_path / "rotated.log").read_bytes().count(b"\n") == 2
     assert path.read_bytes().endswith(b"stderr F three\n")
+
+
+def test_the_log_exists_from_open_and_reopen_makes_a_new_file(tmp_path):
+    path = tmp_path / "logs" / "app.log"
+    writer = CriLogWriter(path)
+    writer.open()
+    assert path.exists() and path.read_bytes() == b""
+    writer.write("stdout", b"one\n", 0)
+    path.rename(tmp_path / "logs" / "app.log.1")
+    writer.reopen()
+    assert path.exists() and path.read_bytes() == b""
+    writer.write("stdout", b"two\n", 0)
+    assert path.read_bytes().endswith(b"stdout F two\n")
+    writer.close()

@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from core.errors import FailedPrecondition, InvalidArgument
+from core.errors import DataCorruption, FailedPrecondition, InvalidArgument
 from core.records import RecordStore
 
 
@@ -82,3 +82,15 @@ def test_concurrent_writers_never_leave_a_torn_file(tmp_path):
     loaded = store.load_all()
     assert loaded["shared"].legs % 1000 == 49
     assert not list((tmp_path / "pets").glob(".*tmp"))
+
+
+def test_get_reads_one_record_and_leaves_a_bad_file_in_place(tmp_path):
+    store = RecordStore(tmp_path / "pets", Pet)
+    store.put(Pet("rex", 3))
+    (tmp_path / "pets" / "bad.json").write_text("{")
+    assert store.ids() == ["bad", "rex"]
+    assert store.get("rex") == Pet("rex", 3)
+    assert store.get("nobody") is None
+    with pytest.raises(DataCorruption):
+        store.get("bad")
+    assert (tmp_path / "pets" / "bad.json").exists()  # not set aside: a tool beside the daemon must not move it

@@ -10,7 +10,9 @@ from cri.config import Config
 from protos import cri_pb2 as pb
 from runc_backend import spec
 from sandbox.backends import available_backends
-from vm_backend.backend import VmBackend, check_vm_container, guest_container_spec, vm_size
+from sandbox.model import ContainerRecord, ContainerState, SandboxRecord
+from vm_backend.assets import GuestAssets
+from vm_backend.backend import VM_DIED, VmBackend, check_vm_container, guest_container_spec, vm_size
 
 
 def pod() -> pb.PodSandboxConfig:
@@ -122,3 +124,19 @@ def test_without_guest_assets_the_backend_is_unavailable(tmp_path):
     with pytest.raises(Unavailable, match="guest assets"):
         VmBackend.create(config)
     assert "vm" not in available_backends(config)
+
+
+async def test_a_container_whose_vm_is_gone_exited_with_vm_died(tmp_path):
+    config = Config(state_dir=tmp_path / "state", runtime_dir=tmp_path / "run")
+    assets = GuestAssets(tmp_path, "d", tmp_path / "vmlinuz", tmp_path / "initrd", "6.1", {})
+    backend = VmBackend(config, assets)
+    sandbox = SandboxRecord(id="a" * 64, config=pod(), runtime_handler="vm", backend="vm", trust_reason="test")
+    sandbox.backend_state["run_dir"] = str(tmp_path / "run" / "vm" / ("a" * 16))  # no pidfile: no QEMU
+    record = ContainerRecord(
+        id="c" * 64, sandbox_id=sandbox.id, config=container(), image_id="i", image_ref="busybox", log_path="",
+        state=ContainerState.RUNNING,
+    )  # fmt: skip
+    exited = await backend.container_exit(sandbox, record)
+    assert exited is not None
+    assert (exited.exit_code, exited.reason) == (255, VM_DIED)
+    assert f"tandem-{'a' * 12}" in exited.message

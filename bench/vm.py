@@ -1,0 +1,353 @@
+"""VM pods (issue #4): pod start vs a bare QEMU boot, host memory per idle VM pod, and density.
+
+    .venv/bin/python -m bench.vm [--samples N] [--idle-pods K] [--density-cap N] [--skip ...] [--keep]
+
+1. start: A = Tandem RunPodSandbox(handler "vm") + CreateContainer + StartContainer of
+   a busybox `sleep 3600`, timed over gRPC as one number (stop/remove untimed);
+   B = a bare QEMU boot of the same kernel + initramfs with the argv Tandem builds
+   (vm_backend.qemu.build_argv, same accel/vcpus/memory), but without the tap NIC
+   and without virtiofsd, timed until the guest agent answers Hello on its
+   virtio-serial socket (vm_backend.channel.AgentClient). Alternating A/B, the one
+   going first alternates per sample; ratio A/B per pair, median (goal <= 1.15).
+2. memory: K idle VM pods with one sleeping container each; after an idle wait,
+   the PSS (/proc/PID/smaps_rollup) of every host process whose command line names
+   the pod's VM run dir (QEMU, virtiofsd), per pod and mean; the daemon's PSS apart.
+3. density: idle VM pods started one after another until the first failure or the
+   cap; how many started, and MemAvailable at the end; then all removed.
+
+Everything runs under one temp dir (isolated daemon, LocalRegistry, a CNI bridge)
+and is removed on exit, also on failure or SIGTERM. The machine may be shared:
+load averages are printed with the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from bench.pods import BenchError, _ignore_sigterm, _quietly, _remove_workdir, _sigterm, _stop_tandem, free_octets
+from protos import cri_pb2 as pb
+from tests.support.daemon import TandemDaemon
+from tests.support.images import busybox_image, push
+from tests.support.pods import container_config, delete_bridge, pod_config, write_bridge_network
+from tests.support.registry import LocalRegistry
+from vm_backend.assets import GuestAssets, assets_root, current_assets
+from vm_backend.channel import AgentClient
+from vm_backend.qemu import QemuVm, VmSpec
+
+DEFAULT_STATE = Path("/var/lib/tandem")
+RPC_TIMEOUT = 180.0
+VCPUS, MEMORY_MIB = 1, 256  # Tandem's defaults (cri.config VmSettings), used for the bare boot too
+
+
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def mem_available_mib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def processes_naming(text: str) -> dict[int, str]:
+    """pid -> command line of every process whose command line contains `text`."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found[int(entry.name)] = cmdline
+    return found
+
+
+# ---- A: a Tandem VM pod -------------------------------------------------------------------------
+
+
+class Pods:
+    def __init__(self, daemon: TandemDaemon, image: str, log_root: Path) -> None:
+        self.daemon, self.image, self.log_root = daemon, image, log_root
+        self.count = 0
+
+    def start(self, retries: int = 0) -> tuple[str, float]:
+        """RunPodSandbox(vm) + CreateContainer + StartContainer; the pod id and the wall time of the three.
+
+        With `retries`, a failed start is reported and tried again (the density run takes none).
+        """
+        for _ in range(retries):
+            try:
+                return self._start()
+            except grpc.RpcError as e:
+                print(f"# a pod start failed, retrying: {e.code().name}: {e.details()}", flush=True)
+        return self._start()
+
+    def _start(self) -> tuple[str, float]:
+        self.count += 1
+        name = f"vm{self.count}"
+        pod = pod_config(name, self.log_root / name)
+        container = container_config("sleeper", self.image, "sleep", "3600")
+        rt = self.daemon.runtime
+        started = time.perf_counter()
+        pod_id = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=pod, runtime_handler="vm"), timeout=RPC_TIMEOUT)
+        pod_id = pod_id.pod_sandbox_id
+        try:
+            request = pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=container, sandbox_config=pod)
+            cid = rt.CreateContainer(request, timeout=RPC_TIMEOUT).container_id
+            rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=RPC_TIMEOUT)
+        except BaseException:
+            self.remove(pod_id)
+            raise
+        elapsed = time.perf_counter() - started
+        state = rt.ContainerStatus(pb.ContainerStatusRequest(container_id=cid), timeout=30).status.state
+        if state != pb.CONTAINER_RUNNING:
+            self.remove(pod_id)
+            raise BenchError(f"container {cid} is {pb.ContainerState.Name(state)} after start")
+        return pod_id, elapsed
+
+    def remove(self, pod_id: str) -> None:
+        rt = self.daemon.runtime
+        rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=RPC_TIMEOUT)
+        rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=RPC_TIMEOUT)
+
+    def remove_all(self) -> None:
+        for sandbox in self.daemon.runtime.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=30).items:
+            self.remove(sandbox.id)
+
+    def run_dir(self, pod_id: str) -> Path:
+        return self.daemon.socket.parent / "vm" / pod_id[:16]  # vm_backend.backend: runtime_dir/vm/<id[:16]>
+
+
+# ---- B: a bare QEMU boot ------------------------------------------------------------------------
+
+
+async def _bare_boot(run_dir: Path, assets: GuestAssets) -> float:
+    spec = VmSpec(
+        name=run_dir.name, run_dir=run_dir, kernel=assets.kernel, initramfs=assets.initramfs,
+        accel="tcg", vcpus=VCPUS, memory_mib=MEMORY_MIB,
+    )  # fmt: skip
+    vm = QemuVm(spec)
+    clients: list[AgentClient] = []
+
+    async def agent_hello(vm: QemuVm) -> None:
+        client = AgentClient(vm.spec.agent_socket, lambda event: None)
+        clients.append(client)
+        await client.start(timeout=60)
+
+    started = time.perf_counter()
+    try:
+        await vm.start(ready=agent_hello, boot_timeout=60, retries=0)
+        elapsed = time.perf_counter() - started
+    finally:
+        for client in clients:
+            await client.close()
+        await vm.kill()
+    return elapsed
+
+
+def bare_boot(run_dir: Path, assets: GuestAssets) -> float:
+    return asyncio.run(_bare_boot(run_dir, assets))
+
+
+# ---- the three measurements ---------------------------------------------------------------------
+
+
+def measure_start(pods: Pods, assets: GuestAssets, workdir: Path, samples: int) -> None:
+    print(f"\n## 1. VM pod start (A) vs bare QEMU boot to agent Hello (B), {samples} samples, alternating")
+    print("#  B: same kernel, initramfs and QEMU argv builder as Tandem, no tap NIC, no virtiofsd")
+    print(f"{'sample':>7} {'first':>6} {'A pod':>9} {'B bare':>9} {'A/B':>6}  load")
+    pairs = []
+    for n in range(samples):
+        result: dict[str, float] = {}
+        order = ("A", "B") if n % 2 == 0 else ("B", "A")
+        for side in order:
+            if side == "A":
+                pod_id, result["A"] = pods.start(retries=1)
+                pods.remove(pod_id)
+            else:
+                result["B"] = bare_boot(workdir / "bare" / f"b{n + 1}", assets)
+        pairs.append((result["A"], result["B"]))
+        print(f"{n + 1:>7} {order[0]:>6} {result['A']:>8.3f}s {result['B']:>8.3f}s "
+              f"{result['A'] / result['B']:>6.2f}  {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+    ratios = [a / b for a, b in pairs]
+    print(
+        f"start: A median {statistics.median(a for a, _ in pairs):.3f} s, "
+        f"B median {statistics.median(b for _, b in pairs):.3f} s, "
+        f"ratio A/B median {statistics.median(ratios):.2f} ({min(ratios):.2f} .. {max(ratios):.2f}); goal <= 1.15"
+    )
+    print(f"# {load()}")
+
+
+def measure_memory(pods: Pods, count: int, idle: float) -> None:
+    print(f"\n## 2. host memory per idle VM pod: {count} pods, one `sleep 3600` container each, {idle:g} s idle")
+    started = [pods.start(retries=1)[0] for _ in range(count)]
+    time.sleep(idle)
+    totals = []
+    for pod_id in started:
+        procs = processes_naming(str(pods.run_dir(pod_id)))
+        parts = []
+        total = 0
+        for pid, cmdline in sorted(procs.items()):
+            kib = pss_kib(pid)
+            total += kib
+            parts.append(f"{Path(cmdline.split()[0]).name}[{pid}] {kib / 1024:.1f}")
+        totals.append(total)
+        print(f"pod {pod_id[:12]}: PSS {total / 1024:.1f} MiB  ({', '.join(parts) or 'no processes found'})")
+    print(f"memory: mean PSS per idle VM pod {statistics.mean(totals) / 1024:.1f} MiB "
+          f"(min {min(totals) / 1024:.1f}, max {max(totals) / 1024:.1f})")  # fmt: skip
+    assert pods.daemon.process is not None
+    print(f"memory: daemon PSS {pss_kib(pods.daemon.process.pid) / 1024:.1f} MiB (with {count} VM pods)")
+    print(f"# {load()}; MemAvailable {mem_available_mib():.0f} MiB")
+    for pod_id in started:
+        pods.remove(pod_id)
+
+
+def measure_density(pods: Pods, cap: int) -> None:
+    print(f"\n## 3. density: idle VM pods one after another until the first failure or the cap of {cap}")
+    print(f"# MemAvailable before {mem_available_mib():.0f} MiB; {load()}")
+    started: list[str] = []
+    failure = ""
+    try:
+        for n in range(cap):
+            try:
+                pod_id, elapsed = pods.start()
+            except (grpc.RpcError, BenchError) as e:
+                detail = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.RpcError) else str(e)
+                failure = f"pod {n + 1} failed: {detail}"
+                break
+            started.append(pod_id)
+            print(f"  pod {n + 1:>3} started in {elapsed:.2f} s, MemAvailable {mem_available_mib():.0f} MiB, "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+        end = "" if failure else " (cap reached, no failure)"
+        print(f"density: {len(started)} VM pods running{end}; MemAvailable at the end {mem_available_mib():.0f} MiB")
+        if failure:
+            print(f"density: {failure}")
+        print(f"# {load()}")
+    finally:
+        removing = time.perf_counter()
+        for pod_id in started:
+            pods.remove(pod_id)
+        print(f"# removed {len(started)} pods in {time.perf_counter() - removing:.1f} s")
+
+
+# ---- setting up and tearing down ----------------------------------------------------------------
+
+
+def _wait_network_ready(daemon: TandemDaemon, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = daemon.runtime.Status(pb.StatusRequest(), timeout=10).status
+        if any(c.type == "NetworkReady" and c.status for c in status.conditions):
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"tandem: network not ready after {timeout:g}s")
+        time.sleep(0.2)
+
+
+def _kill_leftovers(workdir: Path) -> None:
+    """QEMU or virtiofsd processes still naming our work dir (a failed run): SIGKILL them, by pid."""
+    for pid, cmdline in processes_naming(str(workdir)).items():
+        if pid == os.getpid():
+            continue
+        print(f"# cleanup: killing leftover {pid}: {cmdline[:120]}", file=sys.stderr)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except (BenchError, RuntimeError, grpc.RpcError, subprocess.TimeoutExpired) as e:
+        print(f"bench.vm: failed: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.vm", description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, default=5, help="start samples per side (default 5)")
+    parser.add_argument("--idle-pods", type=int, default=3, help="pods for the memory measurement (default 3)")
+    parser.add_argument("--idle-seconds", type=float, default=10.0, help="idle wait before PSS (default 10)")
+    parser.add_argument("--density-cap", type=int, default=60, help="most pods in the density run (default 60)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["start", "memory", "density"])
+    parser.add_argument("--keep", action="store_true", help="keep the work dir")
+    args = parser.parse_args(argv)
+    assets = current_assets(DEFAULT_STATE)
+    if assets is None:
+        print(f"no guest assets under {DEFAULT_STATE} (run `make setup`)", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, _sigterm)
+
+    with contextlib.ExitStack() as stack:
+        workdir = Path(tempfile.mkdtemp(prefix="tandem-bench-vm-"))
+        stack.callback(_remove_workdir, workdir, args.keep)
+        registry = stack.enter_context(LocalRegistry())
+        image = f"{registry.host}/bench/busybox:1.0"
+        push(registry.host, "bench/busybox", "1.0", busybox_image())
+        (octet,) = free_octets(1)
+
+        tdir = workdir / "tandem"
+        root = assets_root(tdir / "state")
+        root.mkdir(parents=True)
+        (root / "current").symlink_to(assets.dir)
+        bridge = write_bridge_network(tdir / "net.d", octet)
+        stack.callback(_quietly("deleting the bridge", lambda: delete_bridge(bridge)))
+        daemon = TandemDaemon.isolated(tdir, '[vm]\naccel = "tcg"\n')
+        stack.callback(_quietly("unmounting", lambda: daemon.unmount_workdir(workdir)))
+        stack.callback(_quietly("killing leftovers", lambda: _kill_leftovers(workdir)))
+        stack.callback(_quietly("stopping tandem", lambda: _stop_tandem(daemon)))
+        daemon.start()
+        pods = Pods(daemon, image, workdir / "logs")
+        stack.callback(_quietly("removing pods", pods.remove_all))
+        stack.callback(_ignore_sigterm)
+        daemon.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=image)), timeout=300)
+        _wait_network_ready(daemon)
+
+        v = daemon.runtime.Version(pb.VersionRequest(), timeout=10)
+        print(f"# {v.runtime_name} {v.runtime_version}; guest assets {assets.digest} (kernel {assets.kernel_release}); "
+              f"accel tcg, {VCPUS} vCPU, {MEMORY_MIB} MiB per VM")  # fmt: skip
+        print(
+            f"# {os.cpu_count()} CPUs, {load()}, MemAvailable {mem_available_mib():.0f} MiB; "
+            "the machine is shared (other VM daemons may run)"
+        )
+        pod_id, elapsed = pods.start(retries=1)  # warm-up: imports, the accel choice, page cache
+        pods.remove(pod_id)
+        bare = bare_boot(workdir / "bare" / "w", assets)
+        print(f"# warm-up (untimed): A {elapsed:.3f} s, B {bare:.3f} s")
+        if "start" not in args.skip:
+            measure_start(pods, assets, workdir, args.samples)
+        if "memory" not in args.skip:
+            measure_memory(pods, args.idle_pods, args.idle_seconds)
+        if "density" not in args.skip:
+            measure_density(pods, args.density_cap)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
