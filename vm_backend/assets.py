@@ -50,8 +50,9 @@ GUEST_PACKAGES = (
     "runc",
 )
 # Roots of the module set; their dependencies come from the modules themselves. button + evdev: the
-# ACPI power button reaches busybox acpid, so QMP system_powerdown powers the guest off.
-GUEST_MODULES = ("virtio_mmio", "virtio_console", "virtio_net", "virtiofs", "overlay", "button", "evdev")
+# ACPI power button reaches busybox acpid, so QMP system_powerdown powers the guest off. bridge: a
+# privileged container (or one with CAP_NET_ADMIN) may build bridges inside its VM, as on a node.
+GUEST_MODULES = ("virtio_mmio", "virtio_console", "virtio_net", "virtiofs", "overlay", "button", "evdev", "bridge")
 GUEST_PYTHON = "3.11"
 
 KERNEL_FILE = "vmlinuz"

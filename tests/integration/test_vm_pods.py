@@ -407,3 +407,21 @@ def test_console(env):
     assert unknown.returncode == 2 and b"not found" in err, err
     remove_pods(daemon, pod_id, trusted)
     assert leftovers(daemon, tmp) == []
+
+
+def test_a_privileged_container_builds_a_bridge_inside_its_vm(env):
+    """Privileged means privileged in the guest: what a node allows (here `brctl addbr`) works there too."""
+    daemon, image, tmp, _ = env
+    pod = pod_config("privileged", tmp / "logs")
+    pod.linux.security_context.privileged = True
+    pod_id = daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=pod, runtime_handler="vm")).pod_sandbox_id
+    config = container_config("admin", image, "sleep", "3600")
+    config.linux.security_context.privileged = True
+    cid = daemon.runtime.CreateContainer(
+        pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod)
+    ).container_id
+    daemon.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
+    result = exec_sync(daemon, cid, "sh", "-c", "busybox brctl addbr foobar && cat /sys/class/net/foobar/ifindex")
+    assert result.exit_code == 0, result.stderr
+    remove_pods(daemon, pod_id)
+    wait_for(lambda: leftovers(daemon, tmp) == [], timeout=30, what="no leftovers")
