@@ -13,7 +13,14 @@ import pytest
 from protos import cri_pb2 as pb
 from tests.support.daemon import TandemDaemon
 from tests.support.images import busybox_image, push
-from tests.support.pods import container_config, delete_bridge, pod_config, wait_for, write_bridge_network
+from tests.support.pods import (
+    container_config,
+    pod_config,
+    pod_leftovers,
+    remove_pods_and_stop,
+    wait_for,
+    write_bridge_network,
+)
 from tests.support.registry import LocalRegistry
 
 pytestmark = pytest.mark.integration
@@ -35,12 +42,7 @@ def env(tmp_path, pods_registry):
     image = f"{pods_registry.host}/test/busybox:1.0"
     daemon.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=image)))
     yield daemon, image, tmp_path
-    for sandbox in daemon.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items:
-        daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sandbox.id))
-        daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox.id))
-    daemon.stop()
-    daemon.unmount_workdir(tmp_path)
-    delete_bridge(bridge)
+    remove_pods_and_stop(daemon, tmp_path, bridge)
 
 
 def run_pod(daemon, name, log_dir, handler="", **annotations):
@@ -61,24 +63,8 @@ def container_status(daemon, cid):
 
 
 def leftovers(daemon) -> list[str]:
-    """Anything of a pod's still on the host: mounts, conmon processes, netns files.
-
-    The netns directory's and the pod directories' own private bind mounts stay: they are the daemon's,
-    made once, not a pod's.
-    """
-    found = []
-    state, run = str(daemon.state_dir), str(daemon.socket.parent)
-    daemons = (f"{run}/netns", f"{run}/runc/pods")
-    for line in open("/proc/self/mountinfo"):
-        mount_point = line.split()[4]
-        if (mount_point.startswith(state) or mount_point.startswith(f"{run}/")) and mount_point not in daemons:
-            found.append(f"mount: {mount_point}")
-    found += [f"netns: {p.name}" for p in (daemon.socket.parent / "netns").iterdir()]
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    found += [
-        f"process: {p}" for p in ps.splitlines() if ("conmon" in p and state in p) or ("conmon" in p and run in p)
-    ]
-    return found
+    """A runc pod's remains: mounts, netns files, conmon processes naming the daemon's dirs."""
+    return pod_leftovers(daemon, ("conmon",), (str(daemon.state_dir), str(daemon.socket.parent)))
 
 
 def test_trusted_pod_lifecycle(env):

@@ -20,7 +20,14 @@ import pytest
 from protos import cri_pb2 as pb
 from tests.support.crictl import Crictl
 from tests.support.daemon import TandemDaemon
-from tests.support.pods import container_config, delete_bridge, pod_config, wait_for, write_bridge_network
+from tests.support.pods import (
+    container_config,
+    delete_bridge,
+    pod_config,
+    remove_pods_and_stop,
+    wait_for,
+    write_bridge_network,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -39,12 +46,7 @@ def env(tmp_path, busybox_ref):
         pytest.fail(str(e))
     daemon.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=busybox_ref)))
     yield daemon, crictl, busybox_ref, tmp_path
-    for sandbox in daemon.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items:
-        daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sandbox.id))
-        daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox.id))
-    daemon.stop()
-    daemon.unmount_workdir(tmp_path)
-    delete_bridge(bridge)
+    remove_pods_and_stop(daemon, tmp_path, bridge)
 
 
 def start_pod(daemon: TandemDaemon, tmp, image: str, command: str, **container: bool) -> tuple[str, str]:

@@ -25,7 +25,14 @@ from cri.config import Config
 from protos import cri_pb2 as pb
 from tests.support.crictl import Crictl
 from tests.support.daemon import TandemDaemon
-from tests.support.pods import container_config, delete_bridge, pod_config, wait_for, write_bridge_network
+from tests.support.pods import (
+    container_config,
+    pod_config,
+    pod_leftovers,
+    remove_pods_and_stop,
+    wait_for,
+    write_bridge_network,
+)
 from vm_backend.assets import assets_root, current_assets
 from vm_backend.qemu import BOOT_MARKER
 
@@ -49,27 +56,12 @@ def env(tmp_path, busybox_ref):
     yield daemon, busybox_ref, tmp_path, assets
     if daemon.process is None:
         daemon.start()
-    for sandbox in daemon.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items:
-        daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sandbox.id))
-        daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox.id))
-    daemon.stop()
-    daemon.unmount_workdir(tmp_path)
-    delete_bridge(bridge)
+    remove_pods_and_stop(daemon, tmp_path, bridge)
 
 
 def leftovers(daemon, tmp: Path) -> list[str]:
-    """Anything of a VM pod's still on the host: mounts, QEMU and virtiofsd processes, netns files, taps."""
-    found = []
-    state, run = str(daemon.state_dir), str(daemon.socket.parent)
-    daemons = (f"{run}/netns", f"{run}/runc/pods")  # the daemon's own, made once, not a pod's
-    for line in open("/proc/self/mountinfo"):
-        mount_point = line.split()[4]
-        if (mount_point.startswith(state) or mount_point.startswith(f"{run}/")) and mount_point not in daemons:
-            found.append(f"mount: {mount_point}")
-    found += [f"netns: {p.name}" for p in (daemon.socket.parent / "netns").iterdir()]
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    found += [f"process: {p}" for p in ps.splitlines() if str(tmp) in p and ("qemu" in p or "virtiofsd" in p)]
-    return found
+    """A VM pod's remains: mounts, netns files, QEMU and virtiofsd processes naming the test's dir."""
+    return pod_leftovers(daemon, ("qemu", "virtiofsd"), (str(tmp),))
 
 
 def ready(daemon, pod_id) -> pb.PodSandboxStatus:

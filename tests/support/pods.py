@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from protos import cri_pb2 as pb
+from tests.support.daemon import TandemDaemon
 
 T = TypeVar("T")
 
@@ -80,3 +81,37 @@ def wait_for(predicate: Callable[[], T], timeout: float = 20.0, what: str = "con
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def pod_leftovers(daemon: TandemDaemon, processes: tuple[str, ...], roots: tuple[str, ...]) -> list[str]:
+    """Anything of a pod's still on the host: mounts under the daemon's dirs, netns files, and per-pod
+    processes (`processes` names, e.g. conmon or qemu) whose command line names one of `roots`.
+
+    The netns directory's and the runc pod directories' own private bind mounts stay: they are the
+    daemon's, made once, not a pod's.
+    """
+    found = []
+    state, run = str(daemon.state_dir), str(daemon.socket.parent)
+    daemons = (f"{run}/netns", f"{run}/runc/pods")
+    for line in open("/proc/self/mountinfo"):
+        mount_point = line.split()[4]
+        if (mount_point.startswith(state) or mount_point.startswith(f"{run}/")) and mount_point not in daemons:
+            found.append(f"mount: {mount_point}")
+    found += [f"netns: {p.name}" for p in (daemon.socket.parent / "netns").iterdir()]
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    found += [
+        f"process: {p}"
+        for p in ps.splitlines()
+        if any(name in p for name in processes) and any(root in p for root in roots)
+    ]
+    return found
+
+
+def remove_pods_and_stop(daemon: TandemDaemon, workdir: Path, bridge: str) -> None:
+    """A pod test's teardown: every pod stopped and removed, the daemon stopped, its mounts and bridge gone."""
+    for sandbox in daemon.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items:
+        daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sandbox.id))
+        daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox.id))
+    daemon.stop()
+    daemon.unmount_workdir(workdir)
+    delete_bridge(bridge)
