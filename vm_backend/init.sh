@@ -114,6 +114,6 @@ done
 [ -n "$port" ] || fail "no virtio-serial port named 'agent'"
 [ -e /opt/tandem/agent/vm_backend/agent/__main__.py ] || fail "the agent is missing from the initramfs"
 
-export PYTHONPATH=/opt/tandem/agent PYTHONDONTWRITEBYTECODE=1 PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python
+export PYTHONPATH=/opt/tandem/agent PYTHONDONTWRITEBYTECODE=1 PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=upb
 say "agent starting on $port"
 exec python3 -S -m vm_backend.agent --port "$port"

@@ -1,5 +1,6 @@
-"""The guest agent for real, but on the host: `python -m vm_backend.agent --socket` with pure-Python protobuf,
-driving this host's runc against a busybox rootfs, talked to through `AgentClient`.
+"""The guest agent for real, but on the host: `python -m vm_backend.agent --socket` with upb protobuf as in the guest,
+driving this host's runc against a busybox rootfs (the guest runs crun: same command line), talked to through
+`AgentClient`.
 
 SetupPod runs with `--dry-setup` (it must not rename the host's NICs or set its
 clock). Containers get new pid/ipc/uts/mount namespaces but share the host's
@@ -163,7 +164,7 @@ class Harness:
 
     def runc(self, *args: str) -> str:
         return subprocess.run(
-            ["runc", "--root", str(self.run_dir / "runc"), *args], capture_output=True, text=True, check=True
+            ["runc", "--root", str(self.run_dir / "oci"), *args], capture_output=True, text=True, check=True
         ).stdout
 
     def runc_list(self) -> list[str]:
@@ -185,12 +186,12 @@ def processes_in(parent: str) -> list[int]:
 
 
 def start_agent(sock: Path, run_dir: Path, log_path: Path) -> subprocess.Popen[bytes]:
-    """The agent as the guest runs it, but on a socket, with pure-Python protobuf, and SetupPod dry."""
-    env = dict(os.environ, PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION="python")
+    """The agent as the guest runs it, but on a socket, with the host's runc, and SetupPod dry."""
+    env = dict(os.environ, PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION="upb")
     with open(log_path, "wb") as agent_log:
         return subprocess.Popen(
             [sys.executable, "-m", "vm_backend.agent", "--socket", str(sock), "--run-dir", str(run_dir),
-             "--dry-setup", "--log-level", "debug"],
+             "--runtime", "runc", "--dry-setup", "--log-level", "debug"],
             cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=agent_log, stderr=agent_log, start_new_session=True,
         )  # fmt: skip
 

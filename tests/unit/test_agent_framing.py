@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import struct
 import subprocess
 import sys
 import tempfile
 import tty
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -26,6 +27,7 @@ from vm_backend.agent import pod
 from vm_backend.agent.errors import Fail
 from vm_backend.agent.events import EventLog
 from vm_backend.agent.framing import MAX_FRAME, Decoder, FramingError, encode
+from vm_backend.agent.netlink import NetlinkError, Rtnetlink
 from vm_backend.agent.procs import Reaper
 from vm_backend.agent.server import Agent, serve_port, serve_socket
 from vm_backend.channel import AgentClient
@@ -196,7 +198,7 @@ def short_dir() -> Iterator[Path]:
 
 @pytest.fixture
 async def agent(short_dir: Path) -> AsyncIterator[Agent]:
-    agent = Agent(run_dir=short_dir / "run", runc="runc", system=pod.DrySystem(Reaper()), reaper=Reaper())
+    agent = Agent(run_dir=short_dir / "run", runtime="runc", system=pod.DrySystem(), reaper=Reaper())
     server = await serve_socket(agent, short_dir / "agent.sock")
     yield agent
     server.close()
@@ -260,7 +262,7 @@ async def test_virtio_serial_port(short_dir: Path) -> None:
     master, slave = os.openpty()
     tty.setraw(slave)
     os.set_blocking(master, False)
-    agent = Agent(run_dir=short_dir / "run", runc="runc", system=pod.DrySystem(Reaper()), reaper=Reaper())
+    agent = Agent(run_dir=short_dir / "run", runtime="runc", system=pod.DrySystem(), reaper=Reaper())
     agent.events.append(output("c", b"x" * 100_000))  # one frame larger than a single 32 KiB port write
     serving = asyncio.create_task(serve_port(agent, Path(os.ttyname(slave))))
     host = Decoder()
@@ -353,7 +355,7 @@ async def test_client_notices_an_agent_restart(short_dir: Path) -> None:
     got: list[pb.Event] = []
     client = AgentClient(short_dir / "agent.sock", got.append)
     for generation in range(2):
-        agent = Agent(run_dir=short_dir / "run", runc="runc", system=pod.DrySystem(Reaper()), reaper=Reaper())
+        agent = Agent(run_dir=short_dir / "run", runtime="runc", system=pod.DrySystem(), reaper=Reaper())
         server = await serve_socket(agent, short_dir / "agent.sock")
         for i in range(3):
             agent.events.append(output("c", f"{generation}.{i}".encode()))
@@ -382,31 +384,31 @@ async def test_close_acks_what_was_delivered(agent: Agent, short_dir: Path) -> N
 # ---------------------------------------------------------------- SetupPod
 
 
-def test_network_commands() -> None:
+def test_network_plan() -> None:
     iface = pb.Interface(name="eth0", mac="02:00:00:00:00:01", addresses=["10.88.0.5/16", "fd00::5/64"], mtu=1450)
     routes = [
         pb.Route(destination="0.0.0.0/0", gateway="10.88.0.1"),
         pb.Route(destination="10.96.0.0/12", device="eth0"),
         pb.Route(destination="::/0", gateway="fd00::1", device="eth0"),
     ]
-    assert pod.network_commands([("ens3", iface)], routes) == [
-        ["ip", "link", "set", "dev", "lo", "up"],
-        ["ip", "link", "set", "dev", "ens3", "down"],
-        ["ip", "link", "set", "dev", "ens3", "name", "eth0"],
-        ["ip", "link", "set", "dev", "eth0", "mtu", "1450"],
-        ["ip", "addr", "add", "10.88.0.5/16", "dev", "eth0"],
-        ["ip", "addr", "add", "fd00::5/64", "dev", "eth0"],
-        ["ip", "link", "set", "dev", "eth0", "up"],
-        ["ip", "route", "replace", "0.0.0.0/0", "via", "10.88.0.1"],
-        ["ip", "route", "replace", "10.96.0.0/12", "dev", "eth0"],
-        ["ip", "-6", "route", "replace", "::/0", "via", "fd00::1", "dev", "eth0"],
+    assert pod.network_plan([("ens3", iface)], routes) == [
+        pod.SetLink("lo", up=True),
+        pod.SetLink("ens3", up=False),
+        pod.SetLink("ens3", new_name="eth0"),
+        pod.SetLink("eth0", mtu=1450),
+        pod.AddAddress("eth0", "10.88.0.5/16"),
+        pod.AddAddress("eth0", "fd00::5/64"),
+        pod.SetLink("eth0", up=True),
+        pod.ReplaceRoute("0.0.0.0/0", gateway="10.88.0.1"),
+        pod.ReplaceRoute("10.96.0.0/12", device="eth0"),
+        pod.ReplaceRoute("::/0", gateway="fd00::1", device="eth0"),
     ]
     # Already named (a retried SetupPod): no rename, and no MTU change when none is asked for.
     plain = pb.Interface(name="eth0", mac="02:00:00:00:00:01", addresses=["10.0.0.2/24"])
-    assert pod.network_commands([("eth0", plain)], []) == [
-        ["ip", "link", "set", "dev", "lo", "up"],
-        ["ip", "addr", "add", "10.0.0.2/24", "dev", "eth0"],
-        ["ip", "link", "set", "dev", "eth0", "up"],
+    assert pod.network_plan([("eth0", plain)], []) == [
+        pod.SetLink("lo", up=True),
+        pod.AddAddress("eth0", "10.0.0.2/24"),
+        pod.SetLink("eth0", up=True),
     ]
 
 
@@ -422,16 +424,29 @@ def test_sysctl_paths() -> None:
 class Recorder(pod.DrySystem):
     """Records what SetupPod asks of the system; `nics` stands in for /sys/class/net."""
 
-    def __init__(self, nics: dict[str, str], fail_with: str = "") -> None:
-        super().__init__(Reaper())
-        self.nics, self.fail_with, self.calls = nics, fail_with, list[tuple[object, ...]]()
+    def __init__(self, nics: dict[str, str], address_errno: int = 0) -> None:
+        super().__init__()
+        self.nics, self.address_errno, self.calls = nics, address_errno, list[tuple[object, ...]]()
 
     def nic_by_mac(self, mac: str) -> str | None:
         return self.nics.get(mac)
 
-    async def ip(self, argv: list[str]) -> tuple[int, str]:
-        self.calls.append(("ip", *argv[1:]))
-        return (1, self.fail_with) if self.fail_with and argv[1:3] == ["addr", "add"] else (0, "")
+    def configure_network(self, plan: Sequence[pod.NetworkChange]) -> None:
+        pod.apply_network_plan(cast(Rtnetlink, self), plan)
+
+    # Rtnetlink's part, recorded; adding an address fails with `address_errno` when set.
+    def set_link(
+        self, name: str, *, up: bool | None = None, mtu: int | None = None, new_name: str | None = None
+    ) -> None:
+        self.calls.append(("link", name, up, mtu, new_name))
+
+    def add_address(self, name: str, cidr: str) -> None:
+        self.calls.append(("address", name, cidr))
+        if self.address_errno:
+            raise NetlinkError(self.address_errno, f"add address {cidr} to {name}")
+
+    def replace_route(self, destination: str, *, gateway: str = "", device: str = "") -> None:
+        self.calls.append(("route", destination, gateway, device))
 
     def sethostname(self, name: str) -> None:
         self.calls.append(("hostname", name))
@@ -472,23 +487,21 @@ async def test_setup_pod(tmp_path: Path) -> None:
         ("hostname", "web-1"),
         ("sysctl", "kernel.shm_rmid_forced", "1"),
         ("sysctl", "net.ipv4.ping_group_range", "0 2147483647"),
-        ("ip", "link", "set", "dev", "lo", "up"),
-        ("ip", "link", "set", "dev", "ens3", "down"),
-        ("ip", "link", "set", "dev", "ens3", "name", "eth0"),
-        ("ip", "addr", "add", "10.88.0.5/16", "dev", "eth0"),
-        ("ip", "link", "set", "dev", "eth0", "up"),
-        ("ip", "route", "replace", "0.0.0.0/0", "via", "10.88.0.1"),
+        ("link", "lo", True, None, None),
+        ("link", "ens3", False, None, None),
+        ("link", "ens3", None, None, "eth0"),
+        ("address", "eth0", "10.88.0.5/16"),
+        ("link", "eth0", True, None, None),
+        ("route", "0.0.0.0/0", "10.88.0.1", ""),
     ]
 
 
 async def test_setup_pod_failures(tmp_path: Path) -> None:
     # Repeating it is fine: an address that exists already is not an error ...
-    await pod.PodSetup(
-        Recorder({"02:aa:00:00:00:01": "eth0"}, "ip: RTNETLINK answers: File exists"), tmp_path, tmp_path
-    ).apply(SETUP)
+    await pod.PodSetup(Recorder({"02:aa:00:00:00:01": "eth0"}, errno.EEXIST), tmp_path, tmp_path).apply(SETUP)
     # ... but other failures are.
-    with pytest.raises(Fail, match="Permission denied"):
-        system = Recorder({"02:aa:00:00:00:01": "eth0"}, "ip: RTNETLINK answers: Permission denied")
+    with pytest.raises(Fail, match="add address 10.88.0.5/16 to eth0: Operation not permitted"):
+        system = Recorder({"02:aa:00:00:00:01": "eth0"}, errno.EPERM)
         await pod.PodSetup(system, tmp_path, tmp_path).apply(SETUP)
     with pytest.raises(Fail, match="no network interface") as missing:
         await pod.PodSetup(Recorder({}), tmp_path, tmp_path).apply(SETUP)

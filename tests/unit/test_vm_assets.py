@@ -171,8 +171,9 @@ def test_digest_covers_every_input_and_nothing_else():
 def test_local_inputs_include_init_the_agent_and_the_builder():
     labels = set(assets.input_files())
     assert {"init.sh", "protos/agent_pb2.py", "builder/assets.py", "builder/initramfs.py"} <= labels
-    assert "protobuf/message.py" in labels
-    assert not any(label.endswith((".pyc", ".so")) or "__pycache__" in label for label in labels)
+    assert {"protobuf/message.py", "protobuf/pyext/cpp_message.py", "protobuf/_upb/_message.abi3.so"} <= labels
+    assert not any(label.endswith(".pyc") or "__pycache__" in label for label in labels)
+    assert [label for label in labels if label.endswith(".so")] == ["protobuf/_upb/_message.abi3.so"]
 
 
 def test_apt_records_and_the_kernel_dependency():

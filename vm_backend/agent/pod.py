@@ -9,6 +9,7 @@ that `--dry-setup` (the agent run on a real host, in tests) logs instead.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
@@ -16,13 +17,14 @@ import re
 import socket
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from protos import agent_pb2
 
 from . import syscalls
 from .errors import Fail
-from .procs import Reaper, run
+from .netlink import NetlinkError, Rtnetlink
 
 log = logging.getLogger("tandem.agent.pod")
 
@@ -34,8 +36,7 @@ _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 class System:
     """The machine-changing operations of SetupPod, done for real (inside the guest)."""
 
-    def __init__(self, reaper: Reaper, net_dir: Path = Path("/sys/class/net"), proc_sys: Path = Path("/proc/sys")):
-        self.reaper = reaper
+    def __init__(self, net_dir: Path = Path("/sys/class/net"), proc_sys: Path = Path("/proc/sys")) -> None:
         self.net_dir = net_dir
         self.proc_sys = proc_sys
 
@@ -49,9 +50,9 @@ class System:
                 continue
         return None
 
-    async def ip(self, argv: list[str]) -> tuple[int, str]:
-        result = await run(self.reaper, argv, timeout=30.0)
-        return result.code, result.stderr.decode(errors="replace").strip()
+    def configure_network(self, plan: Sequence[NetworkChange]) -> None:
+        with Rtnetlink() as rtnl:
+            apply_network_plan(rtnl, plan)
 
     def sethostname(self, name: str) -> None:
         socket.sethostname(name)
@@ -71,9 +72,9 @@ class System:
 class DrySystem(System):
     """Logs what SetupPod would change and changes nothing: for the agent run on a real host in tests."""
 
-    async def ip(self, argv: list[str]) -> tuple[int, str]:
-        log.info("dry setup: would run %s", " ".join(argv))
-        return 0, ""
+    def configure_network(self, plan: Sequence[NetworkChange]) -> None:
+        for change in plan:
+            log.info("dry setup: would make %s", change)
 
     def sethostname(self, name: str) -> None:
         log.info("dry setup: would set the hostname to %s", name)
@@ -120,33 +121,66 @@ def _check_route(route: agent_pb2.Route) -> None:
         raise Fail(agent_pb2.INVALID_ARGUMENT, f"invalid route device {route.device!r}")
 
 
-def network_commands(
-    interfaces: Sequence[tuple[str, agent_pb2.Interface]], routes: Sequence[agent_pb2.Route]
-) -> list[list[str]]:
-    """The busybox `ip` commands for (current NIC name, wanted interface) pairs and routes, in order.
+@dataclass(frozen=True)
+class SetLink:
+    name: str
+    up: bool | None = None
+    mtu: int | None = None
+    new_name: str | None = None
 
-    They are safe to repeat (a retried SetupPod): a NIC already renamed is not
-    renamed again, routes are replaced, and an address that exists is skipped
-    by the caller.
+
+@dataclass(frozen=True)
+class AddAddress:
+    name: str
+    cidr: str
+
+
+@dataclass(frozen=True)
+class ReplaceRoute:
+    destination: str
+    gateway: str = ""
+    device: str = ""
+
+
+NetworkChange = SetLink | AddAddress | ReplaceRoute
+
+
+def network_plan(
+    interfaces: Sequence[tuple[str, agent_pb2.Interface]], routes: Sequence[agent_pb2.Route]
+) -> list[NetworkChange]:
+    """The changes for (current NIC name, wanted interface) pairs and routes, in order.
+
+    Netlink, not busybox `ip`: under TCG each `ip` is a process start of about
+    50 ms, and a pod needs five or more. The plan is safe to repeat (a retried
+    SetupPod): a NIC already renamed is not renamed again, routes are replaced,
+    and an address that exists is skipped.
     """
-    commands = [["ip", "link", "set", "dev", "lo", "up"]]
+    plan: list[NetworkChange] = [SetLink("lo", up=True)]
     for current, iface in interfaces:
-        if current != iface.name:  # a NIC can only be renamed while down
-            commands.append(["ip", "link", "set", "dev", current, "down"])
-            commands.append(["ip", "link", "set", "dev", current, "name", iface.name])
+        if current != iface.name:  # a NIC can only be renamed while down (before Linux 6.2)
+            plan.append(SetLink(current, up=False))
+            plan.append(SetLink(current, new_name=iface.name))
         if iface.mtu:
-            commands.append(["ip", "link", "set", "dev", iface.name, "mtu", str(iface.mtu)])
-        commands += [["ip", "addr", "add", address, "dev", iface.name] for address in iface.addresses]
-        commands.append(["ip", "link", "set", "dev", iface.name, "up"])
-    for route in routes:
-        family = ["-6"] if ":" in route.destination + route.gateway else []
-        command = ["ip", *family, "route", "replace", route.destination]
-        if route.gateway:
-            command += ["via", route.gateway]
-        if route.device:
-            command += ["dev", route.device]
-        commands.append(command)
-    return commands
+            plan.append(SetLink(iface.name, mtu=iface.mtu))
+        plan += [AddAddress(iface.name, address) for address in iface.addresses]
+        plan.append(SetLink(iface.name, up=True))
+    plan += [ReplaceRoute(r.destination, r.gateway, r.device) for r in routes]
+    return plan
+
+
+def apply_network_plan(rtnl: Rtnetlink, plan: Sequence[NetworkChange]) -> None:
+    """Apply `plan` in order; an address that exists already is skipped, any other refusal fails SetupPod."""
+    for change in plan:
+        try:
+            if isinstance(change, SetLink):
+                rtnl.set_link(change.name, up=change.up, mtu=change.mtu, new_name=change.new_name)
+            elif isinstance(change, AddAddress):
+                rtnl.add_address(change.name, change.cidr)
+            else:
+                rtnl.replace_route(change.destination, gateway=change.gateway, device=change.device)
+        except NetlinkError as e:
+            if not (isinstance(change, AddAddress) and e.errno == errno.EEXIST):
+                raise Fail(agent_pb2.INTERNAL, f"network setup failed: {e}") from None
 
 
 class PodSetup:
@@ -180,16 +214,13 @@ class PodSetup:
             self.system.sethostname(request.hostname)
         for name, value in sorted(request.sysctls.items()):
             self.system.sysctl(name, value)
-        await self._network(request)
+        self._network(request)
 
-    async def _network(self, request: agent_pb2.SetupPod) -> None:
+    def _network(self, request: agent_pb2.SetupPod) -> None:
         pairs = []
         for iface in request.interfaces:
             current = self.system.nic_by_mac(iface.mac.lower())
             if current is None:
                 raise Fail(agent_pb2.NOT_FOUND, f"no network interface has MAC {iface.mac}")
             pairs.append((current, iface))
-        for argv in network_commands(pairs, request.routes):
-            code, stderr = await self.system.ip(argv)
-            if code != 0 and not (argv[1:3] == ["addr", "add"] and "File exists" in stderr):
-                raise Fail(agent_pb2.INTERNAL, f"{' '.join(argv)} failed: {stderr or f'exit code {code}'}")
+        self.system.configure_network(network_plan(pairs, request.routes))

@@ -1,7 +1,7 @@
 """Child processes without asyncio's child watchers: the agent reaps every child itself.
 
 The agent is a child subreaper (or PID 1), so container processes become its
-children once the `runc` that started them exits, and orphans of all kinds end
+children once the runtime that started them exits, and orphans of all kinds end
 up with it too. One SIGCHLD handler reaps everything and hands each exit code to
 whoever watches that pid. asyncio's subprocess support would race it for the
 same exit statuses, so programs are started with `posix_spawn` instead.
@@ -84,10 +84,20 @@ def spawn(argv: list[str], stdin: int, stdout: int, stderr: int) -> int:
     return os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions, setsigdef=_DEFAULT_SIGNALS)
 
 
-def pipe() -> tuple[int, int]:
-    """A pipe whose ends are both non-blocking (the child's end is dup'ed, which keeps that flag off)."""
+def output_pipe() -> tuple[int, int]:
+    """(our read end, the child's write end): only ours non-blocking.
+
+    O_NONBLOCK belongs to the open file, which a dup shares: a child handed a
+    non-blocking end would get EAGAIN whenever the pipe is full.
+    """
     read_end, write_end = os.pipe()
     os.set_blocking(read_end, False)
+    return read_end, write_end
+
+
+def input_pipe() -> tuple[int, int]:
+    """(the child's read end, our write end): only ours non-blocking."""
+    read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
     return read_end, write_end
 
@@ -151,9 +161,9 @@ async def run(reaper: Reaper, argv: list[str], *, input: bytes | None = None, ti
     """Run a short command to completion and collect its output; past `timeout` it is killed (TimeoutError)."""
     out: list[bytes] = []
     err: list[bytes] = []
-    out_r, out_w = pipe()
-    err_r, err_w = pipe()
-    in_r, in_w = pipe() if input is not None else (os.open(os.devnull, os.O_RDONLY), -1)
+    out_r, out_w = output_pipe()
+    err_r, err_w = output_pipe()
+    in_r, in_w = input_pipe() if input is not None else (os.open(os.devnull, os.O_RDONLY), -1)
     since = time.monotonic()
     try:
         pid = spawn(argv, in_r, out_w, err_w)

@@ -140,11 +140,11 @@ class _Session:
 
 class Agent:
     def __init__(
-        self, *, run_dir: Path, runc: str, system: System, reaper: Reaper, output_limit: int = OUTPUT_LIMIT
+        self, *, run_dir: Path, runtime: str, system: System, reaper: Reaper, output_limit: int = OUTPUT_LIMIT
     ) -> None:
         self.events = EventLog(output_limit)
         self.events.on_append = self._wake
-        self.containers = Containers(run_dir=run_dir, runc=runc, reaper=reaper, events=self.events)
+        self.containers = Containers(run_dir=run_dir, runtime=runtime, reaper=reaper, events=self.events)
         self.ports = Ports(self.events)
         self.pod = PodSetup(system, run_dir / "pod", run_dir / "share")
         self.instance_id = os.urandom(8).hex()

@@ -23,7 +23,7 @@ def _check(result: int, what: str) -> None:
 
 
 def set_child_subreaper() -> None:
-    """Become the parent of orphaned descendants: container processes outlive the `runc` that started them."""
+    """Become the parent of orphaned descendants: container processes outlive the runtime that started them."""
     _check(_libc().prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
