@@ -62,7 +62,10 @@ GUEST_PACKAGES = (
 # Roots of the module set; their dependencies come from the modules themselves. button + evdev: the
 # ACPI power button reaches busybox acpid, so QMP system_powerdown powers the guest off. bridge: a
 # privileged container (or one with CAP_NET_ADMIN) may build bridges inside its VM, as on a node.
-GUEST_MODULES = ("virtio_mmio", "virtio_console", "virtio_net", "virtiofs", "overlay", "button", "evdev", "bridge")
+# virtio_balloon: free page reporting returns freed guest memory to the host.
+GUEST_MODULES = (
+    "virtio_mmio", "virtio_console", "virtio_net", "virtiofs", "overlay", "button", "evdev", "bridge", "virtio_balloon",
+)  # fmt: skip
 GUEST_PYTHON = "3.11"
 
 KERNEL_FILE = "vmlinuz"

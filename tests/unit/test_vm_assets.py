@@ -255,7 +255,7 @@ def test_tcg_argv_follows_the_notes(tmp_path):
     assert argv[0] == "qemu-system-x86_64"
     assert option(argv, "-M") == ["microvm,memory-backend=mem"]
     assert option(argv, "-object") == ["memory-backend-memfd,id=mem,size=256M,share=on"]
-    assert option(argv, "-accel") == ["tcg,tb-size=64"] and option(argv, "-cpu") == ["max"]
+    assert option(argv, "-accel") == ["tcg,tb-size=32"] and option(argv, "-cpu") == ["max"]
     assert {"-nodefaults", "-no-user-config", "-no-reboot"} <= set(argv)
     assert option(argv, "-sandbox") == ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
     assert option(argv, "-global") == ["virtio-mmio.force-legacy=false"]
