@@ -495,13 +495,16 @@ class VmBackend(Backend):
             kernel=str(self.assets.kernel),
             initramfs=str(self.assets.initramfs),
         )
+        began = time.monotonic()
         guest = await attach_tap(netns, tap=TAP)
         (nic,) = guest.interfaces[:1]
         sandbox.backend_state.update(tap=guest.tap_name, mac=nic.mac)
         pod = self._pods[sandbox.id] = _Pod(run_dir, self._vm(sandbox))
         await pod.vm.start(boot_timeout=self.config.vm.boot_timeout_seconds)
+        booted = time.monotonic()
         sandbox.backend_state["qemu_pid"] = pod.vm.pid()
         await self._connected(sandbox, AGENT_CONNECT_TIMEOUT)
+        connected = time.monotonic()
         hostname = podfiles.hostname(config)
         setup = agent_pb2.SetupPod(
             hostname=hostname,
@@ -518,6 +521,10 @@ class VmBackend(Backend):
             shared_dir_tag=SHARE_TAG,
         )
         await pod.client_or_fail().setup_pod(setup)
+        log.info(
+            "pod %s: VM ready in %.2fs (boot %.2fs, agent start %.2fs, pod setup %.2fs)",
+            sandbox.id[:12], time.monotonic() - began, booted - began, connected - booted, time.monotonic() - connected,
+        )  # fmt: skip
 
     async def stop_sandbox(self, sandbox: SandboxRecord) -> None:
         # The run dir and tap have fixed names, so a pod whose start a crash cut short (its backend_state
@@ -625,7 +632,13 @@ class VmBackend(Backend):
             if not rootfs.is_mounted(target):
                 await proc.run(["mount", "--rbind", source, target])
                 await proc.run(["mount", "--make-rprivate", target])
+                if mount.readonly:
+                    await proc.run(["mount", "-o", "remount,bind,ro", target])
             mount.host_path = str(target)
+            # Read-only is enforced here, on the top mount only, as runc does on a node: mounts below
+            # it stay writable. In the guest the whole share is one virtio-fs mount, where a read-only
+            # bind would cover them too.
+            mount.readonly = False
         return shared
 
     async def _release_container_mounts(self, vfs: Virtiofsd, run_dir: Path, container_id: str) -> None:

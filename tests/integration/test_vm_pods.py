@@ -161,7 +161,7 @@ def test_vm_pod_lifecycle_isolation_and_restart(env):
     assert leftovers(daemon, tmp) == []
 
 
-def test_vm_pod_streaming(env, tmp_path):
+def test_vm_pod_streaming(env, tmp_path, request):
     """Exec (with and without a terminal), attach and port-forward through the streaming server into the guest."""
     daemon, image, tmp, _ = env
     try:
@@ -178,8 +178,10 @@ def test_vm_pod_streaming(env, tmp_path):
         return cid
 
     volume = tmp / "volume"
-    volume.mkdir()
+    (volume / "tmpfs").mkdir(parents=True)
     (volume / "data.txt").write_text("from a host volume\n")
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(volume / "tmpfs")], check=True)
+    request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(volume / "tmpfs")], check=False))
     termination = tmp / "termination-log"
     termination.touch()
     echo_config = container_config("echo", image, "nc", "-ll", "-p", "80", "-e", "/bin/cat")
@@ -194,6 +196,9 @@ def test_vm_pod_streaming(env, tmp_path):
     assert volume_read.stdout == b"from a host volume\n", volume_read.stderr
     assert termination.read_text() == "bye\n"
     assert crictl.run("exec", echo, "touch", "/data/new").returncode != 0  # read-only
+    submount = crictl.run("exec", echo, "touch", "/data/tmpfs/new")  # not recursively read-only, as with runc
+    assert submount.returncode == 0, submount.stderr
+    assert (volume / "tmpfs" / "new").exists()
     shell_config = container_config("shell", image, "sh")
     shell_config.stdin = shell_config.stdin_once = True
     shell = start(shell_config)
