@@ -13,10 +13,11 @@ STUBS  := protos/cri_pb2.py protos/cri_pb2_grpc.py protos/agent_pb2.py
 #   python3-venv           the project's virtualenv
 #   iproute2, iputils-ping, util-linux, procps  ip, ping, mount/unshare/nsenter, ps
 #   qemu-system-x86        the untrusted backend's micro-VMs (its qemu-system-common dependency ships virtiofsd)
-#   (the guest kernel, busybox, Python and runc inside the VMs are fetched by `tandem assets` with
+#   lz4                    unpacks the guest kernel (Debian compresses it with LZ4) for PVH boot
+#   (the guest kernel, busybox, Python and crun inside the VMs are fetched by `tandem assets` with
 #   apt-get download and unpacked into the state dir, never installed on the host)
 APT_PACKAGES := docker-registry busybox-static runc conmon catatonit containernetworking-plugins \
-                iptables python3-venv iproute2 iputils-ping util-linux procps ca-certificates qemu-system-x86
+                iptables python3-venv iproute2 iputils-ping util-linux procps ca-certificates qemu-system-x86 lz4
 
 .PHONY: setup apt venv protos assets demo test lint clean
 

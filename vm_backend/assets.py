@@ -33,7 +33,7 @@ import protos
 from core import proc
 from core.errors import CommandFailed, FailedPrecondition
 from core.files import atomic_write_json, private_dir
-from vm_backend import initramfs
+from vm_backend import initramfs, kernel_image
 from vm_backend.initramfs import Tree
 
 KERNEL_PACKAGE = "linux-image-cloud-amd64"  # the metapackage; resolved to its versioned image package
@@ -68,7 +68,8 @@ GUEST_MODULES = (
 )  # fmt: skip
 GUEST_PYTHON = "3.11"
 
-KERNEL_FILE = "vmlinuz"
+KERNEL_FILE = "vmlinux"  # the ELF kernel, booted through its PVH entry (vm_backend/kernel_image.py)
+BZIMAGE_FILE = "vmlinuz"  # the packaged bzImage, booted when no PVH-capable ELF comes out of it
 INITRAMFS_FILE = "initramfs.cpio"
 MANIFEST_FILE = "manifest.json"
 
@@ -80,7 +81,7 @@ _PROTOBUF_DIR = Path(google.protobuf.__file__).parent
 # protobuf's C runtime: under TCG it imports the agent's messages in about half the time of the
 # pure-Python one, and parses each message faster.
 _UPB_EXTENSION = _PROTOBUF_DIR.parent / "_upb" / "_message.abi3.so"
-_BUILDER_FILES = (Path(__file__), Path(initramfs.__file__))
+_BUILDER_FILES = (Path(__file__), Path(initramfs.__file__), Path(kernel_image.__file__))
 _AGENT_ROOT = "opt/tandem/agent"
 _STDLIB = f"usr/lib/python{GUEST_PYTHON}"
 _LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu")
@@ -219,7 +220,7 @@ def _load(directory: Path) -> GuestAssets | None:
         manifest = json.loads((directory / MANIFEST_FILE).read_text())
     except (OSError, ValueError):
         return None
-    kernel, image = directory / KERNEL_FILE, directory / INITRAMFS_FILE
+    kernel, image = directory / manifest.get("kernel_file", BZIMAGE_FILE), directory / INITRAMFS_FILE
     if not (kernel.is_file() and image.is_file()):
         return None
     return GuestAssets(directory, manifest["digest"], kernel, image, manifest["kernel_release"], manifest)
@@ -483,6 +484,16 @@ def _assemble(root: Path, staging: Path, applets: list[str], release: str) -> tu
     return tree, {"modules": order, "agent_files": agent_files, **python}
 
 
+def _install_kernel(bzimage: Path, out: Path) -> str:
+    """Write the kernel VMs boot into `out`: the PVH vmlinux when one can be had, else the bzImage."""
+    vmlinux = kernel_image.extract_vmlinux(bzimage.read_bytes())
+    if vmlinux is None:
+        shutil.copyfile(bzimage, out / BZIMAGE_FILE)
+        return BZIMAGE_FILE
+    (out / KERNEL_FILE).write_bytes(vmlinux)
+    return KERNEL_FILE
+
+
 async def _build(state_dir: Path, inputs: AssetInputs, progress: Progress) -> GuestAssets:
     if f"{sys.version_info.major}.{sys.version_info.minor}" != GUEST_PYTHON:
         raise FailedPrecondition(f"the guest's bytecode is compiled here: run Tandem with Python {GUEST_PYTHON}")
@@ -503,12 +514,15 @@ async def _build(state_dir: Path, inputs: AssetInputs, progress: Progress) -> Gu
         progress(f"assembling the initramfs (kernel {release}, Python {GUEST_PYTHON} bytecode, crun, agent)")
         tree, details = await asyncio.to_thread(_assemble, unpacked, staging, applets, release)
         out.mkdir()
-        shutil.copyfile(unpacked / "boot" / f"vmlinuz-{release}", out / KERNEL_FILE)
+        kernel_file = await asyncio.to_thread(_install_kernel, unpacked / "boot" / f"vmlinuz-{release}", out)
+        if kernel_file == BZIMAGE_FILE:
+            progress("the kernel yields no PVH-capable vmlinux: VMs boot the bzImage (slower under TCG)")
         payload = tree.payload_bytes()
         size = await asyncio.to_thread(initramfs.write_initramfs, tree, out / INITRAMFS_FILE)
         manifest = {
             "digest": digest,
             "kernel_release": release,
+            "kernel_file": kernel_file,
             "packages": inputs.packages,
             "files": inputs.files,
             "initramfs_bytes": size,

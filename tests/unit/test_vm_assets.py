@@ -198,7 +198,7 @@ def fake_build(calls: list[str]):
         out.mkdir(parents=True, exist_ok=True)
         for name in (assets.KERNEL_FILE, assets.INITRAMFS_FILE):
             (out / name).write_bytes(b"x")
-        manifest = {"digest": inputs.digest(), "kernel_release": "6.1.0-56-cloud-amd64"}
+        manifest = {"digest": inputs.digest(), "kernel_release": "6.1.0-56-cloud-amd64", "kernel_file": "vmlinux"}
         (out / assets.MANIFEST_FILE).write_text(json.dumps(manifest))
         return assets._load(out)
 
@@ -269,6 +269,7 @@ def test_tcg_argv_follows_the_notes(tmp_path):
     assert "-netdev" not in argv and not any("vhost-user-fs" in d for d in option(argv, "-device"))
     cmdline = option(argv, "-append")[0]
     assert "console=ttyS0" in cmdline and "panic=-1" in cmdline and "tsc_early_khz=2600000" in cmdline
+    assert "cryptomgr.notests" in cmdline
     assert "tandem.share" not in cmdline
 
 
