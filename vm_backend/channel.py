@@ -212,7 +212,10 @@ class AgentClient:
         conn.reading = asyncio.create_task(self._read(conn))
         try:
             hello = agent_pb2.Request(hello=agent_pb2.Hello(host_version=self._host_version))
-            await asyncio.wait_for(self._send(conn, hello), self._hello_timeout)
+            # asyncio.timeout, not wait_for, in these loops: Python 3.11's wait_for returns the result
+            # when a cancellation races it (gh-86296), and a loop that swallows close()'s cancel runs on.
+            async with asyncio.timeout(self._hello_timeout):
+                await self._send(conn, hello)
         except BaseException:
             self._drop(conn)
             raise
@@ -306,7 +309,8 @@ class AgentClient:
             if conn is None or (seq := self._ackable(conn)) <= conn.acked:
                 continue
             try:
-                await asyncio.wait_for(self._send(conn, self._ack_request(conn)), CALL_TIMEOUT)
+                async with asyncio.timeout(CALL_TIMEOUT):  # not wait_for: see _connect
+                    await self._send(conn, self._ack_request(conn))
             except (errors.TandemError, TimeoutError) as e:
                 log.debug("ack %d not delivered (the next connection acks again): %s", seq, e)
                 continue

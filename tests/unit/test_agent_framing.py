@@ -23,6 +23,7 @@ import pytest
 
 from core import errors
 from protos import agent_pb2 as pb
+from vm_backend import channel
 from vm_backend.agent import pod
 from vm_backend.agent.errors import Fail
 from vm_backend.agent.events import EventLog
@@ -384,6 +385,26 @@ async def test_close_acks_what_was_delivered(agent: Agent, short_dir: Path) -> N
 # ---------------------------------------------------------------- SetupPod
 
 
+async def test_ack_loop_stops_when_cancelled_as_its_ack_is_answered(short_dir: Path) -> None:
+    """Python 3.11's wait_for returns the inner result when a cancellation races it (gh-86296); the
+    ack loop then waited forever and close() with it (seen as a hung agent test)."""
+    client = AgentClient(short_dir / "none.sock", lambda event: None)
+    conn = channel._Connection(cast(asyncio.StreamReader, None), cast(asyncio.StreamWriter, None))
+    client._conn = conn
+    client._delivered = 5
+
+    async def answered_as_close_cancels(conn: channel._Connection, request: pb.Request) -> pb.Response:
+        await asyncio.sleep(0)
+        acking.cancel()  # close() cancels the loop in the very step the agent's answer arrives
+        return pb.Response()
+
+    client._send = answered_as_close_cancels  # type: ignore[method-assign]
+    acking = asyncio.create_task(client._ack_loop())
+    client._ack_wanted.set()
+    done, _ = await asyncio.wait([acking], timeout=2)
+    assert done, "the ack loop swallowed its cancellation"
+
+
 def test_network_plan() -> None:
     iface = pb.Interface(name="eth0", mac="02:00:00:00:00:01", addresses=["10.88.0.5/16", "fd00::5/64"], mtu=1450)
     routes = [
@@ -500,7 +521,7 @@ async def test_setup_pod_failures(tmp_path: Path) -> None:
     # Repeating it is fine: an address that exists already is not an error ...
     await pod.PodSetup(Recorder({"02:aa:00:00:00:01": "eth0"}, errno.EEXIST), tmp_path, tmp_path).apply(SETUP)
     # ... but other failures are.
-    with pytest.raises(Fail, match="add address 10.88.0.5/16 to eth0: Operation not permitted"):
+    with pytest.raises(Fail, match=r"add address 10\.88\.0\.5/16 to eth0: Operation not permitted"):
         system = Recorder({"02:aa:00:00:00:01": "eth0"}, errno.EPERM)
         await pod.PodSetup(system, tmp_path, tmp_path).apply(SETUP)
     with pytest.raises(Fail, match="no network interface") as missing:
