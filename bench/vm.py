@@ -6,9 +6,11 @@
    a busybox `sleep 3600`, timed over gRPC as one number (stop/remove untimed);
    B = a bare QEMU boot of the same kernel + initramfs with the argv Tandem builds
    (vm_backend.qemu.build_argv, same accel/vcpus/memory), but without the tap NIC
-   and without virtiofsd, timed until the guest agent answers Hello on its
-   virtio-serial socket (vm_backend.channel.AgentClient). Alternating A/B, the one
-   going first alternates per sample; ratio A/B per pair, median (goal <= 1.15).
+   and without virtiofsd, timed until the guest's init runs (its first console
+   line): the issue's baseline. The same boot is also timed until the agent
+   answers Hello on its virtio-serial socket (H), which shows how much of A is
+   the agent starting. Alternating A/B, the one going first alternates per
+   sample; ratio A/B per pair, median (goal <= 1.15), and A/H.
 2. memory: K idle VM pods with one sleeping container each; after an idle wait,
    the PSS (/proc/PID/smaps_rollup) of every host process whose command line names
    the pod's VM run dir (QEMU, virtiofsd), per pod and mean; the daemon's PSS apart.
@@ -49,6 +51,7 @@ from vm_backend.qemu import QemuVm, VmSpec
 
 DEFAULT_STATE = Path("/var/lib/tandem")
 RPC_TIMEOUT = 180.0
+INIT_LINE = "tandem-init: init started"  # vm_backend/init.sh's first line, once /proc is mounted
 VCPUS, MEMORY_MIB = 1, 256  # Tandem's defaults (cri.config VmSettings), used for the bare boot too
 
 
@@ -148,7 +151,17 @@ class Pods:
 # ---- B: a bare QEMU boot ------------------------------------------------------------------------
 
 
-async def _bare_boot(run_dir: Path, assets: GuestAssets) -> float:
+async def _console_line(path: Path, text: str) -> float:
+    """The perf_counter() at which `text` was seen in the console log (QEMU appends as the guest writes)."""
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            if text.encode() in path.read_bytes():
+                return time.perf_counter()
+        await asyncio.sleep(0.005)
+
+
+async def _bare_boot(run_dir: Path, assets: GuestAssets) -> tuple[float, float]:
+    """(seconds to init's first line, seconds to the agent's Hello) of one boot."""
     spec = VmSpec(
         name=run_dir.name, run_dir=run_dir, kernel=assets.kernel, initramfs=assets.initramfs,
         accel="tcg", vcpus=VCPUS, memory_mib=MEMORY_MIB,
@@ -162,17 +175,20 @@ async def _bare_boot(run_dir: Path, assets: GuestAssets) -> float:
         await client.start(timeout=60)
 
     started = time.perf_counter()
+    init_seen = asyncio.create_task(_console_line(spec.console_log, INIT_LINE))
     try:
         await vm.start(ready=agent_hello, boot_timeout=60, retries=0)
-        elapsed = time.perf_counter() - started
+        hello = time.perf_counter() - started
+        to_init = await asyncio.wait_for(init_seen, 5) - started  # printed before the agent starts
     finally:
+        init_seen.cancel()
         for client in clients:
             await client.close()
         await vm.kill()
-    return elapsed
+    return to_init, hello
 
 
-def bare_boot(run_dir: Path, assets: GuestAssets) -> float:
+def bare_boot(run_dir: Path, assets: GuestAssets) -> tuple[float, float]:
     return asyncio.run(_bare_boot(run_dir, assets))
 
 
@@ -180,27 +196,33 @@ def bare_boot(run_dir: Path, assets: GuestAssets) -> float:
 
 
 def measure_start(pods: Pods, assets: GuestAssets, workdir: Path, samples: int) -> None:
-    print(f"\n## 1. VM pod start (A) vs bare QEMU boot to agent Hello (B), {samples} samples, alternating")
-    print("#  B: same kernel, initramfs and QEMU argv builder as Tandem, no tap NIC, no virtiofsd")
-    print(f"{'sample':>7} {'first':>6} {'A pod':>9} {'B bare':>9} {'A/B':>6}  load")
-    pairs = []
+    print(f"\n## 1. VM pod start (A) vs bare QEMU boot to init (B), {samples} samples, alternating")
+    print("#  B: same kernel, initramfs and QEMU argv builder as Tandem, no tap NIC, no virtiofsd, until init's")
+    print("#  first console line; H: the same boot until the agent answers Hello")
+    print(f"{'sample':>7} {'first':>6} {'A pod':>9} {'B init':>9} {'H hello':>9} {'A/B':>6} {'A/H':>6}  load")
+    samples_: list[tuple[float, float, float]] = []
     for n in range(samples):
-        result: dict[str, float] = {}
+        a = b = h = 0.0
         order = ("A", "B") if n % 2 == 0 else ("B", "A")
         for side in order:
             if side == "A":
-                pod_id, result["A"] = pods.start(retries=1)
+                pod_id, a = pods.start(retries=1)
                 pods.remove(pod_id)
             else:
-                result["B"] = bare_boot(workdir / "bare" / f"b{n + 1}", assets)
-        pairs.append((result["A"], result["B"]))
-        print(f"{n + 1:>7} {order[0]:>6} {result['A']:>8.3f}s {result['B']:>8.3f}s "
-              f"{result['A'] / result['B']:>6.2f}  {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
-    ratios = [a / b for a, b in pairs]
+                b, h = bare_boot(workdir / "bare" / f"b{n + 1}", assets)
+        samples_.append((a, b, h))
+        print(f"{n + 1:>7} {order[0]:>6} {a:>8.3f}s {b:>8.3f}s {h:>8.3f}s {a / b:>6.2f} {a / h:>6.2f}  "
+              f"{os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+    to_init = [a / b for a, b, _ in samples_]
+    to_hello = [a / h for a, _, h in samples_]
     print(
-        f"start: A median {statistics.median(a for a, _ in pairs):.3f} s, "
-        f"B median {statistics.median(b for _, b in pairs):.3f} s, "
-        f"ratio A/B median {statistics.median(ratios):.2f} ({min(ratios):.2f} .. {max(ratios):.2f}); goal <= 1.15"
+        f"start: A median {statistics.median(a for a, _, _ in samples_):.3f} s, "
+        f"B median {statistics.median(b for _, b, _ in samples_):.3f} s, "
+        f"H median {statistics.median(h for _, _, h in samples_):.3f} s\n"
+        f"start: ratio A/B median {statistics.median(to_init):.2f} ({min(to_init):.2f} .. {max(to_init):.2f}); "
+        f"goal <= 1.15\n"
+        f"start: ratio A/H median {statistics.median(to_hello):.2f} ({min(to_hello):.2f} .. {max(to_hello):.2f}) "
+        "(what the pod adds once the agent is up)"
     )
     print(f"# {load()}")
 
@@ -338,8 +360,8 @@ def _run(argv: Sequence[str] | None) -> int:
         )
         pod_id, elapsed = pods.start(retries=1)  # warm-up: imports, the accel choice, page cache
         pods.remove(pod_id)
-        bare = bare_boot(workdir / "bare" / "w", assets)
-        print(f"# warm-up (untimed): A {elapsed:.3f} s, B {bare:.3f} s")
+        to_init, hello = bare_boot(workdir / "bare" / "w", assets)
+        print(f"# warm-up (untimed): A {elapsed:.3f} s, B {to_init:.3f} s, H {hello:.3f} s")
         if "start" not in args.skip:
             measure_start(pods, assets, workdir, args.samples)
         if "memory" not in args.skip:
