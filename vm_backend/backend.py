@@ -117,7 +117,7 @@ def guest_container_spec(
     share: Path,
     empty_dev: Path,
 ) -> dict[str, Any]:
-    """The OCI spec the guest's runc runs: runc_backend's rules with the guest's facts and paths.
+    """The OCI spec the guest's crun runs: runc_backend's rules with the guest's facts and paths.
 
     The guest is the pod: network, IPC and UTS are the guest's own (no entry); PID is the guest's
     for a pod-wide PID namespace, else new. `config`'s mounts must already name binds inside

@@ -34,8 +34,8 @@ from vm_backend.agent.framing import Decoder, FramingError, encode
 log = logging.getLogger("tandem.vm.channel")
 
 CALL_TIMEOUT = 60.0
-CREATE_TIMEOUT = 300.0  # runc create in a TCG guest can take seconds; the agent itself allows 240
-EXEC_MARGIN = 30.0  # on top of an exec's own timeout: runc exec and the round trip
+CREATE_TIMEOUT = 300.0  # crun create in a TCG guest takes half a second, more under load; the agent allows 240
+EXEC_MARGIN = 30.0  # on top of an exec's own timeout: crun exec and the round trip
 HELLO_TIMEOUT = 10.0
 ACK_DELAY = 0.02  # seconds to gather events into one ack
 WRITE_CHUNK = 1 * 2**20  # stdin and port data are sent in pieces well below the frame limit

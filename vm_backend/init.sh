@@ -1,7 +1,7 @@
 #!/bin/sh
 # Tandem's guest /init (busybox sh as PID 1, built into the initramfs by vm_backend/assets.py).
 #
-# Moves to a root that runc can pivot_root away from, mounts what the agent and runc need, loads
+# Moves to a root that crun can pivot_root away from, mounts what the agent and crun need, loads
 # the virtio modules, mounts the pod's virtio-fs share, finds the agent's virtio-serial port (no
 # udev: by its name in sysfs) and execs the agent, which then stays PID 1. Anything that stops the agent from starting prints one `tandem-init:` line on
 # the console and powers off, so the host sees QEMU exit instead of a guest that never answers;
@@ -33,7 +33,7 @@ fail() {
     off
 }
 
-# The initramfs root ("rootfs") can never be pivot_root'ed away, and runc pivot_roots into every
+# The initramfs root ("rootfs") can never be pivot_root'ed away, and crun pivot_roots into every
 # container's rootfs. So first move to a tmpfs root holding bind mounts of the initramfs directories
 # (read-only where nothing writes) and run this script again from there: ~0.1 s under TCG, where
 # copying the files over would take ~0.6 s.
