@@ -99,6 +99,7 @@ class Pods:
     def __init__(self, daemon: TandemDaemon, image: str, log_root: Path) -> None:
         self.daemon, self.image, self.log_root = daemon, image, log_root
         self.count = 0
+        self.last_steps: tuple[float, float, float] = (0.0, 0.0, 0.0)  # runp, create, start of the last start
 
     def start(self, retries: int = 0) -> tuple[str, float]:
         """RunPodSandbox(vm) + CreateContainer + StartContainer; the pod id and the wall time of the three.
@@ -121,14 +122,18 @@ class Pods:
         started = time.perf_counter()
         pod_id = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=pod, runtime_handler="vm"), timeout=RPC_TIMEOUT)
         pod_id = pod_id.pod_sandbox_id
+        ran = time.perf_counter()
         try:
             request = pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=container, sandbox_config=pod)
             cid = rt.CreateContainer(request, timeout=RPC_TIMEOUT).container_id
+            created = time.perf_counter()
             rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=RPC_TIMEOUT)
         except BaseException:
             self.remove(pod_id)
             raise
-        elapsed = time.perf_counter() - started
+        finished = time.perf_counter()
+        elapsed = finished - started
+        self.last_steps = (ran - started, created - ran, finished - created)
         state = rt.ContainerStatus(pb.ContainerStatusRequest(container_id=cid), timeout=30).status.state
         if state != pb.CONTAINER_RUNNING:
             self.remove(pod_id)
@@ -201,12 +206,14 @@ def measure_start(pods: Pods, assets: GuestAssets, workdir: Path, samples: int) 
     print("#  first console line; H: the same boot until the agent answers Hello")
     print(f"{'sample':>7} {'first':>6} {'A pod':>9} {'B init':>9} {'H hello':>9} {'A/B':>6} {'A/H':>6}  load")
     samples_: list[tuple[float, float, float]] = []
+    steps: list[tuple[float, float, float]] = []
     for n in range(samples):
         a = b = h = 0.0
         order = ("A", "B") if n % 2 == 0 else ("B", "A")
         for side in order:
             if side == "A":
                 pod_id, a = pods.start(retries=1)
+                steps.append(pods.last_steps)
                 pods.remove(pod_id)
             else:
                 b, h = bare_boot(workdir / "bare" / f"b{n + 1}", assets)
@@ -224,6 +231,9 @@ def measure_start(pods: Pods, assets: GuestAssets, workdir: Path, samples: int) 
         f"start: ratio A/H median {statistics.median(to_hello):.2f} ({min(to_hello):.2f} .. {max(to_hello):.2f}) "
         "(what the pod adds once the agent is up)"
     )
+    runp, create, start = (statistics.median(step[i] for step in steps) for i in range(3))
+    print(f"start: A's steps, medians: RunPodSandbox {runp:.3f} s, CreateContainer {create:.3f} s, "
+          f"StartContainer {start:.3f} s")  # fmt: skip
     print(f"# {load()}")
 
 
