@@ -157,36 +157,27 @@ class Completed:
     stderr: bytes
 
 
-async def run(reaper: Reaper, argv: list[str], *, input: bytes | None = None, timeout: float = 60.0) -> Completed:
+async def run(reaper: Reaper, argv: list[str], *, timeout: float = 60.0) -> Completed:
     """Run a short command to completion and collect its output; past `timeout` it is killed (TimeoutError)."""
     out: list[bytes] = []
     err: list[bytes] = []
     out_r, out_w = output_pipe()
     err_r, err_w = output_pipe()
-    in_r, in_w = input_pipe() if input is not None else (os.open(os.devnull, os.O_RDONLY), -1)
+    null = os.open(os.devnull, os.O_RDONLY)
     since = time.monotonic()
     try:
-        pid = spawn(argv, in_r, out_w, err_w)
+        pid = spawn(argv, null, out_w, err_w)
     except BaseException:
-        for fd in (out_r, err_r, in_w):
-            if fd >= 0:
-                os.close(fd)
+        for fd in (out_r, err_r):
+            os.close(fd)
         raise
     finally:
-        for fd in (in_r, out_w, err_w):
+        for fd in (null, out_w, err_w):
             os.close(fd)
     exited = reaper.watch(pid, since)
     readers = [await read_fd(out_r, out.append), await read_fd(err_r, err.append)]
     try:
         async with asyncio.timeout(timeout):
-            if in_w >= 0:
-                try:
-                    await write_all(in_w, input or b"")
-                except BrokenPipeError:
-                    pass  # it exited without reading: its exit code tells
-                finally:
-                    os.close(in_w)
-                    in_w = -1
             code = await exited
             await asyncio.wait([eof for _, eof in readers])
     except BaseException:
@@ -194,8 +185,6 @@ async def run(reaper: Reaper, argv: list[str], *, input: bytes | None = None, ti
             os.kill(pid, signal.SIGKILL)
         raise
     finally:
-        if in_w >= 0:
-            os.close(in_w)
         for transport, _ in readers:
             transport.close()
     return Completed(code, b"".join(out), b"".join(err))
