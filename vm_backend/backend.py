@@ -521,9 +521,10 @@ class VmBackend(Backend):
             shared_dir_tag=SHARE_TAG,
         )
         await pod.client_or_fail().setup_pod(setup)
+        ready = time.monotonic()
         log.info(
             "pod %s: VM ready in %.2fs (boot %.2fs, agent start %.2fs, pod setup %.2fs)",
-            sandbox.id[:12], time.monotonic() - began, booted - began, connected - booted, time.monotonic() - connected,
+            sandbox.id[:12], ready - began, booted - began, connected - booted, ready - connected,
         )  # fmt: skip
 
     async def stop_sandbox(self, sandbox: SandboxRecord) -> None:

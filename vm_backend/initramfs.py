@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -149,9 +149,23 @@ def _sections(data: bytes) -> dict[str, tuple[int, int, int, int]]:
     return result
 
 
+def is_elf64(data: bytes) -> bool:
+    """A 64-bit little-endian ELF image: the only kind the builder reads."""
+    return data[:4] == b"\x7fELF" and len(data) > 5 and data[4] == 2 and data[5] == 1
+
+
+def segments(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(type, file offset, file size) of each program header of an ELF64 image."""
+    phoff = struct.unpack_from("<Q", data, 0x20)[0]
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    for i in range(phnum):
+        p_type, _flags, p_offset, _vaddr, _paddr, p_filesz = struct.unpack_from("<IIQQQQ", data, phoff + i * phentsize)
+        yield p_type, p_offset, p_filesz
+
+
 def read_elf(data: bytes) -> Elf:
     """Read DT_NEEDED, PT_INTERP and `.modinfo` from an ELF64 image (executable, library or module)."""
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+    if not is_elf64(data):
         raise ValueError("not a 64-bit little-endian ELF file")
     sections = _sections(data)
     needed: list[str] = []
@@ -166,10 +180,7 @@ def read_elf(data: bytes) -> Elf:
             if tag == 1:  # DT_NEEDED
                 needed.append(data[strtab_off + value : data.index(b"\0", strtab_off + value)].decode())
     interpreter = None
-    phoff = struct.unpack_from("<Q", data, 0x20)[0]
-    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
-    for i in range(phnum):
-        p_type, _flags, p_offset, _vaddr, _paddr, p_filesz = struct.unpack_from("<IIQQQQ", data, phoff + i * phentsize)
+    for p_type, p_offset, p_filesz in segments(data):
         if p_type == 3:  # PT_INTERP
             interpreter = data[p_offset : p_offset + p_filesz].rstrip(b"\0").decode()
     modinfo: dict[str, str] = {}

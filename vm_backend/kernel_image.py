@@ -19,7 +19,8 @@ import subprocess
 import zlib
 from collections.abc import Callable
 
-_ELF_MAGIC = b"\x7fELF"
+from vm_backend import initramfs
+
 _PT_NOTE = 4
 _XEN_ELFNOTE_PHYS32_ENTRY = 18
 _TOOL_TIMEOUT = 120
@@ -56,12 +57,9 @@ _COMPRESSORS: tuple[tuple[bytes, Callable[[bytes], bytes]], ...] = (
 
 def has_pvh_entry(elf: bytes) -> bool:
     """Whether this ELF64 kernel carries the Xen PHYS32_ENTRY note that PVH boot starts from."""
-    if elf[:4] != _ELF_MAGIC or elf[4] != 2 or elf[5] != 1:
+    if not initramfs.is_elf64(elf):
         return False
-    phoff = struct.unpack_from("<Q", elf, 0x20)[0]
-    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
-    for i in range(phnum):
-        p_type, _flags, offset, _vaddr, _paddr, size = struct.unpack_from("<IIQQQQ", elf, phoff + i * phentsize)
+    for p_type, offset, size in initramfs.segments(elf):
         if p_type != _PT_NOTE:
             continue
         pos, end = offset, offset + size
