@@ -52,7 +52,7 @@ from vm_backend.qemu import QemuVm, VmSpec
 DEFAULT_STATE = Path("/var/lib/tandem")
 RPC_TIMEOUT = 180.0
 INIT_LINE = "tandem-init: init started"  # vm_backend/init.sh's first line, once /proc is mounted
-VCPUS, MEMORY_MIB = 1, 256  # Tandem's defaults (cri.config VmSettings), used for the bare boot too
+VCPUS, MEMORY_MIB = 1, 256  # Tandem's defaults (core.settings VmSettings), used for the bare boot too
 
 
 def load() -> str:

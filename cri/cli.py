@@ -10,7 +10,7 @@ from pathlib import Path
 
 from core import logfmt
 from core.errors import TandemError
-from cri.config import LOG_LEVELS, Config, load_config
+from core.settings import LOG_LEVELS, Config, load_config
 from cri.version import CRI_API_VERSION, RUNTIME_NAME, RUNTIME_VERSION
 
 

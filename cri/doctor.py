@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import TandemError
-from cri.config import Config, load_config
+from core.settings import Config, load_config
 from runc_backend import cgroups
 from sandbox import cni
 

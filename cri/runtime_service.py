@@ -15,8 +15,8 @@ from typing import TypeVar
 import grpc
 
 from core.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
+from core.settings import Config
 from cri import convert, metrics
-from cri.config import Config
 from cri.errors import answer_unimplemented
 from cri.streaming.server import StreamingServer
 from cri.version import CRI_API_VERSION, KUBELET_API_VERSION, RUNTIME_NAME, RUNTIME_VERSION

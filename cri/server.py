@@ -14,7 +14,7 @@ import grpc
 
 from core.errors import FailedPrecondition
 from core.files import private_dir
-from cri.config import Config
+from core.settings import Config
 from cri.errors import ErrorInterceptor
 from cri.image_service import ImageServicer
 from cri.runtime_service import RuntimeServicer

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cri.config import Config
+from core.settings import Config
 from protos import cri_pb2 as pb
 from tests.support.daemon import TandemDaemon
 from tests.support.images import busybox_image, push

@@ -34,6 +34,7 @@ from core.errors import (
     TandemError,
     Unavailable,
 )
+from core.settings import RegistrySettings
 from images.manifest import DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST
 from images.reference import Reference, is_digest, is_registry_host, is_tag
 
@@ -54,16 +55,6 @@ _ATTESTATION_ANNOTATION = "vnd.docker.reference.type"
 _DEFAULT_TOKEN_TTL = 60.0
 _CHUNK = 1 << 20
 _ERROR_BODY_LIMIT = 4096
-
-
-@dataclass
-class RegistrySettings:
-    """`[registry]` in the config: which hosts may be plain HTTP, and mirrors per registry domain."""
-
-    insecure: list[str] = field(default_factory=list)
-    mirrors: dict[str, list[str]] = field(default_factory=dict)
-    timeout: float = 60.0
-    max_manifest_bytes: int = 4 * 2**20
 
 
 @dataclass

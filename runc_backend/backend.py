@@ -34,7 +34,7 @@ from typing import Any
 
 from core.errors import FailedPrecondition, NotFound, Unavailable
 from core.files import atomic_write_bytes, atomic_write_json, private_dir
-from cri.config import Config
+from core.settings import Config
 from protos import cri_pb2 as pb
 from runc_backend import cgroups, conmon, pinns, rootfs, spec, streams
 from runc_backend.conmon import Conmon

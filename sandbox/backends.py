@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from core.errors import TandemError
-from cri.config import Config
+from core.settings import Config
 from runc_backend.backend import RuncBackend
 from sandbox.backend import Backend
 from vm_backend.backend import VmBackend

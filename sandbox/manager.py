@@ -19,7 +19,7 @@ from pathlib import Path
 from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TandemError
 from core.files import private_dir
 from core.records import RecordStore
-from cri.config import Config
+from core.settings import Config
 from images.store import ImageStore
 from protos import cri_pb2 as pb
 from sandbox import cni, netns, trust

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from core.errors import FailedPrecondition, InvalidArgument, NotFound
-from cri.config import RuntimeHandler
+from core.settings import RuntimeHandler
 from protos import cri_pb2 as pb
 
 TANDEM_TRUST = "tandem.dev/trust"

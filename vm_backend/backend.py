@@ -31,7 +31,7 @@ from typing import Any
 from core import proc
 from core.errors import FailedPrecondition, InvalidArgument, TandemError, Unavailable
 from core.files import atomic_write_json, private_dir
-from cri.config import Config
+from core.settings import Config
 from protos import agent_pb2
 from protos import cri_pb2 as pb
 from runc_backend import rootfs, spec

@@ -22,7 +22,7 @@ from typing import BinaryIO, TextIO
 
 from core.errors import FailedPrecondition, InvalidArgument, NotFound
 from core.records import RecordStore
-from cri.config import Config
+from core.settings import Config
 from sandbox.model import SandboxRecord
 
 DETACH = b"\x1d"  # Ctrl-]

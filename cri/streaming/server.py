@@ -21,7 +21,7 @@ from wsproto.events import AcceptConnection, RejectConnection, Request
 from wsproto.utilities import RemoteProtocolError
 
 from core.errors import Unavailable
-from cri.config import StreamingSettings
+from core.settings import StreamingSettings
 from cri.streaming import portforward, remotecommand
 from cri.streaming.spdy import SpdySession
 from cri.streaming.tokens import StreamRequest, TokenCache

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from cri.config import Config
+from core.settings import Config
 from protos import cri_pb2 as pb
 from tests.support.crictl import Crictl
 from tests.support.daemon import TandemDaemon

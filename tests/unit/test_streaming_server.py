@@ -10,7 +10,7 @@ from wsproto import ConnectionState, ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, RejectConnection, Request, TextMessage
 
 from core.chunks import ChunkQueue
-from cri.config import StreamingSettings
+from core.settings import StreamingSettings
 from cri.streaming.server import StreamingServer
 from cri.streaming.spdy import FLAG_FIN, Data, FrameDecoder, FrameEncoder, GoAway, RstStream, SynReply, SynStream
 from protos import cri_pb2 as pb

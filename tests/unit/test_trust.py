@@ -1,7 +1,7 @@
 import pytest
 
 from core.errors import InvalidArgument, NotFound
-from cri.config import Config, RuntimeHandler
+from core.settings import Config, RuntimeHandler
 from protos import cri_pb2 as pb
 from sandbox.trust import decide
 

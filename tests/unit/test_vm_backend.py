@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from core.errors import InvalidArgument, Unavailable
-from cri.config import Config
+from core.settings import Config
 from protos import cri_pb2 as pb
 from runc_backend import spec
 from sandbox.backends import available_backends

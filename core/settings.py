@@ -3,6 +3,10 @@
 The names under `default_workload_trust`, `[runtimes.*]` and `[registry]` are a
 contract with scripts outside the project (see design §9). Unknown keys are
 errors, so a typo stops the daemon instead of being silently ignored.
+
+Every layer reads its settings from here, so this module imports nothing of
+Tandem but `core`. Each part of the daemon gets only its own section (and the
+directories it owns), handed to it by the composition root (`cri/server.py`).
 """
 
 from __future__ import annotations
@@ -11,10 +15,9 @@ import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from core.errors import InvalidArgument
-from images.registry import RegistrySettings
 
 DEFAULT_CONFIG_PATH = Path("/etc/tandem/tandem.toml")
 BACKENDS = ("runc", "vm")
@@ -25,6 +28,19 @@ ACCELS = ("auto", "kvm", "tcg")
 
 class ConfigError(InvalidArgument):
     """A config file that cannot be used; the message names the file, the key and the reason."""
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class RegistrySettings:
+    """`[registry]` in the config: which hosts may be plain HTTP, and mirrors per registry domain."""
+
+    insecure: list[str] = field(default_factory=list)
+    mirrors: dict[str, list[str]] = field(default_factory=dict)
+    timeout: float = 60.0
+    max_manifest_bytes: int = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,32 @@ class Config:
     streaming: StreamingSettings = field(default_factory=StreamingSettings)
     source: str = "embedded defaults"
 
+    def runc_backend(self) -> RuncBackendSettings:
+        return RuncBackendSettings(
+            run_dir=self.runtime_dir / "runc", state_dir=self.state_dir / "runc", attach_dir=self.runtime_dir / "a"
+        )
+
+    def vm_backend(self) -> VmBackendSettings:
+        return VmBackendSettings(vm=self.vm, run_dir=self.runtime_dir / "vm", state_dir=self.state_dir)
+
+
+@dataclass(frozen=True)
+class RuncBackendSettings:
+    """What the runc backend owns: no config keys of its own, only its directories."""
+
+    run_dir: Path  # runc's state, bundles, exit files, pod dirs (tmpfs: gone on reboot, as the containers are)
+    state_dir: Path  # writable layers and the infra containers' root
+    attach_dir: Path  # conmon's attach-socket links: short, as a unix socket path must be
+
+
+@dataclass(frozen=True)
+class VmBackendSettings:
+    """What the VM backend owns: `[vm]`, the VMs' run dirs, and its part of the state dir."""
+
+    vm: VmSettings
+    run_dir: Path  # one run dir per pod VM
+    state_dir: Path  # the daemon's state dir: guest assets, the accelerator choice and layers live under vm/
+
 
 class _Reader:
     """Walks one TOML table, typing each key and remembering which keys were used."""
@@ -102,15 +144,24 @@ class _Reader:
     def fail(self, key: str, reason: str) -> ConfigError:
         return ConfigError(f"config {self.source}: key '{self.prefix}{key}': {reason}")
 
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    def _value(self, key: str, kinds: tuple[type, ...]) -> object | None:
+        """The key's value if it is set (None if not), refused unless it is one of `kinds` (a bool is no int)."""
         self.used.add(key)
         if key not in self.table:
-            return default
+            return None
         value = self.table[key]
-        if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
-            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        if (int in kinds and isinstance(value, bool)) or not isinstance(value, kinds):
+            names = " or ".join(k.__name__ for k in kinds)
             raise self.fail(key, f"must be a {names}, got {type(value).__name__}")
         return value
+
+    def get(self, key: str, kind: type[T], default: T) -> T:
+        value = self._value(key, (kind,))
+        return default if value is None else cast(T, value)
+
+    def number(self, key: str, default: float) -> float:
+        value = self._value(key, (int, float))
+        return default if value is None else float(cast(float, value))
 
     def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
         value = self.get(key, str, default)
@@ -131,13 +182,14 @@ class _Reader:
         return value
 
     def strings(self, key: str, default: list[str]) -> list[str]:
-        value = self.get(key, list, default)
+        value: list[Any] = self.get(key, list, default)
         if not all(isinstance(v, str) and v for v in value):
             raise self.fail(key, "must be a list of non-empty strings")
-        return list(value)
+        return [str(v) for v in value]
 
     def sub(self, key: str) -> _Reader:
-        return _Reader(self.source, f"{self.prefix}{key}.", self.get(key, dict, {}))
+        table: dict[str, Any] = self.get(key, dict, {})
+        return _Reader(self.source, f"{self.prefix}{key}.", table)
 
     def done(self) -> None:
         unknown = sorted(set(self.table) - self.used)
@@ -171,7 +223,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
     registry = RegistrySettings(
         insecure=reg.strings("insecure", []),
         mirrors=mirrors,
-        timeout=float(reg.get("timeout_seconds", (int, float), defaults.registry.timeout)),
+        timeout=reg.number("timeout_seconds", defaults.registry.timeout),
     )
     reg.done()
 
@@ -213,9 +265,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         accel=vm_table.choice("accel", ACCELS, defaults.vm.accel),
         default_vcpus=vm_table.positive("default_vcpus", defaults.vm.default_vcpus),
         default_memory_mib=vm_table.positive("default_memory_mib", defaults.vm.default_memory_mib),
-        boot_timeout_seconds=float(
-            vm_table.get("boot_timeout_seconds", (int, float), defaults.vm.boot_timeout_seconds)
-        ),
+        boot_timeout_seconds=vm_table.number("boot_timeout_seconds", defaults.vm.boot_timeout_seconds),
         qemu=vm_table.path("qemu", defaults.vm.qemu),
         virtiofsd=vm_table.path("virtiofsd", defaults.vm.virtiofsd),
     )

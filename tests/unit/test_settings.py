@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from cri.config import Config, ConfigError, StreamingSettings, load_config, parse_config
+from core.settings import Config, ConfigError, StreamingSettings, load_config, parse_config
 
 
 def test_embedded_defaults_work_on_a_fresh_host():
