@@ -105,6 +105,9 @@ class Config:
     streaming: StreamingSettings = field(default_factory=StreamingSettings)
     source: str = "embedded defaults"
 
+    def trust(self) -> TrustSettings:
+        return TrustSettings(default_workload_trust=self.default_workload_trust, runtimes=self.runtimes)
+
     def runc_backend(self) -> RuncBackendSettings:
         return RuncBackendSettings(
             run_dir=self.runtime_dir / "runc", state_dir=self.state_dir / "runc", attach_dir=self.runtime_dir / "a"
@@ -112,6 +115,14 @@ class Config:
 
     def vm_backend(self) -> VmBackendSettings:
         return VmBackendSettings(vm=self.vm, run_dir=self.runtime_dir / "vm", state_dir=self.state_dir)
+
+
+@dataclass(frozen=True)
+class TrustSettings:
+    """What trust dispatch decides by: the default trust and the RuntimeClass handlers."""
+
+    default_workload_trust: str
+    runtimes: dict[str, RuntimeHandler]
 
 
 @dataclass(frozen=True)

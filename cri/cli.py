@@ -69,7 +69,7 @@ def _console(args: argparse.Namespace) -> int:
     config = load_config(Path(args.config) if args.config else None)
     if args.state_dir:
         config = dataclasses.replace(config, state_dir=Path(args.state_dir))
-    return run_console(config, args.pod_id, tail=not args.no_log)
+    return run_console(config.state_dir, config.vm_backend().run_dir, args.pod_id, tail=not args.no_log)
 
 
 def _version(args: argparse.Namespace) -> int:

@@ -1,4 +1,9 @@
-"""The Tandem daemon: both CRI services on one root-only unix socket."""
+"""The Tandem daemon: both CRI services on one root-only unix socket.
+
+This is the composition root: the one place that knows which backends exist,
+builds each part from its own settings section and wires them together. Nothing
+below `cri/` reads the whole config or knows another layer's concrete classes.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,13 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
-from core.errors import FailedPrecondition
+from core.errors import FailedPrecondition, TandemError
 from core.files import private_dir
 from core.settings import Config
 from cri.errors import ErrorInterceptor
@@ -25,13 +32,38 @@ from images.registry import RegistryClient
 from images.store import ImageStore
 from images.unpack import UnpackLimits
 from protos import cri_pb2_grpc
-from sandbox.backends import available_backends
+from runc_backend.backend import RuncBackend
+from sandbox.backend import Backend
 from sandbox.cni import CniPlugins
 from sandbox.manager import PodManager
+from vm_backend.backend import VmBackend
 
 log = logging.getLogger("tandem.daemon")
 
 MAX_MESSAGE_BYTES = 16 * 2**20
+
+
+def available_backends(config: Config) -> dict[str, Backend[Any]]:
+    """Every backend that can start on this host, each built from its own settings section; one that
+    can't is logged and left out.
+
+    A pod routed to a missing backend is refused with FAILED_PRECONDITION by the
+    manager: it never falls back to another kind of isolation.
+    """
+    backends: dict[str, Backend[Any]] = {}
+    factories: list[Callable[[], Backend[Any]]] = [
+        lambda: RuncBackend.create(config.runc_backend()),
+        lambda: VmBackend.create(config.vm_backend()),
+    ]
+    for factory in factories:
+        try:
+            backend = factory()
+        except TandemError as e:
+            log.warning("backend unavailable", extra={"error": str(e)})
+            continue
+        backends[backend.name] = backend
+    log.info("backends", extra={"available": ",".join(sorted(backends)) or "none"})
+    return backends
 
 
 def _claim_socket(path: Path) -> None:
@@ -77,10 +109,12 @@ class Daemon:
         )
         await asyncio.to_thread(self.images.load)
         self.pods = PodManager(
-            config,
-            self.images,
-            available_backends(config),
-            CniPlugins(config.cni.conf_dir, config.cni.bin_dirs),
+            state_dir=config.state_dir,
+            runtime_dir=config.runtime_dir,
+            trust=config.trust(),
+            images=self.images,
+            backends=available_backends(config),
+            cni=CniPlugins(config.cni.conf_dir, config.cni.bin_dirs),
         )
         await self.pods.recover()
         self.streaming = StreamingServer(config.streaming, PodStreams(self.pods))

@@ -34,7 +34,7 @@ from typing import Any
 
 from core.errors import FailedPrecondition, NotFound, Unavailable
 from core.files import atomic_write_bytes, atomic_write_json, private_dir
-from core.settings import Config
+from core.settings import RuncBackendSettings
 from protos import cri_pb2 as pb
 from runc_backend import cgroups, conmon, pinns, rootfs, spec, streams
 from runc_backend.conmon import Conmon
@@ -51,30 +51,30 @@ SHM_SIZE = 64 * 2**20
 STOP_GRACE_AFTER_KILL = 10.0
 
 
-class RuncBackend(Backend):
+class RuncBackend(Backend[RuncBackendSettings]):
     name = "runc"
 
-    def __init__(self, config: Config) -> None:
-        run = config.runtime_dir / "runc"
+    def __init__(self, settings: RuncBackendSettings) -> None:
+        run = settings.run_dir
         self.runc = Runc(private_dir(run / "root"))
-        self.conmon = Conmon(self.runc, socket_dir=private_dir(config.runtime_dir / "a"))
+        self.conmon = Conmon(self.runc, socket_dir=private_dir(settings.attach_dir))
         self.bundles = private_dir(run / "bundles")
         self.exits = private_dir(run / "exits")
         self.pods = private_dir(run / "pods")
-        self.layers = private_dir(config.state_dir / "runc" / "layers")
-        self.infra_rootfs = config.state_dir / "runc" / "infra-rootfs"
+        self.layers = private_dir(settings.state_dir / "layers")
+        self.infra_rootfs = settings.state_dir / "infra-rootfs"
         self.oom_floor = cgroups.oom_score_adj_floor()
         self._pods_private = False
 
     @classmethod
-    def create(cls, config: Config) -> RuncBackend:
+    def create(cls, settings: RuncBackendSettings) -> RuncBackend:
         """The backend, if this host can run it: runc, conmon and a static catatonit must exist."""
         missing = [p for p in ("runc", "conmon") if shutil.which(p) is None]
         if not CATATONIT.exists():
             missing.append(str(CATATONIT))
         if missing:
             raise Unavailable(f"runc backend needs {', '.join(missing)} (apt-get install runc conmon catatonit)")
-        backend = cls(config)
+        backend = cls(settings)
         backend._install_infra_rootfs()
         return backend
 

@@ -12,6 +12,7 @@ import asyncio
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, Self, TypeVar
 
 from protos import cri_pb2 as pb
 from sandbox.model import ContainerRecord, SandboxRecord
@@ -100,10 +101,22 @@ class Process(ABC):
         """End it now (the client went away): an exec'd command is killed, an attach detaches."""
 
 
-class Backend(ABC):
-    """Runs pods of one isolation kind. Every method is idempotent where the CRI call it serves is."""
+SettingsT = TypeVar("SettingsT")
+
+
+class Backend(ABC, Generic[SettingsT]):
+    """Runs pods of one isolation kind. Every method is idempotent where the CRI call it serves is.
+
+    `SettingsT` is the backend's own settings section (from `core.settings`): the
+    composition root builds it and hands it to `create`, never the whole config.
+    """
 
     name: str
+
+    @classmethod
+    @abstractmethod
+    def create(cls, settings: SettingsT) -> Self:
+        """The backend, if this host can run it; `Unavailable` naming what is missing if not."""
 
     @abstractmethod
     async def start_sandbox(self, sandbox: SandboxRecord) -> None:

@@ -15,11 +15,12 @@ import os
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TandemError
 from core.files import private_dir
 from core.records import RecordStore
-from core.settings import Config
+from core.settings import TrustSettings
 from images.store import ImageStore
 from protos import cri_pb2 as pb
 from sandbox import cni, netns, trust
@@ -69,19 +70,23 @@ def _match_labels(labels: dict[str, str] | object, selector: dict[str, str] | ob
 class PodManager:
     def __init__(
         self,
-        config: Config,
+        *,
+        state_dir: Path,
+        runtime_dir: Path,
+        trust: TrustSettings,
         images: ImageStore,
-        backends: dict[str, Backend],
+        backends: dict[str, Backend[Any]],
         cni: CniPlugins,
     ) -> None:
-        self.config = config
+        """Records live under `state_dir`, pod network namespaces under `runtime_dir`."""
+        self.trust = trust
         self.images = images
         self.backends = backends
         self.cni = cni
         self.events = EventHub()
-        self._netns_root = private_dir(config.runtime_dir / "netns")
-        self._sandbox_store = RecordStore(config.state_dir / "sandboxes", SandboxRecord)
-        self._container_store = RecordStore(config.state_dir / "containers", ContainerRecord)
+        self._netns_root = private_dir(runtime_dir / "netns")
+        self._sandbox_store = RecordStore(state_dir / "sandboxes", SandboxRecord)
+        self._container_store = RecordStore(state_dir / "containers", ContainerRecord)
         self._sandboxes: dict[str, SandboxRecord] = {}
         self._containers: dict[str, ContainerRecord] = {}
         self._names: dict[str, str] = {}
@@ -121,7 +126,7 @@ class PodManager:
 
     # ---- lookups ---------------------------------------------------------------------------
 
-    def _backend(self, sandbox: SandboxRecord) -> Backend:
+    def _backend(self, sandbox: SandboxRecord) -> Backend[Any]:
         backend = self.backends.get(sandbox.backend)
         if backend is None:
             raise FailedPrecondition(f"{sandbox.backend} backend not available")
@@ -169,7 +174,7 @@ class PodManager:
         m = config.metadata
         if not (m.name and m.namespace and m.uid):
             raise InvalidArgument("pod metadata needs a name, a namespace and a uid")
-        decision = trust.decide(config, runtime_handler, self.config.runtimes, self.config.default_workload_trust)
+        decision = trust.decide(config, runtime_handler, self.trust.runtimes, self.trust.default_workload_trust)
         backend = self.backends.get(decision.backend)
         if backend is None:
             raise FailedPrecondition(
@@ -233,7 +238,7 @@ class PodManager:
         netns_path = Path(sandbox.netns_path) if sandbox.netns_path else None
         if sandbox.cni_result is not None:
             attachment = CniAttachment.from_dict(sandbox.cni_result)
-        elif netns_path is not None and (network := cni.find_network(self.config.cni.conf_dir)) is not None:
+        elif netns_path is not None and (network := cni.find_network(self.cni.conf_dir)) is not None:
             attachment = CniAttachment(network.conflist(), "eth0", {})
         else:
             attachment = None

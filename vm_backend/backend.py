@@ -31,7 +31,7 @@ from typing import Any
 from core import proc
 from core.errors import FailedPrecondition, InvalidArgument, TandemError, Unavailable
 from core.files import atomic_write_json, private_dir
-from core.settings import Config
+from core.settings import VmBackendSettings
 from protos import agent_pb2
 from protos import cri_pb2 as pb
 from runc_backend import rootfs, spec
@@ -404,29 +404,30 @@ class _Pod:
 # ---- the backend ---------------------------------------------------------------------------
 
 
-class VmBackend(Backend):
+class VmBackend(Backend[VmBackendSettings]):
     name = "vm"
 
-    def __init__(self, config: Config, assets: GuestAssets) -> None:
-        self.config = config
+    def __init__(self, settings: VmBackendSettings, assets: GuestAssets) -> None:
+        self.settings = settings.vm
+        self.state_dir = settings.state_dir
         self.assets = assets
-        self.root = private_dir(config.runtime_dir / "vm")
-        self.layers = private_dir(config.state_dir / "vm" / "layers")
+        self.root = private_dir(settings.run_dir)
+        self.layers = private_dir(settings.state_dir / "vm" / "layers")
         self.empty_dev = private_dir(self.root / "empty-dev")  # a privileged guest container's "host" devices: none
         self._accel: str | None = None
         self._pods: dict[str, _Pod] = {}
 
     @classmethod
-    def create(cls, config: Config) -> VmBackend:
+    def create(cls, settings: VmBackendSettings) -> VmBackend:
         """The backend, if this host can run it: QEMU, virtiofsd and built guest assets must exist."""
-        missing = [str(p) for p in (config.vm.qemu, config.vm.virtiofsd) if not Path(p).exists()]
-        assets = current_assets(config.state_dir)
+        missing = [str(p) for p in (settings.vm.qemu, settings.vm.virtiofsd) if not Path(p).exists()]
+        assets = current_assets(settings.state_dir)
         if assets is None:
-            missing.append(f"guest assets in {config.state_dir / 'vm' / 'assets'} (run `tandem assets`)")
+            missing.append(f"guest assets in {settings.state_dir / 'vm' / 'assets'} (run `tandem assets`)")
         if missing:
             raise Unavailable(f"vm backend needs {', '.join(missing)}")
         assert assets is not None
-        return cls(config, assets)
+        return cls(settings, assets)
 
     # ---- handles ---------------------------------------------------------------------------
 
@@ -446,12 +447,12 @@ class VmBackend(Backend):
             share_tag=SHARE_TAG,
             tap=TapNic(state["tap"], state["mac"]) if state.get("tap") else None,
             netns=Path(sandbox.netns_path) if sandbox.netns_path else None,
-            qemu=str(self.config.vm.qemu),
+            qemu=str(self.settings.qemu),
         )
 
     def _vm(self, sandbox: SandboxRecord) -> QemuVm:
         run_dir = self._run_dir(sandbox)
-        return QemuVm(self._spec(sandbox), Virtiofsd(run_dir, binary=str(self.config.vm.virtiofsd)))
+        return QemuVm(self._spec(sandbox), Virtiofsd(run_dir, binary=str(self.settings.virtiofsd)))
 
     def _pod(self, sandbox: SandboxRecord) -> _Pod:
         pod = self._pods.get(sandbox.id)
@@ -473,7 +474,7 @@ class VmBackend(Backend):
 
     async def _accel_choice(self) -> str:
         if self._accel is None:
-            choice = await choose_accel(self.config.vm.accel, self.config.state_dir, self.assets, self.config.vm.qemu)
+            choice = await choose_accel(self.settings.accel, self.state_dir, self.assets, self.settings.qemu)
             self._accel = choice.accel
         return self._accel
 
@@ -486,7 +487,7 @@ class VmBackend(Backend):
         podfiles.hostname(config)  # refuse a bad hostname before booting anything
         netns = Path(sandbox.netns_path)
         run_dir = private_dir(self._run_dir(sandbox))
-        vcpus, memory = vm_size(config, self.config.vm.default_vcpus, self.config.vm.default_memory_mib)
+        vcpus, memory = vm_size(config, self.settings.default_vcpus, self.settings.default_memory_mib)
         sandbox.backend_state.update(
             run_dir=str(run_dir),
             accel=await self._accel_choice(),
@@ -500,7 +501,7 @@ class VmBackend(Backend):
         (nic,) = guest.interfaces[:1]
         sandbox.backend_state.update(tap=guest.tap_name, mac=nic.mac)
         pod = self._pods[sandbox.id] = _Pod(run_dir, self._vm(sandbox))
-        await pod.vm.start(boot_timeout=self.config.vm.boot_timeout_seconds)
+        await pod.vm.start(boot_timeout=self.settings.boot_timeout_seconds)
         booted = time.monotonic()
         sandbox.backend_state["qemu_pid"] = pod.vm.pid()
         await self._connected(sandbox, AGENT_CONNECT_TIMEOUT)
@@ -542,14 +543,14 @@ class VmBackend(Backend):
             await pod.close()
             await pod.vm.kill()  # also stops virtiofsd and removes the sockets
             # a virtiofsd started for a boot that never reached QEMU has no QEMU to outlive it
-            await Virtiofsd(self._run_dir(sandbox), binary=str(self.config.vm.virtiofsd)).stop()
+            await Virtiofsd(self._run_dir(sandbox), binary=str(self.settings.virtiofsd)).stop()
         if sandbox.netns_path:
             await detach_tap(Path(sandbox.netns_path), sandbox.backend_state.get("tap", TAP))
 
     async def remove_sandbox(self, sandbox: SandboxRecord) -> None:
         await self.stop_sandbox(sandbox)
         run_dir = self._run_dir(sandbox)
-        vfs = Virtiofsd(run_dir, binary=str(self.config.vm.virtiofsd))
+        vfs = Virtiofsd(run_dir, binary=str(self.settings.virtiofsd))
         if (run_dir / "c").is_dir():
             for directory in (run_dir / "c").iterdir():
                 await self._release_container_mounts(vfs, run_dir, directory.name)
@@ -704,7 +705,7 @@ class VmBackend(Backend):
         writer = pod.logs.pop(container.id, None)
         if writer is not None:
             writer.close()
-        vfs = Virtiofsd(self._run_dir(sandbox), binary=str(self.config.vm.virtiofsd))
+        vfs = Virtiofsd(self._run_dir(sandbox), binary=str(self.settings.virtiofsd))
         await self._release_container_mounts(vfs, self._run_dir(sandbox), container.id)
         await asyncio.to_thread(shutil.rmtree, self.layers / container.id, True)
 

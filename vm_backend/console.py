@@ -22,20 +22,19 @@ from typing import BinaryIO, TextIO
 
 from core.errors import FailedPrecondition, InvalidArgument, NotFound
 from core.records import RecordStore
-from core.settings import Config
 from sandbox.model import SandboxRecord
 
 DETACH = b"\x1d"  # Ctrl-]
 TAIL_BYTES = 4096
 
 
-def find_pod(config: Config, ident: str) -> SandboxRecord:
-    """The pod whose ID is or starts with `ident`, from the daemon's records."""
+def find_pod(state_dir: Path, ident: str) -> SandboxRecord:
+    """The pod whose ID is or starts with `ident`, from the daemon's records under `state_dir`."""
     if not ident:
         raise InvalidArgument("pod ID is empty")
-    root = config.state_dir / "sandboxes"
+    root = state_dir / "sandboxes"
     if not root.is_dir():
-        raise NotFound(f"no pods in {config.state_dir}")
+        raise NotFound(f"no pods in {state_dir}")
     store = RecordStore(root, SandboxRecord)
     matches = [i for i in store.ids() if i.startswith(ident)]
     if ident in matches:
@@ -48,18 +47,18 @@ def find_pod(config: Config, ident: str) -> SandboxRecord:
     return record
 
 
-def run_dir(config: Config, sandbox: SandboxRecord) -> Path:
-    """The pod VM's run dir (as VmBackend names it)."""
-    return Path(sandbox.backend_state.get("run_dir") or config.runtime_dir / "vm" / sandbox.id[:16])
+def run_dir(vm_run_dir: Path, sandbox: SandboxRecord) -> Path:
+    """The pod VM's run dir (as VmBackend names it, under its `vm_run_dir`)."""
+    return Path(sandbox.backend_state.get("run_dir") or vm_run_dir / sandbox.id[:16])
 
 
-def connect(config: Config, sandbox: SandboxRecord) -> socket.socket:
+def connect(vm_run_dir: Path, sandbox: SandboxRecord) -> socket.socket:
     if sandbox.backend != "vm":
         raise FailedPrecondition(
             f"pod {sandbox.id[:12]} runs in the {sandbox.backend} backend, not in a VM: it has no console "
             f"(use crictl exec for its containers)"
         )
-    path = run_dir(config, sandbox) / "console.sock"
+    path = run_dir(vm_run_dir, sandbox) / "console.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(str(path))
@@ -69,10 +68,10 @@ def connect(config: Config, sandbox: SandboxRecord) -> socket.socket:
     return sock
 
 
-def log_tail(config: Config, sandbox: SandboxRecord, size: int = TAIL_BYTES) -> bytes:
+def log_tail(vm_run_dir: Path, sandbox: SandboxRecord, size: int = TAIL_BYTES) -> bytes:
     """The last whole lines (about `size` bytes) of what the guest printed on its console."""
     try:
-        with open(run_dir(config, sandbox) / "console.log", "rb") as f:
+        with open(run_dir(vm_run_dir, sandbox) / "console.log", "rb") as f:
             end = f.seek(0, os.SEEK_END)
             f.seek(max(0, end - size))
             data = f.read()
@@ -112,15 +111,18 @@ def relay(sock: socket.socket, stdin: int, stdout: int) -> bool:
                     return True
 
 
-def run_console(config: Config, ident: str, *, tail: bool = True, stdin: BinaryIO | None = None,
+def run_console(state_dir: Path, vm_run_dir: Path, ident: str, *, tail: bool = True, stdin: BinaryIO | None = None,
                 out: BinaryIO | None = None, err: TextIO | None = None) -> int:  # fmt: skip
-    """The whole command: 0 after a detach, 1 when the VM went away while connected. Notes go to `err`."""
+    """The whole command: 0 after a detach, 1 when the VM went away while connected. Notes go to `err`.
+
+    The pod's record is read from `state_dir`; its VM's run dir is under `vm_run_dir`.
+    """
     stdin, out, err = stdin or sys.stdin.buffer, out or sys.stdout.buffer, err or sys.stderr
-    sandbox = find_pod(config, ident)
-    sock = connect(config, sandbox)
+    sandbox = find_pod(state_dir, ident)
+    sock = connect(vm_run_dir, sandbox)
     with sock:
         if tail:
-            out.write(log_tail(config, sandbox))
+            out.write(log_tail(vm_run_dir, sandbox))
             out.flush()
         in_fd, out_fd = stdin.fileno(), out.fileno()
         saved = termios.tcgetattr(in_fd) if os.isatty(in_fd) else None

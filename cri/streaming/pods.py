@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from core.errors import FailedPrecondition
 from protos import cri_pb2 as pb
@@ -17,7 +18,7 @@ class PodStreams:
     def __init__(self, pods: PodManager) -> None:
         self.pods = pods
 
-    def _backend(self, sandbox: SandboxRecord) -> Backend:
+    def _backend(self, sandbox: SandboxRecord) -> Backend[Any]:
         backend = self.pods.backends.get(sandbox.backend)
         if backend is None:
             raise FailedPrecondition(f"{sandbox.backend} backend not available")

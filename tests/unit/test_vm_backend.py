@@ -7,9 +7,9 @@ import pytest
 
 from core.errors import InvalidArgument, Unavailable
 from core.settings import Config
+from cri.server import available_backends
 from protos import cri_pb2 as pb
 from runc_backend import spec
-from sandbox.backends import available_backends
 from sandbox.model import ContainerRecord, ContainerState, SandboxRecord
 from vm_backend.assets import GuestAssets
 from vm_backend.backend import VM_DIED, VmBackend, check_vm_container, guest_container_spec, vm_size
@@ -122,14 +122,14 @@ def test_vm_size_adds_the_pods_resources_to_the_defaults():
 def test_without_guest_assets_the_backend_is_unavailable(tmp_path):
     config = Config(state_dir=tmp_path / "state", runtime_dir=tmp_path / "run")
     with pytest.raises(Unavailable, match="guest assets"):
-        VmBackend.create(config)
+        VmBackend.create(config.vm_backend())
     assert "vm" not in available_backends(config)
 
 
 async def test_a_container_whose_vm_is_gone_exited_with_vm_died(tmp_path):
     config = Config(state_dir=tmp_path / "state", runtime_dir=tmp_path / "run")
     assets = GuestAssets(tmp_path, "d", tmp_path / "vmlinuz", tmp_path / "initrd", "6.1", {})
-    backend = VmBackend(config, assets)
+    backend = VmBackend(config.vm_backend(), assets)
     sandbox = SandboxRecord(id="a" * 64, config=pod(), runtime_handler="vm", backend="vm", trust_reason="test")
     sandbox.backend_state["run_dir"] = str(tmp_path / "run" / "vm" / ("a" * 16))  # no pidfile: no QEMU
     record = ContainerRecord(
