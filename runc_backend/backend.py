@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core import mounts
 from core.errors import FailedPrecondition, NotFound, Unavailable
 from core.files import atomic_write_bytes, atomic_write_json, private_dir
 from core.settings import RuncBackendSettings
@@ -132,7 +133,7 @@ class RuncBackend(Backend[RuncBackendSettings]):
         atomic_write_bytes(files.resolv_conf, podfiles.resolv_conf(config.dns_config), mode=0o644, durable=False)
         hosts = Path("/etc/hosts").read_bytes() if sandbox.host_network else podfiles.hosts(hostname, sandbox.ips)
         atomic_write_bytes(files.hosts, hosts, mode=0o644, durable=False)
-        if files.shm is not None and not rootfs.is_mounted(files.shm):
+        if files.shm is not None and not mounts.is_mounted(files.shm):
             files.shm.mkdir(exist_ok=True)
             await _mount_shm(files.shm)
         return files
@@ -192,7 +193,7 @@ class RuncBackend(Backend[RuncBackendSettings]):
         )
         sandbox.backend_state["mode"] = PINNED  # from here on, removing the pod undoes what was done
         if not self._pods_private:
-            await asyncio.to_thread(pinns.make_private, self.pods)
+            await asyncio.to_thread(mounts.make_private, self.pods)
             self._pods_private = True
         await self._write_pod_files(sandbox)
         if not (pinns.pinned(pod_dir, "ipc") or pinns.pinned(pod_dir, "uts")):
@@ -212,7 +213,7 @@ class RuncBackend(Backend[RuncBackendSettings]):
             await self._signal_and_wait(sandbox.id, sandbox.backend_state, signal.SIGKILL, True, STOP_GRACE_AFTER_KILL)
         shm = self._pod_files(sandbox).shm
         if shm is not None:
-            await rootfs.unmount(shm)
+            await asyncio.to_thread(mounts.unmount, shm)
 
     async def remove_sandbox(self, sandbox: SandboxRecord) -> None:
         await self.stop_sandbox(sandbox)
@@ -488,8 +489,8 @@ def _open_init(state: dict[str, Any]) -> tuple[bool, int | None]:
 
 async def _mount_shm(target: Path) -> None:
     options = f"mode=1777,size={SHM_SIZE}"
-    flags = rootfs.MS_NOSUID | rootfs.MS_NODEV | rootfs.MS_NOEXEC
+    flags = mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC
     try:
-        rootfs.sys_mount("shm", target, "tmpfs", flags, options)
+        mounts.sys_mount("shm", target, "tmpfs", flags, options)
     except OSError as e:
         raise FailedPrecondition(f"cannot mount the pod's /dev/shm: {e}") from e

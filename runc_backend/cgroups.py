@@ -14,8 +14,8 @@ import posixpath
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
+from core import mounts
 from core.errors import FailedPrecondition, InvalidArgument
-from runc_backend.rootfs import mounts
 
 Mode = Literal["v1", "hybrid", "v2"]
 
@@ -28,7 +28,7 @@ _UNLIMITED = 1 << 62
 
 def _cgroup_mounts(mountinfo: str | None) -> dict[str, str]:
     """Mount point -> filesystem type ("cgroup" or "cgroup2") of every cgroup hierarchy."""
-    return {m.mount_point: m.fstype for m in mounts(mountinfo) if m.fstype in ("cgroup", "cgroup2")}
+    return {m.mount_point: m.fstype for m in mounts.mountinfo(mountinfo) if m.fstype in ("cgroup", "cgroup2")}
 
 
 def detect_mode(mountinfo: str | None = None) -> Mode:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
-import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import FailedPrecondition, InvalidArgument, NotFound
+from core.mounts import mount_holding
 from protos import cri_pb2 as pb
 from runc_backend import cgroups
 from runc_backend.seccomp import load_localhost_profile, runtime_default_profile
@@ -614,26 +614,10 @@ def _check_mount(mount: pb.Mount) -> str:
     return posixpath.normpath(mount.container_path)
 
 
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def _mount_of(path: str, mountinfo: str) -> tuple[str, list[str]]:
-    """The mount point holding `path` and its optional (propagation) fields, from mountinfo text."""
-    best: tuple[str, list[str]] = ("", [])
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        if "-" not in fields[6:]:
-            continue
-        point = _unescape(fields[4])
-        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best[0]):
-            best = (point, fields[6 : fields.index("-", 6)])
-    return best
-
-
 def _require_propagation(source: str, host: HostInfo, wanted: tuple[str, ...], what: str) -> None:
     """Bidirectional / host-to-container propagation only works if the host side propagates at all."""
-    point, optional = _mount_of(source, host.mountinfo.read_text())
+    mount = mount_holding(source, host.mountinfo.read_text())
+    point, optional = (mount.mount_point, mount.optional) if mount is not None else ("", ())
     if not any(field.startswith(wanted) for field in optional):
         raise FailedPrecondition(f"path {source} is mounted on {point} but it is not a {what} mount")
 

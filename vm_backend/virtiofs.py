@@ -16,9 +16,8 @@ import shutil
 import signal
 from pathlib import Path
 
-from core import proc
+from core import mounts, proc
 from core.errors import FailedPrecondition, InvalidArgument, Unavailable
-from runc_backend.rootfs import is_mounted, mounts, unmount
 from vm_backend.qemu import spawn_detached, wait_exit
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
@@ -55,9 +54,7 @@ class Virtiofsd:
         """Create the share and make it a private mount of its own (once)."""
         self.share.mkdir(parents=True, exist_ok=True)
         os.chmod(self.share, 0o755)
-        if not is_mounted(self.share):
-            await proc.run(["mount", "--bind", self.share, self.share])
-            await proc.run(["mount", "--make-private", self.share])
+        await asyncio.to_thread(mounts.make_private, self.share)
 
     def pid(self) -> int | None:
         """virtiofsd's pid, if the pidfile names a live virtiofsd serving this share."""
@@ -107,10 +104,10 @@ class Virtiofsd:
 
     async def remove_share(self) -> None:
         """Unmount and delete the share; refused while a rootfs is still bound inside (rmtree would go through it)."""
-        inside = [m.mount_point for m in mounts() if m.mount_point.startswith(f"{self.share}/")]
+        inside = mounts.mounts_below(self.share)
         if inside:
             raise FailedPrecondition(f"{self.share} still has mounts inside: {', '.join(inside)}")
-        await unmount(self.share)
+        await asyncio.to_thread(mounts.unmount, self.share)
         await asyncio.to_thread(shutil.rmtree, self.share, True)
 
     def guest_rootfs(self, container_id: str) -> str:
@@ -123,14 +120,14 @@ class Virtiofsd:
         relative = self.guest_rootfs(container_id)
         target = self.share / relative
         target.mkdir(parents=True, exist_ok=True)
-        if not is_mounted(target):
+        if not mounts.is_mounted(target):
             await proc.run(["mount", "--bind", rootfs, target])  # private too, as a mount under the share
         return relative
 
     async def unbind_rootfs(self, container_id: str) -> None:
         """Undo `bind_rootfs`; not bound is success."""
         target = self.share / self.guest_rootfs(container_id)
-        await unmount(target)
+        await asyncio.to_thread(mounts.unmount, target)
         for directory in (target, target.parent):
             with contextlib.suppress(OSError):  # gone already, or still holding something else
                 directory.rmdir()

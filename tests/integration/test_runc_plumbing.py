@@ -27,10 +27,11 @@ from typing import Any
 import pytest
 
 from core.errors import CommandFailed, DeadlineExceeded, FailedPrecondition, NotFound
+from core.mounts import is_mounted, mountinfo
 from core.proc import run
 from runc_backend import cgroups
 from runc_backend.conmon import Conmon, monitor_pid, oom_killed, read_exit, wait_exit
-from runc_backend.rootfs import LINKS_DIR, is_mounted, mount_rootfs, mounts, unmount, writable_layer_usage
+from runc_backend.rootfs import LINKS_DIR, mount_rootfs, unmount, writable_layer_usage
 from runc_backend.runc import Runc
 
 pytestmark = pytest.mark.integration
@@ -220,7 +221,7 @@ async def plumbing(tmp_path: Path, rootfs: Path) -> AsyncIterator[Plumbing]:
     for pid in conmons_of(runc.root):
         leaks.append(f"conmon {pid}")
         os.kill(pid, signal.SIGKILL)
-    for m in reversed(mounts()):
+    for m in reversed(mountinfo()):
         if m.mount_point.startswith(str(tmp_path)):
             leaks.append(f"mount {m.mount_point}")
             await unmount(Path(m.mount_point))
