@@ -7,16 +7,17 @@ know) or FAIL (Tandem cannot do its job). The exit status is 1 if any check fail
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
 import struct
-import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from core import proc
 from core.errors import TandemError
 from core.settings import Config, load_config
 from runc_backend import cgroups
@@ -55,7 +56,8 @@ def _check_dir(what: str, path: Path) -> Finding:
 def _check_overlay(state_dir: Path) -> Finding:
     """Image layers are overlayfs diff dirs: whiteouts are 0:0 char devices, opaque dirs a trusted xattr."""
     if "overlay" not in Path("/proc/filesystems").read_text():
-        subprocess.run(["modprobe", "overlay"], capture_output=True, check=False)
+        with contextlib.suppress(TandemError):
+            proc.run_blocking(["modprobe", "overlay"])
     work = Path(tempfile.mkdtemp(prefix=".doctor-", dir=state_dir))
     try:
         lower, upper, wd, merged = (work / n for n in ("lower", "upper", "work", "merged"))
@@ -68,15 +70,15 @@ def _check_overlay(state_dir: Path) -> Finding:
         (upper / "opaque").mkdir()
         os.setxattr(upper / "opaque", "trusted.overlay.opaque", b"y")
         opts = f"lowerdir={upper}:{lower}"
-        result = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)], capture_output=True)
+        result = proc.run_blocking(["mount", "-t", "overlay", "overlay", "-o", opts, merged])
         if result.returncode != 0:
             return Finding("FAIL", "overlayfs", result.stderr.decode().strip(), "load the overlay module")
         try:
             if (merged / "hidden").exists() or (merged / "opaque" / "gone").exists():
                 return Finding("FAIL", "overlayfs", "whiteouts are not honoured", "use a kernel with overlayfs")
         finally:
-            subprocess.run(["umount", str(merged)], check=False)
-    except OSError as e:
+            proc.run_blocking(["umount", merged])
+    except (OSError, TandemError) as e:
         return Finding("FAIL", "overlayfs", f"{state_dir}: {e}", "run as root on a filesystem with xattrs")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -109,8 +111,8 @@ def _check_cni(config: Config) -> Finding:
 
 def _version_line(argv: list[str]) -> str:
     try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired) as e:
+        out = proc.run_blocking(argv, timeout=10).stdout.decode(errors="replace")
+    except (OSError, TandemError) as e:
         return f"does not run: {e}"
     return out.strip().splitlines()[0] if out.strip() else "no version output"
 

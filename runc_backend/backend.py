@@ -35,6 +35,7 @@ from typing import Any
 from core import mounts
 from core.errors import FailedPrecondition, NotFound, Unavailable
 from core.files import atomic_write_bytes, atomic_write_json, private_dir
+from core.proc import ProcessIdentity
 from core.settings import RuncBackendSettings
 from protos import cri_pb2 as pb
 from runc_backend import cgroups, conmon, pinns, rootfs, spec, streams
@@ -352,7 +353,7 @@ class RuncBackend(Backend[RuncBackendSettings]):
                 if not known and await self.runc.state(cid) is None:
                     return True  # runc does not know it (any more): nothing runs
                 if known and pidfd is None and conmon.read_exit(self.exits, cid) is None:
-                    if conmon.monitor_pid(self._persist(cid), cid) is None:
+                    if conmon.running_monitor(self._persist(cid)) is None:
                         return True  # init gone and nobody left to record it
                 with contextlib.suppress(NotFound):
                     await self.runc.kill(cid, sig, all_processes=all_processes)
@@ -380,7 +381,7 @@ class RuncBackend(Backend[RuncBackendSettings]):
     async def container_exit(self, sandbox: SandboxRecord, container: ContainerRecord) -> ExitStatus | None:
         exited = conmon.read_exit(self.exits, container.id)
         if exited is None:
-            if conmon.monitor_pid(self._persist(container.id), container.id) is not None:
+            if conmon.running_monitor(self._persist(container.id)) is not None:
                 return None
             exited = conmon.read_exit(self.exits, container.id)  # the monitor may have just finished
             if exited is None:
@@ -458,18 +459,10 @@ class RuncBackend(Backend[RuncBackendSettings]):
         return await streams.connect(sandbox.netns_path or None, port)
 
 
-def _start_time(pid: int) -> int | None:
-    """The process's start time (clock ticks after boot, /proc/<pid>/stat field 22), None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
 def _process_identity(pid: int, own_pid_ns: bool) -> dict[str, Any]:
     """What `_open_init` needs later to find this very process again: its start time, and whether it is a PID 1."""
-    return {"start_time": _start_time(pid), "own_pid_ns": own_pid_ns}
+    identity = ProcessIdentity.of(pid)
+    return {"start_time": None if identity is None else identity.start_time, "own_pid_ns": own_pid_ns}
 
 
 def _open_init(state: dict[str, Any]) -> tuple[bool, int | None]:
@@ -477,14 +470,7 @@ def _open_init(state: dict[str, Any]) -> tuple[bool, int | None]:
     pid, started = state.get("pid"), state.get("start_time")
     if not pid or started is None:
         return False, None
-    try:
-        pidfd = os.pidfd_open(int(pid))
-    except (ProcessLookupError, OSError):
-        return True, None
-    if _start_time(int(pid)) != started:  # checked after opening: the pidfd is of the process we checked
-        os.close(pidfd)
-        return True, None
-    return True, pidfd
+    return True, ProcessIdentity(int(pid), int(started)).open()
 
 
 async def _mount_shm(target: Path) -> None:

@@ -11,6 +11,7 @@ Files, per container:
   <bundle>/attach                   attach socket, reached as <socket_dir>/<cid>/attach (a short path)
   <persist_dir>/pidfile             the container's host pid (written by runc)
   <persist_dir>/conmon.pid          conmon's own pid
+  <persist_dir>/conmon.identity     conmon's pid and start time (`core.proc.ProcessIdentity`), written by Tandem
   <persist_dir>/exit                exit code, also at <exit_dir>/<cid>; its mtime is the finish time
   <persist_dir>/oom                 exists when the kernel OOM-killed something in the container
 """
@@ -23,13 +24,13 @@ import errno
 import json
 import logging
 import os
-import shlex
 import shutil
 import signal
 import time
 from pathlib import Path
 
 from core.errors import CommandFailed, DeadlineExceeded, FailedPrecondition, Unavailable
+from core.proc import ProcessIdentity, spawn, wait_pidfd
 from runc_backend.runc import Runc
 
 log = logging.getLogger("tandem.conmon")
@@ -68,16 +69,9 @@ async def wait_exit(exit_dir: Path, cid: str, timeout: float, pidfd: int | None 
     """
     deadline = time.monotonic() + timeout
     poll = _POLL
-    if pidfd is not None and (result := read_exit(exit_dir, cid)) is None:
-        loop = asyncio.get_running_loop()
-        died = loop.create_future()
-        loop.add_reader(pidfd, lambda: died.done() or died.set_result(None))
-        try:
-            await asyncio.wait_for(died, timeout)
-        except TimeoutError:
+    if pidfd is not None and read_exit(exit_dir, cid) is None:
+        if not await wait_pidfd(pidfd, timeout):
             return read_exit(exit_dir, cid)
-        finally:
-            loop.remove_reader(pidfd)
         poll = _POLL_AFTER_DEATH
         deadline = max(deadline, time.monotonic() + _EXIT_FILE_GRACE)
     while True:
@@ -92,16 +86,11 @@ def oom_killed(persist_dir: Path) -> bool:
     return (persist_dir / "oom").exists()
 
 
-def monitor_pid(persist_dir: Path, cid: str) -> int | None:
-    """The pid of the conmon watching `cid` if it is still alive (after a restart: is anyone recording its exit?)."""
-    try:
-        pid = int((persist_dir / "conmon.pid").read_text().strip())
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (FileNotFoundError, ProcessLookupError, ValueError):
-        return None
-    cid_arg = cid.encode()
-    watching = any(argv[i] in (b"-c", b"--cid") and argv[i + 1] == cid_arg for i in range(len(argv) - 1))
-    return pid if watching else None
+def running_monitor(persist_dir: Path) -> ProcessIdentity | None:
+    """The conmon started for the container of `persist_dir` while it runs (after a restart: is anyone
+    recording its exit?)."""
+    monitor = ProcessIdentity.load(persist_dir / "conmon.identity")
+    return monitor if monitor is not None and monitor.alive() else None
 
 
 def _runc_message(stderr: str) -> str:
@@ -210,7 +199,6 @@ class Conmon:
         """Start conmon with the sync pipe as fd `_OCI_SYNCPIPE`; read `{"data": pid}` or `{"data": -1, "message"}`."""
         sync_r, sync_w = os.pipe()
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "_OCI_SYNCPIPE": str(sync_w)}
-        log.debug("exec %s", shlex.join(argv))
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         transport, _ = await loop.connect_read_pipe(
@@ -220,9 +208,8 @@ class Conmon:
             try:
                 # conmon's first process forks the monitor and exits; the monitor replaces the
                 # stdio we give it with /dev/null, so these pipes only ever carry early errors.
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
+                proc = await spawn(
+                    argv,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.STDOUT,
                     pass_fds=(sync_w,),
@@ -230,8 +217,6 @@ class Conmon:
                     env=env,
                     cwd=persist_dir,
                 )
-            except FileNotFoundError as e:
-                raise Unavailable(f"{self.binary} is not installed (run `tandem doctor`)") from e
             finally:
                 os.close(sync_w)
             early, _ = await proc.communicate()
@@ -249,14 +234,21 @@ class Conmon:
         if pid <= 0:
             message = _runc_message(str(reply.get("message", ""))) or "runc create failed"
             raise CommandFailed([self.runc.binary, "create", cid], 1, message)
+        # conmon wrote its pidfile before it ran runc, and stays to watch the container: it is this process
+        monitor = _pidfile_process(persist_dir)
+        if monitor is not None:
+            monitor.save(persist_dir / "conmon.identity")
         log.debug("container created", extra={"cid": cid, "pid": pid})
         return pid
 
     async def _abandon(self, cid: str, persist_dir: Path) -> None:
         """Undo a create that failed or was cancelled: stop its conmon (its runc dies with it), forget the container."""
-        if (pid := monitor_pid(persist_dir, cid)) is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        if (monitor := _pidfile_process(persist_dir)) is not None and (pidfd := monitor.open()) is not None:
+            try:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            finally:
+                os.close(pidfd)
         try:
             await self.runc.delete(cid, force=True)
         except Exception as e:  # cleanup after a failure must not mask it
@@ -285,6 +277,14 @@ class Conmon:
             if time.monotonic() > deadline:
                 raise DeadlineExceeded(f"conmon did not reopen {log_path} within {timeout:g}s")
             await asyncio.sleep(_POLL)
+
+
+def _pidfile_process(persist_dir: Path) -> ProcessIdentity | None:
+    """The process conmon's own pidfile names, now: only right after the create is that surely conmon."""
+    try:
+        return ProcessIdentity.of(int((persist_dir / "conmon.pid").read_text().strip()))
+    except (OSError, ValueError):
+        return None
 
 
 def _inode(path: Path) -> int | None:

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import shlex
 import shutil
 import signal as signals
 import tempfile
@@ -21,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from core.errors import CommandFailed, DeadlineExceeded, FailedPrecondition, NotFound, Unavailable
-from core.proc import run
+from core.errors import CommandFailed, DeadlineExceeded, FailedPrecondition, NotFound
+from core.proc import ProcessIdentity, run, spawn
 
 log = logging.getLogger("tandem.runc")
 
@@ -232,12 +231,8 @@ class Runc:
             return False
         if (state.get("config") or {}).get("hooks") or state.get("intel_rdt_path"):
             return False
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[19]) == started:
-                return False  # still running (or a zombie not yet reaped)
-        except (FileNotFoundError, ProcessLookupError):
-            pass
+        if ProcessIdentity(pid, started).exists():
+            return False  # still running (or a zombie not yet reaped)
         for path in sorted(set((state.get("cgroup_paths") or {}).values())):
             try:
                 os.rmdir(path)
@@ -275,21 +270,16 @@ class Runc:
         `DeadlineExceeded` is raised, so nothing is left running (critest
         checks). Killed orphans the container's init does not reap stay zombies.
 
-        This does not use `core.proc.run`: its timeout kills runc alone, which
+        This does not use `core.proc.run` but `spawn`: run's timeout kills runc alone, which
         leaves the command running in the container, while finding the exec's
         processes needs runc alive (its pid and pipes); and output is capped on
         disk instead of being buffered whole in memory.
         """
         with _ExecFiles(process) as files:
             argv = self._argv("exec", "--process", str(files.spec), "--pid-file", str(files.pid_file), cid)
-            log.debug("exec %s", shlex.join(argv))
             out, err = files.open_outputs()
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err
-                )
-            except FileNotFoundError as e:
-                raise Unavailable(f"{self.binary} is not installed (run `tandem doctor`)") from e
+                proc = await spawn(argv, stdout=out, stderr=err)
             finally:
                 out.close()
                 err.close()

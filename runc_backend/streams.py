@@ -23,7 +23,6 @@ import fcntl
 import json
 import logging
 import os
-import shlex
 import signal
 import socket
 import struct
@@ -36,6 +35,7 @@ from typing import Any
 
 from core.chunks import ChunkQueue
 from core.errors import FailedPrecondition, Unavailable
+from core.proc import spawn
 from runc_backend.runc import Runc, _kill_exec
 from sandbox.backend import Process
 
@@ -137,7 +137,6 @@ async def exec_process(
     spec = Path(files.name) / "process.json"
     spec.write_text(json.dumps(process))
     argv = [runc.binary, "--root", str(runc.root), "exec", "--process", str(spec), cid]
-    log.debug("exec %s", shlex.join(argv))
     try:
         if tty:
             return await _start_tty(argv, files, terminal_size)
@@ -147,25 +146,16 @@ async def exec_process(
         raise
 
 
-async def _spawn(argv: list[str], **kwargs: Any) -> asyncio.subprocess.Process:
-    try:
-        return await asyncio.create_subprocess_exec(*argv, **kwargs)
-    except FileNotFoundError as e:
-        raise Unavailable(f"{argv[0]} is not installed (run `tandem doctor`)") from e
-
-
 async def _start_piped(
     argv: list[str], files: tempfile.TemporaryDirectory[str], user: dict[str, Any], stdin: bool
 ) -> Process:
     if not stdin:
-        proc = await _spawn(
-            argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-        )
+        proc = await spawn(argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         return _PipedExec(proc, None, files)
     read_end, write_end = os.pipe()
     try:
         os.fchown(read_end, user.get("uid", 0), user.get("gid", 0))
-        proc = await _spawn(argv, stdin=read_end, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        proc = await spawn(argv, stdin=read_end, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     except BaseException:
         os.close(write_end)
         raise
@@ -188,7 +178,7 @@ async def _start_tty(
         setraw(slave)
         if terminal_size is not None:
             _set_size(master, *terminal_size)
-        proc = await _spawn(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+        proc = await spawn(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
     except BaseException:
         os.close(master)
         raise

@@ -31,6 +31,7 @@ from typing import Any
 from core import mounts, proc
 from core.errors import FailedPrecondition, InvalidArgument, TandemError, Unavailable
 from core.files import atomic_write_json, private_dir
+from core.proc import wait_exit
 from core.settings import VmBackendSettings
 from protos import agent_pb2
 from protos import cri_pb2 as pb
@@ -43,7 +44,7 @@ from vm_backend.accel import choose_accel
 from vm_backend.assets import GuestAssets, current_assets
 from vm_backend.channel import AgentClient
 from vm_backend.network import attach_tap, detach_tap
-from vm_backend.qemu import QemuVm, TapNic, VmSpec, wait_exit
+from vm_backend.qemu import QemuVm, TapNic, VmSpec
 from vm_backend.virtiofs import Virtiofsd
 
 log = logging.getLogger("tandem.vm")
@@ -535,11 +536,11 @@ class VmBackend(Backend[VmBackendSettings]):
             return
         pod = self._pod(sandbox)
         async with pod.lock:
-            pid = pod.vm.pid()
-            if pid is not None and pod.client is not None:
+            qemu = pod.vm.identity()
+            if qemu is not None and pod.client is not None:
                 with contextlib.suppress(TandemError, TimeoutError):
                     await asyncio.wait_for(pod.client.shutdown(), SHUTDOWN_WAIT)
-                    await wait_exit(pid, SHUTDOWN_WAIT)
+                    await wait_exit(qemu, SHUTDOWN_WAIT)
             await pod.close()
             await pod.vm.kill()  # also stops virtiofsd and removes the sockets
             # a virtiofsd started for a boot that never reached QEMU has no QEMU to outlive it

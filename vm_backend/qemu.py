@@ -1,10 +1,10 @@
 """One QEMU micro-VM per pod, launched detached so that it outlives the daemon.
 
-QEMU runs in its own session, output in `qemu.log`, and writes its own pidfile;
-nothing ties it to the daemon's process or event loop. (`-daemonize` is no option:
+QEMU runs in its own session, output in `qemu.log`; who it is (pid and start time)
+is kept in `qemu.identity`, and nothing ties it to the daemon's process or event loop. (`-daemonize` is no option:
 QEMU forks and calls setsid() after its seccomp filter is in, which `spawn=deny`
 and `elevateprivileges=deny` forbid.) Everything about a running VM is found again
-from its run directory: the pidfile, the QMP socket, the console socket and log,
+from its run directory: its identity, the QMP socket, the console socket and log,
 the agent's socket. The flags follow shared/notes/qemu-on-these-hosts.md (measured
 on these hosts).
 """
@@ -16,20 +16,17 @@ import contextlib
 import json
 import logging
 import os
-import shlex
 import signal
-import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from core.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, Unavailable
 from core.files import private_dir
-
-if TYPE_CHECKING:
-    from vm_backend.virtiofs import Virtiofsd
+from core.proc import ProcessIdentity, spawn_detached, wait_exit
+from vm_backend.virtiofs import Virtiofsd
 
 log = logging.getLogger("tandem.vm.qemu")
 
@@ -85,6 +82,11 @@ class VmSpec:
     @property
     def pidfile(self) -> Path:
         return self.run_dir / "qemu.pid"
+
+    @property
+    def identity_file(self) -> Path:
+        """Who the QEMU Tandem started is (`core.proc.ProcessIdentity`): pid and start time."""
+        return self.run_dir / "qemu.identity"
 
     @property
     def qmp_socket(self) -> Path:
@@ -206,43 +208,6 @@ async def qmp(socket_path: Path, command: str, timeout: float = 5.0, **arguments
         raise DeadlineExceeded(f"QMP {socket_path}: no answer to {command} within {timeout:g}s") from None
 
 
-def spawn_detached(argv: list[str], log_path: Path) -> int:
-    """Start a long-lived program in its own session, output to `log_path`; return its pid.
-
-    Not asyncio's subprocess: its transport kills a still-running child when it is
-    closed or garbage-collected, and these processes must outlive the objects (and
-    the daemon) that started them. `wait_exit` reaps them.
-    """
-    log.info("exec %s", shlex.join(argv))
-    with open(log_path, "wb") as out:
-        try:
-            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
-        except FileNotFoundError as e:
-            raise Unavailable(f"{argv[0]} is not installed (run `tandem doctor`)") from e
-    return child.pid
-
-
-async def wait_exit(pid: int, timeout: float | None = None) -> bool:
-    """Wait for a process to exit (whoever its parent is), reaping it if it is ours; False on timeout."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    loop = asyncio.get_running_loop()
-    exited = loop.create_future()
-    loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
-    try:
-        await asyncio.wait_for(exited, timeout)
-    except TimeoutError:
-        return False
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 - it has exited: WNOHANG returns at once
-    return True
-
-
 Ready = Callable[["QemuVm"], Awaitable[None]]
 
 
@@ -270,14 +235,15 @@ class QemuVm:
         self.virtiofsd = virtiofsd
         self._log_offset = 0
 
+    def identity(self) -> ProcessIdentity | None:
+        """The QEMU this VM was launched as, while it runs (not a recycled pid, not a zombie)."""
+        identity = ProcessIdentity.load(self.spec.identity_file)
+        return identity if identity is not None and identity.alive() else None
+
     def pid(self) -> int | None:
-        """QEMU's pid, if the pidfile names a live QEMU of this VM (not a recycled pid)."""
-        try:
-            pid = int(self.spec.pidfile.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
-            return None
-        return pid if os.fsencode(self.spec.pidfile) in cmdline.split(b"\0") else None
+        """QEMU's pid, while it runs."""
+        identity = self.identity()
+        return None if identity is None else identity.pid
 
     def alive(self) -> bool:
         return self.pid() is not None
@@ -302,23 +268,23 @@ class QemuVm:
         ready = ready or console_marker()
         for attempt in range(retries + 1):
             started = time.monotonic()
-            pid = await self._launch()
+            qemu = await self._launch()
             try:
-                await self._wait_ready(pid, ready, boot_timeout)
+                await self._wait_ready(qemu, ready, boot_timeout)
             except DeadlineExceeded:
-                await self._kill_pid(pid)
+                await self._kill(qemu)
                 if attempt == retries:
                     raise
                 log.warning("vm %s: no boot within %gs, relaunching", self.spec.name, boot_timeout)
                 continue
             except BaseException:
-                await self._kill_pid(pid)
+                await self._kill(qemu)
                 raise
             log.info("vm %s: booted in %.2fs (%s)", self.spec.name, time.monotonic() - started, self.spec.accel)
             return
 
-    async def _launch(self) -> int:
-        """Start QEMU (and a fresh virtiofsd first); return QEMU's pid."""
+    async def _launch(self) -> ProcessIdentity:
+        """Start QEMU (and a fresh virtiofsd first); return who QEMU is (also saved in the run dir)."""
         private_dir(self.spec.run_dir)
         self._remove_runtime_files()
         argv = build_argv(self.spec, self.virtiofsd.socket if self.virtiofsd is not None else None)
@@ -326,15 +292,17 @@ class QemuVm:
             await self.virtiofsd.start()
         self._log_offset = self.spec.console_log.stat().st_size if self.spec.console_log.exists() else 0
         try:
-            return await asyncio.to_thread(spawn_detached, argv, self.spec.qemu_log)
+            qemu = await asyncio.to_thread(spawn_detached, argv, self.spec.qemu_log)
         except Unavailable:
             if self.virtiofsd is not None:
                 await self.virtiofsd.stop()
             raise
+        qemu.save(self.spec.identity_file)
+        return qemu
 
-    async def _wait_ready(self, pid: int, ready: Ready, timeout: float) -> None:
+    async def _wait_ready(self, qemu: ProcessIdentity, ready: Ready, timeout: float) -> None:
         readiness = asyncio.ensure_future(ready(self))
-        exit_watch = asyncio.ensure_future(wait_exit(pid))
+        exit_watch = asyncio.ensure_future(wait_exit(qemu))
         try:
             done, _ = await asyncio.wait({readiness, exit_watch}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -367,37 +335,46 @@ class QemuVm:
 
     async def stop(self, timeout: float = 10.0) -> None:
         """ACPI power-down, then QMP `quit`, then SIGKILL; idempotent; cleans up sockets and virtiofsd."""
-        pid = self.pid()
-        if pid is not None:
+        qemu = self.identity()
+        if qemu is not None:
             for command, wait in (("system_powerdown", timeout), ("quit", 5.0)):
                 try:
                     await qmp(self.spec.qmp_socket, command)
                 except (Unavailable, DeadlineExceeded) as e:
                     log.info("vm %s: %s failed: %s", self.spec.name, command, e)
                     continue
-                if await wait_exit(pid, wait):
+                if await wait_exit(qemu, wait):
                     break
         await self.kill()
 
     async def kill(self) -> None:
         """SIGKILL QEMU (if running), stop virtiofsd and remove the sockets; the logs stay."""
-        await self._kill_pid(self.pid())
+        await self._kill(ProcessIdentity.load(self.spec.identity_file))
 
-    async def _kill_pid(self, pid: int | None) -> None:
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            await wait_exit(pid, 10.0)
+    async def _kill(self, qemu: ProcessIdentity | None) -> None:
+        if qemu is not None and (pidfd := qemu.open()) is not None:
+            try:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            finally:
+                os.close(pidfd)
+            await wait_exit(qemu, 10.0)
         if self.virtiofsd is not None:
             await self.virtiofsd.stop()
         self._remove_runtime_files()
 
     def _remove_runtime_files(self) -> None:
-        for path in (self.spec.pidfile, self.spec.qmp_socket, self.spec.console_socket, self.spec.agent_socket):
+        for path in (
+            self.spec.pidfile,
+            self.spec.identity_file,
+            self.spec.qmp_socket,
+            self.spec.console_socket,
+            self.spec.agent_socket,
+        ):
             path.unlink(missing_ok=True)
 
     async def wait(self) -> None:
         """Until QEMU exits (the guest powered off, panicked or was killed)."""
-        pid = self.pid()
-        if pid is not None:
-            await wait_exit(pid)
+        qemu = self.identity()
+        if qemu is not None:
+            await wait_exit(qemu)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from core import mounts, proc
 from core.errors import FailedPrecondition, InvalidArgument, Unavailable
-from vm_backend.qemu import spawn_detached, wait_exit
+from core.proc import ProcessIdentity, spawn_detached, wait_exit
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 _SOCKET_WAIT = 10.0
@@ -56,29 +56,24 @@ class Virtiofsd:
         os.chmod(self.share, 0o755)
         await asyncio.to_thread(mounts.make_private, self.share)
 
-    def pid(self) -> int | None:
-        """virtiofsd's pid, if the pidfile names a live virtiofsd serving this share."""
-        try:
-            pid = int(self.pidfile.read_text())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            return None
-        return pid if os.fsencode(f"--socket-path={self.socket}") in cmdline else None
+    def identity(self) -> ProcessIdentity | None:
+        """The virtiofsd started for this share, while it runs (the pidfile holds its pid and start time)."""
+        identity = ProcessIdentity.load(self.pidfile)
+        return identity if identity is not None and identity.alive() else None
 
     def alive(self) -> bool:
-        return self.pid() is not None
+        return self.identity() is not None
 
     async def start(self) -> None:
         """Launch a fresh virtiofsd (stopping a previous one) and wait for its socket."""
         await self.prepare_share()
         await self.stop()
-        pid = await asyncio.to_thread(spawn_detached, self.argv(), self.log_file)
-        self.pidfile.write_text(f"{pid}\n")
+        virtiofsd = await asyncio.to_thread(spawn_detached, self.argv(), self.log_file)
+        virtiofsd.save(self.pidfile)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _SOCKET_WAIT
         while not self.socket.exists():
-            # not `self.pid()`: between fork and exec the child's cmdline is not virtiofsd's yet
-            if not _exists(pid) or loop.time() > deadline:
+            if not virtiofsd.alive() or loop.time() > deadline:
                 await self.stop()
                 raise Unavailable(f"virtiofsd did not start: {self._log_tail()}")
             await asyncio.sleep(0.02)
@@ -92,13 +87,17 @@ class Virtiofsd:
 
     async def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after `timeout`; remove the socket and pidfile. Idempotent."""
-        pid = self.pid()
-        if pid is not None:
-            for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-                if await wait_exit(pid, wait):
-                    break
+        virtiofsd = ProcessIdentity.load(self.pidfile)
+        pidfd = None if virtiofsd is None else virtiofsd.open()
+        if virtiofsd is not None and pidfd is not None:
+            try:
+                for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(pidfd, sig)
+                    if await wait_exit(virtiofsd, wait):
+                        break
+            finally:
+                os.close(pidfd)
         self.socket.unlink(missing_ok=True)
         self.pidfile.unlink(missing_ok=True)
 
@@ -131,11 +130,3 @@ class Virtiofsd:
         for directory in (target, target.parent):
             with contextlib.suppress(OSError):  # gone already, or still holding something else
                 directory.rmdir()
-
-
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

@@ -30,7 +30,7 @@ from core.errors import CommandFailed, DeadlineExceeded, FailedPrecondition, Not
 from core.mounts import is_mounted, mountinfo
 from core.proc import run
 from runc_backend import cgroups
-from runc_backend.conmon import Conmon, monitor_pid, oom_killed, read_exit, wait_exit
+from runc_backend.conmon import Conmon, oom_killed, read_exit, running_monitor, wait_exit
 from runc_backend.rootfs import LINKS_DIR, mount_rootfs, unmount, writable_layer_usage
 from runc_backend.runc import Runc
 
@@ -329,7 +329,7 @@ async def test_create_failure_carries_runc_message_and_leaves_nothing(plumbing: 
         await plumbing.create(c)
     assert "no-such-rootfs" in str(failure.value) or "no such file" in failure.value.stderr
     assert await plumbing.runc.state(c.cid) is None
-    assert monitor_pid(c.persist_dir, c.cid) is None
+    assert running_monitor(c.persist_dir) is None
     assert read_exit(plumbing.exit_dir, c.cid) is None
 
 
@@ -497,8 +497,9 @@ async def test_conmon_outlives_the_process_that_started_it(plumbing: Plumbing):
     os.killpg(starter.pid, signal.SIGKILL)  # the whole "daemon" process group dies hard
     await starter.wait()
 
-    conmon = monitor_pid(c.persist_dir, c.cid)
-    assert conmon is not None
+    monitor = running_monitor(c.persist_dir)
+    assert monitor is not None
+    conmon = monitor.pid
     assert os.getsid(conmon) == conmon, "conmon is not in a session of its own"
     assert {os.readlink(f"/proc/{conmon}/fd/{fd}") for fd in (0, 1, 2)} == {"/dev/null"}
     size = c.log_path.stat().st_size
@@ -510,7 +511,7 @@ async def test_conmon_outlives_the_process_that_started_it(plumbing: Plumbing):
 
     await plumbing.runc.kill(c.cid, signal.SIGKILL)
     assert await plumbing.exit_of(c) == 137
-    await eventually(lambda: monitor_pid(c.persist_dir, c.cid) is None)
+    await eventually(lambda: running_monitor(c.persist_dir) is None)
     await plumbing.remove(c)
 
 

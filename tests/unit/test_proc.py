@@ -1,0 +1,46 @@
+"""core.proc: the runner's pieces that need no external program beyond a shell's `sleep`."""
+
+import asyncio
+import os
+import signal
+
+from core.proc import ProcessIdentity, spawn, spawn_detached, wait_exit, wait_pidfd
+
+
+def test_an_identity_is_this_process_and_no_other():
+    me = ProcessIdentity.of(os.getpid())
+    assert me is not None and me.alive() and me.exists()
+    assert not ProcessIdentity(me.pid, me.start_time + 1).exists()  # a later process with the same pid
+    assert ProcessIdentity.from_list(me.to_list()) == me
+    assert ProcessIdentity.from_list(None) is None and ProcessIdentity.from_list([1, "x"]) is None
+
+
+def test_an_identity_survives_a_file(tmp_path):
+    me = ProcessIdentity.of(os.getpid())
+    me.save(tmp_path / "pid")
+    assert ProcessIdentity.load(tmp_path / "pid") == me
+    (tmp_path / "bad").write_text("12\n")  # a plain pidfile is no identity
+    assert ProcessIdentity.load(tmp_path / "bad") is None
+    assert ProcessIdentity.load(tmp_path / "missing") is None
+
+
+async def test_a_zombie_exists_but_is_not_alive_and_waiting_reaps_it(tmp_path):
+    child = await asyncio.to_thread(spawn_detached, ["sleep", "30"], tmp_path / "log")
+    assert child.alive()
+    pidfd = child.open()
+    assert pidfd is not None
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        assert await wait_pidfd(pidfd, 10)  # dead, not reaped
+    finally:
+        os.close(pidfd)
+    assert child.exists() and not child.alive()
+    assert await wait_exit(child, 10)
+    assert not child.exists()  # reaped
+    assert child.open() is None
+
+
+async def test_spawn_wires_stdio():
+    process = await spawn(["sh", "-c", "echo out"], stdout=asyncio.subprocess.PIPE)
+    out, _ = await process.communicate()
+    assert out == b"out\n" and process.returncode == 0
