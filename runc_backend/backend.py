@@ -38,12 +38,18 @@ from core.files import atomic_write_bytes, atomic_write_json, private_dir
 from core.proc import ProcessIdentity
 from core.settings import RuncBackendSettings
 from protos import cri_pb2 as pb
-from runc_backend import cgroups, conmon, pinns, rootfs, spec, streams
+from runc_backend import cgroups, conmon, pinns, streams
 from runc_backend.conmon import Conmon
+from runc_backend.host import detect_host
 from runc_backend.runc import Runc
-from sandbox import podfiles, signals
+from sandbox import podfiles
 from sandbox.backend import Backend, ContainerUsage, ExecResult, ExitStatus, ImageRootfs, Process
-from sandbox.model import ContainerRecord, ProcessUser, SandboxRecord
+from sandbox.model import ContainerRecord, SandboxRecord
+from sandbox.oci import rootfs
+from sandbox.oci.model import Resources, Spec
+from sandbox.oci.namespaces import HOST, NEW, Namespaces, check_sysctls, refuse_user_namespaces
+from sandbox.oci.platform import ContainerPlatform, HostInfo, PodFiles
+from sandbox.oci.spec import infra_spec
 
 log = logging.getLogger("tandem.runc")
 
@@ -117,14 +123,14 @@ class RuncBackend(Backend[RuncBackendSettings]):
 
     # ---- pods ------------------------------------------------------------------------------
 
-    async def _write_pod_files(self, sandbox: SandboxRecord) -> spec.PodFiles:
+    async def _write_pod_files(self, sandbox: SandboxRecord) -> PodFiles:
         config = sandbox.config
         pod_dir = private_dir(self._pod_dir(sandbox))
         os.chmod(pod_dir, 0o755)
         hostname = podfiles.hostname(config)
         if sandbox.host_network:
-            hostname = spec.detect_host().hostname
-        files = spec.PodFiles(
+            hostname = detect_host().hostname
+        files = PodFiles(
             hostname=pod_dir / "hostname",
             resolv_conf=pod_dir / "resolv.conf",
             hosts=pod_dir / "hosts",
@@ -139,10 +145,10 @@ class RuncBackend(Backend[RuncBackendSettings]):
             await _mount_shm(files.shm)
         return files
 
-    def _pod_files(self, sandbox: SandboxRecord) -> spec.PodFiles:
+    def _pod_files(self, sandbox: SandboxRecord) -> PodFiles:
         pod_dir = self._pod_dir(sandbox)
         host_ipc = sandbox.config.linux.security_context.namespace_options.ipc == pb.NODE
-        return spec.PodFiles(pod_dir / "hostname", pod_dir / "resolv.conf", pod_dir / "hosts",
+        return PodFiles(pod_dir / "hostname", pod_dir / "resolv.conf", pod_dir / "hosts",
                              None if host_ipc else pod_dir / "shm")  # fmt: skip
 
     async def start_sandbox(self, sandbox: SandboxRecord) -> None:
@@ -151,13 +157,13 @@ class RuncBackend(Backend[RuncBackendSettings]):
             await self._start_pinned(sandbox)
             return
         await self._write_pod_files(sandbox)
-        namespaces = spec.Namespaces(
-            network=sandbox.netns_path or spec.HOST,
-            ipc=spec.HOST if options.ipc == pb.NODE else spec.NEW,
-            uts=spec.HOST if sandbox.host_network else spec.NEW,
-            pid=spec.HOST if options.pid == pb.NODE else spec.NEW,
+        namespaces = Namespaces(
+            network=sandbox.netns_path or HOST,
+            ipc=HOST if options.ipc == pb.NODE else NEW,
+            uts=HOST if sandbox.host_network else NEW,
+            pid=HOST if options.pid == pb.NODE else NEW,
         )
-        infra = spec.infra_spec(
+        infra = infra_spec(
             sandbox.config,
             rootfs=self.infra_rootfs,
             namespaces=namespaces,
@@ -181,15 +187,15 @@ class RuncBackend(Backend[RuncBackendSettings]):
         config = sandbox.config
         options = config.linux.security_context.namespace_options
         ipc, uts = options.ipc != pb.NODE, not sandbox.host_network
-        spec._refuse_user_namespaces(options)
+        refuse_user_namespaces(options)
         pod_dir = self._pod_dir(sandbox)
-        spec._check_sysctls(
+        check_sysctls(
             config.linux.sysctls,
-            spec.Namespaces(
-                network=sandbox.netns_path or spec.HOST,
-                ipc=str(pod_dir / "ipc") if ipc else spec.HOST,
-                uts=str(pod_dir / "uts") if uts else spec.HOST,
-                pid=spec.NEW,
+            Namespaces(
+                network=sandbox.netns_path or HOST,
+                ipc=str(pod_dir / "ipc") if ipc else HOST,
+                uts=str(pod_dir / "uts") if uts else HOST,
+                pid=NEW,
             ),
         )
         sandbox.backend_state["mode"] = PINNED  # from here on, removing the pod undoes what was done
@@ -238,37 +244,37 @@ class RuncBackend(Backend[RuncBackendSettings]):
 
     # ---- containers ------------------------------------------------------------------------
 
-    def _namespaces(self, sandbox: SandboxRecord, config: pb.ContainerConfig) -> spec.Namespaces:
+    def _namespaces(self, sandbox: SandboxRecord, config: pb.ContainerConfig) -> Namespaces:
         pod = sandbox.config.linux.security_context.namespace_options
         mode = config.linux.security_context.namespace_options
         if self._pinned(sandbox):
             pod_dir = self._pod_dir(sandbox)
             if mode.pid == pb.NODE:
-                pid = spec.HOST
+                pid = HOST
             elif mode.pid == pb.TARGET:
                 pid = f"/proc/{self._target_pid(mode.target_id)}/ns/pid"
             else:  # POD needs an infra process: a pod asking for it has one
-                pid = spec.NEW
-            return spec.Namespaces(
-                network=sandbox.netns_path or spec.HOST,
-                ipc=spec.HOST if pod.ipc == pb.NODE else str(pod_dir / "ipc"),
-                uts=spec.HOST if sandbox.host_network else str(pod_dir / "uts"),
+                pid = NEW
+            return Namespaces(
+                network=sandbox.netns_path or HOST,
+                ipc=HOST if pod.ipc == pb.NODE else str(pod_dir / "ipc"),
+                uts=HOST if sandbox.host_network else str(pod_dir / "uts"),
                 pid=pid,
             )
         infra = self._infra_pid(sandbox)
         if mode.pid == pb.NODE:
-            pid = spec.HOST
+            pid = HOST
         elif mode.pid == pb.POD:
             pid = f"/proc/{infra}/ns/pid"
         elif mode.pid == pb.TARGET:
             target = self._target_pid(mode.target_id)
             pid = f"/proc/{target}/ns/pid"
         else:
-            pid = spec.NEW
-        return spec.Namespaces(
-            network=spec.HOST if sandbox.host_network else f"/proc/{infra}/ns/net",
-            ipc=spec.HOST if pod.ipc == pb.NODE else f"/proc/{infra}/ns/ipc",
-            uts=spec.HOST if sandbox.host_network else f"/proc/{infra}/ns/uts",
+            pid = NEW
+        return Namespaces(
+            network=HOST if sandbox.host_network else f"/proc/{infra}/ns/net",
+            ipc=HOST if pod.ipc == pb.NODE else f"/proc/{infra}/ns/ipc",
+            uts=HOST if sandbox.host_network else f"/proc/{infra}/ns/uts",
             pid=pid,
         )
 
@@ -280,24 +286,30 @@ class RuncBackend(Backend[RuncBackendSettings]):
                 f"target container {container_id!r} for the PID namespace is not running"
             ) from None
 
-    async def create_container(self, sandbox: SandboxRecord, container: ContainerRecord, image: ImageRootfs) -> None:
+    def host_info(self, sandbox: SandboxRecord) -> HostInfo:
+        return detect_host()
+
+    async def prepare_container(
+        self, sandbox: SandboxRecord, container: ContainerRecord, image: ImageRootfs
+    ) -> ContainerPlatform:
         bundle = private_dir(self._bundle(container.id))
         layer = self.layers / container.id
         root = bundle / "rootfs"
         await rootfs.mount_rootfs(image.layers, layer / "upper", layer / "work", root)
-        container_spec = spec.container_spec(
-            container.config,
-            sandbox.config,
-            sandbox_id=sandbox.id,
-            container_id=container.id,
+        return ContainerPlatform(
             rootfs=root,
-            image_config=image.config,
+            host=detect_host(),
             namespaces=self._namespaces(sandbox, container.config),
             cgroups_path=cgroups.cgroups_path(self._pod_cgroup(sandbox), container.id),
             pod_files=self._pod_files(sandbox),
             oom_score_adj_floor=self.oom_floor,
         )
-        atomic_write_json(bundle / "config.json", container_spec, durable=False)
+
+    async def create_container(
+        self, sandbox: SandboxRecord, container: ContainerRecord, spec: Spec, stop_signal: int
+    ) -> None:
+        bundle = self._bundle(container.id)
+        atomic_write_json(bundle / "config.json", spec, durable=False)
         config = container.config
         pid = await self.conmon.create(
             container.id,
@@ -309,12 +321,8 @@ class RuncBackend(Backend[RuncBackendSettings]):
             stdin=config.stdin,
             stdin_once=config.stdin_once,
         )
-        user = container_spec["process"]["user"]
-        container.user = ProcessUser(user.get("uid", 0), user.get("gid", 0), list(user.get("additionalGids", [])))
-        own_pid_ns = any(ns == {"type": "pid"} for ns in container_spec["linux"]["namespaces"])
-        container.backend_state.update(
-            {"pid": pid, "stop_signal": signals.stop_signal(config, image.config), **_process_identity(pid, own_pid_ns)}
-        )
+        own_pid_ns = {"type": "pid"} in spec.get("linux", {}).get("namespaces", [])
+        container.backend_state.update({"pid": pid, "stop_signal": stop_signal, **_process_identity(pid, own_pid_ns)})
 
     async def start_container(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
         await self.runc.start(container.id)
@@ -407,10 +415,8 @@ class RuncBackend(Backend[RuncBackendSettings]):
         result = await self.runc.exec_sync(container.id, process, float(timeout) if timeout > 0 else 0.0)
         return ExecResult(result.exit_code, result.stdout, result.stderr)
 
-    async def update_resources(
-        self, sandbox: SandboxRecord, container: ContainerRecord, resources: pb.LinuxContainerResources
-    ) -> None:
-        await self.runc.update(container.id, spec.linux_resources(resources))
+    async def update_resources(self, sandbox: SandboxRecord, container: ContainerRecord, resources: Resources) -> None:
+        await self.runc.update(container.id, resources)
 
     async def container_usage(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage:
         stats = cgroups.usage_from_stats(await self.runc.stats(container.id))

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, Self, TypeVar
 
-from protos import cri_pb2 as pb
 from sandbox.model import ContainerRecord, SandboxRecord
+from sandbox.oci.model import Resources, Spec
+from sandbox.oci.platform import ContainerPlatform, HostInfo
 
 
 @dataclass(frozen=True)
@@ -138,8 +139,27 @@ class Backend(ABC, Generic[SettingsT]):
         """Whether the pod's holder is still running (false after a crash)."""
 
     @abstractmethod
-    async def create_container(self, sandbox: SandboxRecord, container: ContainerRecord, rootfs: ImageRootfs) -> None:
-        """Prepare the container so that `start_container` only has to start it."""
+    def host_info(self, sandbox: SandboxRecord) -> HostInfo:
+        """The machine the pod's containers run on (this node, or the pod's VM), as their specs must see it."""
+
+    @abstractmethod
+    async def prepare_container(
+        self, sandbox: SandboxRecord, container: ContainerRecord, rootfs: ImageRootfs
+    ) -> ContainerPlatform:
+        """Mount the container's root filesystem and say where and how the container will run.
+
+        The manager builds the container's OCI spec from the CRI request and this,
+        then calls `create_container`; on any failure it calls `remove_container`.
+        """
+
+    @abstractmethod
+    async def create_container(
+        self, sandbox: SandboxRecord, container: ContainerRecord, spec: Spec, stop_signal: int
+    ) -> None:
+        """Create the container from its spec, so that `start_container` only has to start it.
+
+        `stop_signal` is what `stop_container` sends first (the image's or the request's).
+        """
 
     @abstractmethod
     async def start_container(self, sandbox: SandboxRecord, container: ContainerRecord) -> None: ...
@@ -162,9 +182,8 @@ class Backend(ABC, Generic[SettingsT]):
     ) -> ExecResult: ...
 
     @abstractmethod
-    async def update_resources(
-        self, sandbox: SandboxRecord, container: ContainerRecord, resources: pb.LinuxContainerResources
-    ) -> None: ...
+    async def update_resources(self, sandbox: SandboxRecord, container: ContainerRecord, resources: Resources) -> None:
+        """Apply new OCI `linux.resources` (built for `host_info`) to a created or running container."""
 
     @abstractmethod
     async def container_usage(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage: ...

@@ -23,12 +23,14 @@ from core.records import RecordStore
 from core.settings import TrustSettings
 from images.store import ImageStore
 from protos import cri_pb2 as pb
-from sandbox import cni, netns, trust
+from sandbox import cni, netns, signals, trust
 from sandbox.backend import Backend, ExecResult, ExitStatus, ImageRootfs
 from sandbox.cni import CniAttachment, CniPlugins, PortMapping
 from sandbox.events import ContainerEvent, EventHub
 from sandbox.locks import KeyedLocks
-from sandbox.model import ContainerRecord, ContainerState, SandboxRecord, SandboxState, now_ns
+from sandbox.model import ContainerRecord, ContainerState, ProcessUser, SandboxRecord, SandboxState, now_ns
+from sandbox.oci import spec as oci
+from sandbox.oci.resources import linux_resources
 
 log = logging.getLogger("tandem.pods")
 
@@ -358,8 +360,15 @@ class PodManager:
             self._containers[container.id] = container
             self._container_store.put(container)
             rootfs = ImageRootfs(image.image_id, self.images.layer_dirs(image), self.images.config_of(image))
+            backend = self._backend(sandbox)
             try:
-                await self._backend(sandbox).create_container(sandbox, container, rootfs)
+                platform = await backend.prepare_container(sandbox, container, rootfs)
+                spec = oci.container_spec(
+                    config, sandbox.config, sandbox_id=sandbox.id, image_config=rootfs.config, platform=platform
+                )
+                user = spec["process"]["user"]
+                container.user = ProcessUser(user["uid"], user["gid"], list(user.get("additionalGids", [])))
+                await backend.create_container(sandbox, container, spec, signals.stop_signal(config, rootfs.config))
             except BaseException:
                 with contextlib.suppress(TandemError):
                     await self._backend(sandbox).remove_container(sandbox, container)
@@ -493,7 +502,9 @@ class PodManager:
         async with self._locks.hold(container.id):
             if container.state not in (ContainerState.CREATED, ContainerState.RUNNING):
                 raise FailedPrecondition(f"container {container.id} is {container.state}")
-            await self._backend(sandbox).update_resources(sandbox, container, resources)
+            backend = self._backend(sandbox)
+            oci_resources = linux_resources(resources, backend.host_info(sandbox))
+            await backend.update_resources(sandbox, container, oci_resources)
             container.config.linux.resources.CopyFrom(resources)
             self._container_store.put(container)
 

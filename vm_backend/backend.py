@@ -29,28 +29,36 @@ from pathlib import Path
 from typing import Any
 
 from core import mounts, proc
-from core.errors import FailedPrecondition, InvalidArgument, TandemError, Unavailable
+from core.errors import FailedPrecondition, TandemError, Unavailable
 from core.files import atomic_write_json, private_dir
 from core.proc import wait_exit
 from core.settings import VmBackendSettings
 from protos import agent_pb2
 from protos import cri_pb2 as pb
-from runc_backend import rootfs, spec
-from sandbox import podfiles, signals
+from sandbox import podfiles
 from sandbox.backend import Backend, ContainerUsage, ExecResult, ExitStatus, ImageRootfs, Process
 from sandbox.crilog import STDERR, STDOUT, CriLogWriter
-from sandbox.model import ContainerRecord, ContainerState, ProcessUser, SandboxRecord
+from sandbox.model import ContainerRecord, ContainerState, SandboxRecord
+from sandbox.oci import rootfs
+from sandbox.oci.model import Resources, Spec
+from sandbox.oci.platform import ContainerPlatform, HostInfo
 from vm_backend.accel import choose_accel
 from vm_backend.assets import GuestAssets, current_assets
 from vm_backend.channel import AgentClient
+from vm_backend.guest_spec import (
+    check_vm_container,
+    guest_host_info,
+    guest_platform,
+    host_sources,
+    shared_mount,
+    to_guest,
+)
 from vm_backend.network import attach_tap, detach_tap
 from vm_backend.qemu import QemuVm, TapNic, VmSpec
 from vm_backend.virtiofs import Virtiofsd
 
 log = logging.getLogger("tandem.vm")
 
-GUEST_POD_DIR = "/run/tandem/pod"
-GUEST_SHARE = "/run/tandem/share"
 SHARE_TAG = "tandem"
 TAP = "tap0"
 STOP_GRACE_AFTER_KILL = 10.0
@@ -72,82 +80,6 @@ def vm_size(config: pb.PodSandboxConfig, default_vcpus: int, default_memory_mib:
     if resources.memory_limit_in_bytes > 0:
         memory += math.ceil(resources.memory_limit_in_bytes / _MIB)
     return min(vcpus, os.cpu_count() or 1), memory
-
-
-def guest_host_info(hostname: str, dev_dir: Path) -> spec.HostInfo:
-    """The machine a VM pod's containers run on: the guest, where the agent holds every capability."""
-    return spec.HostInfo(
-        capabilities=frozenset(spec.CAPABILITIES),
-        cgroup_mode="v2",
-        swap_accounting=False,
-        hugetlb=False,
-        hostname=hostname,
-        dev_dir=dev_dir,
-    )
-
-
-def guest_pod_files() -> spec.PodFiles:
-    return spec.PodFiles(
-        hostname=Path(GUEST_POD_DIR) / "hostname",
-        resolv_conf=Path(GUEST_POD_DIR) / "resolv.conf",
-        hosts=Path(GUEST_POD_DIR) / "hosts",
-        shm=Path(GUEST_POD_DIR) / "shm",
-    )
-
-
-def check_vm_container(config: pb.ContainerConfig) -> None:
-    """Refuse what a VM pod cannot give a container: host devices, the host's or another container's PID
-    namespace, mounts that propagate (virtio-fs carries none)."""
-    if config.devices:
-        raise InvalidArgument("devices cannot be passed into a VM pod")
-    if config.linux.security_context.namespace_options.pid in (pb.NODE, pb.TARGET):
-        raise InvalidArgument("a VM pod's containers cannot join the host's or another container's PID namespace")
-    for mount in config.mounts:
-        if mount.propagation != pb.PROPAGATION_PRIVATE:
-            raise InvalidArgument(f"mount {mount.container_path}: only private propagation reaches a VM pod")
-
-
-def guest_container_spec(
-    config: pb.ContainerConfig,
-    sandbox: pb.PodSandboxConfig,
-    *,
-    sandbox_id: str,
-    container_id: str,
-    host_rootfs: Path,
-    image_config: dict[str, Any],
-    share: Path,
-    empty_dev: Path,
-) -> dict[str, Any]:
-    """The OCI spec the guest's crun runs: runc_backend's rules with the guest's facts and paths.
-
-    The guest is the pod: network, IPC and UTS are the guest's own (no entry); PID is the guest's
-    for a pod-wide PID namespace, else new. `config`'s mounts must already name binds inside
-    `share` (the host side); they come out under the guest's mount of the share. `host_rootfs` is
-    read for user and group names; root.path is left for the agent to fill in.
-    """
-    check_vm_container(config)
-    pid_mode = config.linux.security_context.namespace_options.pid
-    result = spec.container_spec(
-        config,
-        sandbox,
-        sandbox_id=sandbox_id,
-        container_id=container_id,
-        rootfs=host_rootfs,
-        image_config=image_config,
-        namespaces=spec.Namespaces(
-            network=spec.HOST, ipc=spec.HOST, uts=spec.HOST, pid=spec.HOST if pid_mode == pb.POD else spec.NEW
-        ),
-        cgroups_path=f"/tandem/{container_id}",
-        pod_files=guest_pod_files(),
-        oom_score_adj_floor=-1000,  # the agent runs with every capability in the guest
-        host=guest_host_info(podfiles.hostname(sandbox), empty_dev),
-    )
-    share_prefix = f"{share}/"
-    for mount in result["mounts"]:
-        if mount.get("source", "").startswith(share_prefix):
-            mount["source"] = f"{GUEST_SHARE}/{mount['source'][len(share_prefix) :]}"
-    result["root"]["path"] = "rootfs"  # the agent puts the shared rootfs here
-    return result
 
 
 # ---- streaming processes -------------------------------------------------------------------
@@ -579,54 +511,54 @@ class VmBackend(Backend[VmBackendSettings]):
 
     # ---- containers ------------------------------------------------------------------------
 
-    async def create_container(self, sandbox: SandboxRecord, container: ContainerRecord, image: ImageRootfs) -> None:
+    def host_info(self, sandbox: SandboxRecord) -> HostInfo:
+        return guest_host_info(podfiles.hostname(sandbox.config), self.empty_dev)
+
+    async def prepare_container(
+        self, sandbox: SandboxRecord, container: ContainerRecord, image: ImageRootfs
+    ) -> ContainerPlatform:
+        check_vm_container(container.config)
+        pod = await self._connected(sandbox)
+        directory = private_dir(pod.container_dir(container.id))
+        layer = self.layers / container.id
+        host_root = directory / "rootfs"
+        await rootfs.mount_rootfs(image.layers, layer / "upper", layer / "work", host_root)
+        return guest_platform(
+            container.config, sandbox.config, container_id=container.id, host_rootfs=host_root, empty_dev=self.empty_dev
+        )
+
+    async def create_container(
+        self, sandbox: SandboxRecord, container: ContainerRecord, spec: Spec, stop_signal: int
+    ) -> None:
         config = container.config
-        check_vm_container(config)
         pod = await self._connected(sandbox)
         vfs = pod.vm.virtiofsd
         assert vfs is not None
-        directory = private_dir(pod.container_dir(container.id))
+        directory = pod.container_dir(container.id)
         (directory / "log_path").write_text(container.log_path)
         if container.log_path:
             pod.logs[container.id] = CriLogWriter(Path(container.log_path))
             pod.logs[container.id].open()
-        layer = self.layers / container.id
-        host_root = directory / "rootfs"
-        await rootfs.mount_rootfs(image.layers, layer / "upper", layer / "work", host_root)
-        guest_rootfs = await vfs.bind_rootfs(container.id, host_root)
-        shared = await self._share_mounts(vfs, container.id, config)
-        container_spec = guest_container_spec(
-            shared,
-            sandbox.config,
-            sandbox_id=sandbox.id,
-            container_id=container.id,
-            host_rootfs=host_root,
-            image_config=image.config,
-            share=vfs.share,
-            empty_dev=self.empty_dev,
-        )
-        atomic_write_json(directory / "process.json", container_spec["process"], durable=False)
+        guest_rootfs = await vfs.bind_rootfs(container.id, directory / "rootfs")
+        await self._share_mounts(vfs, container.id, config, host_sources(spec, config))
+        guest = to_guest(spec, config, container.id)
+        atomic_write_json(directory / "process.json", guest["process"], durable=False)
         await pod.client_or_fail().create_container(
             container.id,
-            container_spec,
+            guest,
             guest_rootfs,
             terminal=config.tty,
             stdin=config.stdin,
             stdin_once=config.stdin_once,
         )
-        user = container_spec["process"]["user"]
-        container.user = ProcessUser(user.get("uid", 0), user.get("gid", 0), list(user.get("additionalGids", [])))
-        container.backend_state["stop_signal"] = signals.stop_signal(config, image.config)
+        container.backend_state["stop_signal"] = stop_signal
 
-    async def _share_mounts(self, vfs: Virtiofsd, container_id: str, config: pb.ContainerConfig) -> pb.ContainerConfig:
-        """Bind each host path the container mounts into the share; the copy of `config` names the binds."""
-        shared = pb.ContainerConfig()
-        shared.CopyFrom(config)
-        for i, mount in enumerate(shared.mounts):
-            source = os.path.realpath(mount.host_path)
-            if not os.path.exists(source):
-                os.makedirs(source, 0o755, exist_ok=True)
-            target = vfs.share / container_id / "mounts" / str(i)
+    async def _share_mounts(
+        self, vfs: Virtiofsd, container_id: str, config: pb.ContainerConfig, sources: list[str]
+    ) -> None:
+        """Bind the host path of each CRI mount into the share, where the guest finds it (`shared_mount`)."""
+        for i, (mount, source) in enumerate(zip(config.mounts, sources, strict=True)):
+            target = vfs.share / shared_mount(container_id, i)
             target.parent.mkdir(parents=True, exist_ok=True)
             if os.path.isdir(source):
                 target.mkdir(exist_ok=True)
@@ -637,12 +569,6 @@ class VmBackend(Backend[VmBackendSettings]):
                 await proc.run(["mount", "--make-rprivate", target])
                 if mount.readonly:
                     await proc.run(["mount", "-o", "remount,bind,ro", target])
-            mount.host_path = str(target)
-            # Read-only is enforced here, on the top mount only, as runc does on a node: mounts below
-            # it stay writable. In the guest the whole share is one virtio-fs mount, where a read-only
-            # bind would cover them too.
-            mount.readonly = False
-        return shared
 
     async def _release_container_mounts(self, vfs: Virtiofsd, run_dir: Path, container_id: str) -> None:
         mounts_dir = vfs.share / container_id / "mounts"
@@ -739,12 +665,9 @@ class VmBackend(Backend[VmBackendSettings]):
         result = await pod.client_or_fail().exec_sync(container.id, process, float(timeout) if timeout > 0 else 0.0)
         return ExecResult(result.exit_code, result.stdout, result.stderr)
 
-    async def update_resources(
-        self, sandbox: SandboxRecord, container: ContainerRecord, resources: pb.LinuxContainerResources
-    ) -> None:
-        host = guest_host_info("", self.empty_dev)
+    async def update_resources(self, sandbox: SandboxRecord, container: ContainerRecord, resources: Resources) -> None:
         pod = await self._connected(sandbox)
-        await pod.client_or_fail().update_resources(container.id, spec.linux_resources(resources, host))
+        await pod.client_or_fail().update_resources(container.id, resources)
 
     async def container_usage(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage:
         pod = await self._connected(sandbox)

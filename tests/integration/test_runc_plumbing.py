@@ -31,8 +31,8 @@ from core.mounts import is_mounted, mountinfo
 from core.proc import run
 from runc_backend import cgroups
 from runc_backend.conmon import Conmon, oom_killed, read_exit, running_monitor, wait_exit
-from runc_backend.rootfs import LINKS_DIR, mount_rootfs, unmount, writable_layer_usage
 from runc_backend.runc import Runc
+from sandbox.oci.rootfs import LINKS_DIR, mount_rootfs, unmount, writable_layer_usage
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""vm_backend.backend without a VM: the guest's OCI spec, the refusals, the VM's size."""
+"""vm_backend without a VM: the guest's OCI spec, the refusals, the VM's size."""
 
 import os
 from pathlib import Path
@@ -9,10 +9,14 @@ from core.errors import InvalidArgument, Unavailable
 from core.settings import Config
 from cri.server import available_backends
 from protos import cri_pb2 as pb
-from runc_backend import spec
 from sandbox.model import ContainerRecord, ContainerState, SandboxRecord
+from sandbox.oci.capabilities import CAPABILITIES
+from sandbox.oci.spec import container_spec
 from vm_backend.assets import GuestAssets
-from vm_backend.backend import VM_DIED, VmBackend, check_vm_container, guest_container_spec, vm_size
+from vm_backend.backend import VM_DIED, VmBackend, vm_size
+from vm_backend.guest_spec import check_vm_container, guest_platform, to_guest
+
+CID = "c" * 64
 
 
 def pod() -> pb.PodSandboxConfig:
@@ -32,15 +36,10 @@ def make(tmp_path: Path, config: pb.ContainerConfig, sandbox: pb.PodSandboxConfi
     (rootfs / "etc" / "group").write_text("root:x:0:\n")
     empty = tmp_path / "empty-dev"
     empty.mkdir(exist_ok=True)
-    return guest_container_spec(
-        config,
-        sandbox or pod(),
-        sandbox_id="s" * 64,
-        container_id="c" * 64,
-        host_rootfs=rootfs,
-        image_config={},
-        share=tmp_path / "share",
-        empty_dev=empty,
+    sandbox = sandbox or pod()
+    platform = guest_platform(config, sandbox, container_id=CID, host_rootfs=rootfs, empty_dev=empty)
+    return to_guest(
+        container_spec(config, sandbox, sandbox_id="s" * 64, image_config={}, platform=platform), config, CID
     )
 
 
@@ -69,11 +68,16 @@ def test_pod_pid_mode_shares_the_guests_pid_namespace(tmp_path):
 
 def test_mounts_come_from_the_share(tmp_path):
     config = container(
-        mounts=[pb.Mount(container_path="/data", host_path=str(tmp_path / "share" / "c" / "mounts" / "0"))]
+        mounts=[
+            pb.Mount(container_path="/data", host_path=str(tmp_path / "data")),
+            pb.Mount(container_path="/conf", host_path=str(tmp_path / "conf"), readonly=True),
+        ]
     )
-    (tmp_path / "share" / "c" / "mounts" / "0").mkdir(parents=True)
-    (mount,) = [m for m in make(tmp_path, config)["mounts"] if m["destination"] == "/data"]
-    assert mount["source"] == "/run/tandem/share/c/mounts/0"
+    mounts = {m["destination"]: m for m in make(tmp_path, config)["mounts"]}
+    assert mounts["/data"]["source"] == f"/run/tandem/share/{CID}/mounts/0"
+    assert mounts["/conf"]["source"] == f"/run/tandem/share/{CID}/mounts/1"
+    assert "rw" in mounts["/conf"]["options"]  # read-only is the host bind's: the guest's share is one mount
+    assert (tmp_path / "data").is_dir()  # a missing host directory is created, as on a node
 
 
 def test_privileged_is_privileged_in_the_guest_without_host_devices(tmp_path):
@@ -83,7 +87,7 @@ def test_privileged_is_privileged_in_the_guest_without_host_devices(tmp_path):
     config.linux.security_context.privileged = True
     result = make(tmp_path, config, sandbox)
     assert result["linux"]["devices"] == []
-    assert len(result["process"]["capabilities"]["bounding"]) == len(spec.CAPABILITIES)
+    assert len(result["process"]["capabilities"]["bounding"]) == len(CAPABILITIES)
 
 
 @pytest.mark.parametrize(

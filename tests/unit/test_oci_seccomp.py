@@ -5,7 +5,7 @@ import json
 import pytest
 
 from core.errors import InvalidArgument, NotFound
-from runc_backend.seccomp import CLONE_NAMESPACE_FLAGS, load_localhost_profile, runtime_default_profile
+from sandbox.oci.seccomp import CLONE_NAMESPACE_FLAGS, load_localhost_profile, runtime_default_profile
 
 ALLOW = "allow"
 CONTAINER_CAPS = ["CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_SETUID", "CAP_SETGID"]

@@ -1,4 +1,6 @@
-"""Seccomp profiles for runc: Tandem's own RuntimeDefault, and loading Localhost profiles.
+"""Seccomp profiles for containers: Tandem's own RuntimeDefault, and loading Localhost profiles.
+
+Both runtimes apply them: runc on the node, crun in a VM's guest.
 
 RuntimeDefault is an allowlist: anything not named here fails with EPERM. The
 syscalls are grouped by what they are for, so a reviewer can see why each one

@@ -3,7 +3,7 @@ import os
 import pytest
 
 from core.errors import InvalidArgument
-from runc_backend.users import (
+from sandbox.oci.users import (
     GroupEntry,
     Identity,
     PasswdEntry,

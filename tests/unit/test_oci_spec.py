@@ -11,20 +11,12 @@ import pytest
 
 from core.errors import FailedPrecondition, InvalidArgument, NotFound
 from protos import cri_pb2 as pb
-from runc_backend.seccomp import runtime_default_profile
-from runc_backend.spec import (
-    CAPABILITIES,
-    DEFAULT_CAPABILITIES,
-    HOST,
-    NEW,
-    HostInfo,
-    Namespaces,
-    PodFiles,
-    capabilities_from_status,
-    container_spec,
-    detect_host,
-    infra_spec,
-)
+from runc_backend.host import detect_host
+from sandbox.oci.capabilities import CAPABILITIES, DEFAULT_CAPABILITIES, capabilities_from_status
+from sandbox.oci.namespaces import HOST, NEW, Namespaces
+from sandbox.oci.platform import ContainerPlatform, HostInfo, PodFiles
+from sandbox.oci.seccomp import runtime_default_profile
+from sandbox.oci.spec import container_spec, infra_spec
 
 HOST_CAPS = frozenset(CAPABILITIES) - {"CAP_SYS_RESOURCE"}
 INFRA_NS = Namespaces(network="/run/netns/pod", ipc=NEW, uts=NEW, pid=NEW)
@@ -116,18 +108,16 @@ def config(sc=None, resources=None, **kwargs):
 @pytest.fixture
 def make(rootfs, host, pod_files):
     def make(cfg=None, sandbox=None, image=IMAGE, namespaces=POD_NS, files=pod_files, host=host, floor=-999):
-        return container_spec(
-            cfg or config(),
-            sandbox or sandbox_config(),
-            sandbox_id="sb1",
-            container_id="c1",
+        platform = ContainerPlatform(
             rootfs=rootfs,
-            image_config=image,
+            host=host,
             namespaces=namespaces,
             cgroups_path="/tandem/sb1/c1",
             pod_files=files,
             oom_score_adj_floor=floor,
-            host=host,
+        )
+        return container_spec(
+            cfg or config(), sandbox or sandbox_config(), sandbox_id="sb1", image_config=image, platform=platform
         )
 
     return make
@@ -937,18 +927,15 @@ def test_runc_accepts_generated_specs(tmp_path):
             resources=pb.LinuxContainerResources(memory_limit_in_bytes=64 << 20, cpu_shares=512),
         )
         floor = int(Path("/proc/self/oom_score_adj").read_text())
-        spec = container_spec(
-            cfg,
-            sandbox,
-            sandbox_id="sb",
-            container_id=ctr_id,
+        platform = ContainerPlatform(
             rootfs=rootfs,
-            image_config={"config": {}},
+            host=detect_host(),
             namespaces=joined,
             cgroups_path=f"{parent}/ctr",
             pod_files=files,
             oom_score_adj_floor=floor,
         )
+        spec = container_spec(cfg, sandbox, sandbox_id="sb", image_config={"config": {}}, platform=platform)
         result = _runc(runc_root, "run", "--bundle", str(_bundle(tmp_path / "ctr", spec)), ctr_id)
         assert result.stdout.splitlines() == [
             "uid=1000(app) gid=1000(app) groups=1000(app),50000(extra)",

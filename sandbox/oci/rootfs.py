@@ -1,5 +1,8 @@
 """A container's root filesystem: an overlay of the image's unpacked layers under its own writable layer.
 
+Both backends mount their containers' roots with this: runc's in the bundle,
+the VM backend's on the host before it binds them into the pod's share.
+
 The kernel takes mount options in one page (4 KiB), and 64-hex layer directory
 names under a state directory run to ~100 bytes each, so about 40 layers would
 not fit. Like Docker's overlay2, each layer gets a short symlink in a `l/`
