@@ -1,8 +1,10 @@
-"""A bounded queue of byte chunks with an end: how a reader task hands a byte stream to its one consumer.
+"""A queue of byte chunks with an end: how a reader task hands a byte stream to its one consumer.
 
 Bounded, so a slow consumer stops the reader and the sender feels it (TCP
 push-back) instead of Tandem buffering without limit; with an end that the
-producer can mark without waiting, even when the queue is full.
+producer can mark without waiting, even when the queue is full. Unbounded
+(depth 0) only where the producer must never wait, and something upstream
+bounds what it can produce.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ class ChunkQueue:
         """Queue `data`, waiting while the queue is full; empty chunks and chunks after the end are dropped."""
         if data and not self.ended:
             await self._queue.put(data)
+
+    def put_nowait(self, data: bytes) -> None:
+        """Queue `data` at once (`asyncio.QueueFull` if a bounded queue is full); as `put` otherwise."""
+        if data and not self.ended:
+            self._queue.put_nowait(data)
 
     def end(self) -> None:
         """No more data: the consumer gets what is queued, then b""."""

@@ -80,7 +80,7 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
                     "configSource": self.config.source,
                     "defaultWorkloadTrust": self.config.default_workload_trust,
                     "runtimes": {n: h.backend for n, h in sorted(self.config.runtimes.items())},
-                    "backendsAvailable": sorted(self.pods.backends),
+                    "backendsAvailable": self.pods.backend_names(),
                     "stateDir": str(self.config.state_dir),
                     "cniConfDir": str(self.config.cni.conf_dir),
                     "cniBinDirs": [str(d) for d in self.config.cni.bin_dirs],
@@ -266,8 +266,7 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
     # ---- stats -----------------------------------------------------------------------------
 
     async def _container_stats(self, container: ContainerRecord) -> pb.ContainerStats:
-        sandbox = self.pods.sandbox(container.sandbox_id)
-        usage = await self.pods.backends[sandbox.backend].container_usage(sandbox, container)
+        usage = await self.pods.container_usage(container)
         nano_cores = None
         if usage.cpu_usage_ns is not None:
             previous = self._cpu_samples.get(container.id)
@@ -371,12 +370,11 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
                 continue
             running = pb.ContainerFilter(pod_sandbox_id=sandbox.id)
             running.state.state = pb.CONTAINER_RUNNING
-            backend = self.pods.backends[sandbox.backend]
             pods.append(
                 pb.PodSandboxMetrics(
                     pod_sandbox_id=sandbox.id,
                     container_metrics=[
-                        metrics.container_metrics(c, await backend.container_usage(sandbox, c))
+                        metrics.container_metrics(c, await self.pods.container_usage(c))
                         for c in await self.pods.list_containers(running)
                     ],
                 )

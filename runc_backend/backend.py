@@ -43,7 +43,7 @@ from runc_backend.conmon import Conmon
 from runc_backend.host import detect_host
 from runc_backend.runc import Runc
 from sandbox import podfiles
-from sandbox.backend import Backend, ContainerUsage, ExecResult, ExitStatus, ImageRootfs, Process
+from sandbox.backend import Backend, ByteChannel, ContainerUsage, ExecResult, ExitStatus, ImageRootfs, Process
 from sandbox.model import ContainerRecord, SandboxRecord
 from sandbox.oci import rootfs
 from sandbox.oci.model import Resources, Spec
@@ -459,9 +459,7 @@ class RuncBackend(Backend[RuncBackendSettings]):
             detach_on_stdin_eof=config.stdin and not config.stdin_once and not config.tty,
         )
 
-    async def port_forward(
-        self, sandbox: SandboxRecord, port: int
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def port_forward(self, sandbox: SandboxRecord, port: int) -> ByteChannel:
         return await streams.connect(sandbox.netns_path or None, port)
 
 

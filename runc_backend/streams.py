@@ -37,7 +37,7 @@ from core.chunks import ChunkQueue
 from core.errors import FailedPrecondition, Unavailable
 from core.proc import spawn
 from runc_backend.runc import Runc, _kill_exec
-from sandbox.backend import Process
+from sandbox.backend import ByteChannel, Process, StreamChannel
 
 log = logging.getLogger("tandem.runc")
 
@@ -367,7 +367,7 @@ class _Attach(Process):
 # ---- port-forward --------------------------------------------------------------------------
 
 
-async def connect(netns: str | None, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def connect(netns: str | None, port: int) -> ByteChannel:
     """A TCP connection to `port` on the loopback of network namespace `netns` (None: the host's)."""
     sockets = await _sockets_in_netns(netns) if netns else _loopback_sockets()
     loop = asyncio.get_running_loop()
@@ -381,7 +381,7 @@ async def connect(netns: str | None, port: int) -> tuple[asyncio.StreamReader, a
                 sock.close()
                 failures.append(f"{address}: {os.strerror(e.errno) if e.errno else 'timed out'}")
                 continue
-            return await asyncio.open_connection(sock=sock)
+            return StreamChannel(*await asyncio.open_connection(sock=sock))
     finally:
         for sock, _ in sockets:
             sock.close()

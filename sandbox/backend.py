@@ -105,6 +105,58 @@ class Process(ABC):
 SettingsT = TypeVar("SettingsT")
 
 
+class ByteChannel(ABC):
+    """A byte stream both ways between the streaming server and a pod: a port-forwarded TCP connection.
+
+    Both backends implement it, so the streaming server never knows how the bytes travel.
+    """
+
+    @abstractmethod
+    async def read(self) -> bytes:
+        """The next bytes from the pod, waiting for some; b"" at the end.
+
+        What is not read holds the pod's side back: no more than a buffer's worth is read ahead.
+        """
+
+    @abstractmethod
+    async def write(self, data: bytes) -> None:
+        """Send `data` to the pod, waiting while it takes no more; `ConnectionError` once it is gone."""
+
+    @abstractmethod
+    async def write_eof(self) -> None:
+        """The client sends no more: the pod's side reads end of file (where the transport can tell it)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close both ways. Idempotent."""
+
+
+class StreamChannel(ByteChannel):
+    """A `ByteChannel` over an asyncio stream pair, such as a connected socket's."""
+
+    READ_SIZE = 64 * 1024
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    async def read(self) -> bytes:
+        return await self._reader.read(self.READ_SIZE)
+
+    async def write(self, data: bytes) -> None:
+        if self._writer.is_closing():
+            raise ConnectionResetError("the connection is closed")
+        self._writer.write(data)
+        await self._writer.drain()
+
+    async def write_eof(self) -> None:
+        if self._writer.can_write_eof() and not self._writer.is_closing():
+            self._writer.write_eof()
+
+    async def close(self) -> None:
+        self._writer.close()
+
+
 class Backend(ABC, Generic[SettingsT]):
     """Runs pods of one isolation kind. Every method is idempotent where the CRI call it serves is.
 
@@ -213,7 +265,5 @@ class Backend(ABC, Generic[SettingsT]):
         """Connect to the container's own stdio, which its log also records; `stdin` if the client writes to it."""
 
     @abstractmethod
-    async def port_forward(
-        self, sandbox: SandboxRecord, port: int
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def port_forward(self, sandbox: SandboxRecord, port: int) -> ByteChannel:
         """A TCP connection to `port` on the pod's loopback, made inside the pod's network namespace."""

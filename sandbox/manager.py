@@ -24,7 +24,7 @@ from core.settings import TrustSettings
 from images.store import ImageStore
 from protos import cri_pb2 as pb
 from sandbox import cni, netns, signals, trust
-from sandbox.backend import Backend, ExecResult, ExitStatus, ImageRootfs
+from sandbox.backend import Backend, ByteChannel, ContainerUsage, ExecResult, ExitStatus, ImageRootfs, Process
 from sandbox.cni import CniAttachment, CniPlugins, PortMapping
 from sandbox.events import ContainerEvent, EventHub
 from sandbox.locks import KeyedLocks
@@ -511,6 +511,34 @@ class PodManager:
     async def reopen_log(self, ident: str) -> None:
         sandbox, container = await self.running(ident)
         await self._backend(sandbox).reopen_log(sandbox, container)
+
+    async def container_usage(self, container: ContainerRecord) -> ContainerUsage:
+        sandbox = self.sandbox(container.sandbox_id)
+        return await self._backend(sandbox).container_usage(sandbox, container)
+
+    def backend_names(self) -> list[str]:
+        """The backends this host runs."""
+        return sorted(self.backends)
+
+    # ---- streaming: looked up again when the connection arrives (it may have stopped since the URL) ----
+
+    async def exec(
+        self, ident: str, cmd: list[str], *, tty: bool, stdin: bool, terminal_size: tuple[int, int] | None
+    ) -> Process:
+        sandbox, container = await self.running(ident)
+        return await self._backend(sandbox).exec(
+            sandbox, container, cmd, tty=tty, stdin=stdin, terminal_size=terminal_size
+        )
+
+    async def attach(self, ident: str, *, tty: bool, stdin: bool) -> Process:
+        sandbox, container = await self.running(ident)
+        return await self._backend(sandbox).attach(sandbox, container, tty=tty, stdin=stdin)
+
+    async def port_forward(self, sandbox_id: str, port: int) -> ByteChannel:
+        sandbox = self.sandbox(sandbox_id)
+        if not await self.sandbox_ready(sandbox):
+            raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
+        return await self._backend(sandbox).port_forward(sandbox, port)
 
     # ---- exits and events ------------------------------------------------------------------
 

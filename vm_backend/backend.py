@@ -24,11 +24,13 @@ import secrets
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from core import mounts, proc
+from core.chunks import ChunkQueue
 from core.errors import FailedPrecondition, TandemError, Unavailable
 from core.files import atomic_write_json, private_dir
 from core.proc import wait_exit
@@ -36,7 +38,7 @@ from core.settings import VmBackendSettings
 from protos import agent_pb2
 from protos import cri_pb2 as pb
 from sandbox import podfiles
-from sandbox.backend import Backend, ContainerUsage, ExecResult, ExitStatus, ImageRootfs, Process
+from sandbox.backend import Backend, ByteChannel, ContainerUsage, ExecResult, ExitStatus, ImageRootfs, Process
 from sandbox.crilog import STDERR, STDOUT, CriLogWriter
 from sandbox.model import ContainerRecord, ContainerState, SandboxRecord
 from sandbox.oci import rootfs
@@ -85,38 +87,16 @@ def vm_size(config: pb.PodSandboxConfig, default_vcpus: int, default_memory_mib:
 # ---- streaming processes -------------------------------------------------------------------
 
 
-class _Stream:
-    """Output chunks for one reader; b"" at the end. Unbounded: events must never wait for a slow client."""
-
-    def __init__(self) -> None:
-        self._queue: asyncio.Queue[bytes] = asyncio.Queue()
-        self.ended = False
-
-    def put(self, data: bytes) -> None:
-        if data and not self.ended:
-            self._queue.put_nowait(data)
-
-    def end(self) -> None:
-        if not self.ended:
-            self.ended = True
-            self._queue.put_nowait(b"")
-
-    async def get(self) -> bytes:
-        if self.ended and self._queue.empty():
-            return b""
-        return await self._queue.get()
-
-
 class _VmExec(Process):
     def __init__(self, client: AgentClient, container_id: str, exec_id: str, tty: bool) -> None:
         self.client, self.container_id, self.exec_id, self.tty = client, container_id, exec_id, tty
-        self.stdout, self.stderr = _Stream(), _Stream()
+        self.stdout, self.stderr = ChunkQueue(0), ChunkQueue(0)
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         if tty:
             self.stderr.end()
 
     def output(self, stream: int, data: bytes) -> None:
-        (self.stderr if stream == agent_pb2.STDERR and not self.tty else self.stdout).put(data)
+        (self.stderr if stream == agent_pb2.STDERR and not self.tty else self.stdout).put_nowait(data)
 
     def finished(self, code: int) -> None:
         self.stdout.end()
@@ -158,13 +138,13 @@ class _VmAttach(Process):
     ) -> None:
         self.pod, self.container_id, self.tty = pod, container_id, tty
         self.stdin, self.stdin_once, self.detach_on_eof = stdin, stdin_once, detach_on_eof
-        self.stdout, self.stderr = _Stream(), _Stream()
+        self.stdout, self.stderr = ChunkQueue(0), ChunkQueue(0)
         self.done = asyncio.Event()
         if tty:
             self.stderr.end()
 
     def output(self, stream: int, data: bytes) -> None:
-        (self.stderr if stream == agent_pb2.STDERR and not self.tty else self.stdout).put(data)
+        (self.stderr if stream == agent_pb2.STDERR and not self.tty else self.stdout).put_nowait(data)
 
     def finished(self) -> None:
         self.stdout.end()
@@ -202,47 +182,47 @@ class _VmAttach(Process):
         self.finished()
 
 
-class _PortTransport(asyncio.WriteTransport):
-    """The writing half of a forwarded connection: WritePort requests in order, ClosePort at the end."""
+class _VmPort(ByteChannel):
+    """A forwarded connection: WritePort requests out, PortData events in, ClosePort at the end.
 
-    def __init__(self, client: AgentClient, stream_id: str, on_close: Any) -> None:
-        super().__init__()
+    What the guest sends is queued as the events arrive (they must never wait: they
+    carry the whole pod's output and exits); the agent bounds it, as it stops reading
+    the guest's side while its event log is full. The protocol has no half-close.
+    """
+
+    def __init__(self, client: AgentClient, stream_id: str, on_close: Callable[[str], None]) -> None:
         self.client, self.stream_id, self._on_close = client, stream_id, on_close
-        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self._closing = False
-        self._sender = asyncio.create_task(self._send(), name=f"port {stream_id}")
+        self._inbox = ChunkQueue(0)
+        self._closed = False
 
-    async def _send(self) -> None:
+    def received(self, data: bytes) -> None:
+        self._inbox.put_nowait(data)
+
+    def ended(self) -> None:
+        self._inbox.end()
+
+    async def read(self) -> bytes:
+        return await self._inbox.get()
+
+    async def write(self, data: bytes) -> None:
+        if self._closed or self._inbox.ended:
+            raise ConnectionResetError(f"port stream {self.stream_id} is closed")
         try:
-            while (data := await self._queue.get()) is not None:
-                await self.client.write_port(self.stream_id, data)
+            await self.client.write_port(self.stream_id, data)
         except TandemError as e:
-            log.debug("port stream %s: %s", self.stream_id, e)
-        finally:
-            with contextlib.suppress(TandemError):
-                await self.client.close_port(self.stream_id)
-            self._on_close()
+            raise ConnectionResetError(f"port stream {self.stream_id}: {e}") from e
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._closing and data:
-            self._queue.put_nowait(bytes(data))
+    async def write_eof(self) -> None:
+        """The agent protocol cannot half-close: the guest's side sees the end when the channel closes."""
 
-    def can_write_eof(self) -> bool:
-        return False
-
-    def is_closing(self) -> bool:
-        return self._closing
-
-    def close(self) -> None:
-        if not self._closing:
-            self._closing = True
-            self._queue.put_nowait(None)
-
-    def abort(self) -> None:
-        self.close()
-
-    def get_write_buffer_size(self) -> int:
-        return self._queue.qsize()
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._on_close(self.stream_id)
+        self._inbox.end()
+        with contextlib.suppress(TandemError):
+            await self.client.close_port(self.stream_id)
 
 
 # ---- the per-pod handle --------------------------------------------------------------------
@@ -258,7 +238,7 @@ class _Pod:
     logs: dict[str, CriLogWriter] = field(default_factory=dict)
     attachers: dict[str, set[_VmAttach]] = field(default_factory=dict)
     execs: dict[str, _VmExec] = field(default_factory=dict)
-    ports: dict[str, asyncio.StreamReader] = field(default_factory=dict)
+    ports: dict[str, _VmPort] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     connect_failed_at: float = -math.inf
 
@@ -312,11 +292,11 @@ class _Pod:
             for attacher in self.attachers.pop(exited.container_id, set()):
                 attacher.finished()
         elif kind == "port_data":
-            if (reader := self.ports.get(event.port_data.stream_id)) is not None:
-                reader.feed_data(event.port_data.data)
+            if (port := self.ports.get(event.port_data.stream_id)) is not None:
+                port.received(event.port_data.data)
         elif kind == "port_closed":
-            if (reader := self.ports.pop(event.port_closed.stream_id, None)) is not None:
-                reader.feed_eof()
+            if (port := self.ports.pop(event.port_closed.stream_id, None)) is not None:
+                port.ended()
 
     async def close(self) -> None:
         if self.client is not None:
@@ -330,8 +310,8 @@ class _Pod:
         for attachers in self.attachers.values():
             for attacher in attachers:
                 attacher.finished()
-        for reader in self.ports.values():
-            reader.feed_eof()
+        for port in self.ports.values():
+            port.ended()
 
 
 # ---- the backend ---------------------------------------------------------------------------
@@ -738,22 +718,14 @@ class VmBackend(Backend[VmBackendSettings]):
             pod.attachers.setdefault(container.id, set()).add(attacher)
         return attacher
 
-    async def port_forward(
-        self, sandbox: SandboxRecord, port: int
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def port_forward(self, sandbox: SandboxRecord, port: int) -> ByteChannel:
         pod = await self._connected(sandbox)
         client = pod.client_or_fail()
         stream_id = f"p{secrets.token_hex(8)}"
-        reader = asyncio.StreamReader()
-        pod.ports[stream_id] = reader
+        channel = pod.ports[stream_id] = _VmPort(client, stream_id, lambda sid: pod.ports.pop(sid, None))
         try:
             await client.open_port(stream_id, port)
         except BaseException:
             pod.ports.pop(stream_id, None)
             raise
-        loop = asyncio.get_running_loop()
-        protocol = asyncio.StreamReaderProtocol(reader)
-        transport = _PortTransport(client, stream_id, lambda: None)
-        protocol.connection_made(transport)
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        return reader, writer
+        return channel

@@ -1,41 +1,25 @@
-"""What the streaming server runs: exec, attach and port-forward on the backend of the pod concerned."""
+"""What the streaming server runs: exec, attach and port-forward, through the pod manager."""
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
-
-from core.errors import FailedPrecondition
 from protos import cri_pb2 as pb
-from sandbox.backend import Backend, Process
+from sandbox.backend import ByteChannel, Process
 from sandbox.manager import PodManager
-from sandbox.model import SandboxRecord
 
 
 class PodStreams:
-    """Looks the container or pod up again when its connection arrives: it may have stopped since the URL."""
+    """The streaming server's runtime: the cached CRI request of a session, carried out by the manager."""
 
     def __init__(self, pods: PodManager) -> None:
         self.pods = pods
 
-    def _backend(self, sandbox: SandboxRecord) -> Backend[Any]:
-        backend = self.pods.backends.get(sandbox.backend)
-        if backend is None:
-            raise FailedPrecondition(f"{sandbox.backend} backend not available")
-        return backend
-
     async def exec(self, request: pb.ExecRequest, terminal_size: tuple[int, int] | None) -> Process:
-        sandbox, container = await self.pods.running(request.container_id)
-        return await self._backend(sandbox).exec(
-            sandbox, container, list(request.cmd), tty=request.tty, stdin=request.stdin, terminal_size=terminal_size
+        return await self.pods.exec(
+            request.container_id, list(request.cmd), tty=request.tty, stdin=request.stdin, terminal_size=terminal_size
         )
 
     async def attach(self, request: pb.AttachRequest) -> Process:
-        sandbox, container = await self.pods.running(request.container_id)
-        return await self._backend(sandbox).attach(sandbox, container, tty=request.tty, stdin=request.stdin)
+        return await self.pods.attach(request.container_id, tty=request.tty, stdin=request.stdin)
 
-    async def port_forward(self, sandbox_id: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        sandbox = self.pods.sandbox(sandbox_id)
-        if not await self.pods.sandbox_ready(sandbox):
-            raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
-        return await self._backend(sandbox).port_forward(sandbox, port)
+    async def port_forward(self, sandbox_id: str, port: int) -> ByteChannel:
+        return await self.pods.port_forward(sandbox_id, port)

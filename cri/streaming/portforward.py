@@ -25,6 +25,7 @@ from core.chunks import ChunkQueue
 from core.errors import TandemError
 from cri.streaming.spdy import SpdySession, SpdyStream, StreamClosed
 from cri.streaming.websocket import WebSocket, join_channel, split_channel
+from sandbox.backend import ByteChannel
 
 log = logging.getLogger("tandem.streaming")
 
@@ -34,9 +35,8 @@ V4, V4_BASE64 = "v4.channel.k8s.io", "v4.base64.channel.k8s.io"
 WEBSOCKET_PROTOCOLS = (TUNNEL_PROTOCOL, V4, V4_BASE64, "")
 STREAM_CREATION_TIMEOUT = 30.0
 """Seconds between a connection's first stream and its second (kubelet's default)."""
-READ_SIZE = 64 * 1024
 
-Dial = Callable[[int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+Dial = Callable[[int], Awaitable[ByteChannel]]
 """Connect to a port inside the pod."""
 
 
@@ -145,19 +145,19 @@ async def _forward(data: SpdyStream, pair: _Pair, dial: Dial, pod: str) -> None:
     port = parse_port(data.header("port"))
     try:
         try:
-            reader, writer = await dial(port)
+            channel = await dial(port)
         except (TandemError, OSError) as e:
             await pair.fail(f"error forwarding port {port} to pod {pod}: {e}")
             return
         try:
-            await _splice(data, reader, writer)
+            await _splice(data, channel)
         finally:
-            writer.close()
+            await channel.close()
     finally:
         await pair.close()
 
 
-async def _splice(stream: SpdyStream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _splice(stream: SpdyStream, channel: ByteChannel) -> None:
     """Copy both ways until the pod's side ends or the client resets the stream.
 
     A client's FIN only half-closes: the pod gets end of file and may still answer.
@@ -165,13 +165,12 @@ async def _splice(stream: SpdyStream, reader: asyncio.StreamReader, writer: asyn
 
     async def to_pod() -> None:
         while data := await stream.read():
-            writer.write(data)
-            await writer.drain()
-        if not stream.reset_by_peer and writer.can_write_eof():
-            writer.write_eof()
+            await channel.write(data)
+        if not stream.reset_by_peer:
+            await channel.write_eof()
 
     async def to_client() -> None:
-        while data := await reader.read(READ_SIZE):
+        while data := await channel.read():
             await stream.write(data)
 
     up, down = asyncio.create_task(to_pod()), asyncio.create_task(to_client())
@@ -212,18 +211,17 @@ async def serve_websocket(socket: WebSocket, ports: list[int], dial: Dial, pod: 
 
     async def forward(index: int, port: int) -> None:
         try:
-            reader, writer = await dial(port)
+            channel = await dial(port)
         except (TandemError, OSError) as e:
             await send(2 * index + 1, f"error forwarding port {port} to pod {pod}: {e}".encode())
             return
 
         async def to_pod() -> None:
             while data := await inboxes[index].get():
-                writer.write(data)
-                await writer.drain()
+                await channel.write(data)
 
         async def to_client() -> None:
-            while data := await reader.read(READ_SIZE):
+            while data := await channel.read():
                 await send(2 * index, data)
 
         copies = [asyncio.create_task(to_pod()), asyncio.create_task(to_client())]
@@ -233,7 +231,7 @@ async def serve_websocket(socket: WebSocket, ports: list[int], dial: Dial, pod: 
             for task in copies:
                 task.cancel()
             await asyncio.gather(*copies, return_exceptions=True)
-            writer.close()
+            await channel.close()
 
     receiver = asyncio.create_task(receive())
     try:

@@ -27,7 +27,7 @@ from cri.streaming.spdy import SpdySession
 from cri.streaming.tokens import StreamRequest, TokenCache
 from cri.streaming.websocket import MessageStream, WebSocket
 from protos import cri_pb2 as pb
-from sandbox.backend import Process
+from sandbox.backend import ByteChannel, Process
 
 log = logging.getLogger("tandem.streaming")
 
@@ -49,7 +49,7 @@ class StreamRuntime(Protocol):
 
     async def attach(self, request: pb.AttachRequest) -> Process: ...
 
-    async def port_forward(self, sandbox_id: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
+    async def port_forward(self, sandbox_id: str, port: int) -> ByteChannel: ...
 
 
 class TcpChannel:

@@ -14,7 +14,7 @@ from core.settings import StreamingSettings
 from cri.streaming.server import StreamingServer
 from cri.streaming.spdy import FLAG_FIN, Data, FrameDecoder, FrameEncoder, GoAway, RstStream, SynReply, SynStream
 from protos import cri_pb2 as pb
-from sandbox.backend import Process
+from sandbox.backend import ByteChannel, Process, StreamChannel
 
 
 class Script(Process):
@@ -72,10 +72,10 @@ class Runtime:
         self.processes.append(Script(0))
         return self.processes[-1]
 
-    async def port_forward(self, sandbox_id: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def port_forward(self, sandbox_id: str, port: int) -> ByteChannel:
         if port != 80:
             raise ConnectionRefusedError(111, "Connection refused")
-        return await asyncio.open_connection("127.0.0.1", self.echo_port)
+        return StreamChannel(*await asyncio.open_connection("127.0.0.1", self.echo_port))
 
 
 @pytest.fixture
