@@ -35,6 +35,7 @@ from typing import Any
 from core import mounts
 from core.errors import FailedPrecondition, NotFound, Unavailable
 from core.files import atomic_write_bytes, atomic_write_json, private_dir
+from core.inotify import DirectoryWatch
 from core.proc import ProcessIdentity
 from core.settings import RuncBackendSettings
 from protos import cri_pb2 as pb
@@ -43,7 +44,16 @@ from runc_backend.conmon import Conmon
 from runc_backend.host import detect_host
 from runc_backend.runc import Runc
 from sandbox import podfiles
-from sandbox.backend import Backend, ByteChannel, ContainerUsage, ExecResult, ExitStatus, ImageRootfs, Process
+from sandbox.backend import (
+    Backend,
+    ByteChannel,
+    ContainerUsage,
+    ExecResult,
+    ExitListener,
+    ExitStatus,
+    ImageRootfs,
+    Process,
+)
 from sandbox.model import ContainerRecord, SandboxRecord
 from sandbox.oci import rootfs
 from sandbox.oci.model import Resources, Spec
@@ -73,6 +83,7 @@ class RuncBackend(Backend[RuncBackendSettings]):
         self.infra_rootfs = settings.state_dir / "infra-rootfs"
         self.oom_floor = cgroups.oom_score_adj_floor()
         self._pods_private = False
+        self._exit_watch: DirectoryWatch | None = None
 
     @classmethod
     def create(cls, settings: RuncBackendSettings) -> RuncBackend:
@@ -94,6 +105,16 @@ class RuncBackend(Backend[RuncBackendSettings]):
             private_dir(self.infra_rootfs)
             os.chmod(self.infra_rootfs, 0o755)
             atomic_write_bytes(target, data, mode=0o755)
+
+    async def watch_exits(self, listener: ExitListener) -> None:
+        """conmon writes `<exits>/<id>` when a container (or a pod's infra process) has exited: inotify says when."""
+        self._exit_watch = DirectoryWatch(self.exits, listener)
+        self._exit_watch.start()
+
+    async def close(self) -> None:
+        if self._exit_watch is not None:
+            self._exit_watch.close()
+            self._exit_watch = None
 
     # ---- paths -----------------------------------------------------------------------------
 

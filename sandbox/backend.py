@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, Self, TypeVar
@@ -104,6 +105,9 @@ class Process(ABC):
 
 SettingsT = TypeVar("SettingsT")
 
+ExitListener = Callable[[str | None], None]
+"""Told the ID of a container whose process has ended; None when exits may have gone unheard (look at all)."""
+
 
 class ByteChannel(ABC):
     """A byte stream both ways between the streaming server and a pod: a port-forwarded TCP connection.
@@ -170,6 +174,18 @@ class Backend(ABC, Generic[SettingsT]):
     @abstractmethod
     def create(cls, settings: SettingsT) -> Self:
         """The backend, if this host can run it; `Unavailable` naming what is missing if not."""
+
+    @abstractmethod
+    async def watch_exits(self, listener: ExitListener) -> None:
+        """From now on, tell `listener` of each container exit as it happens, from the event loop.
+
+        The manager then asks `container_exit` and records it: an exit reaches
+        GetContainerEvents without anyone polling. Called once, at start-up.
+        """
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop watching: the daemon is shutting down (pods and containers keep running without it)."""
 
     @abstractmethod
     async def start_sandbox(self, sandbox: SandboxRecord) -> None:

@@ -2,8 +2,9 @@
 
 It owns the records (persisted before and after each step, so a crash at any
 point leaves something recovery can finish or undo), the per-object locks,
-pod networking (netns + CNI, shared by both backends), names, exit watching
-and events. What actually runs is the backend's business.
+pod networking (netns + CNI, shared by both backends), names, the conversion
+of CRI requests into OCI specs, exits and events. What actually runs is the
+backend's business; each backend tells it of exits as they happen.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ from sandbox.oci import spec as oci
 from sandbox.oci.resources import linux_resources
 
 log = logging.getLogger("tandem.pods")
-
-EXIT_POLL_SECONDS = 1.0
 
 
 def _new_id() -> str:
@@ -93,7 +92,7 @@ class PodManager:
         self._containers: dict[str, ContainerRecord] = {}
         self._names: dict[str, str] = {}
         self._locks = KeyedLocks()
-        self._watcher: asyncio.Task[None] | None = None
+        self._exit_checks: set[asyncio.Task[None]] = set()
 
     # ---- start-up and shutdown -------------------------------------------------------------
 
@@ -110,6 +109,8 @@ class PodManager:
                 continue
             self._names[self._container_name(container.sandbox_id, container.config)] = container.id
         self._containers = {c.id: c for c in self._containers.values() if c.sandbox_id in self._sandboxes}
+        for backend in self.backends.values():  # before reconciling: no exit falls between the two
+            await backend.watch_exits(self._exited)
         for sandbox in self._sandboxes.values():
             if sandbox.state == SandboxState.READY and not await self._backend(sandbox).sandbox_alive(sandbox):
                 log.warning("pod died while Tandem was down", extra={"pod": sandbox.id})
@@ -118,13 +119,13 @@ class PodManager:
         for container in list(self._containers.values()):
             await self._refresh(container)
         log.info("pods recovered", extra={"pods": len(self._sandboxes), "containers": len(self._containers)})
-        self._watcher = asyncio.create_task(self._watch_exits(), name="exit watcher")
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        for backend in self.backends.values():
+            await backend.close()
+        for task in list(self._exit_checks):
+            task.cancel()
+        await asyncio.gather(*self._exit_checks, return_exceptions=True)
 
     # ---- lookups ---------------------------------------------------------------------------
 
@@ -545,12 +546,25 @@ class PodManager:
     def _publish(self, container: ContainerRecord, kind: str) -> None:
         self.events.publish(ContainerEvent(container.id, container.sandbox_id, kind, now_ns()))
 
-    async def _watch_exits(self) -> None:
-        while True:
-            await asyncio.sleep(EXIT_POLL_SECONDS)
-            for container in [c for c in self._containers.values() if c.state == ContainerState.RUNNING]:
-                try:
-                    async with self._locks.hold(container.id):
-                        await self._refresh(container)
-                except TandemError:
-                    log.exception("checking a container's exit failed", extra={"container": container.id[:12]})
+    def _exited(self, container_id: str | None) -> None:
+        """A backend saw a container's process end (None: it may have missed some): record it, in a task."""
+        if container_id is None:
+            ids = [c.id for c in self._containers.values() if c.state == ContainerState.RUNNING]
+        elif container_id in self._containers:
+            ids = [container_id]
+        else:
+            return  # an infra process, a container already removed, or a file that is no exit
+        for ident in ids:
+            task = asyncio.create_task(self._record_exit(ident), name=f"exit of {ident[:12]}")
+            self._exit_checks.add(task)
+            task.add_done_callback(self._exit_checks.discard)
+
+    async def _record_exit(self, container_id: str) -> None:
+        """Under the container's lock, so that an exit during StartContainer lands after its start is recorded."""
+        try:
+            async with self._locks.hold(container_id):
+                container = self._containers.get(container_id)
+                if container is not None:
+                    await self._refresh(container)
+        except TandemError:
+            log.exception("recording a container's exit failed", extra={"container": container_id[:12]})

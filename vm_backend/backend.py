@@ -7,9 +7,12 @@ What lives on the host, per pod (runtime dirs vanish on reboot, as the VMs do):
                                                     its process spec and its exit file (written from ProcessExited)
     <state_dir>/vm/layers/<id>/                     a container's writable layer (upper, work)
 
-The daemon keeps one `_Pod` handle per pod (QemuVm + AgentClient); after a restart
-it is rebuilt lazily from `sandbox.backend_state`, and the agent's Hello replays
-every unacked event: output lands in the logs, exits in the exit files.
+The daemon keeps one `PodVm` handle per pod (`pod.py`: QemuVm + AgentClient + the
+watch on QEMU's end); after a restart it is rebuilt lazily from `sandbox.backend_state`,
+and the agent's Hello replays every unacked event: output lands in the logs, exits in
+the exit files (`events.py`). The guest's specs come from the shared OCI layer, moved
+into the guest's paths (`guest_spec.py`); exec, attach and port-forward sessions are
+`processes.py`'s.
 """
 
 from __future__ import annotations
@@ -24,13 +27,10 @@ import secrets
 import shutil
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from core import mounts, proc
-from core.chunks import ChunkQueue
 from core.errors import FailedPrecondition, TandemError, Unavailable
 from core.files import atomic_write_json, private_dir
 from core.proc import wait_exit
@@ -38,15 +38,23 @@ from core.settings import VmBackendSettings
 from protos import agent_pb2
 from protos import cri_pb2 as pb
 from sandbox import podfiles
-from sandbox.backend import Backend, ByteChannel, ContainerUsage, ExecResult, ExitStatus, ImageRootfs, Process
-from sandbox.crilog import STDERR, STDOUT, CriLogWriter
+from sandbox.backend import (
+    Backend,
+    ByteChannel,
+    ContainerUsage,
+    ExecResult,
+    ExitListener,
+    ExitStatus,
+    ImageRootfs,
+    Process,
+)
 from sandbox.model import ContainerRecord, ContainerState, SandboxRecord
 from sandbox.oci import rootfs
 from sandbox.oci.model import Resources, Spec
 from sandbox.oci.platform import ContainerPlatform, HostInfo
 from vm_backend.accel import choose_accel
 from vm_backend.assets import GuestAssets, current_assets
-from vm_backend.channel import AgentClient
+from vm_backend.events import PodEvents
 from vm_backend.guest_spec import (
     check_vm_container,
     guest_host_info,
@@ -56,6 +64,8 @@ from vm_backend.guest_spec import (
     to_guest,
 )
 from vm_backend.network import attach_tap, detach_tap
+from vm_backend.pod import PodVm
+from vm_backend.processes import VmAttach, VmExec, VmPort
 from vm_backend.qemu import QemuVm, TapNic, VmSpec
 from vm_backend.virtiofs import Virtiofsd
 
@@ -84,236 +94,6 @@ def vm_size(config: pb.PodSandboxConfig, default_vcpus: int, default_memory_mib:
     return min(vcpus, os.cpu_count() or 1), memory
 
 
-# ---- streaming processes -------------------------------------------------------------------
-
-
-class _VmExec(Process):
-    def __init__(self, client: AgentClient, container_id: str, exec_id: str, tty: bool) -> None:
-        self.client, self.container_id, self.exec_id, self.tty = client, container_id, exec_id, tty
-        self.stdout, self.stderr = ChunkQueue(0), ChunkQueue(0)
-        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        if tty:
-            self.stderr.end()
-
-    def output(self, stream: int, data: bytes) -> None:
-        (self.stderr if stream == agent_pb2.STDERR and not self.tty else self.stdout).put_nowait(data)
-
-    def finished(self, code: int) -> None:
-        self.stdout.end()
-        self.stderr.end()
-        if not self.exited.done():
-            self.exited.set_result(code)
-
-    async def read_stdout(self) -> bytes:
-        return await self.stdout.get()
-
-    async def read_stderr(self) -> bytes:
-        return await self.stderr.get()
-
-    async def write_stdin(self, data: bytes) -> None:
-        with contextlib.suppress(TandemError):
-            await self.client.write_stdin(self.container_id, self.exec_id, data)
-
-    async def close_stdin(self) -> None:
-        with contextlib.suppress(TandemError):
-            await self.client.write_stdin(self.container_id, self.exec_id, b"", close=True)
-
-    async def resize(self, width: int, height: int) -> None:
-        if self.tty:
-            with contextlib.suppress(TandemError):
-                await self.client.resize_terminal(self.container_id, self.exec_id, width, height)
-
-    async def wait(self) -> int:
-        return await asyncio.shield(self.exited)
-
-    async def kill(self) -> None:
-        if not self.exited.done():
-            with contextlib.suppress(TandemError):
-                await self.client.signal(self.container_id, signal.SIGKILL, process_id=self.exec_id)
-
-
-class _VmAttach(Process):
-    def __init__(
-        self, pod: _Pod, container_id: str, *, tty: bool, stdin: bool, stdin_once: bool, detach_on_eof: bool
-    ) -> None:
-        self.pod, self.container_id, self.tty = pod, container_id, tty
-        self.stdin, self.stdin_once, self.detach_on_eof = stdin, stdin_once, detach_on_eof
-        self.stdout, self.stderr = ChunkQueue(0), ChunkQueue(0)
-        self.done = asyncio.Event()
-        if tty:
-            self.stderr.end()
-
-    def output(self, stream: int, data: bytes) -> None:
-        (self.stderr if stream == agent_pb2.STDERR and not self.tty else self.stdout).put_nowait(data)
-
-    def finished(self) -> None:
-        self.stdout.end()
-        self.stderr.end()
-        self.done.set()
-
-    async def read_stdout(self) -> bytes:
-        return await self.stdout.get()
-
-    async def read_stderr(self) -> bytes:
-        return await self.stderr.get()
-
-    async def write_stdin(self, data: bytes) -> None:
-        if self.stdin and not self.done.is_set():
-            with contextlib.suppress(TandemError):
-                await self.pod.client_or_fail().write_stdin(self.container_id, "", data)
-
-    async def close_stdin(self) -> None:
-        if self.detach_on_eof:
-            await self.kill()
-        elif self.stdin and self.stdin_once:
-            with contextlib.suppress(TandemError):
-                await self.pod.client_or_fail().write_stdin(self.container_id, "", b"", close=True)
-
-    async def resize(self, width: int, height: int) -> None:
-        if self.tty:
-            with contextlib.suppress(TandemError):
-                await self.pod.client_or_fail().resize_terminal(self.container_id, "", width, height)
-
-    async def wait(self) -> None:
-        await self.done.wait()
-
-    async def kill(self) -> None:
-        self.pod.attachers.get(self.container_id, set()).discard(self)
-        self.finished()
-
-
-class _VmPort(ByteChannel):
-    """A forwarded connection: WritePort requests out, PortData events in, ClosePort at the end.
-
-    What the guest sends is queued as the events arrive (they must never wait: they
-    carry the whole pod's output and exits); the agent bounds it, as it stops reading
-    the guest's side while its event log is full. The protocol has no half-close.
-    """
-
-    def __init__(self, client: AgentClient, stream_id: str, on_close: Callable[[str], None]) -> None:
-        self.client, self.stream_id, self._on_close = client, stream_id, on_close
-        self._inbox = ChunkQueue(0)
-        self._closed = False
-
-    def received(self, data: bytes) -> None:
-        self._inbox.put_nowait(data)
-
-    def ended(self) -> None:
-        self._inbox.end()
-
-    async def read(self) -> bytes:
-        return await self._inbox.get()
-
-    async def write(self, data: bytes) -> None:
-        if self._closed or self._inbox.ended:
-            raise ConnectionResetError(f"port stream {self.stream_id} is closed")
-        try:
-            await self.client.write_port(self.stream_id, data)
-        except TandemError as e:
-            raise ConnectionResetError(f"port stream {self.stream_id}: {e}") from e
-
-    async def write_eof(self) -> None:
-        """The agent protocol cannot half-close: the guest's side sees the end when the channel closes."""
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._on_close(self.stream_id)
-        self._inbox.end()
-        with contextlib.suppress(TandemError):
-            await self.client.close_port(self.stream_id)
-
-
-# ---- the per-pod handle --------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class _Pod:
-    """What the daemon holds for one running pod VM."""
-
-    run_dir: Path
-    vm: QemuVm
-    client: AgentClient | None = None
-    logs: dict[str, CriLogWriter] = field(default_factory=dict)
-    attachers: dict[str, set[_VmAttach]] = field(default_factory=dict)
-    execs: dict[str, _VmExec] = field(default_factory=dict)
-    ports: dict[str, _VmPort] = field(default_factory=dict)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    connect_failed_at: float = -math.inf
-
-    def container_dir(self, container_id: str) -> Path:
-        return self.run_dir / "c" / container_id
-
-    def client_or_fail(self) -> AgentClient:
-        if self.client is None:
-            raise Unavailable(f"no connection to the agent of the VM in {self.run_dir}")
-        return self.client
-
-    def _log(self, container_id: str) -> CriLogWriter | None:
-        writer = self.logs.get(container_id)
-        if writer is None:
-            try:
-                path = (self.container_dir(container_id) / "log_path").read_text()
-            except OSError:
-                return None
-            if not path:
-                return None
-            writer = self.logs[container_id] = CriLogWriter(Path(path))
-        return writer
-
-    def on_event(self, event: agent_pb2.Event) -> None:
-        kind = event.WhichOneof("kind")
-        if kind == "output":
-            out = event.output
-            if out.process_id:
-                if (process := self.execs.get(out.process_id)) is not None:
-                    process.output(out.stream, out.data)
-                return
-            writer = self._log(out.container_id)
-            if writer is not None:
-                stream = STDERR if out.stream == agent_pb2.STDERR else STDOUT
-                try:
-                    writer.write(stream, out.data, out.timestamp_unix_ns or time.time_ns())
-                except OSError as e:
-                    log.warning("cannot write the log of %s: %s", out.container_id[:12], e)
-            for attacher in list(self.attachers.get(out.container_id, ())):
-                attacher.output(out.stream, out.data)
-        elif kind == "process_exited":
-            exited = event.process_exited
-            if exited.process_id:
-                if (process := self.execs.pop(exited.process_id, None)) is not None:
-                    process.finished(exited.exit_code)
-                return
-            directory = self.container_dir(exited.container_id)
-            if directory.is_dir():
-                record = {"code": exited.exit_code, "finished": exited.finished_unix_ns, "oom": exited.oom_killed}
-                atomic_write_json(directory / "exit", record)
-            for attacher in self.attachers.pop(exited.container_id, set()):
-                attacher.finished()
-        elif kind == "port_data":
-            if (port := self.ports.get(event.port_data.stream_id)) is not None:
-                port.received(event.port_data.data)
-        elif kind == "port_closed":
-            if (port := self.ports.pop(event.port_closed.stream_id, None)) is not None:
-                port.ended()
-
-    async def close(self) -> None:
-        if self.client is not None:
-            await self.client.close()
-            self.client = None
-        for writer in self.logs.values():
-            writer.close()
-        self.logs.clear()
-        for process in self.execs.values():
-            process.finished(255)
-        for attachers in self.attachers.values():
-            for attacher in attachers:
-                attacher.finished()
-        for port in self.ports.values():
-            port.ended()
-
-
 # ---- the backend ---------------------------------------------------------------------------
 
 
@@ -328,7 +108,8 @@ class VmBackend(Backend[VmBackendSettings]):
         self.layers = private_dir(settings.state_dir / "vm" / "layers")
         self.empty_dev = private_dir(self.root / "empty-dev")  # a privileged guest container's "host" devices: none
         self._accel: str | None = None
-        self._pods: dict[str, _Pod] = {}
+        self._pods: dict[str, PodVm] = {}
+        self._exit_listener: ExitListener | None = None
 
     @classmethod
     def create(cls, settings: VmBackendSettings) -> VmBackend:
@@ -341,6 +122,18 @@ class VmBackend(Backend[VmBackendSettings]):
             raise Unavailable(f"vm backend needs {', '.join(missing)}")
         assert assets is not None
         return cls(settings, assets)
+
+    async def watch_exits(self, listener: ExitListener) -> None:
+        """Exits come as the agents' ProcessExited events, and as the end of a pod's QEMU."""
+        self._exit_listener = listener
+
+    async def close(self) -> None:
+        for pod in self._pods.values():
+            pod.unwatch()
+
+    def _exited(self, container_id: str) -> None:
+        if self._exit_listener is not None:
+            self._exit_listener(container_id)
 
     # ---- handles ---------------------------------------------------------------------------
 
@@ -367,22 +160,27 @@ class VmBackend(Backend[VmBackendSettings]):
         run_dir = self._run_dir(sandbox)
         return QemuVm(self._spec(sandbox), Virtiofsd(run_dir, binary=str(self.settings.virtiofsd)))
 
-    def _pod(self, sandbox: SandboxRecord) -> _Pod:
-        pod = self._pods.get(sandbox.id)
-        if pod is None:
-            pod = self._pods[sandbox.id] = _Pod(self._run_dir(sandbox), self._vm(sandbox))
+    def _new_pod(self, sandbox: SandboxRecord) -> PodVm:
+        run_dir = self._run_dir(sandbox)
+        pod = self._pods[sandbox.id] = PodVm(run_dir, self._vm(sandbox), PodEvents(run_dir, self._exited))
         return pod
 
-    async def _connected(self, sandbox: SandboxRecord, timeout: float = REATTACH_TIMEOUT) -> _Pod:
+    def _pod(self, sandbox: SandboxRecord) -> PodVm:
+        """The pod's handle; made again after a restart, watching the VM if it survived."""
+        pod = self._pods.get(sandbox.id)
+        if pod is None:
+            pod = self._new_pod(sandbox)
+            pod.watch()
+        return pod
+
+    async def _connected(self, sandbox: SandboxRecord, timeout: float = REATTACH_TIMEOUT) -> PodVm:
         """The pod's handle with a live agent connection (re-made after a daemon restart)."""
         pod = self._pod(sandbox)
         async with pod.lock:
             if pod.client is None:
                 if not pod.vm.alive():
                     raise FailedPrecondition(f"the VM of pod {sandbox.id} is not running")
-                client = AgentClient(pod.vm.spec.agent_socket, pod.on_event)
-                await client.start(timeout)
-                pod.client = client
+                await pod.connect(timeout)
         return pod
 
     async def _accel_choice(self) -> str:
@@ -413,8 +211,9 @@ class VmBackend(Backend[VmBackendSettings]):
         guest = await attach_tap(netns, tap=TAP)
         (nic,) = guest.interfaces[:1]
         sandbox.backend_state.update(tap=guest.tap_name, mac=nic.mac)
-        pod = self._pods[sandbox.id] = _Pod(run_dir, self._vm(sandbox))
+        pod = self._new_pod(sandbox)
         await pod.vm.start(boot_timeout=self.settings.boot_timeout_seconds)
+        pod.watch()
         booted = time.monotonic()
         sandbox.backend_state["qemu_pid"] = pod.vm.pid()
         await self._connected(sandbox, AGENT_CONNECT_TIMEOUT)
@@ -448,6 +247,7 @@ class VmBackend(Backend[VmBackendSettings]):
             return
         pod = self._pod(sandbox)
         async with pod.lock:
+            pod.unwatch()  # its containers were stopped: the VM's end is no news
             qemu = pod.vm.identity()
             if qemu is not None and pod.client is not None:
                 with contextlib.suppress(TandemError, TimeoutError):
@@ -517,8 +317,7 @@ class VmBackend(Backend[VmBackendSettings]):
         directory = pod.container_dir(container.id)
         (directory / "log_path").write_text(container.log_path)
         if container.log_path:
-            pod.logs[container.id] = CriLogWriter(Path(container.log_path))
-            pod.logs[container.id].open()
+            pod.events.open_log(container.id, Path(container.log_path))
         guest_rootfs = await vfs.bind_rootfs(container.id, directory / "rootfs")
         await self._share_mounts(vfs, container.id, config, host_sources(spec, config))
         guest = to_guest(spec, config, container.id)
@@ -565,10 +364,7 @@ class VmBackend(Backend[VmBackendSettings]):
         await pod.client_or_fail().start_container(container.id)
 
     def _read_exit(self, sandbox: SandboxRecord, container_id: str) -> dict[str, Any] | None:
-        try:
-            return json.loads((self._run_dir(sandbox) / "c" / container_id / "exit").read_text())
-        except (OSError, ValueError):
-            return None
+        return self._pod(sandbox).events.read_exit(container_id)
 
     async def _wait_exit(self, sandbox: SandboxRecord, container_id: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -604,9 +400,7 @@ class VmBackend(Backend[VmBackendSettings]):
                 await (await self._connected(sandbox)).client_or_fail().remove_container(container.id)
             except Unavailable as e:
                 log.warning("agent did not remove %s: %s", container.id[:12], e)
-        writer = pod.logs.pop(container.id, None)
-        if writer is not None:
-            writer.close()
+        pod.events.close_log(container.id)
         vfs = Virtiofsd(self._run_dir(sandbox), binary=str(self.settings.virtiofsd))
         await self._release_container_mounts(vfs, self._run_dir(sandbox), container.id)
         await asyncio.to_thread(shutil.rmtree, self.layers / container.id, True)
@@ -668,9 +462,7 @@ class VmBackend(Backend[VmBackendSettings]):
         )
 
     async def reopen_log(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
-        writer = self._pod(sandbox).logs.get(container.id)
-        if writer is not None:
-            writer.reopen()
+        self._pod(sandbox).events.reopen_log(container.id)
 
     # ---- streaming -------------------------------------------------------------------------
 
@@ -691,11 +483,11 @@ class VmBackend(Backend[VmBackendSettings]):
         pod = await self._connected(sandbox)
         client = pod.client_or_fail()
         exec_id = f"x{secrets.token_hex(8)}"
-        process = pod.execs[exec_id] = _VmExec(client, container.id, exec_id, tty)
+        process = pod.events.execs[exec_id] = VmExec(client, container.id, exec_id, tty)
         try:
             await client.start_exec(container.id, exec_id, process_spec, terminal=tty, stdin=stdin)
         except BaseException:
-            pod.execs.pop(exec_id, None)
+            pod.events.execs.pop(exec_id, None)
             raise
         if tty and terminal_size is not None:
             await process.resize(*terminal_size)
@@ -704,28 +496,31 @@ class VmBackend(Backend[VmBackendSettings]):
     async def attach(self, sandbox: SandboxRecord, container: ContainerRecord, *, tty: bool, stdin: bool) -> Process:
         pod = await self._connected(sandbox)
         config = container.config
-        attacher = _VmAttach(
-            pod,
+        attachers = pod.events.attachers
+        attacher = VmAttach(
+            pod.client_or_fail,
             container.id,
             tty=config.tty,
             stdin=stdin and config.stdin,
             stdin_once=config.stdin_once,
             detach_on_eof=config.stdin and not config.stdin_once and not config.tty,
+            on_detach=lambda gone: attachers.get(container.id, set()).discard(gone),
         )
         if self._read_exit(sandbox, container.id) is not None:
             attacher.finished()
         else:
-            pod.attachers.setdefault(container.id, set()).add(attacher)
+            attachers.setdefault(container.id, set()).add(attacher)
         return attacher
 
     async def port_forward(self, sandbox: SandboxRecord, port: int) -> ByteChannel:
         pod = await self._connected(sandbox)
         client = pod.client_or_fail()
         stream_id = f"p{secrets.token_hex(8)}"
-        channel = pod.ports[stream_id] = _VmPort(client, stream_id, lambda sid: pod.ports.pop(sid, None))
+        ports = pod.events.ports
+        channel = ports[stream_id] = VmPort(client, stream_id, lambda sid: ports.pop(sid, None))
         try:
             await client.open_port(stream_id, port)
         except BaseException:
-            pod.ports.pop(stream_id, None)
+            ports.pop(stream_id, None)
             raise
         return channel

@@ -15,6 +15,7 @@ from tests.support.daemon import TandemDaemon
 from tests.support.images import busybox_image, push
 from tests.support.pods import (
     container_config,
+    next_event,
     pod_config,
     pod_leftovers,
     remove_pods_and_stop,
@@ -109,8 +110,14 @@ def test_trusted_pod_lifecycle(env):
 
 def test_exit_codes_and_events(env):
     daemon, image, tmp = env
+    events = daemon.runtime.GetContainerEvents(pb.GetEventsRequest(), timeout=60)
     pod_id, pod = run_pod(daemon, "exits", tmp / "logs")
     cid = run_container(daemon, pod_id, pod, container_config("fails", image, "sh", "-c", "exit 3"))
+    # no status call before the event: the exit is pushed by the backend, not found by asking
+    stopped = next_event(events, cid, pb.CONTAINER_STOPPED_EVENT)
+    events.cancel()
+    (reported,) = [c for c in stopped.containers_statuses if c.id == cid]
+    assert (reported.state, reported.exit_code) == (pb.CONTAINER_EXITED, 3)
     exited = wait_for(lambda: (s := container_status(daemon, cid)).state == pb.CONTAINER_EXITED and s, what="exit")
     assert (exited.exit_code, exited.reason) == (3, "Error")
     assert exited.finished_at >= exited.started_at > 0

@@ -27,6 +27,7 @@ from tests.support.crictl import Crictl
 from tests.support.daemon import TandemDaemon
 from tests.support.pods import (
     container_config,
+    next_event,
     pod_config,
     pod_leftovers,
     remove_pods_and_stop,
@@ -124,6 +125,19 @@ def test_vm_pod_lifecycle_isolation_and_restart(env):
             pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=refused, sandbox_config=pod)
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    # An exit reaches GetContainerEvents from the agent, with no status call to find it.
+    events = daemon.runtime.GetContainerEvents(pb.GetEventsRequest(), timeout=120)
+    quick = daemon.runtime.CreateContainer(
+        pb.CreateContainerRequest(
+            pod_sandbox_id=pod_id, config=container_config("quick", image, "sh", "-c", "exit 5"), sandbox_config=pod
+        )
+    ).container_id
+    daemon.runtime.StartContainer(pb.StartContainerRequest(container_id=quick))
+    stopped = next_event(events, quick, pb.CONTAINER_STOPPED_EVENT)
+    events.cancel()
+    (reported,) = [c for c in stopped.containers_statuses if c.id == quick]
+    assert (reported.state, reported.exit_code) == (pb.CONTAINER_EXITED, 5)
 
     # The daemon dies; the VM and its containers keep running, and the next daemon takes them over: what a
     # container wrote and how it ended while no daemon listened reach its log and its status.
@@ -319,6 +333,7 @@ def console(daemon, pod_id: str) -> subprocess.Popen[bytes]:
 def test_a_vm_dying_under_its_pod_shows_as_notready_with_its_containers_exited(env):
     daemon, image, tmp, _ = env
     pod_id, cid = start_sleeper(daemon, image, tmp, "doomed")
+    events = daemon.runtime.GetContainerEvents(pb.GetEventsRequest(), timeout=60)
     watching = console(daemon, pod_id[:8])
     assert watching.stderr.readline().strip().endswith(b"Ctrl-] detaches]")  # connected
     pidfile = daemon.socket.parent / "vm" / pod_id[:16] / "qemu.pid"
@@ -328,6 +343,8 @@ def test_a_vm_dying_under_its_pod_shows_as_notready_with_its_containers_exited(e
     watching.stdin.close()
     watching.stdout.close()
     watching.stderr.close()
+    next_event(events, cid, pb.CONTAINER_STOPPED_EVENT)  # the end of QEMU is an exit, pushed like any other
+    events.cancel()
 
     status = wait_for(
         lambda: (

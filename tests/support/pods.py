@@ -6,7 +6,7 @@ import json
 import secrets
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -81,6 +81,14 @@ def wait_for(predicate: Callable[[], T], timeout: float = 20.0, what: str = "con
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def next_event(events: Iterator[pb.ContainerEventResponse], container_id: str, kind: int) -> pb.ContainerEventResponse:
+    """The next event of `kind` for `container_id` on a GetContainerEvents stream (opened with a deadline)."""
+    for event in events:
+        if event.container_id == container_id and event.container_event_type == kind:
+            return event
+    raise AssertionError(f"the event stream ended before a {pb.ContainerEventType.Name(kind)} for {container_id}")
 
 
 def pod_leftovers(daemon: TandemDaemon, processes: tuple[str, ...], roots: tuple[str, ...]) -> list[str]:
