@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -433,21 +434,16 @@ class RuncBackend(Backend[RuncBackendSettings]):
     ) -> ExecResult:
         process = json.loads((self._bundle(container.id) / "config.json").read_text())["process"]
         process.update(args=cmd, terminal=False)
-        result = await self.runc.exec_sync(container.id, process, float(timeout) if timeout > 0 else 0.0)
-        return ExecResult(result.exit_code, result.stdout, result.stderr)
+        return await self.runc.exec_sync(container.id, process, float(timeout) if timeout > 0 else 0.0)
 
     async def update_resources(self, sandbox: SandboxRecord, container: ContainerRecord, resources: Resources) -> None:
         await self.runc.update(container.id, resources)
 
     async def container_usage(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage:
-        stats = cgroups.usage_from_stats(await self.runc.stats(container.id))
+        usage = cgroups.usage_from_stats(await self.runc.stats(container.id), time.time_ns())
         used, inodes = await asyncio.to_thread(rootfs.writable_layer_usage, self.layers / container.id / "upper")
-        return ContainerUsage(
-            timestamp=time.time_ns(),
-            **stats,
-            writable_layer_bytes=used,
-            writable_layer_inodes=inodes,
-            writable_layer_mountpoint=str(self.layers),
+        return dataclasses.replace(
+            usage, writable_layer_bytes=used, writable_layer_inodes=inodes, writable_layer_mountpoint=str(self.layers)
         )
 
     async def reopen_log(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:

@@ -12,10 +12,11 @@ import errno
 import os
 import posixpath
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal
 
 from core import mounts
 from core.errors import FailedPrecondition, InvalidArgument
+from sandbox.backend import ContainerUsage
 
 Mode = Literal["v1", "hybrid", "v2"]
 
@@ -114,19 +115,6 @@ def oom_score_adj_floor() -> int:
     return int(Path("/proc/self/oom_score_adj").read_text().strip())
 
 
-class Usage(TypedDict):
-    """A container's resource usage in the units CRI reports; None when the cgroup lacks the figure."""
-
-    cpu_usage_ns: int | None
-    memory_usage_bytes: int | None
-    memory_working_set_bytes: int | None
-    memory_available_bytes: int | None
-    memory_rss_bytes: int | None
-    page_faults: int | None
-    major_page_faults: int | None
-    pids: int | None
-
-
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -139,8 +127,8 @@ def _first(raw: dict[str, Any], *keys: str) -> int | None:
     return None
 
 
-def usage_from_stats(stats: dict[str, Any]) -> Usage:
-    """Map the `data` of `runc events --stats` to CRI usage figures.
+def usage_from_stats(stats: dict[str, Any], timestamp: int) -> ContainerUsage:
+    """Map the `data` of `runc events --stats` (sampled at `timestamp`) to CRI usage figures.
 
     The working set is usage minus inactive file pages (clamped at zero), as
     cAdvisor and containerd compute it: that is what the kubelet evicts on.
@@ -155,7 +143,8 @@ def usage_from_stats(stats: dict[str, Any]) -> Usage:
     available = None
     if working_set is not None and limit is not None and 0 < limit < _UNLIMITED:
         available = max(0, limit - working_set)
-    return Usage(
+    return ContainerUsage(
+        timestamp=timestamp,
         cpu_usage_ns=_int((cpu.get("usage") or {}).get("total")),
         memory_usage_bytes=usage,
         memory_working_set_bytes=working_set,

@@ -16,12 +16,12 @@ import shutil
 import signal as signals
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from core.errors import CommandFailed, DeadlineExceeded, FailedPrecondition, NotFound
 from core.proc import ProcessIdentity, run, spawn
+from sandbox.backend import ExecResult
 
 log = logging.getLogger("tandem.runc")
 
@@ -31,13 +31,6 @@ MAX_EXEC_OUTPUT = 16 * 2**20
 _KILL_GRACE = 5.0  # seconds runc exec gets to exit once its process tree is dead
 _NOT_FOUND = "does not exist"
 _NOT_RUNNING = ("not running", "process already finished", "no such process")
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    exit_code: int
-    stdout: bytes
-    stderr: bytes
 
 
 def _parents() -> dict[int, int]:

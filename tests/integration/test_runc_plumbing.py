@@ -418,9 +418,9 @@ async def test_stats_have_cpu_memory_and_pids(plumbing: Plumbing):
     await asyncio.sleep(0.5)
     stats = await plumbing.runc.stats(c.cid)
     assert stats["cpu"]["usage"]["total"] > 0 and stats["memory"]["usage"]["usage"] > 0
-    usage = cgroups.usage_from_stats(stats)
-    assert usage["cpu_usage_ns"] and usage["memory_usage_bytes"] and usage["pids"] == 1
-    assert usage["memory_working_set_bytes"] is not None and usage["page_faults"]
+    usage = cgroups.usage_from_stats(stats, 0)
+    assert usage.cpu_usage_ns and usage.memory_usage_bytes and usage.pids == 1
+    assert usage.memory_working_set_bytes is not None and usage.page_faults
     await plumbing.runc.kill(c.cid, signal.SIGKILL)
     await plumbing.exit_of(c)
     with pytest.raises(FailedPrecondition):

@@ -10,6 +10,7 @@ import pytest
 from core.errors import InvalidArgument
 from core.mounts import mountinfo
 from runc_backend import cgroups
+from sandbox.backend import ContainerUsage
 
 # `runc events --stats` data, captured from a busybox container on this project's Debian 12 hybrid host
 # (cgroup v1 + unified) with a 64 MiB limit, after it wrote 8 MiB to its disk-backed /tmp and 2 MiB to tmpfs.
@@ -118,31 +119,32 @@ V2_STATS: dict[str, Any] = {
 
 
 def test_v1_stats_map_to_cri_figures():
-    assert cgroups.usage_from_stats(V1_STATS) == {
-        "cpu_usage_ns": 71910139,
-        "memory_usage_bytes": 11374592,
-        "memory_working_set_bytes": 11374592 - 8388608,  # usage less total_inactive_file
-        "memory_available_bytes": 64 * 2**20 - (11374592 - 8388608),
-        "memory_rss_bytes": 106496,
-        "page_faults": 953,
-        "major_page_faults": 0,
-        "pids": 2,
-    }
+    assert cgroups.usage_from_stats(V1_STATS, 7) == ContainerUsage(
+        timestamp=7,
+        cpu_usage_ns=71910139,
+        memory_usage_bytes=11374592,
+        memory_working_set_bytes=11374592 - 8388608,  # usage less total_inactive_file
+        memory_available_bytes=64 * 2**20 - (11374592 - 8388608),
+        memory_rss_bytes=106496,
+        page_faults=953,
+        major_page_faults=0,
+        pids=2,
+    )
 
 
 def test_v2_stats_use_v2_key_names_and_unlimited_has_no_available_figure():
-    usage = cgroups.usage_from_stats(V2_STATS)
-    assert usage["memory_working_set_bytes"] == 11374592 - 8388608
-    assert (usage["memory_rss_bytes"], usage["page_faults"], usage["major_page_faults"]) == (106496, 953, 2)
-    assert usage["memory_available_bytes"] is None
+    usage = cgroups.usage_from_stats(V2_STATS, 7)
+    assert usage.memory_working_set_bytes == 11374592 - 8388608
+    assert (usage.memory_rss_bytes, usage.page_faults, usage.major_page_faults) == (106496, 953, 2)
+    assert usage.memory_available_bytes is None
 
 
 def test_working_set_never_goes_negative_and_missing_figures_are_none():
     stats = {"memory": {"usage": {"usage": 100}, "raw": {"total_inactive_file": 4096}}}
-    usage = cgroups.usage_from_stats(stats)
-    assert usage["memory_working_set_bytes"] == 0
-    assert usage["cpu_usage_ns"] is None and usage["pids"] is None and usage["memory_rss_bytes"] is None
-    assert set(cgroups.usage_from_stats({}).values()) == {None}
+    usage = cgroups.usage_from_stats(stats, 7)
+    assert usage.memory_working_set_bytes == 0
+    assert usage.cpu_usage_ns is None and usage.pids is None and usage.memory_rss_bytes is None
+    assert cgroups.usage_from_stats({}, 7) == ContainerUsage(timestamp=7)  # every figure None
 
 
 @pytest.mark.parametrize(
