@@ -43,10 +43,12 @@ from typing import Any
 
 from protos import agent_pb2
 
+from .cgroup import cgroup2_root, container_stats, oom_killed
 from .errors import Fail
 from .events import EventLog
 from .framing import MAX_FRAME
 from .procs import Reaper, input_pipe, kill_tree, output_pipe, pipe_names, read_fd, run, spawn, wait_fd, write_all
+from .runtime_errors import code_for, logged_error, runtime_message
 
 log = logging.getLogger("tandem.agent.containers")
 
@@ -59,8 +61,6 @@ EXEC_OUTPUT_LIMIT = (MAX_FRAME - 64 * 1024) // 2
 REMOVE_WAIT = 10.0
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
-_NOT_RUNNING = ("not running", "stopped container", "process already finished", "no such process")
-_MSG = re.compile(r'msg="((?:[^"\\]|\\.)*)"')
 
 OutputSink = Callable[["agent_pb2.OutputStream", bytes], None]  # (stream, data)
 
@@ -78,69 +78,6 @@ def _json_object(data: bytes, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise Fail(agent_pb2.INVALID_ARGUMENT, f"{what} is not a JSON object")
     return value
-
-
-def _runtime_message(stderr: bytes) -> str:
-    """The runtime's error out of its stderr: runc's logrus `msg="..."` if it used that format, else the last line."""
-    lines = stderr.decode(errors="replace").strip().splitlines()
-    for line in reversed(lines):
-        if m := _MSG.search(line):
-            return m[1].replace('\\"', '"')
-    return lines[-1] if lines else ""
-
-
-def _logged_error(log_path: Path) -> str:
-    """The last error in the runtime's JSON log: crun writes its errors there instead of to stderr."""
-    try:
-        lines = log_path.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    for line in reversed(lines):
-        with contextlib.suppress(ValueError):
-            entry = json.loads(line)
-            if isinstance(entry, dict) and entry.get("level") == "error":
-                return str(entry.get("msg", ""))
-    return ""
-
-
-def _code_for(message: str) -> agent_pb2.ErrorCode:
-    """Only "it is not running" matters to callers; which containers exist the agent knows itself."""
-    lowered = message.lower()
-    if any(s in lowered for s in _NOT_RUNNING):
-        return agent_pb2.FAILED_PRECONDITION
-    return agent_pb2.INTERNAL
-
-
-def _keyed(path: Path) -> dict[str, int]:
-    """A cgroup `key value` file (cpu.stat, memory.stat, memory.events); empty when absent."""
-    try:
-        text = path.read_text()
-    except OSError:
-        return {}
-    values = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(" ")
-        if value.strip().isdigit():
-            values[key] = int(value)
-    return values
-
-
-def _single(path: Path) -> int:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return 0
-
-
-def cgroup2_root(mountinfo: str = "/proc/self/mountinfo") -> Path | None:
-    """Where the cgroup v2 hierarchy is mounted: /sys/fs/cgroup in the guest, /sys/fs/cgroup/unified on hybrid hosts."""
-    with open(mountinfo) as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if fields[sep + 1] == "cgroup2":
-                return Path(fields[4].replace("\\040", " "))
-    return None
 
 
 @dataclass(eq=False)
@@ -406,17 +343,7 @@ class Containers:
         directory = self._get(cid).cgroup
         if directory is None:
             return agent_pb2.Stats()
-        memory = _keyed(directory / "memory.stat")
-        usage = _single(directory / "memory.current")
-        return agent_pb2.Stats(
-            cpu_usage_ns=_keyed(directory / "cpu.stat").get("usage_usec", 0) * 1000,
-            memory_usage_bytes=usage,
-            memory_working_set_bytes=max(usage - memory.get("inactive_file", 0), 0),
-            memory_rss_bytes=memory.get("anon", 0),
-            page_faults=memory.get("pgfault", 0),
-            major_page_faults=memory.get("pgmajfault", 0),
-            pids=_single(directory / "pids.current"),
-        )
+        return container_stats(directory)
 
     # ------------------------------------------------------------------ internals
 
@@ -469,8 +396,8 @@ class Containers:
             message = f"{self.runtime_name} {args[0]} did not finish in {RUNTIME_TIMEOUT:g}s"
             raise Fail(agent_pb2.DEADLINE_EXCEEDED, message) from None
         if result.code != 0:
-            message = _runtime_message(result.stderr) or f"exit code {result.code}"
-            raise Fail(_code_for(message), f"{self.runtime_name} {args[0]}: {message}")
+            message = runtime_message(result.stderr) or f"exit code {result.code}"
+            raise Fail(code_for(message), f"{self.runtime_name} {args[0]}: {message}")
 
     async def _delete(self, cid: str) -> None:
         """Delete the runtime's container if it has one (both runtimes keep their state in <root>/<id>)."""
@@ -552,13 +479,13 @@ class Containers:
                 raise
             if code != 0:
                 try:
-                    message = _runtime_message(os.read(err_r, 65536))
+                    message = runtime_message(os.read(err_r, 65536))
                 except BlockingIOError:
                     message = ""
-                message = message or _logged_error(log_path)
+                message = message or logged_error(log_path)
                 if not message.startswith(self.runtime_name):
                     message = f"{name} failed: {message or f'exit code {code}'}"
-                raise Fail(_code_for(message), message)
+                raise Fail(code_for(message), message)
             pid = int(pid_file.read_text())
             process = Process(container.id, process_id, pid, self.reaper.watch(pid, since), pipes)
             if accepting is not None:
@@ -604,7 +531,7 @@ class Containers:
         await process.drain()
         oom = False
         if not process.process_id and container.cgroup is not None:
-            oom = _keyed(container.cgroup / "memory.events").get("oom_kill", 0) > 0
+            oom = oom_killed(container.cgroup)
         exited = agent_pb2.ProcessExited(
             container_id=container.id,
             process_id=process.process_id,
