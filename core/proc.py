@@ -37,7 +37,7 @@ class Completed:
 
 
 async def run(
-    argv: Sequence[str],
+    argv: Sequence[str | os.PathLike[str]],
     *,
     timeout: float = 60.0,
     input: bytes | None = None,
@@ -141,8 +141,13 @@ def spawn_detached(argv: Sequence[str | os.PathLike[str]], log_path: Path) -> Pr
 async def wait_pidfd(pidfd: int, timeout: float | None = None) -> bool:
     """Wait until the process behind `pidfd` has exited; False on timeout. The caller keeps owning `pidfd`."""
     loop = asyncio.get_running_loop()
-    exited = loop.create_future()
-    loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(pidfd, readable)
     try:
         await asyncio.wait_for(exited, timeout)
     except TimeoutError:

@@ -19,7 +19,7 @@ CONTAINER_STATES = {
 }
 
 
-def _sandbox_state(ready: bool) -> int:
+def _sandbox_state(ready: bool) -> pb.PodSandboxState:
     return pb.SANDBOX_READY if ready else pb.SANDBOX_NOTREADY
 
 

@@ -11,7 +11,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import grpc
 
@@ -51,12 +51,18 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, error: BaseExce
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
 
 
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic only in the type stubs
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every method handler. grpc's type stubs describe handlers of the sync server; the aio server
+    takes coroutines and async generators in the same places, hence the casts below."""
+
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(details)
         if handler is None:
             return handler
@@ -67,7 +73,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started = time.monotonic()
                 try:
-                    return await inner(request, context)
+                    return await cast(Any, inner)(request, context)
                 except grpc.aio.AbortError:
                     raise
                 except Exception as e:
@@ -76,7 +82,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     log.debug("rpc", extra={"method": method, "ms": round((time.monotonic() - started) * 1000, 2)})
 
             return grpc.unary_unary_rpc_method_handler(
-                unary,
+                cast(Any, unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -85,7 +91,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 try:
-                    responses = inner_stream(request, context)
+                    responses: Any = cast(Any, inner_stream)(request, context)
                     if inspect.isawaitable(responses):
                         await responses
                         return
@@ -97,7 +103,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await _abort(context, method, e)
 
             return grpc.unary_stream_rpc_method_handler(
-                stream,
+                cast(Any, stream),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )

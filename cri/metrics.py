@@ -21,7 +21,7 @@ LABEL_KEYS = ["id", "name", "image"]
 class MetricSpec:
     name: str
     help: str
-    kind: int
+    kind: pb.MetricType
     value: Callable[[ContainerUsage], int | None]
 
 

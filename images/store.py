@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 from core.errors import AlreadyExists, InvalidArgument
 from core.files import private_dir
@@ -40,8 +40,8 @@ log = logging.getLogger("tandem.images")
 class ImageRecord:
     """An image as the CRI sees it: identified by its config digest."""
 
-    KIND = "image"
-    SCHEMA = 1
+    KIND: ClassVar[str] = "image"
+    SCHEMA: ClassVar[int] = 1
 
     image_id: str
     repo_tags: list[str]
@@ -79,8 +79,8 @@ class ImageRecord:
 class LayerRecord:
     """Written once a layer is fully unpacked and verified: its presence marks the layer usable."""
 
-    KIND = "layer"
-    SCHEMA = 1
+    KIND: ClassVar[str] = "layer"
+    SCHEMA: ClassVar[int] = 1
 
     diff_id: str
     size: int

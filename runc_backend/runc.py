@@ -22,6 +22,7 @@ from typing import IO, Any
 from core.errors import CommandFailed, DeadlineExceeded, FailedPrecondition, NotFound
 from core.proc import ProcessIdentity, run, spawn
 from sandbox.backend import ExecResult
+from sandbox.oci.model import Resources
 
 log = logging.getLogger("tandem.runc")
 
@@ -236,7 +237,7 @@ class Runc:
         shutil.rmtree(state_dir, ignore_errors=True)
         return True
 
-    async def update(self, cid: str, resources: dict[str, Any]) -> None:
+    async def update(self, cid: str, resources: Resources) -> None:
         """Apply an OCI `linux.resources` object to the running container (`runc update -r -`)."""
         await self._run(cid, "update", "--resources", "-", cid, input=json.dumps(resources).encode())
 

@@ -92,8 +92,13 @@ class _Fd:
         add, remove = (
             (loop.add_reader, loop.remove_reader) if kind == "reader" else (loop.add_writer, loop.remove_writer)
         )
-        ready = loop.create_future()
-        add(self.fd, lambda: ready.done() or ready.set_result(None))
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def woken() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        add(self.fd, woken)
         self._watched.add(kind)
         try:
             await ready

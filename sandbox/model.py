@@ -12,7 +12,7 @@ import base64
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 from protos import cri_pb2 as pb
 
@@ -45,8 +45,8 @@ def now_ns() -> int:
 
 @dataclass
 class SandboxRecord:
-    KIND = "sandbox"
-    SCHEMA = 1
+    KIND: ClassVar[str] = "sandbox"
+    SCHEMA: ClassVar[int] = 1
 
     id: str
     config: pb.PodSandboxConfig
@@ -105,8 +105,8 @@ class ProcessUser:
 
 @dataclass
 class ContainerRecord:
-    KIND = "container"
-    SCHEMA = 1
+    KIND: ClassVar[str] = "container"
+    SCHEMA: ClassVar[int] = 1
 
     id: str
     sandbox_id: str

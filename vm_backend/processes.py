@@ -135,7 +135,7 @@ class VmPort(ByteChannel):
     half-close.
     """
 
-    def __init__(self, client: AgentClient, stream_id: str, on_close: Callable[[str], None]) -> None:
+    def __init__(self, client: AgentClient, stream_id: str, on_close: Callable[[str], object]) -> None:
         self.client, self.stream_id, self._on_close = client, stream_id, on_close
         self._inbox = ChunkQueue(0)
         self._closed = False

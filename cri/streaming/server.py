@@ -150,7 +150,7 @@ class StreamingServer:
             _respond(conn, writer, 405, "method not allowed", [("Allow", "GET, POST")])
             return
         cached = self.tokens.consume(parts[2]) if len(parts) == 3 and not parts[0] else None
-        if len(parts) != 3 or not isinstance(cached, _KINDS.get(parts[1], ())):
+        if cached is None or len(parts) != 3 or not isinstance(cached, _KINDS.get(parts[1], ())):
             _respond(conn, writer, 404, "404 page not found")
             return
         headers = _headers(request)
