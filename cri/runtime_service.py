@@ -397,22 +397,26 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
     async def GetContainerEvents(
         self, request: pb.GetEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ContainerEventResponse]:
-        async for event in self.pods.events.subscribe():
-            response = pb.ContainerEventResponse(
-                container_id=event.container_id,
-                container_event_type=EVENT_KINDS[event.kind],
-                created_at=event.at,
-            )
-            try:
-                sandbox = self.pods.sandbox(event.sandbox_id)
-            except NotFound:  # the pod may be gone by the time its event is sent
+        subscription = self.pods.events.subscribe()
+        try:
+            async for event in subscription:
+                response = pb.ContainerEventResponse(
+                    container_id=event.container_id,
+                    container_event_type=EVENT_KINDS[event.kind],
+                    created_at=event.at,
+                )
+                try:
+                    sandbox = self.pods.sandbox(event.sandbox_id)
+                except NotFound:  # the pod may be gone by the time its event is sent
+                    yield response
+                    continue
+                response.pod_sandbox_status.CopyFrom(convert.pod_sandbox_status(sandbox, sandbox.state == "ready"))
+                response.containers_statuses.extend(
+                    convert.container_status(c) for c in self.pods.containers_of(sandbox.id)
+                )
                 yield response
-                continue
-            response.pod_sandbox_status.CopyFrom(convert.pod_sandbox_status(sandbox, sandbox.state == "ready"))
-            response.containers_statuses.extend(
-                convert.container_status(c) for c in self.pods.containers_of(sandbox.id)
-            )
-            yield response
+        finally:
+            subscription.close()
 
     async def CheckpointContainer(
         self, request: pb.CheckpointContainerRequest, context: grpc.aio.ServicerContext

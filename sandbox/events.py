@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 log = logging.getLogger("tandem.events")
@@ -36,11 +35,31 @@ class EventHub:
                 with contextlib.suppress(asyncio.QueueFull):
                     queue.put_nowait(None)
 
-    async def subscribe(self) -> AsyncIterator[ContainerEvent]:
+    def subscribe(self) -> Subscription:
+        """Every event published from now on, until the subscription is closed (or falls behind)."""
         queue: asyncio.Queue[ContainerEvent | None] = asyncio.Queue(self._queue_size + 1)
         self._subscribers.add(queue)
-        try:
-            while (event := await queue.get()) is not None:
-                yield event
-        finally:
-            self._subscribers.discard(queue)
+        return Subscription(self._subscribers, queue)
+
+
+class Subscription:
+    """One subscriber's events, as an async iterator; registered from its creation on, so none is missed."""
+
+    def __init__(
+        self, subscribers: set[asyncio.Queue[ContainerEvent | None]], queue: asyncio.Queue[ContainerEvent | None]
+    ) -> None:
+        self._subscribers = subscribers
+        self._queue = queue
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> ContainerEvent:
+        event = await self._queue.get()
+        if event is None:
+            self.close()
+            raise StopAsyncIteration
+        return event
+
+    def close(self) -> None:
+        self._subscribers.discard(self._queue)

@@ -109,10 +109,13 @@ class PodManager:
                 continue
             self._names[self._container_name(container.sandbox_id, container.config)] = container.id
         self._containers = {c.id: c for c in self._containers.values() if c.sandbox_id in self._sandboxes}
-        for backend in self.backends.values():  # before reconciling: no exit falls between the two
-            await backend.watch_exits(self._exited)
+        for each in self.backends.values():  # before reconciling: no exit falls between the two
+            await each.watch_exits(self._exited)
         for sandbox in self._sandboxes.values():
-            if sandbox.state == SandboxState.READY and not await self._backend(sandbox).sandbox_alive(sandbox):
+            backend = self.backends.get(sandbox.backend)
+            if backend is None:  # it is not NOTREADY for that: its pods run on, unserved, until it is back
+                log.warning("pod's backend not available", extra={"pod": sandbox.id, "backend": sandbox.backend})
+            elif sandbox.state == SandboxState.READY and not await backend.sandbox_alive(sandbox):
                 log.warning("pod died while Tandem was down", extra={"pod": sandbox.id})
                 sandbox.state = SandboxState.NOTREADY
                 self._sandbox_store.put(sandbox)
@@ -309,10 +312,14 @@ class PodManager:
         self._names.pop(self._sandbox_name(sandbox.config), None)
 
     async def sandbox_ready(self, sandbox: SandboxRecord) -> bool:
-        """READY only while the pod's holder is alive; a crash shows up as NOTREADY."""
+        """READY only while the pod's holder is alive; a crash shows up as NOTREADY (so does a pod whose
+        backend is not available, without that being recorded: it may come back)."""
         if sandbox.state != SandboxState.READY:
             return False
-        if await self._backend(sandbox).sandbox_alive(sandbox):
+        backend = self.backends.get(sandbox.backend)
+        if backend is None:
+            return False
+        if await backend.sandbox_alive(sandbox):
             return True
         async with self._locks.hold(sandbox.id):
             if sandbox.state == SandboxState.READY:
@@ -455,9 +462,10 @@ class PodManager:
         if container.state != ContainerState.RUNNING:
             return container
         sandbox = self._sandboxes.get(container.sandbox_id)
-        if sandbox is None:
+        backend = None if sandbox is None else self.backends.get(sandbox.backend)
+        if sandbox is None or backend is None:  # without its backend, what is recorded is all there is to say
             return container
-        exit_status = await self._backend(sandbox).container_exit(sandbox, container)
+        exit_status = await backend.container_exit(sandbox, container)
         if exit_status is not None and container.state == ContainerState.RUNNING:
             self._mark_exited(container, exit_status)
         return container
