@@ -24,29 +24,21 @@ from core.records import RecordStore
 from core.settings import TrustSettings
 from images.store import ImageStore
 from protos import cri_pb2 as pb
-from sandbox import cni, netns, signals, trust
+from sandbox import signals, trust
 from sandbox.backend import Backend, ByteChannel, ContainerUsage, ExecResult, ExitStatus, ImageRootfs, Process
-from sandbox.cni import CniAttachment, CniPlugins, PortMapping
+from sandbox.cni import CniPlugins
 from sandbox.events import ContainerEvent, EventHub
 from sandbox.locks import KeyedLocks
 from sandbox.model import ContainerRecord, ContainerState, ProcessUser, SandboxRecord, SandboxState, now_ns
 from sandbox.oci import spec as oci
 from sandbox.oci.resources import linux_resources
+from sandbox.podnet import PodNetwork
 
 log = logging.getLogger("tandem.pods")
 
 
 def _new_id() -> str:
     return secrets.token_hex(32)
-
-
-def _port_mappings(config: pb.PodSandboxConfig) -> list[PortMapping]:
-    protocols = {pb.TCP: "tcp", pb.UDP: "udp", pb.SCTP: "sctp"}
-    return [
-        PortMapping(p.container_port, p.host_port, protocols.get(p.protocol, "tcp"), p.host_ip)
-        for p in config.port_mappings
-        if p.host_port > 0
-    ]
 
 
 def _log_path(sandbox: pb.PodSandboxConfig, container: pb.ContainerConfig) -> str:
@@ -83,11 +75,10 @@ class PodManager:
         self.trust = trust
         self.images = images
         self.backends = backends
-        self.cni = cni
         self.events = EventHub()
-        self._netns_root = private_dir(runtime_dir / "netns")
         self._sandbox_store = RecordStore(state_dir / "sandboxes", SandboxRecord)
         self._container_store = RecordStore(state_dir / "containers", ContainerRecord)
+        self.network = PodNetwork(private_dir(runtime_dir / "netns"), cni, self._sandbox_store.put)
         self._sandboxes: dict[str, SandboxRecord] = {}
         self._containers: dict[str, ContainerRecord] = {}
         self._names: dict[str, str] = {}
@@ -199,7 +190,7 @@ class PodManager:
             self._sandboxes[sandbox.id] = sandbox
             self._sandbox_store.put(sandbox)
             try:
-                await self._connect(sandbox)
+                await self.network.connect(sandbox)
                 await backend.start_sandbox(sandbox)
             except BaseException:
                 await self._release_sandbox(sandbox, best_effort=True)
@@ -219,52 +210,6 @@ class PodManager:
         )
         return sandbox
 
-    async def _connect(self, sandbox: SandboxRecord) -> None:
-        """Give the pod its network namespace and CNI attachment (none for host-network pods)."""
-        if sandbox.host_network:
-            return
-        sandbox.netns_path = str(await netns.create(self._netns_root, sandbox.id))
-        self._sandbox_store.put(sandbox)
-        m = sandbox.config.metadata
-        attachment = await self.cni.setup(
-            sandbox.id,
-            Path(sandbox.netns_path),
-            pod_name=m.name,
-            pod_namespace=m.namespace,
-            pod_uid=m.uid,
-            port_mappings=_port_mappings(sandbox.config),
-        )
-        sandbox.cni_result = attachment.to_dict()
-        sandbox.ips = attachment.ips()
-        self._sandbox_store.put(sandbox)
-
-    async def _disconnect(self, sandbox: SandboxRecord) -> None:
-        """Undo `_connect`. A crash between CNI ADD and persisting its result leaves no result:
-        DEL with the current network config then, since the plugins clean up by container ID."""
-        netns_path = Path(sandbox.netns_path) if sandbox.netns_path else None
-        if sandbox.cni_result is not None:
-            attachment = CniAttachment.from_dict(sandbox.cni_result)
-        elif netns_path is not None and (network := cni.find_network(self.cni.conf_dir)) is not None:
-            attachment = CniAttachment(network.conflist(), "eth0", {})
-        else:
-            attachment = None
-        if attachment is not None:
-            m = sandbox.config.metadata
-            await self.cni.teardown(
-                sandbox.id,
-                netns_path,
-                attachment,
-                pod_name=m.name,
-                pod_namespace=m.namespace,
-                pod_uid=m.uid,
-                port_mappings=_port_mappings(sandbox.config),
-            )
-            sandbox.cni_result = None
-        if netns_path is not None:
-            await netns.remove(netns_path)
-            sandbox.netns_path = ""
-        self._sandbox_store.put(sandbox)
-
     async def stop_sandbox(self, ident: str) -> None:
         try:
             sandbox = self.sandbox(ident)
@@ -275,7 +220,7 @@ class PodManager:
                 async with self._locks.hold(container.id):
                     await self._stop_container(sandbox, container, timeout=0)
             await self._backend(sandbox).stop_sandbox(sandbox)
-            await self._disconnect(sandbox)
+            await self.network.disconnect(sandbox)
             if sandbox.state != SandboxState.NOTREADY:
                 sandbox.state = SandboxState.NOTREADY
                 self._sandbox_store.put(sandbox)
@@ -297,7 +242,7 @@ class PodManager:
     async def _release_sandbox(self, sandbox: SandboxRecord, best_effort: bool) -> None:
         steps: list[Callable[[], Awaitable[None]]] = [
             lambda: self._backend(sandbox).stop_sandbox(sandbox),
-            lambda: self._disconnect(sandbox),
+            lambda: self.network.disconnect(sandbox),
             lambda: self._backend(sandbox).remove_sandbox(sandbox),
         ]
         for step in steps:

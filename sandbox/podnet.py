@@ -1,0 +1,79 @@
+"""A pod's network: its own network namespace and CNI attachment, the same for both backends.
+
+Each step is persisted as soon as it is taken (through `persist`), so a crash
+at any point leaves a record that `disconnect` can undo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from protos import cri_pb2 as pb
+from sandbox import cni, netns
+from sandbox.cni import CniAttachment, CniPlugins, PortMapping
+from sandbox.model import SandboxRecord
+
+
+def port_mappings(config: pb.PodSandboxConfig) -> list[PortMapping]:
+    protocols = {pb.TCP: "tcp", pb.UDP: "udp", pb.SCTP: "sctp"}
+    return [
+        PortMapping(p.container_port, p.host_port, protocols.get(p.protocol, "tcp"), p.host_ip)
+        for p in config.port_mappings
+        if p.host_port > 0
+    ]
+
+
+class PodNetwork:
+    """Network namespaces pinned under `netns_root`, attached by `cni`."""
+
+    def __init__(self, netns_root: Path, cni: CniPlugins, persist: Callable[[SandboxRecord], None]) -> None:
+        self.netns_root = netns_root
+        self.cni = cni
+        self._persist = persist
+
+    async def connect(self, sandbox: SandboxRecord) -> None:
+        """Give the pod its network namespace and CNI attachment (none for host-network pods)."""
+        if sandbox.host_network:
+            return
+        sandbox.netns_path = str(await netns.create(self.netns_root, sandbox.id))
+        self._persist(sandbox)
+        m = sandbox.config.metadata
+        attachment = await self.cni.setup(
+            sandbox.id,
+            Path(sandbox.netns_path),
+            pod_name=m.name,
+            pod_namespace=m.namespace,
+            pod_uid=m.uid,
+            port_mappings=port_mappings(sandbox.config),
+        )
+        sandbox.cni_result = attachment.to_dict()
+        sandbox.ips = attachment.ips()
+        self._persist(sandbox)
+
+    async def disconnect(self, sandbox: SandboxRecord) -> None:
+        """Undo `connect`. A crash between CNI ADD and persisting its result leaves no result:
+        DEL with the current network config then, since the plugins clean up by container ID."""
+        netns_path = Path(sandbox.netns_path) if sandbox.netns_path else None
+        if sandbox.cni_result is not None:
+            attachment = CniAttachment.from_dict(sandbox.cni_result)
+        elif netns_path is not None and (network := cni.find_network(self.cni.conf_dir)) is not None:
+            attachment = CniAttachment(network.conflist(), "eth0", {})
+        else:
+            attachment = None
+        if attachment is not None:
+            m = sandbox.config.metadata
+            await self.cni.teardown(
+                sandbox.id,
+                netns_path,
+                attachment,
+                pod_name=m.name,
+                pod_namespace=m.namespace,
+                pod_uid=m.uid,
+                port_mappings=port_mappings(sandbox.config),
+            )
+            sandbox.cni_result = None
+        if netns_path is not None:
+            await netns.remove(netns_path)
+            sandbox.netns_path = ""
+        self._persist(sandbox)
