@@ -32,6 +32,10 @@ class PodNetwork:
         self.cni = cni
         self._persist = persist
 
+    def readiness(self) -> cni.Readiness:
+        """NetworkReady as kubelet reads it: the pod network is configured and its plugins are installed."""
+        return cni.readiness(self.cni.conf_dir, self.cni.bin_dirs)
+
     async def connect(self, sandbox: SandboxRecord) -> None:
         """Give the pod its network namespace and CNI attachment (none for host-network pods)."""
         if sandbox.host_network:
