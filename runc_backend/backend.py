@@ -170,8 +170,8 @@ class RuncBackend(Backend[RuncBackendSettings]):
     def _pod_files(self, sandbox: SandboxRecord) -> PodFiles:
         pod_dir = self._pod_dir(sandbox)
         host_ipc = sandbox.config.linux.security_context.namespace_options.ipc == pb.NODE
-        return PodFiles(pod_dir / "hostname", pod_dir / "resolv.conf", pod_dir / "hosts",
-                             None if host_ipc else pod_dir / "shm")  # fmt: skip
+        shm = None if host_ipc else pod_dir / "shm"
+        return PodFiles(pod_dir / "hostname", pod_dir / "resolv.conf", pod_dir / "hosts", shm)
 
     async def start_sandbox(self, sandbox: SandboxRecord) -> None:
         options = sandbox.config.linux.security_context.namespace_options

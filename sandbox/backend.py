@@ -1,9 +1,11 @@
-"""The one interface both isolation backends implement.
+"""The one interface both isolation backends implement: the seam between the pod manager and what runs.
 
-`sandbox.manager` owns records, locks, networking (netns + CNI) and events;
-a backend owns only what runs: the pod's holder (infra container or VM) and
-its containers. Every assumption that a container process lives on the host
-belongs in `runc_backend/`, never here or above.
+`sandbox.manager` owns records, locks, networking (netns + CNI), events and the
+conversion of CRI requests into OCI specs (`sandbox.oci`); a backend owns only
+what runs: the pod's holder (infra container or VM) and its containers. It says
+where a container will run, runs the spec it is given, and tells the manager of
+exits as they happen. Every assumption that a container process lives on the
+host belongs in `runc_backend/`, never here or above.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, Self, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 from sandbox.model import ContainerRecord, SandboxRecord
 from sandbox.oci.model import Resources, Spec
@@ -26,7 +28,7 @@ class ImageRootfs:
 
     image_id: str
     layers: list[Path]
-    config: dict
+    config: dict[str, Any]  # the image's OCI config JSON
 
 
 @dataclass(frozen=True)
