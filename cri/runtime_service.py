@@ -22,7 +22,6 @@ from cri.streaming.server import StreamingServer
 from cri.version import CRI_API_VERSION, KUBELET_API_VERSION, RUNTIME_NAME, RUNTIME_VERSION
 from protos import cri_pb2 as pb
 from protos import cri_pb2_grpc
-from sandbox import cni
 from sandbox.manager import PodManager
 from sandbox.model import ContainerRecord
 
@@ -62,7 +61,7 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
         )
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
-        network = cni.readiness(self.config.cni.conf_dir, self.config.cni.bin_dirs)
+        network = self.pods.cni.readiness()
         conditions = [
             pb.RuntimeCondition(type="RuntimeReady", status=True),
             pb.RuntimeCondition(
@@ -88,6 +87,7 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
                     "podCIDR": self.pod_cidr,
                 }
             )
+            info["podNetwork"] = json.dumps(self.pods.cni.current().describe())
         return pb.StatusResponse(
             status=pb.RuntimeStatus(conditions=conditions),
             info=info,

@@ -27,6 +27,7 @@ from images.unpack import UnpackLimits
 from protos import cri_pb2_grpc
 from sandbox.backends import available_backends
 from sandbox.cni import CniPlugins
+from sandbox.default_network import write_default_network
 from sandbox.manager import PodManager
 
 log = logging.getLogger("tandem.daemon")
@@ -76,12 +77,19 @@ class Daemon:
             parallel_downloads=config.images.parallel_downloads,
         )
         await asyncio.to_thread(self.images.load)
-        self.pods = PodManager(
-            config,
-            self.images,
-            available_backends(config),
-            CniPlugins(config.cni.conf_dir, config.cni.bin_dirs),
+        default = config.cni.default
+        plugins = CniPlugins(
+            config.cni.conf_dir,
+            config.cni.bin_dirs,
+            default=write_default_network(
+                config.runtime_dir / "cni",
+                bridge=default.bridge,
+                subnet=default.subnet,
+                masquerade=default.masquerade,
+            ),
         )
+        plugins.current()  # logs which network pods join, and why
+        self.pods = PodManager(config, self.images, available_backends(config), plugins)
         await self.pods.recover()
         self.streaming = StreamingServer(config.streaming, PodStreams(self.pods))
         await self.streaming.start()

@@ -22,7 +22,7 @@ from core.records import RecordStore
 from cri.config import Config
 from images.store import ImageStore
 from protos import cri_pb2 as pb
-from sandbox import cni, netns, trust
+from sandbox import netns, trust
 from sandbox.backend import Backend, ExecResult, ExitStatus, ImageRootfs
 from sandbox.cni import CniAttachment, CniPlugins, PortMapping
 from sandbox.events import ContainerEvent, EventHub
@@ -212,7 +212,11 @@ class PodManager:
         """Give the pod its network namespace and CNI attachment (none for host-network pods)."""
         if sandbox.host_network:
             return
+        network = self.cni.network_for_new_pod()
         sandbox.netns_path = str(await netns.create(self._netns_root, sandbox.id))
+        # Recorded before ADD, so a crash mid-ADD is undone on the network that was used, whatever the conf dir
+        # says by then; ADD's result replaces it below.
+        sandbox.cni_result = CniAttachment(network.conflist(), "eth0", {}).to_dict()
         self._sandbox_store.put(sandbox)
         m = sandbox.config.metadata
         attachment = await self.cni.setup(
@@ -222,21 +226,17 @@ class PodManager:
             pod_namespace=m.namespace,
             pod_uid=m.uid,
             port_mappings=_port_mappings(sandbox.config),
+            network=network,
         )
         sandbox.cni_result = attachment.to_dict()
         sandbox.ips = attachment.ips()
         self._sandbox_store.put(sandbox)
 
     async def _disconnect(self, sandbox: SandboxRecord) -> None:
-        """Undo `_connect`. A crash between CNI ADD and persisting its result leaves no result:
-        DEL with the current network config then, since the plugins clean up by container ID."""
+        """Undo `_connect` with the network recorded there: DEL with ADD's result, or, after a crash mid-ADD,
+        without one (the plugins clean up by container ID)."""
         netns_path = Path(sandbox.netns_path) if sandbox.netns_path else None
-        if sandbox.cni_result is not None:
-            attachment = CniAttachment.from_dict(sandbox.cni_result)
-        elif netns_path is not None and (network := cni.find_network(self.config.cni.conf_dir)) is not None:
-            attachment = CniAttachment(network.conflist(), "eth0", {})
-        else:
-            attachment = None
+        attachment = CniAttachment.from_dict(sandbox.cni_result) if sandbox.cni_result is not None else None
         if attachment is not None:
             m = sandbox.config.metadata
             await self.cni.teardown(
