@@ -369,8 +369,8 @@ def _run(argv: Sequence[str] | None) -> int:
     if crictl is None:
         print(
             "bench.pods needs crictl (cri-tools v1.36) on PATH, and none was found: it times crictl runp/create/"
-            "start/stopp/rmp as an operator runs them. Build it from cri-tools v1.36.0 and link it to "
-            "/usr/local/bin/crictl (see /tmp/env-notes.md, section 1).",
+            "start/stopp/rmp as an operator runs them. README.md, 'Getting crictl and critest', says where to "
+            "get it.",
             file=sys.stderr,
         )
         return 1

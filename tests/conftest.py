@@ -56,8 +56,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     ]
     if skipped:
         terminalreporter.write_line(
-            f"crictl: {len(skipped)} second-opinion tests skipped: {CRICTL_ABSENT} (cri-tools is not a Debian "
-            "package; README's Benchmarks section says where to get it); what they cover is tested without it"
+            f"crictl: {len(skipped)} second-opinion tests skipped: {CRICTL_ABSENT} (README.md, 'Getting crictl "
+            "and critest', says where to get it); every path they cover is also tested without it"
         )
     elif ran:
         terminalreporter.write_line(f"crictl: all {len(ran)} second-opinion tests ran, none skipped")
