@@ -26,11 +26,12 @@ from pathlib import Path
 
 import grpc
 
-from bench.pods import BenchError, _quietly, _remove_workdir, _sigterm, _stop_tandem, free_octets
+from bench.pods import BenchError, _quietly, _remove_workdir, _sigterm, _stop_tandem
 from protos import cri_pb2 as pb
 from tests.support.daemon import TandemDaemon
 from tests.support.images import busybox_image, push
-from tests.support.pods import container_config, delete_bridge, pod_config, write_bridge_network
+from tests.support.network import delete_bridge, write_bridge_network
+from tests.support.pods import container_config, pod_config
 from tests.support.registry import LocalRegistry
 from vm_backend.assets import assets_root, current_assets
 
@@ -112,7 +113,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             registry = stack.enter_context(LocalRegistry())
             image = f"{registry.host}/bench/busybox:1.0"
             push(registry.host, "bench/busybox", "1.0", busybox_image())
-            (octet,) = free_octets(1)
             tdir = workdir / "tandem"
             assets = current_assets(DEFAULT_STATE)
             if assets is not None:
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 (root / "current").symlink_to(assets.dir)
             elif "vm" not in args.skip:
                 raise BenchError(f"no guest assets under {DEFAULT_STATE} (run `make setup`) or --skip vm")
-            bridge = write_bridge_network(tdir / "net.d", octet)
+            bridge = write_bridge_network(tdir / "net.d").bridge
             stack.callback(_quietly("deleting the bridge", lambda: delete_bridge(bridge)))
             daemon = TandemDaemon.isolated(tdir, '[vm]\naccel = "tcg"\n')
             stack.callback(_quietly("unmounting", lambda: daemon.unmount_workdir(workdir)))

@@ -58,7 +58,7 @@ from protos import cri_pb2 as pb
 from protos import cri_pb2_grpc
 from tests.support.daemon import TandemDaemon
 from tests.support.images import busybox_image, push
-from tests.support.pods import delete_bridge, write_bridge_network
+from tests.support.network import PrivateNetwork, bridge_conflist, delete_bridge
 from tests.support.registry import REGISTRY_BIN, LocalRegistry
 
 STEPS = ("runp", "create", "start", "stopp", "rmp")
@@ -255,6 +255,14 @@ def free_octets(count: int) -> list[int]:
     return found[:count]
 
 
+def write_network(conf_dir: Path, octet: int) -> str:
+    """A private bridge network on 10.<octet>.0.0/24 written into `conf_dir`; returns the bridge's name."""
+    network = PrivateNetwork(f"tdt{secrets.token_hex(3)}", ipaddress.IPv4Network(f"10.{octet}.0.0/24"))
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    (conf_dir / "10-test.conflist").write_text(json.dumps(bridge_conflist(network, conf_dir.parent / "ipam")))
+    return network.bridge
+
+
 def wait_network_ready(side: Side, timeout: float = 20.0) -> None:
     """Both runtimes must report NetworkReady (a loaded CNI config) before the first pod."""
     deadline = time.monotonic() + timeout
@@ -369,8 +377,8 @@ def _run(argv: Sequence[str] | None) -> int:
     if crictl is None:
         print(
             "bench.pods needs crictl (cri-tools v1.36) on PATH, and none was found: it times crictl runp/create/"
-            "start/stopp/rmp as an operator runs them. Build it from cri-tools v1.36.0 and link it to "
-            "/usr/local/bin/crictl (see /tmp/env-notes.md, section 1).",
+            "start/stopp/rmp as an operator runs them. README.md, 'Getting crictl and critest', says where to "
+            "get it.",
             file=sys.stderr,
         )
         return 1
@@ -393,7 +401,14 @@ def _run(argv: Sequence[str] | None) -> int:
         tandem_octet, containerd_octet = free_octets(2)
 
         (workdir / "tandem").mkdir()
-        tandem_bridge = write_bridge_network(workdir / "tandem" / "net.d", tandem_octet)
+        tandem_network = PrivateNetwork(
+            f"tdt{secrets.token_hex(3)}", ipaddress.IPv4Network(f"10.{tandem_octet}.0.0/24")
+        )
+        tandem_conf = workdir / "tandem" / "net.d"
+        tandem_conf.mkdir()
+        tandem_conflist = bridge_conflist(tandem_network, tandem_conf.parent / "ipam")
+        (tandem_conf / "10-test.conflist").write_text(json.dumps(tandem_conflist))
+        tandem_bridge = tandem_network.bridge
         stack.callback(_quietly("deleting tandem's bridge", lambda: delete_bridge(tandem_bridge)))
         tandem = TandemDaemon.isolated(workdir / "tandem")
         stack.callback(_quietly("reaping tandem's pods", lambda: _reap_tandem(tandem, workdir / "tandem")))
@@ -403,7 +418,7 @@ def _run(argv: Sequence[str] | None) -> int:
         containerd = ContainerdInstance(
             workdir / "containerd", {registry.host: f"http://{registry.host}"}, sandbox_image=pause
         )
-        containerd_bridge = write_bridge_network(containerd.cni_dir, containerd_octet)
+        containerd_bridge = write_network(containerd.cni_dir, containerd_octet)
         stack.callback(_quietly("deleting containerd's bridge", lambda: delete_bridge(containerd_bridge)))
         stack.callback(_quietly("reaping containerd's pods", lambda: _reap_containerd(containerd)))
         stack.callback(_quietly("stopping containerd", containerd.stop))

@@ -62,9 +62,26 @@ class ImageSettings:
 
 
 @dataclass(frozen=True)
+class DefaultNetworkSettings:
+    """Tandem's own pod network, joined while `[cni] conf_dir` holds no valid network.
+
+    10.157.0.0/24 is outside every default we know of: containerd's and CRI-O's examples and
+    podman (10.88/16, 10.89.x/24), Kubernetes services (10.96/12), flannel and kind (10.244/16),
+    k3s (10.42/16, 10.43/16), weave (10.32/12), microk8s (10.1/16, 10.152.183/24), OpenShift
+    (10.128/14, 172.30/16), docker (172.17-31/16, 192.168/16) and calico (192.168/16). A /24 holds
+    253 pods, more than kubelet's default max-pods (110), and claims little of the node's network.
+    """
+
+    bridge: str = "tandem0"
+    subnet: str = "10.157.0.0/24"
+    masquerade: bool = True  # NAT the pods' traffic out of the node; off where the subnet is routed
+
+
+@dataclass(frozen=True)
 class CniSettings:
     conf_dir: Path = Path("/etc/cni/net.d")
     bin_dirs: tuple[Path, ...] = (Path("/opt/cni/bin"), Path("/usr/lib/cni"))
+    default: DefaultNetworkSettings = field(default_factory=DefaultNetworkSettings)
 
 
 @dataclass(frozen=True)
@@ -208,6 +225,26 @@ class _Reader:
             raise self.fail(unknown[0], "unknown key")
 
 
+def _default_network(table: _Reader, defaults: DefaultNetworkSettings) -> DefaultNetworkSettings:
+    """`[cni.default]`: a Linux interface name, an IPv4 subnet with room for pods, masquerade on or off."""
+    bridge = table.get("bridge", str, defaults.bridge)
+    if not 0 < len(bridge.encode()) < 16 or any(c in bridge for c in "/: \t\n") or bridge in (".", ".."):
+        reason = f"must be a network interface name (1-15 bytes, no '/', ':' or spaces), got {bridge!r}"
+        raise table.fail("bridge", reason)
+    subnet = table.get("subnet", str, defaults.subnet)
+    try:
+        network = ipaddress.IPv4Network(subnet)
+    except ValueError as e:
+        raise table.fail("subnet", f"must be an IPv4 network like 10.157.0.0/24: {e}") from None
+    if network.prefixlen > 29:
+        raise table.fail("subnet", f"must be /29 or larger (room for a gateway and pods), got {subnet}")
+    settings = DefaultNetworkSettings(
+        bridge=bridge, subnet=str(network), masquerade=table.get("masquerade", bool, defaults.masquerade)
+    )
+    table.done()
+    return settings
+
+
 def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
     """Build a Config from parsed TOML, failing on the first bad key with its name and the reason."""
     defaults = Config()
@@ -252,6 +289,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
     cni = CniSettings(
         conf_dir=cni_table.path("conf_dir", defaults.cni.conf_dir),
         bin_dirs=tuple(Path(p) for p in cni_table.strings("bin_dirs", [str(p) for p in defaults.cni.bin_dirs])),
+        default=_default_network(cni_table.sub("default"), defaults.cni.default),
     )
     cni_table.done()
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import json
 import os
 import shutil
 import socket
@@ -22,6 +24,7 @@ from core.errors import TandemError
 from core.settings import Config, load_config
 from runc_backend import cgroups
 from sandbox import cni
+from sandbox.default_network import default_network
 
 
 @dataclass(frozen=True)
@@ -96,17 +99,48 @@ def _check_socket(path: Path) -> Finding:
     return Finding("ok", "socket", f"a daemon is serving on {path}")
 
 
-def _check_cni(config: Config) -> Finding:
-    ready = cni.readiness(config.cni.conf_dir, config.cni.bin_dirs)
-    if ready.ready:
-        network = cni.find_network(config.cni.conf_dir)
-        return Finding("ok", "cni", f"network {network.name if network else '?'} from {config.cni.conf_dir}")
-    return Finding(
-        "warn",
-        "cni",
-        ready.message,
-        "install containernetworking-plugins and write a conflist; until then NetworkReady is false",
+def _check_cni(config: Config) -> list[Finding]:
+    """Which network pods join and why; NetworkReady; for the default network, whether its subnet is free."""
+    settings = config.cni.default
+    default = default_network(
+        config.runtime_dir / "cni", bridge=settings.bridge, subnet=settings.subnet, masquerade=settings.masquerade
     )
+    choice = cni.choose_network(config.cni.conf_dir, default)
+    ready = cni.readiness(choice, config.cni.bin_dirs)
+    if not ready.ready:
+        fix = "apt-get install containernetworking-plugins (or install the plugins the network names)"
+        return [Finding("warn", "cni", f"{ready.message}; until then NetworkReady is false", fix)]
+    if not choice.is_default and choice.network is not None:
+        return [Finding("ok", "cni", f"pods join network {choice.network.name} from {choice.network.source}")]
+    masquerade = "masquerade on" if settings.masquerade else "masquerade off"
+    detail = (
+        f"pods join Tandem's default network (bridge {settings.bridge}, {settings.subnet}, {masquerade}): "
+        f"{choice.why} (a network installed there takes over for new pods)"
+    )
+    return [Finding("ok", "cni", detail), _check_default_subnet(settings.subnet, settings.bridge)]
+
+
+def _check_default_subnet(subnet: str, bridge: str) -> Finding:
+    """The default network's subnet must not shadow a network this host already reaches another way."""
+    try:
+        out = proc.run_blocking(["ip", "-j", "-4", "route", "show", "table", "all"], timeout=10)
+        routes = json.loads(out.stdout or b"[]")
+    except (OSError, TandemError, ValueError) as e:
+        return Finding("warn", "cni subnet", f"cannot list this host's routes: {e}")
+    ours = ipaddress.IPv4Network(subnet)
+    clashes = sorted(
+        {
+            f"{r['dst']} dev {r.get('dev', '?')}"
+            for r in routes
+            if r.get("dst", "default") != "default"
+            and r.get("dev") != bridge
+            and ipaddress.IPv4Network(r["dst"], strict=False).overlaps(ours)
+        }
+    )
+    if clashes:
+        fix = "choose another [cni.default] subnet"
+        return Finding("warn", "cni subnet", f"{subnet} overlaps routes of this host: {', '.join(clashes)}", fix)
+    return Finding("ok", "cni subnet", f"{subnet} overlaps no other route of this host")
 
 
 def _version_line(argv: list[str]) -> str:
@@ -228,9 +262,9 @@ def diagnose(config_path: Path | None) -> list[Finding]:
         lambda: _check_program("conmon", "conmon"),
         _check_catatonit,
         _check_cgroups,
-        lambda: _check_cni(config),
     ]
     findings += [check() for check in checks]
+    findings += _check_cni(config)
     findings.append(_check_vm_program("qemu", config.vm.qemu, "qemu-system-x86"))
     findings.append(_check_vm_program("virtiofsd", config.vm.virtiofsd, "qemu-system-common"))
     findings += asyncio.run(_check_vm_guest(config))

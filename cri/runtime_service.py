@@ -87,6 +87,7 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
                     "podCIDR": self.pod_cidr,
                 }
             )
+            info["podNetwork"] = json.dumps(self.pods.network.current().describe())
         return pb.StatusResponse(
             status=pb.RuntimeStatus(conditions=conditions),
             info=info,

@@ -35,6 +35,7 @@ from protos import cri_pb2_grpc
 from runc_backend.backend import RuncBackend
 from sandbox.backend import Backend
 from sandbox.cni import CniPlugins
+from sandbox.default_network import write_default_network
 from sandbox.manager import PodManager
 from vm_backend.backend import VmBackend
 
@@ -108,13 +109,25 @@ class Daemon:
             parallel_downloads=config.images.parallel_downloads,
         )
         await asyncio.to_thread(self.images.load)
+        default = config.cni.default
+        plugins = CniPlugins(
+            config.cni.conf_dir,
+            config.cni.bin_dirs,
+            default=write_default_network(
+                config.runtime_dir / "cni",
+                bridge=default.bridge,
+                subnet=default.subnet,
+                masquerade=default.masquerade,
+            ),
+        )
+        plugins.current()  # logs which network pods join, and why
         self.pods = PodManager(
             state_dir=config.state_dir,
             runtime_dir=config.runtime_dir,
             trust=config.trust(),
             images=self.images,
             backends=available_backends(config),
-            cni=CniPlugins(config.cni.conf_dir, config.cni.bin_dirs),
+            cni=plugins,
         )
         await self.pods.recover()
         self.streaming = StreamingServer(config.streaming, PodStreams(self.pods))

@@ -19,7 +19,8 @@ from core.settings import Config
 from protos import cri_pb2 as pb
 from tests.support.daemon import TandemDaemon
 from tests.support.images import busybox_image, push
-from tests.support.pods import container_config, delete_bridge, pod_config, write_bridge_network
+from tests.support.network import delete_bridge, write_bridge_network
+from tests.support.pods import container_config, pod_config
 from tests.support.registry import LocalRegistry
 
 IMAGE = "registry.k8s.io/demo/busybox:1.36"
@@ -66,7 +67,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tandem-demo-") as tmp, LocalRegistry() as registry:
         work = Path(tmp)
         push(registry.host, "demo/busybox", "1.36", busybox_image())
-        bridge = write_bridge_network(work / "net.d", 211)
+        bridge = write_bridge_network(work / "net.d").bridge
         config = work / "tandem.toml"
         config.write_text(
             f'[registry.mirrors]\n"registry.k8s.io" = ["{registry.host}"]\n[cni]\nconf_dir = "{work / "net.d"}"\n'

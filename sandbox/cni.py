@@ -3,8 +3,10 @@
 Follows libcni's rules: the lexically first usable `.conflist`/`.conf`/`.json`
 file in the conf dir is the pod network, every plugin it names must exist in
 one of the bin dirs, and ADD/DEL run the plugins as libcni does (spec 1.0.0,
-also 0.4.0/0.3.1 results). There is no result cache on disk: the caller keeps
-the `CniAttachment` with its sandbox, so teardown uses exactly what setup used.
+also 0.4.0/0.3.1 results). While the conf dir holds no usable file, pods join
+the default network (sandbox/default_network.py) instead. There is no result
+cache on disk: the caller keeps the `CniAttachment` with its sandbox, so
+teardown uses exactly what setup used, whatever the conf dir says by then.
 """
 
 from __future__ import annotations
@@ -84,20 +86,71 @@ def find_plugin(plugin: str, bin_dirs: tuple[Path, ...]) -> Path | None:
     return None
 
 
-def readiness(conf_dir: Path, bin_dirs: tuple[Path, ...]) -> Readiness:
-    """NetworkReady as kubelet reads it: a usable network config whose plugins are installed."""
+@dataclass(frozen=True)
+class PodNetwork:
+    """The network new pods join (None: none, pods are refused), and why, in an operator's words."""
+
+    network: NetworkConfigList | None
+    is_default: bool
+    why: str
+
+    def describe(self) -> dict[str, Any]:
+        """For logs, `tandem doctor` and the runtime's Status: name, file, whether it is Tandem's own, why."""
+        name, source = (self.network.name, str(self.network.source)) if self.network else ("", "")
+        return {"network": name, "source": source, "default": self.is_default, "why": self.why}
+
+
+def choose_network(conf_dir: Path, default: NetworkConfigList | None) -> PodNetwork:
+    """The conf dir's network if it holds one, else the default network (if there is one)."""
     network = find_network(conf_dir)
-    if network is None:
-        return Readiness(False, "NetworkPluginNotReady", f"no valid CNI network config in {conf_dir}")
-    missing = [p["type"] for p in network.plugins if find_plugin(p["type"], bin_dirs) is None]
+    if network is not None:
+        return PodNetwork(network, False, f"the first valid network config in {conf_dir}")
+    if default is not None:
+        return PodNetwork(default, True, f"{conf_dir} holds no valid network config")
+    return PodNetwork(None, False, f"no valid CNI network config in {conf_dir}")
+
+
+def _plugin_types(network: NetworkConfigList) -> list[str]:
+    """Every plugin the network runs: the chain's, and the IPAM plugins they call."""
+    types: list[str] = []
+    for plugin in network.plugins:
+        ipam = plugin.get("ipam")
+        for kind in (plugin["type"], ipam.get("type") if isinstance(ipam, dict) else None):
+            if isinstance(kind, str) and kind and kind not in types:
+                types.append(kind)
+    return types
+
+
+def readiness(choice: PodNetwork, bin_dirs: tuple[Path, ...]) -> Readiness:
+    """NetworkReady as kubelet reads it: a network for new pods whose plugins are installed."""
+    if choice.network is None:
+        return Readiness(False, "NetworkPluginNotReady", choice.why)
+    missing = [t for t in _plugin_types(choice.network) if find_plugin(t, bin_dirs) is None]
     if missing:
         dirs = ", ".join(str(d) for d in bin_dirs)
         return Readiness(
             False,
             "NetworkPluginNotReady",
-            f"CNI plugin(s) {', '.join(missing)} of {network.source} not in {dirs}",
+            f"CNI plugin(s) {', '.join(missing)} of {choice.network.source} not in {dirs}",
         )
     return Readiness(True)
+
+
+def _fingerprint(conf_dir: Path) -> tuple[tuple[str, int, int, int], ...] | None:
+    """What the conf dir's config files are right now (name, inode, mtime, size): a change means re-read."""
+    found = []
+    try:
+        with os.scandir(conf_dir) as entries:
+            for entry in entries:
+                if entry.name.endswith(CONF_SUFFIXES):
+                    try:
+                        st = entry.stat()
+                    except OSError:  # a dangling symlink: find_network skips it too
+                        continue
+                    found.append((entry.name, st.st_ino, st.st_mtime_ns, st.st_size))
+    except OSError:
+        return None
+    return tuple(sorted(found))
 
 
 @dataclass(frozen=True)
@@ -197,12 +250,40 @@ def _plugin_error(plugin: str, command: str, done: proc.Completed) -> TandemErro
 
 
 class CniPlugins:
-    """Runs the conf dir's network for pods: ADD on setup, DEL on teardown."""
+    """Runs the pod network for pods: ADD on setup, DEL on teardown.
 
-    def __init__(self, conf_dir: Path, bin_dirs: tuple[Path, ...], timeout: float = 60) -> None:
+    Which network new pods join is decided again whenever the conf dir changed, so a cluster's
+    network installed there takes over at once, without a restart. The check is a stat of the
+    dir's config files on each use (RunPodSandbox, and kubelet's Status calls every few seconds):
+    microseconds for a handful of files, and nothing to keep running, unlike an inotify watch.
+    """
+
+    def __init__(
+        self,
+        conf_dir: Path,
+        bin_dirs: tuple[Path, ...],
+        timeout: float = 60,
+        default: NetworkConfigList | None = None,
+    ) -> None:
         self.conf_dir = conf_dir
         self.bin_dirs = bin_dirs
         self.timeout = timeout
+        self.default = default
+        self._seen: tuple[tuple[str, int, int, int], ...] | None = None
+        self._current: PodNetwork | None = None
+
+    def current(self) -> PodNetwork:
+        """The network new pods join now; a change (or the first look) is logged with the reason."""
+        seen = _fingerprint(self.conf_dir)
+        if self._current is None or seen != self._seen:
+            choice = choose_network(self.conf_dir, self.default)
+            if self._current is None or choice.describe() != self._current.describe():
+                log.info("pod network", extra=choice.describe())
+            self._current, self._seen = choice, seen
+        return self._current
+
+    def readiness(self) -> Readiness:
+        return readiness(self.current(), self.bin_dirs)
 
     async def setup(
         self,
@@ -213,12 +294,13 @@ class CniPlugins:
         pod_namespace: str,
         pod_uid: str,
         port_mappings: list[PortMapping],
+        network: NetworkConfigList | None = None,
         ifname: str = "eth0",
     ) -> CniAttachment:
-        """ADD every plugin of the pod network in order; on failure, DEL what may have been added, then raise."""
-        network = find_network(self.conf_dir)
+        """ADD every plugin of `network` (default: the one new pods join now) in order; on failure,
+        DEL what may have been added, then raise."""
         if network is None:
-            raise FailedPrecondition(f"no CNI network config in {self.conf_dir}")
+            network = self.network_for_new_pod()
         conflist = network.conflist()
         call = self._invocation(container_id, str(netns), ifname, pod_name, pod_namespace, pod_uid, port_mappings)
         result: dict[str, Any] = {}
@@ -232,6 +314,12 @@ class CniPlugins:
                     await self._delete(conflist, conflist["plugins"][: i + 1], undo, result)
                 raise
         return CniAttachment(conflist, ifname, result)
+
+    def network_for_new_pod(self) -> NetworkConfigList:
+        choice = self.current()
+        if choice.network is None:
+            raise FailedPrecondition(choice.why)
+        return choice.network
 
     async def teardown(
         self,

@@ -32,7 +32,7 @@ from sandbox.locks import KeyedLocks
 from sandbox.model import ContainerRecord, ContainerState, ProcessUser, SandboxRecord, SandboxState, now_ns
 from sandbox.oci import spec as oci
 from sandbox.oci.resources import linux_resources
-from sandbox.podnet import PodNetwork
+from sandbox.podnet import PodNetworking
 
 log = logging.getLogger("tandem.pods")
 
@@ -78,7 +78,7 @@ class PodManager:
         self.events = EventHub()
         self._sandbox_store = RecordStore(state_dir / "sandboxes", SandboxRecord)
         self._container_store = RecordStore(state_dir / "containers", ContainerRecord)
-        self.network = PodNetwork(private_dir(runtime_dir / "netns"), cni, self._sandbox_store.put)
+        self.network = PodNetworking(private_dir(runtime_dir / "netns"), cni, self._sandbox_store.put)
         self._sandboxes: dict[str, SandboxRecord] = {}
         self._containers: dict[str, ContainerRecord] = {}
         self._names: dict[str, str] = {}

@@ -24,7 +24,7 @@ def port_mappings(config: pb.PodSandboxConfig) -> list[PortMapping]:
     ]
 
 
-class PodNetwork:
+class PodNetworking:
     """Network namespaces pinned under `netns_root`, attached by `cni`."""
 
     def __init__(self, netns_root: Path, cni: CniPlugins, persist: Callable[[SandboxRecord], None]) -> None:
@@ -33,14 +33,22 @@ class PodNetwork:
         self._persist = persist
 
     def readiness(self) -> cni.Readiness:
-        """NetworkReady as kubelet reads it: the pod network is configured and its plugins are installed."""
-        return cni.readiness(self.cni.conf_dir, self.cni.bin_dirs)
+        """NetworkReady as kubelet reads it: there is a network for new pods and its plugins are installed."""
+        return self.cni.readiness()
+
+    def current(self) -> cni.PodNetwork:
+        """The network new pods join now, and why."""
+        return self.cni.current()
 
     async def connect(self, sandbox: SandboxRecord) -> None:
         """Give the pod its network namespace and CNI attachment (none for host-network pods)."""
         if sandbox.host_network:
             return
+        network = self.cni.network_for_new_pod()
         sandbox.netns_path = str(await netns.create(self.netns_root, sandbox.id))
+        # Recorded before ADD, so a crash mid-ADD is undone on the network that was used, whatever the conf dir
+        # says by then; ADD's result replaces it below.
+        sandbox.cni_result = CniAttachment(network.conflist(), "eth0", {}).to_dict()
         self._persist(sandbox)
         m = sandbox.config.metadata
         attachment = await self.cni.setup(
@@ -50,21 +58,17 @@ class PodNetwork:
             pod_namespace=m.namespace,
             pod_uid=m.uid,
             port_mappings=port_mappings(sandbox.config),
+            network=network,
         )
         sandbox.cni_result = attachment.to_dict()
         sandbox.ips = attachment.ips()
         self._persist(sandbox)
 
     async def disconnect(self, sandbox: SandboxRecord) -> None:
-        """Undo `connect`. A crash between CNI ADD and persisting its result leaves no result:
-        DEL with the current network config then, since the plugins clean up by container ID."""
+        """Undo `connect` with the network recorded there: DEL with ADD's result, or, after a crash mid-ADD,
+        without one (the plugins clean up by container ID)."""
         netns_path = Path(sandbox.netns_path) if sandbox.netns_path else None
-        if sandbox.cni_result is not None:
-            attachment = CniAttachment.from_dict(sandbox.cni_result)
-        elif netns_path is not None and (network := cni.find_network(self.cni.conf_dir)) is not None:
-            attachment = CniAttachment(network.conflist(), "eth0", {})
-        else:
-            attachment = None
+        attachment = CniAttachment.from_dict(sandbox.cni_result) if sandbox.cni_result is not None else None
         if attachment is not None:
             m = sandbox.config.metadata
             await self.cni.teardown(

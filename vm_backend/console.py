@@ -89,14 +89,21 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def relay(sock: socket.socket, stdin: int, stdout: int) -> bool:
     """Copy stdin to the console and the console to stdout; True on detach (Ctrl-] or the end of stdin),
-    False when the console closed (QEMU stopped)."""
+    False when the console closed (QEMU stopped).
+
+    A QEMU that dies ends the socket with EOF or, when it had unread input from us, with a reset
+    (ECONNRESET on read, EPIPE on write): all of them mean the same thing, the VM is gone.
+    """
     poller = select.poll()
     poller.register(stdin, select.POLLIN)
     poller.register(sock.fileno(), select.POLLIN)
     while True:
         for fd, _ in poller.poll():
             if fd == sock.fileno():
-                data = sock.recv(65536)
+                try:
+                    data = sock.recv(65536)
+                except ConnectionResetError:
+                    return False
                 if not data:
                     return False
                 _write_all(stdout, data)
@@ -106,7 +113,10 @@ def relay(sock: socket.socket, stdin: int, stdout: int) -> bool:
                     return True
                 before, detach, _ = data.partition(DETACH)
                 if before:
-                    sock.sendall(before)
+                    try:
+                        sock.sendall(before)
+                    except (ConnectionResetError, BrokenPipeError):
+                        return False
                 if detach:
                     return True
 

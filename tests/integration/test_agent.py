@@ -32,6 +32,7 @@ import pytest
 from core import errors
 from protos import agent_pb2 as pb
 from runc_backend import cgroups
+from tests.support.wait import eventually
 from vm_backend.agent.framing import Decoder
 from vm_backend.channel import AgentClient, AgentError
 
@@ -171,6 +172,19 @@ class Harness:
         return self.runc("list", "-q").split()
 
 
+def removed(parent: str) -> bool:
+    try:
+        cgroups.remove(parent)
+    except errors.FailedPrecondition:
+        return False
+    return True
+
+
+def stopped(h: Harness, cid: str) -> bool:
+    """The container's process has exited (runc's view; the agent may not have reported it yet)."""
+    return json.loads(h.runc("state", cid))["status"] == "stopped"
+
+
 def processes_in(parent: str) -> list[int]:
     """Processes in any cgroup below `parent`, in any hierarchy."""
     found = []
@@ -232,13 +246,9 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
             leaks.append(f"process {pid}")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        for _ in range(100):  # killed processes take a moment to leave their cgroups
-            try:
-                cgroups.remove(h.parent)
-                break
-            except errors.FailedPrecondition:
-                await asyncio.sleep(0.05)
-        else:
+        try:  # killed processes take a moment to leave their cgroups
+            await eventually(lambda: removed(h.parent), 5, f"cgroup {h.parent} to go")
+        except AssertionError:
             leaks.append(f"cgroup {h.parent}")
         leaks += [f"bundle {b}" for b in os.listdir(run_dir / "bundles")] if (run_dir / "bundles").exists() else []
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -401,13 +411,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def listening(port: int) -> bool:
+    """Whether a TCP socket listens on `port` in this (the containers') network namespace; nothing connects."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:] + Path("/proc/net/tcp6").read_text().splitlines()[1:]
+    return any(f":{port:04X}" == r.split()[1][-5:] and r.split()[3] == "0A" for r in rows)  # 0A: LISTEN
+
+
 async def open_when_listening(client: AgentClient, stream_id: str, port: int) -> None:
-    for _ in range(100):
-        try:
-            return await client.open_port(stream_id, port)
-        except errors.FailedPrecondition:
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"nothing listens on {port}")
+    await eventually(lambda: listening(port), what=f"a listener on port {port}")
+    await client.open_port(stream_id, port)
 
 
 async def test_port_forward(harness: Harness) -> None:
@@ -499,7 +511,7 @@ async def test_dropped_connection_loses_nothing(harness: Harness) -> None:
         await events.wait_for(lambda: len(lines(events.output(cid))) >= 5)
         proxy.refuse = True
         proxy.cut()
-        await asyncio.sleep(0.6)  # output keeps coming while no host listens
+        await eventually(lambda: stopped(harness, cid), what="the container to finish while no host listens")
         proxy.refuse = False
         exited = await events.exit(cid)
         assert lines(events.output(cid)) == [f"line {i}" for i in range(1, 41)]  # all of it, once, in order
@@ -515,7 +527,7 @@ async def test_new_client_gets_what_the_old_one_did_not_ack(harness: Harness) ->
     await harness.events.wait_for(lambda: len(lines(harness.events.output(cid))) >= 5)
     await harness.client.close()  # acks what it handled, as a daemon shutting down would
     seen = len(lines(harness.events.output(cid)))
-    await asyncio.sleep(0.5)
+    await eventually(lambda: stopped(harness, cid), what="the container to finish while no host listens")
     _, events = await harness.connect()
     await events.exit(cid)
     assert lines(harness.events.output(cid)) + lines(events.output(cid)) == [f"line {i}" for i in range(1, 41)]

@@ -21,6 +21,7 @@ import pytest
 from core.errors import AlreadyExists, TandemError
 from sandbox import netns
 from sandbox.cni import CniAttachment, CniPlugins, PortMapping
+from tests.support.network import private_network
 
 pytestmark = pytest.mark.integration
 
@@ -44,16 +45,6 @@ for _ in range(int(sys.argv[2])):
 
 def sh(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=30)
-
-
-def free_subnet() -> str:
-    """A 10.199.N.0/24 that no route or address on this host uses yet (tests may run side by side)."""
-    in_use = sh("ip", "-4", "route", "show", "table", "all").stdout + sh("ip", "-4", "-o", "addr").stdout
-    for _ in range(50):
-        prefix = f"10.199.{secrets.randbelow(254) + 1}."
-        if prefix not in in_use:
-            return f"{prefix}0/24"
-    raise RuntimeError("no free 10.199.N.0/24")
 
 
 @dataclass
@@ -98,7 +89,7 @@ class Net:
 @pytest.fixture
 async def net(tmp_path: Path) -> AsyncIterator[Net]:
     bridge = f"tdt{secrets.token_hex(2)}"
-    subnet = free_subnet()
+    subnet = str(private_network().subnet)
     conf_dir = tmp_path / "net.d"
     conf_dir.mkdir()
     conflist = {

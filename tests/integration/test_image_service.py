@@ -18,13 +18,13 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def images_registry():
-    with LocalRegistry() as registry:
-        push(registry.host, "test/busybox", "1.0", busybox_image(user="1000:1000"))
-        push(registry.host, "test/named", "1.0", busybox_image(user="nobody", media="docker"))
-        push(registry.host, "test/layered", "1.0", layered_image(5))
-        push_index(registry.host, "test/multi", "1.0")
-        yield registry
+def images_registry(registry: LocalRegistry) -> LocalRegistry:
+    """The session's registry with this module's images (repositories of their own) pushed once."""
+    push(registry.host, "test/svc-busybox", "1.0", busybox_image(user="1000:1000"))
+    push(registry.host, "test/svc-named", "1.0", busybox_image(user="nobody", media="docker"))
+    push(registry.host, "test/svc-layered", "1.0", layered_image(5))
+    push_index(registry.host, "test/svc-multi", "1.0")
+    return registry
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def layer_dirs(daemon: TandemDaemon) -> list[Path]:
 
 
 def test_pull_list_status_remove(daemon, images_registry):
-    name = f"{images_registry.host}/test/busybox"
+    name = f"{images_registry.host}/test/svc-busybox"
     image_id = pull(daemon, f"{name}:1.0")
     assert image_id.startswith("sha256:") and len(image_id) == 71
 
@@ -74,24 +74,24 @@ def test_pull_list_status_remove(daemon, images_registry):
 
 
 def test_pull_through_a_mirror_keeps_the_original_name(daemon):
-    image_id = pull(daemon, "registry.k8s.io/test/named:1.0")
-    image = status(daemon, "registry.k8s.io/test/named:1.0").image
+    image_id = pull(daemon, "registry.k8s.io/test/svc-named:1.0")
+    image = status(daemon, "registry.k8s.io/test/svc-named:1.0").image
     assert image.id == image_id
-    assert list(image.repo_tags) == ["registry.k8s.io/test/named:1.0"]
-    assert image.repo_digests[0].startswith("registry.k8s.io/test/named@sha256:")
+    assert list(image.repo_tags) == ["registry.k8s.io/test/svc-named:1.0"]
+    assert image.repo_digests[0].startswith("registry.k8s.io/test/svc-named@sha256:")
     assert image.username == "nobody" and not image.HasField("uid")
 
 
 def test_index_resolves_to_linux_amd64(daemon, images_registry):
-    image_id = pull(daemon, f"{images_registry.host}/test/multi:1.0")
+    image_id = pull(daemon, f"{images_registry.host}/test/svc-multi:1.0")
     config = json.loads(status(daemon, image_id, verbose=True).info["info"])["imageSpec"]
     assert (config["os"], config["architecture"]) == ("linux", "amd64")
 
 
 def test_layers_are_unpacked_once_and_shared(daemon, images_registry):
-    pull(daemon, f"{images_registry.host}/test/busybox:1.0")
+    pull(daemon, f"{images_registry.host}/test/svc-busybox:1.0")
     assert len(layer_dirs(daemon)) == 1
-    layered = pull(daemon, f"{images_registry.host}/test/layered:1.0")
+    layered = pull(daemon, f"{images_registry.host}/test/svc-layered:1.0")
     assert len(layer_dirs(daemon)) == 6  # the busybox layer is shared, not unpacked again
     root = daemon.state_dir / "images" / "layers" / "sha256"
     whiteouts = list(root.glob("*/data/gone.txt"))
@@ -103,22 +103,22 @@ def test_layers_are_unpacked_once_and_shared(daemon, images_registry):
 
 def test_list_filter_and_a_moved_tag(daemon, images_registry):
     host = images_registry.host
-    first = pull(daemon, f"{host}/test/busybox:1.0")
-    second = pull(daemon, f"{host}/test/layered:1.0")
-    flt = pb.ImageFilter(image=pb.ImageSpec(image=f"{host}/test/layered:1.0"))
+    first = pull(daemon, f"{host}/test/svc-busybox:1.0")
+    second = pull(daemon, f"{host}/test/svc-layered:1.0")
+    flt = pb.ImageFilter(image=pb.ImageSpec(image=f"{host}/test/svc-layered:1.0"))
     assert [i.id for i in daemon.images.ListImages(pb.ListImagesRequest(filter=flt)).images] == [second]
 
-    push(host, "test/busybox", "moving", busybox_image(user="1000:1000"))
-    pull(daemon, f"{host}/test/busybox:moving")
-    push(host, "test/busybox", "moving", layered_image(5))
-    pull(daemon, f"{host}/test/busybox:moving")
-    assert f"{host}/test/busybox:moving" not in status(daemon, first).image.repo_tags
-    assert f"{host}/test/busybox:moving" in status(daemon, second).image.repo_tags
+    push(host, "test/svc-busybox", "moving", busybox_image(user="1000:1000"))
+    pull(daemon, f"{host}/test/svc-busybox:moving")
+    push(host, "test/svc-busybox", "moving", layered_image(5))
+    pull(daemon, f"{host}/test/svc-busybox:moving")
+    assert f"{host}/test/svc-busybox:moving" not in status(daemon, first).image.repo_tags
+    assert f"{host}/test/svc-busybox:moving" in status(daemon, second).image.repo_tags
 
 
 def test_errors_have_the_right_codes(daemon, images_registry):
     with pytest.raises(grpc.RpcError) as err:
-        pull(daemon, f"{images_registry.host}/test/busybox:no-such-tag")
+        pull(daemon, f"{images_registry.host}/test/svc-busybox:no-such-tag")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.RpcError) as err:
         pull(daemon, "Not A Reference")
@@ -130,7 +130,7 @@ def test_errors_have_the_right_codes(daemon, images_registry):
 
 
 def test_ten_concurrent_pulls_fetch_once(daemon, images_registry):
-    ref = f"{images_registry.host}/test/layered:1.0"
+    ref = f"{images_registry.host}/test/svc-layered:1.0"
     seen_before = len(images_registry.log().splitlines())
     results: list[str] = []
     threads = [threading.Thread(target=lambda: results.append(pull(daemon, ref))) for _ in range(10)]
@@ -140,16 +140,16 @@ def test_ten_concurrent_pulls_fetch_once(daemon, images_registry):
         t.join()
     assert len(set(results)) == 1 and len(results) == 10
     new_lines = images_registry.log().splitlines()[seen_before:]
-    blob_gets = [line for line in new_lines if '"GET /v2/test/layered/blobs/' in line]
+    blob_gets = [line for line in new_lines if '"GET /v2/test/svc-layered/blobs/' in line]
     assert len(blob_gets) == 7  # config + 6 layers, each fetched exactly once
 
 
 def test_images_survive_restart_and_kill(tmp_path, images_registry):
     daemon = TandemDaemon.isolated(tmp_path).start()
-    image_id = pull(daemon, f"{images_registry.host}/test/busybox:1.0")
+    image_id = pull(daemon, f"{images_registry.host}/test/svc-busybox:1.0")
     assert daemon.stop() == 0
     daemon.start()
-    assert status(daemon, f"{images_registry.host}/test/busybox:1.0").image.id == image_id
+    assert status(daemon, f"{images_registry.host}/test/svc-busybox:1.0").image.id == image_id
     daemon.kill()
     daemon.start()
     assert [i.id for i in daemon.images.ListImages(pb.ListImagesRequest()).images] == [image_id]

@@ -8,9 +8,9 @@ cgroup directory outlived it (after removing them, so one leak does not spread).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +33,13 @@ from runc_backend import cgroups
 from runc_backend.conmon import Conmon, oom_killed, read_exit, running_monitor, wait_exit
 from runc_backend.runc import Runc
 from sandbox.oci.rootfs import LINKS_DIR, mount_rootfs, unmount, writable_layer_usage
+from tests.support.pods import log_entries
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration
 
 PATH_ENV = "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
 REPO = Path(__file__).resolve().parents[2]
-CRI_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}(?:Z|[+-]\d\d:\d\d)) (stdout|stderr) ([PF]) (.*)$")
 LOOP = ["sh", "-c", 'i=0; while :; do echo "line $i"; i=$((i+1)); sleep 0.1; done']
 IDLE = ["tail", "-f", "/dev/null"]
 
@@ -113,12 +114,7 @@ class Container:
 
     def log_entries(self) -> list[tuple[str, str, str, str]]:
         """(timestamp, stream, tag, text) per line of the CRI log."""
-        entries = []
-        for line in self.log_path.read_text().splitlines():
-            m = CRI_LINE.match(line)
-            assert m, f"not a CRI log line: {line!r}"
-            entries.append((m[1], m[2], m[3], m[4]))
-        return entries
+        return log_entries(self.log_path)
 
 
 @dataclass
@@ -177,14 +173,6 @@ def conmons_of(runc_root: Path) -> list[int]:
     return found
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-    return result
-
-
 def cgroup_dirs(path: str) -> list[Path]:
     return [root / path.lstrip("/") for root in cgroups.hierarchies() if (root / path.lstrip("/")).exists()]
 
@@ -214,10 +202,8 @@ async def plumbing(tmp_path: Path, rootfs: Path) -> AsyncIterator[Plumbing]:
     for cid in listed.stdout.decode().split():
         leaks.append(f"runc container {cid}")
         await runc.delete(cid, force=True)
-    for _ in range(200):  # conmon exits shortly after its container
-        if not conmons_of(runc.root):
-            break
-        await asyncio.sleep(0.05)
+    with contextlib.suppress(AssertionError):  # conmon exits shortly after its container; a leak is listed below
+        await eventually(lambda: not conmons_of(runc.root), 10, "conmon to exit")
     for pid in conmons_of(runc.root):
         leaks.append(f"conmon {pid}")
         os.kill(pid, signal.SIGKILL)
@@ -310,9 +296,8 @@ async def test_stopped_container_is_deleted_without_runc_and_cgroup_kill_gets_ev
     pidfd = os.pidfd_open(c.pid)
     try:
         assert plumbing.runc.kill_cgroup(c.cid)
-        started = time.monotonic()
         result = await wait_exit(plumbing.exit_dir, c.cid, 10.0, pidfd=pidfd)
-        assert result is not None and result[0] == 137 and time.monotonic() - started < 1.0
+        assert result is not None and result[0] == 137
     finally:
         os.close(pidfd)
     assert not plumbing.runc.kill_cgroup("nosuch")
@@ -376,7 +361,6 @@ async def live_processes(plumbing: Plumbing, cid: str) -> list[str]:
 
 async def test_exec_sync_timeout_kills_what_it_started(plumbing: Plumbing):
     c = await plumbing.run(IDLE)
-    started = time.monotonic()
     with pytest.raises(DeadlineExceeded):
         await plumbing.runc.exec_sync(c.cid, process(["sleep", "4321"]), 1)
     # critest's check: the timed-out process is gone, not even a zombie (runc exec reaps it)
@@ -388,7 +372,6 @@ async def test_exec_sync_timeout_kills_what_it_started(plumbing: Plumbing):
     # an orphan that kept stdout open: runc waits for it, so the timeout must find it
     with pytest.raises(DeadlineExceeded):
         await plumbing.runc.exec_sync(c.cid, process(["sh", "-c", "sleep 4324 & echo bye"]), 1)
-    assert time.monotonic() - started < 15
     assert await live_processes(plumbing, c.cid) == ["tail -f /dev/null"]
     assert b"sleep 432" not in (await run(["ps", "-eo", "args"])).stdout
     await plumbing.remove(c)
@@ -396,11 +379,9 @@ async def test_exec_sync_timeout_kills_what_it_started(plumbing: Plumbing):
 
 async def test_exec_sync_does_not_wait_for_background_children_without_its_output(plumbing: Plumbing):
     c = await plumbing.run(IDLE)
-    started = time.monotonic()
     result = await plumbing.runc.exec_sync(c.cid, process(["sh", "-c", "sleep 30 >/dev/null 2>&1 & echo bye"]), 20)
     assert (result.exit_code, result.stdout) == (0, b"bye\n")
-    assert time.monotonic() - started < 10
-    assert "sleep 30" in await live_processes(plumbing, c.cid)  # left running, as it asked
+    assert "sleep 30" in await live_processes(plumbing, c.cid)  # still running: exec_sync did not wait for it
     await plumbing.remove(c)
 
 
@@ -414,8 +395,9 @@ async def test_update_changes_the_memory_limit(plumbing: Plumbing):
 
 
 async def test_stats_have_cpu_memory_and_pids(plumbing: Plumbing):
-    c = await plumbing.run(["sh", "-c", "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; exec tail -f /dev/null"])
-    await asyncio.sleep(0.5)
+    busy = "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; echo counted; exec tail -f /dev/null"
+    c = await plumbing.run(["sh", "-c", busy])
+    await eventually(lambda: c.log_path.exists() and "counted" in c.log_path.read_text(), what="the loop to finish")
     stats = await plumbing.runc.stats(c.cid)
     assert stats["cpu"]["usage"]["total"] > 0 and stats["memory"]["usage"]["usage"] > 0
     usage = cgroups.usage_from_stats(stats, 0)
@@ -445,9 +427,9 @@ async def test_reopen_log_moves_output_to_a_new_file(plumbing: Plumbing):
     rotated = c.log_path.with_suffix(".log.1")
     c.log_path.rename(rotated)
     await plumbing.conmon.reopen_log(c.bundle, c.log_path)
-    await eventually(lambda: len(c.log_entries()) >= 2)
+    await eventually(lambda: len(c.log_entries()) >= 2)  # conmon writes to the new file: it switched
     size = rotated.stat().st_size
-    await asyncio.sleep(0.5)
+    await eventually(lambda: len(c.log_entries()) >= 5)  # more output, all of it into the new file
     assert rotated.stat().st_size == size, "conmon still writes to the rotated file"
     assert all(stream == "stdout" and text.startswith("line ") for _, stream, _, text in c.log_entries())
     await plumbing.remove(c)
@@ -460,6 +442,8 @@ import asyncio, json, sys
 from pathlib import Path
 from runc_backend.conmon import Conmon
 from runc_backend.runc import Runc
+from tests.support.pods import log_entries
+from tests.support.wait import eventually
 
 a = json.loads(sys.argv[1])
 runc = Runc(Path(a["root"]))
@@ -503,10 +487,9 @@ async def test_conmon_outlives_the_process_that_started_it(plumbing: Plumbing):
     assert os.getsid(conmon) == conmon, "conmon is not in a session of its own"
     assert {os.readlink(f"/proc/{conmon}/fd/{fd}") for fd in (0, 1, 2)} == {"/dev/null"}
     size = c.log_path.stat().st_size
-    await asyncio.sleep(0.5)
+    await eventually(lambda: c.log_path.stat().st_size > size, what="the container to go on logging")
     state = await plumbing.runc.state(c.cid)
     assert state and state["status"] == "running" and state["pid"] == pid
-    assert c.log_path.stat().st_size > size, "the container stopped logging"
     assert read_exit(plumbing.exit_dir, c.cid) is None
 
     await plumbing.runc.kill(c.cid, signal.SIGKILL)

@@ -1,16 +1,18 @@
-"""Exec, attach and port-forward on trusted pods, driven by crictl over SPDY and over WebSocket.
+"""Exec, attach and port-forward on trusted pods through Tandem's streaming server.
 
-crictl (cri-tools 1.36) is the client here, as critest and kubelet's clients
-would be: the same client-go code paths. For streaming exec it exits 1 on any
-failure and names the remote exit code in its message ("command terminated with
-exit code N"), which client-go decodes from Tandem's error channel.
+Every path runs twice over: with the clients of tests/support/streams.py (Tandem's own SPDY and
+WebSocket clients, and the independent `websockets` library), which need nothing but `make setup`,
+and with crictl (cri-tools 1.36), as critest and kubelet's clients would drive it: the same client-go
+code paths, a second opinion that is skipped where crictl is not installed. For streaming exec crictl
+exits 1 on any failure and names the remote exit code in its message ("command terminated with exit
+code N"), which client-go decodes from Tandem's error channel.
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 import socket
-import time
 import urllib.error
 import urllib.request
 
@@ -20,38 +22,36 @@ import pytest
 from protos import cri_pb2 as pb
 from tests.support.crictl import Crictl
 from tests.support.daemon import TandemDaemon
-from tests.support.pods import (
-    container_config,
-    delete_bridge,
-    pod_config,
-    remove_pods_and_stop,
-    wait_for,
-    write_bridge_network,
-)
+from tests.support.pods import container_config, pod_config
+from tests.support.streams import TRANSPORTS, communicate, open_command, open_port_forward
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
 
-TRANSPORTS = ["spdy", "websocket"]
+CRICTL_TRANSPORTS = ["spdy", "websocket"]
+# The terminal test's script: print the size, wait for a line, then for the resize to arrive (a bounded poll
+# inside the container: the resize travels apart from the line, so either may come first), print the size again.
+TERMINAL_SCRIPT = (
+    'tty; stty size; read line; i=0; while [ "$(stty size)" = "40 100" ] && [ $i -lt 300 ]; do '
+    'sleep 0.1; i=$((i+1)); done; stty size; echo "got $line"; exit 5'
+)
 
 
 @pytest.fixture
-def env(tmp_path, busybox_ref):
-    bridge = write_bridge_network(tmp_path / "net.d", 202)
-    daemon = TandemDaemon.isolated(tmp_path).start()
-    try:
-        crictl = Crictl(daemon, tmp_path)
-    except FileNotFoundError as e:
-        daemon.stop()
-        delete_bridge(bridge)
-        pytest.fail(str(e))
-    daemon.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=busybox_ref)))
-    yield daemon, crictl, busybox_ref, tmp_path
-    remove_pods_and_stop(daemon, tmp_path, bridge)
+def env(pod_env):
+    e = pod_env()
+    return e.daemon, e.image, e.tmp
+
+
+@pytest.fixture
+def crictl_env(env):
+    daemon, image, tmp = env
+    return daemon, Crictl(daemon, tmp), image, tmp
 
 
 def start_pod(daemon: TandemDaemon, tmp, image: str, command: str, **container: bool) -> tuple[str, str]:
     """A pod with one running busybox container (`sh -c command`, or a bare `sh`); returns (pod, container)."""
-    config = pod_config(f"streams-{time.monotonic_ns()}", tmp / "logs")
+    config = pod_config(f"streams-{secrets.token_hex(4)}", tmp / "logs")
     pod = daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=config)).pod_sandbox_id
     spec = container_config("app", image, *(["sh", "-c", command] if command else ["sh"]))
     for field, value in container.items():
@@ -66,9 +66,116 @@ def state_of(daemon: TandemDaemon, cid: str) -> int:
     return daemon.runtime.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status.state
 
 
+def exec_url(daemon: TandemDaemon, cid: str, *cmd: str, stdin: bool = False, tty: bool = False) -> str:
+    request = pb.ExecRequest(container_id=cid, cmd=list(cmd), stdin=stdin, stdout=True, stderr=not tty, tty=tty)
+    return daemon.runtime.Exec(request).url
+
+
+async def run_exec(transport: str, daemon: TandemDaemon, cid: str, *cmd: str, stdin: bytes | None = None):
+    """Exec `cmd` (stdout and stderr apart), feeding `stdin` if given; its outcome."""
+    url = exec_url(daemon, cid, *cmd, stdin=stdin is not None)
+    command = await open_command(transport, url, stdin=stdin is not None, stdout=True, stderr=True, tty=False)
+    return await communicate(command, stdin)
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_exec_output_input_and_exit_codes(env, transport):
-    daemon, crictl, image, tmp = env
+async def test_exec_output_input_and_exit_codes(env, transport):
+    daemon, image, tmp = env
+    _, cid = start_pod(daemon, tmp, image, "sleep 3600")
+
+    failed = await run_exec(transport, daemon, cid, "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert (failed.stdout, failed.stderr, failed.exit_code) == (b"out\n", b"err\n", 3)
+    assert failed.status["message"] == "command terminated with non-zero exit code: exit status 3"
+    ok = await run_exec(transport, daemon, cid, "true")
+    assert (ok.stdout, ok.exit_code) == (b"", 0)
+
+    data = bytes(range(256)) * 1200  # 300 KiB each way: well past SPDY's 64 KiB default window
+    counted = await run_exec(transport, daemon, cid, "sh", "-c", "wc -c", stdin=data)
+    assert counted.stdout.split() == [str(len(data)).encode()], counted.stderr
+    echoed = await run_exec(transport, daemon, cid, "cat", stdin=data)
+    assert echoed.stdout == data and echoed.exit_code == 0
+    big = await run_exec(transport, daemon, cid, "sh", "-c", "head -c 4000000 /dev/zero")
+    assert big.stdout == bytes(4_000_000)
+    missing = await run_exec(transport, daemon, cid, "/no/such/program")
+    assert missing.exit_code != 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_exec_with_a_terminal_and_a_resize(env, transport):
+    daemon, image, tmp = env
+    _, cid = start_pod(daemon, tmp, image, "sleep 3600")
+    url = exec_url(daemon, cid, "sh", "-c", TERMINAL_SCRIPT, stdin=True, tty=True)
+    command = await open_command(transport, url, stdin=True, stdout=True, stderr=False, tty=True)
+    await command.resize(100, 40)  # before anything else, as an interactive client does
+    await command.read_until(b"40 100\r")  # the command started at the client's size
+    await command.resize(120, 50)
+    await command.write(b"hello\r")
+    outcome = await command.wait()
+    assert re.search(rb"/dev/pts/\d+\r\n40 100\r\nhello\r\n50 120\r\ngot hello\r\n", outcome.stdout), outcome
+    assert outcome.exit_code == 5
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_attach_to_a_container_reading_stdin(env, transport):
+    daemon, image, tmp = env
+    _, cid = start_pod(daemon, tmp, image, "", stdin=True, stdin_once=True)
+    request = pb.AttachRequest(container_id=cid, stdin=True, stdout=True, stderr=True)
+    command = await open_command(transport, daemon.runtime.Attach(request).url, stdin=True, stdout=True,
+                                 stderr=True, tty=False)  # fmt: skip
+    outcome = await communicate(command, b"echo hello-attach\necho to-err >&2\n")
+    assert (outcome.stdout, outcome.stderr) == (b"hello-attach\n", b"to-err\n")
+    wait_for(lambda: state_of(daemon, cid) == pb.CONTAINER_EXITED, what="sh to exit once its stdin closed")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_attach_to_a_container_with_a_terminal(env, transport):
+    daemon, image, tmp = env
+    _, cid = start_pod(daemon, tmp, image, "", stdin=True, stdin_once=True, tty=True)
+    request = pb.AttachRequest(container_id=cid, stdin=True, stdout=True, tty=True)
+    command = await open_command(transport, daemon.runtime.Attach(request).url, stdin=True, stdout=True,
+                                 stderr=False, tty=True)  # fmt: skip
+    await command.resize(90, 30)
+    await command.write(b"stty size; echo attached-$((6*7))\r")
+    await command.read_until(b"30 90\r\nattached-42")
+    await command.write(b"exit\r")
+    outcome = await command.wait()
+    assert outcome.exit_code == 0
+    wait_for(lambda: state_of(daemon, cid) == pb.CONTAINER_EXITED, what="the attached shell to exit")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_port_forward_to_a_tcp_echo_server_in_the_pod(env, transport):
+    daemon, image, tmp = env
+    pod, cid = start_pod(daemon, tmp, image, "nc -ll -p 80 -e /bin/cat")
+    listening = pb.ExecSyncRequest(container_id=cid, cmd=["sh", "-c", "netstat -ltn | grep -q ':80 '"], timeout=10)
+    wait_for(lambda: daemon.runtime.ExecSync(listening).exit_code == 0, what="nc to listen")
+    url = daemon.runtime.PortForward(pb.PortForwardRequest(pod_sandbox_id=pod, port=[80])).url
+    forward = await open_port_forward(transport, url, [80])
+    try:
+        for i in range(3):  # each connection (SPDY: request ID) gets its own streams
+            message = f"ping {i} over {transport}\n".encode()
+            assert await forward.roundtrip(80, message) == message
+    finally:
+        await forward.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_port_forward_to_a_closed_port_reports_it(env, transport):
+    daemon, image, tmp = env
+    pod, _ = start_pod(daemon, tmp, image, "sleep 3600")
+    url = daemon.runtime.PortForward(pb.PortForwardRequest(pod_sandbox_id=pod, port=[81])).url
+    forward = await open_port_forward(transport, url, [81])
+    try:
+        error = await forward.refused(81)
+    finally:
+        await forward.close()
+    assert error.startswith("error forwarding port 81 to pod") and "Connection refused" in error, error
+
+
+@pytest.mark.crictl
+@pytest.mark.parametrize("transport", CRICTL_TRANSPORTS)
+def test_crictl_exec_output_input_and_exit_codes(crictl_env, transport):
+    daemon, crictl, image, tmp = crictl_env
     _, cid = start_pod(daemon, tmp, image, "sleep 3600")
 
     failed = crictl.run("exec", "-r", transport, cid, "sh", "-c", "echo out; echo err >&2; exit 3")
@@ -88,16 +195,15 @@ def test_exec_output_input_and_exit_codes(env, transport):
     assert big.stdout == bytes(4_000_000)
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_exec_with_a_terminal_and_a_resize(env, transport):
-    daemon, crictl, image, tmp = env
+@pytest.mark.crictl
+@pytest.mark.parametrize("transport", CRICTL_TRANSPORTS)
+def test_crictl_exec_with_a_terminal_and_a_resize(crictl_env, transport):
+    daemon, crictl, image, tmp = crictl_env
     _, cid = start_pod(daemon, tmp, image, "sleep 3600")
-    script = 'tty; stty size; read line; stty size; echo "got $line"; exit 5'
-    session = crictl.on_pty("exec", "-it", "-r", transport, cid, "sh", "-c", script, width=100, height=40)
+    session = crictl.on_pty("exec", "-it", "-r", transport, cid, "sh", "-c", TERMINAL_SCRIPT, width=100, height=40)
     try:
         session.read_until(b"40 100\r")  # the command started at the client's size
         session.resize(120, 50)
-        time.sleep(0.5)
         session.write(b"hello\r")
         session.read_until(b"got hello")
         assert session.wait() == 1
@@ -108,9 +214,10 @@ def test_exec_with_a_terminal_and_a_resize(env, transport):
         session.close()
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_attach_to_a_container_reading_stdin(env, transport):
-    daemon, crictl, image, tmp = env
+@pytest.mark.crictl
+@pytest.mark.parametrize("transport", CRICTL_TRANSPORTS)
+def test_crictl_attach_to_a_container_reading_stdin(crictl_env, transport):
+    daemon, crictl, image, tmp = crictl_env
     _, cid = start_pod(daemon, tmp, image, "", stdin=True, stdin_once=True)
     attached = crictl.run("attach", "-i", "-r", transport, cid, input=b"echo hello-attach\necho to-err >&2\n")
     assert attached.returncode == 0, attached.stderr
@@ -119,9 +226,10 @@ def test_attach_to_a_container_reading_stdin(env, transport):
     wait_for(lambda: state_of(daemon, cid) == pb.CONTAINER_EXITED, what="sh to exit once its stdin closed")
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_attach_to_a_container_with_a_terminal(env, transport):
-    daemon, crictl, image, tmp = env
+@pytest.mark.crictl
+@pytest.mark.parametrize("transport", CRICTL_TRANSPORTS)
+def test_crictl_attach_to_a_container_with_a_terminal(crictl_env, transport):
+    daemon, crictl, image, tmp = crictl_env
     _, cid = start_pod(daemon, tmp, image, "", stdin=True, stdin_once=True, tty=True)
     session = crictl.on_pty("attach", "-it", "-r", transport, cid, width=90, height=30)
     try:
@@ -134,9 +242,10 @@ def test_attach_to_a_container_with_a_terminal(env, transport):
     wait_for(lambda: state_of(daemon, cid) == pb.CONTAINER_EXITED, what="the attached shell to exit")
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_port_forward_to_a_tcp_echo_server_in_the_pod(env, transport):
-    daemon, crictl, image, tmp = env
+@pytest.mark.crictl
+@pytest.mark.parametrize("transport", CRICTL_TRANSPORTS)
+def test_crictl_port_forward_to_a_tcp_echo_server_in_the_pod(crictl_env, transport):
+    daemon, crictl, image, tmp = crictl_env
     pod, _ = start_pod(daemon, tmp, image, "nc -ll -p 80 -e /bin/cat")
     forward = crictl.background("port-forward", "-r", transport, pod, "0:80", log=tmp / "forward.log")
     try:
@@ -155,9 +264,10 @@ def test_port_forward_to_a_tcp_echo_server_in_the_pod(env, transport):
         forward.wait(10)
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_port_forward_to_a_closed_port_reports_it(env, transport):
-    daemon, crictl, image, tmp = env
+@pytest.mark.crictl
+@pytest.mark.parametrize("transport", CRICTL_TRANSPORTS)
+def test_crictl_port_forward_to_a_closed_port_reports_it(crictl_env, transport):
+    daemon, crictl, image, tmp = crictl_env
     pod, _ = start_pod(daemon, tmp, image, "sleep 3600")
     forward = crictl.background("port-forward", "-r", transport, pod, "0:81", log=tmp / "forward.log")
     try:
@@ -172,7 +282,7 @@ def test_port_forward_to_a_closed_port_reports_it(env, transport):
 
 
 def test_streaming_urls_are_loopback_and_work_once(env):
-    daemon, _, image, tmp = env
+    daemon, image, tmp = env
     _, cid = start_pod(daemon, tmp, image, "sleep 3600")
     url = daemon.runtime.Exec(pb.ExecRequest(container_id=cid[:12], cmd=["true"], stdout=True)).url
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+/exec/[A-Za-z0-9_-]{32}", url)
@@ -185,7 +295,7 @@ def test_streaming_urls_are_loopback_and_work_once(env):
 
 
 def test_streaming_calls_are_validated(env):
-    daemon, _, image, tmp = env
+    daemon, image, tmp = env
     pod, cid = start_pod(daemon, tmp, image, "exit 0")
     wait_for(lambda: state_of(daemon, cid) == pb.CONTAINER_EXITED, what="the container to exit")
     _, running = start_pod(daemon, tmp, image, "sleep 3600")

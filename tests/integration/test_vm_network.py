@@ -27,6 +27,7 @@ from core import proc
 from core.errors import FailedPrecondition
 from sandbox import netns
 from sandbox.cni import CniAttachment, CniPlugins
+from tests.support.network import private_network
 from vm_backend.network import Route, attach_tap, detach_tap
 
 pytestmark = pytest.mark.integration
@@ -43,16 +44,6 @@ _IPV4 = 0x0800
 
 def sh(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=30)
-
-
-def free_subnet() -> str:
-    """A 10.198.N.0/24 that no route or address on this host uses yet (tests may run side by side)."""
-    in_use = sh("ip", "-4", "route", "show", "table", "all").stdout + sh("ip", "-4", "-o", "addr").stdout
-    for _ in range(50):
-        prefix = f"10.198.{secrets.randbelow(254) + 1}."
-        if prefix not in in_use:
-            return f"{prefix}0/24"
-    raise RuntimeError("no free 10.198.N.0/24")
 
 
 def inside(path: Path, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -197,7 +188,7 @@ async def net(tmp_path: Path) -> AsyncIterator[Net]:
                 "mtu": MTU,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{"subnet": free_subnet()}]],
+                    "ranges": [[{"subnet": str(private_network().subnet)}]],
                     "routes": [{"dst": "0.0.0.0/0"}],  # the pod's only: the host's routes stay as they are
                     "dataDir": str(tmp_path / "ipam"),
                 },

@@ -15,49 +15,24 @@ import socket
 import subprocess
 import sys
 import termios
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 
-from core.settings import Config
 from protos import cri_pb2 as pb
 from tests.support.crictl import Crictl
-from tests.support.daemon import TandemDaemon
-from tests.support.pods import (
-    container_config,
-    next_event,
-    pod_config,
-    pod_leftovers,
-    remove_pods_and_stop,
-    wait_for,
-    write_bridge_network,
-)
-from vm_backend.assets import assets_root, current_assets
+from tests.support.pods import container_config, log_entries, next_event, pod_config, pod_leftovers
+from tests.support.streams import communicate, open_command, open_port_forward
+from tests.support.wait import wait_for
 from vm_backend.qemu import BOOT_MARKER
 
 pytestmark = pytest.mark.integration
 
-CRI_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+(Z|[+-]\d\d:\d\d) (stdout|stderr) (P|F) (.*)$")
-
 
 @pytest.fixture
-def env(tmp_path, busybox_ref):
-    assets = current_assets(Config().state_dir)
-    if assets is None:
-        pytest.skip("no guest assets built (make setup)")
-    # The isolated daemon boots the assets `make setup` built for the default state dir.
-    root = assets_root(tmp_path / "state")
-    root.mkdir(parents=True)
-    (root / "current").symlink_to(assets.dir)
-    bridge = write_bridge_network(tmp_path / "net.d", 203)
-    daemon = TandemDaemon.isolated(tmp_path, '[vm]\naccel = "tcg"\n').start()
-    daemon.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=busybox_ref)))
-    yield daemon, busybox_ref, tmp_path, assets
-    if daemon.process is None:
-        daemon.start()
-    remove_pods_and_stop(daemon, tmp_path, bridge)
+def env(vm_pod_env, guest_assets):
+    return vm_pod_env.daemon, vm_pod_env.image, vm_pod_env.tmp, guest_assets
 
 
 def leftovers(daemon, tmp: Path) -> list[str]:
@@ -73,14 +48,14 @@ def exec_sync(daemon, cid, *cmd, timeout=60):
     return daemon.runtime.ExecSync(pb.ExecSyncRequest(container_id=cid, cmd=list(cmd), timeout=timeout))
 
 
-def test_vm_pod_lifecycle_isolation_and_restart(env):
+def test_vm_pod_lifecycle_isolation_and_restart(env, vm_pod_env):
     daemon, image, tmp, assets = env
     pod = pod_config("untrusted", tmp / "logs")
     pod_id = daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=pod, runtime_handler="vm")).pod_sandbox_id
     status = ready(daemon, pod_id)
     assert status.status.state == pb.SANDBOX_READY
     ip = status.status.network.ip
-    assert ip.startswith("10.203.0.")
+    assert vm_pod_env.network.holds(ip)
     assert '"backend": "vm"' in status.info["info"]
 
     config = container_config("app", image, "sh", "-c", "echo hello; echo oops >&2; sleep 3600")
@@ -89,12 +64,12 @@ def test_vm_pod_lifecycle_isolation_and_restart(env):
     ).container_id
     daemon.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
     log_file = tmp / "logs" / "app.log"
-    lines = wait_for(
-        lambda: log_file.exists() and len(log_file.read_text().splitlines()) >= 2 and log_file.read_text().splitlines(),
+    entries = wait_for(
+        lambda: log_file.exists() and len(log_entries(log_file)) >= 2 and log_entries(log_file),
         timeout=60,
         what="two log lines",
     )
-    parsed = [CRI_LOG_LINE.match(line).groups()[1:] for line in lines]
+    parsed = [entry[1:] for entry in entries]
     assert ("stdout", "F", "hello") in parsed and ("stderr", "F", "oops") in parsed
 
     uname = exec_sync(daemon, cid, "uname", "-r")
@@ -140,14 +115,21 @@ def test_vm_pod_lifecycle_isolation_and_restart(env):
     assert (reported.state, reported.exit_code) == (pb.CONTAINER_EXITED, 5)
 
     # The daemon dies; the VM and its containers keep running, and the next daemon takes them over: what a
-    # container wrote and how it ended while no daemon listened reach its log and its status.
-    brief_config = container_config("brief", image, "sh", "-c", "sleep 3; echo while-down; exit 4")
+    # container wrote and how it ended while no daemon listened reach its log and its status. The container
+    # waits for the test's go-ahead (a file in a host directory it mounts), given once the daemon is dead, and
+    # says on the way out that it is exiting.
+    signals = tmp / "signals"
+    signals.mkdir()
+    script = "while [ ! -e /signals/go ]; do sleep 0.1; done; echo while-down; touch /signals/exiting; exit 4"
+    brief_config = container_config("brief", image, "sh", "-c", script)
+    brief_config.mounts.append(pb.Mount(container_path="/signals", host_path=str(signals)))
     brief = daemon.runtime.CreateContainer(
         pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=brief_config, sandbox_config=pod)
     ).container_id
     daemon.runtime.StartContainer(pb.StartContainerRequest(container_id=brief))
     daemon.kill()
-    time.sleep(6)
+    (signals / "go").touch()
+    wait_for(lambda: (signals / "exiting").exists(), timeout=60, what="the container to finish while no daemon runs")
     daemon.start()
     ended = wait_for(
         lambda: (
@@ -175,19 +157,15 @@ def test_vm_pod_lifecycle_isolation_and_restart(env):
     assert leftovers(daemon, tmp) == []
 
 
-def test_vm_pod_streaming(env, tmp_path, request):
-    """Exec (with and without a terminal), attach and port-forward through the streaming server into the guest."""
-    daemon, image, tmp, _ = env
-    try:
-        crictl = Crictl(daemon, tmp)
-    except FileNotFoundError as e:
-        pytest.fail(str(e))
+def start_streaming_pod(daemon, image, tmp: Path, request) -> tuple[str, str, str]:
+    """A VM pod with an echo server (a read-only host volume and a termination-log file mounted) and a shell
+    reading its stdin: (pod, echo, shell)."""
     pod = pod_config("streams", tmp / "logs")
     pod_id = daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=pod, runtime_handler="vm")).pod_sandbox_id
 
     def start(config: pb.ContainerConfig) -> str:
-        request = pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod)
-        cid = daemon.runtime.CreateContainer(request).container_id
+        create = pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod)
+        cid = daemon.runtime.CreateContainer(create).container_id
         daemon.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
         return cid
 
@@ -196,26 +174,37 @@ def test_vm_pod_streaming(env, tmp_path, request):
     (volume / "data.txt").write_text("from a host volume\n")
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(volume / "tmpfs")], check=True)
     request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(volume / "tmpfs")], check=False))
-    termination = tmp / "termination-log"
-    termination.touch()
+    (tmp / "termination-log").touch()
     echo_config = container_config("echo", image, "nc", "-ll", "-p", "80", "-e", "/bin/cat")
     echo_config.mounts.extend(
         [
             pb.Mount(container_path="/data", host_path=str(volume), readonly=True),
-            pb.Mount(container_path="/dev/termination-log", host_path=str(termination)),
+            pb.Mount(container_path="/dev/termination-log", host_path=str(tmp / "termination-log")),
         ]
     )
     echo = start(echo_config)
-    volume_read = crictl.run("exec", echo, "sh", "-c", "cat /data/data.txt; echo bye > /dev/termination-log")
-    assert volume_read.stdout == b"from a host volume\n", volume_read.stderr
-    assert termination.read_text() == "bye\n"
-    assert crictl.run("exec", echo, "touch", "/data/new").returncode != 0  # read-only
-    submount = crictl.run("exec", echo, "touch", "/data/tmpfs/new")  # not recursively read-only, as with runc
-    assert submount.returncode == 0, submount.stderr
-    assert (volume / "tmpfs" / "new").exists()
     shell_config = container_config("shell", image, "sh")
     shell_config.stdin = shell_config.stdin_once = True
-    shell = start(shell_config)
+    return pod_id, echo, start(shell_config)
+
+
+def state_of(daemon, cid: str) -> int:
+    return daemon.runtime.ContainerStatus(pb.ContainerStatusRequest(container_id=cid)).status.state
+
+
+async def test_vm_pod_volumes_stats_and_streaming(env, request):
+    """Host volumes, stats and resources, then exec (with and without a terminal), attach and port-forward
+    through the streaming server into the guest, with the clients `make setup` installs."""
+    daemon, image, tmp, _ = env
+    pod_id, echo, shell = start_streaming_pod(daemon, image, tmp, request)
+
+    volume_read = exec_sync(daemon, echo, "sh", "-c", "cat /data/data.txt; echo bye > /dev/termination-log")
+    assert volume_read.stdout == b"from a host volume\n", volume_read.stderr
+    assert (tmp / "termination-log").read_text() == "bye\n"
+    assert exec_sync(daemon, echo, "touch", "/data/new").exit_code != 0  # read-only
+    submount = exec_sync(daemon, echo, "touch", "/data/tmpfs/new")  # not recursively read-only, as with runc
+    assert submount.exit_code == 0, submount.stderr
+    assert (tmp / "volume" / "tmpfs" / "new").exists()
 
     stats = daemon.runtime.ContainerStats(pb.ContainerStatsRequest(container_id=echo)).stats
     assert stats.memory.working_set_bytes.value > 0 and stats.cpu.usage_core_nano_seconds.value > 0
@@ -225,10 +214,71 @@ def test_vm_pod_streaming(env, tmp_path, request):
             container_id=echo, linux=pb.LinuxContainerResources(cpu_quota=50_000, cpu_period=100_000)
         )
     )
-    quota = crictl.run("exec", echo, "cat", "/sys/fs/cgroup/cpu.max")
+    quota = exec_sync(daemon, echo, "cat", "/sys/fs/cgroup/cpu.max")
     assert quota.stdout == b"50000 100000\n", quota.stderr
     daemon.runtime.ReopenContainerLog(pb.ReopenContainerLogRequest(container_id=echo))
 
+    def exec_url(*cmd: str, stdin: bool = False, tty: bool = False) -> str:
+        exec_request = pb.ExecRequest(
+            container_id=echo, cmd=list(cmd), stdin=stdin, stdout=True, stderr=not tty, tty=tty
+        )
+        return daemon.runtime.Exec(exec_request).url
+
+    for transport in ("spdy", "websockets"):
+        url = exec_url("sh", "-c", "echo out; echo err >&2; exit 3")
+        failed = await communicate(
+            await open_command(transport, url, stdin=False, stdout=True, stderr=True, tty=False), None
+        )
+        assert (failed.stdout, failed.stderr, failed.exit_code) == (b"out\n", b"err\n", 3), transport
+    data = bytes(range(256)) * 400  # 100 KiB through stdin and back
+    echoed = await communicate(
+        await open_command("spdy", exec_url("cat", stdin=True), stdin=True, stdout=True, stderr=True, tty=False), data
+    )
+    assert echoed.stdout == data, echoed.stderr
+
+    script = "tty; stty size; read line; echo got $line"
+    terminal = await open_command(
+        "websocket", exec_url("sh", "-c", script, stdin=True, tty=True), stdin=True, stdout=True, stderr=False, tty=True
+    )
+    await terminal.resize(100, 40)
+    await terminal.read_until(b"40 100\r")
+    await terminal.write(b"hello\r")
+    assert b"got hello" in (await terminal.wait()).stdout
+
+    attach = pb.AttachRequest(container_id=shell, stdin=True, stdout=True, stderr=True)
+    attached = await communicate(
+        await open_command("spdy", daemon.runtime.Attach(attach).url, stdin=True, stdout=True, stderr=True, tty=False),
+        b"echo hello-attach\necho to-err >&2\n",
+    )
+    assert (attached.stdout, attached.stderr) == (b"hello-attach\n", b"to-err\n")
+    wait_for(lambda: state_of(daemon, shell) == pb.CONTAINER_EXITED, what="sh to exit once its stdin closed")
+
+    listening = ["sh", "-c", "netstat -ltn | grep -q ':80 '"]
+    wait_for(lambda: exec_sync(daemon, echo, *listening).exit_code == 0, timeout=60, what="nc to listen")
+    for transport in ("spdy", "websockets"):
+        url = daemon.runtime.PortForward(pb.PortForwardRequest(pod_sandbox_id=pod_id, port=[80])).url
+        forward = await open_port_forward(transport, url, [80])
+        try:
+            for i in range(2):
+                message = f"ping {i} into the guest over {transport}\n".encode()
+                assert await forward.roundtrip(80, message) == message
+        finally:
+            await forward.close()
+
+    daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+    daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    assert leftovers(daemon, tmp) == []
+
+
+@pytest.mark.crictl
+def test_vm_pod_streaming_with_crictl(env, request):
+    """The same streaming paths into the guest, driven by crictl (client-go) as a second opinion."""
+    daemon, image, tmp, _ = env
+    crictl = Crictl(daemon, tmp)
+    pod_id, echo, shell = start_streaming_pod(daemon, image, tmp, request)
+
+    volume_read = crictl.run("exec", echo, "cat", "/data/data.txt")
+    assert volume_read.stdout == b"from a host volume\n", volume_read.stderr
     ws = crictl.run("exec", "-r", "websocket", echo, "sh", "-c", "echo over-websocket")
     assert (ws.returncode, ws.stdout) == (0, b"over-websocket\n"), ws.stderr
     failed = crictl.run("exec", echo, "sh", "-c", "echo out; echo err >&2; exit 3")
@@ -252,13 +302,7 @@ def test_vm_pod_streaming(env, tmp_path, request):
     attached = crictl.run("attach", "-i", shell, input=b"echo hello-attach\necho to-err >&2\n")
     assert attached.returncode == 0, attached.stderr
     assert attached.stdout == b"hello-attach\n" and b"to-err\n" in attached.stderr
-    wait_for(
-        lambda: (
-            daemon.runtime.ContainerStatus(pb.ContainerStatusRequest(container_id=shell)).status.state
-            == pb.CONTAINER_EXITED
-        ),
-        what="sh to exit once its stdin closed",
-    )
+    wait_for(lambda: state_of(daemon, shell) == pb.CONTAINER_EXITED, what="sh to exit once its stdin closed")
 
     forward = crictl.background("port-forward", pod_id, "0:80", log=tmp / "forward.log")
     try:

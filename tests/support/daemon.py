@@ -6,33 +6,37 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 
 from protos import cri_pb2_grpc
+from tests.support.wait import wait_for
 
 
 def wait_for_grpc(
     process: subprocess.Popen[bytes], socket: Path, timeout: float, name: str, log: Callable[[], str]
 ) -> grpc.Channel:
     """A channel to a gRPC server `process` is starting on `socket`, once it answers; its log if it dies."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def answering() -> grpc.Channel | None:
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited with {process.returncode}:\n{log()[-3000:]}")
-        if socket.exists():
-            channel = grpc.insecure_channel(f"unix://{socket}")
-            try:
-                grpc.channel_ready_future(channel).result(timeout=1)
-            except grpc.FutureTimeoutError:
-                channel.close()
-                continue
-            return channel
-        time.sleep(0.05)
-    raise RuntimeError(f"{name} did not listen on {socket} within {timeout}s:\n{log()[-3000:]}")
+        if not socket.exists():
+            return None
+        channel = grpc.insecure_channel(f"unix://{socket}")
+        try:
+            grpc.channel_ready_future(channel).result(timeout=1)
+        except grpc.FutureTimeoutError:
+            channel.close()
+            return None
+        return channel
+
+    try:
+        return wait_for(answering, timeout, f"{name} to listen on {socket}")
+    except AssertionError as e:
+        raise RuntimeError(f"{e}:\n{log()[-3000:]}") from None
 
 
 class TandemDaemon:

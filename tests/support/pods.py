@@ -1,55 +1,29 @@
-"""Helpers for tests that run pods: a private CNI bridge network and CRI request builders."""
+"""Helpers for tests that run pods: CRI request builders, the CRI log format, leftovers, teardown."""
 
 from __future__ import annotations
 
-import json
+import re
 import secrets
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 from protos import cri_pb2 as pb
 from tests.support.daemon import TandemDaemon
+from tests.support.network import delete_bridge
 
-T = TypeVar("T")
-
-
-def write_bridge_network(conf_dir: Path, subnet_octet: int) -> str:
-    """A bridge conflist on 10.<octet>.0.0/24 with its own bridge name; returns the bridge's name.
-
-    No masquerade and no route anywhere but the bridge: pods reach the host and each other only.
-    """
-    bridge = f"tdt{secrets.token_hex(3)}"
-    conf_dir.mkdir(parents=True, exist_ok=True)
-    (conf_dir / "10-test.conflist").write_text(
-        json.dumps(
-            {
-                "cniVersion": "1.0.0",
-                "name": f"test-{bridge}",
-                "plugins": [
-                    {
-                        "type": "bridge",
-                        "bridge": bridge,
-                        "isGateway": True,
-                        "ipMasq": False,
-                        "ipam": {
-                            "type": "host-local",
-                            "ranges": [[{"subnet": f"10.{subnet_octet}.0.0/24"}]],
-                            "dataDir": str(conf_dir.parent / "ipam"),
-                        },
-                    },
-                    {"type": "portmap", "capabilities": {"portMappings": True}},
-                ],
-            }
-        )
-    )
-    return bridge
+CRI_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}(?:Z|[+-]\d\d:\d\d)) (stdout|stderr) ([PF]) (.*)$")
+"""One line of a CRI container log: RFC 3339 time with nanoseconds, stream, Partial or Full, text."""
 
 
-def delete_bridge(bridge: str) -> None:
-    subprocess.run(["ip", "link", "delete", bridge], capture_output=True, check=False)
+def log_entries(path: Path) -> list[tuple[str, str, str, str]]:
+    """A CRI log file as (time, stream, tag, text) tuples; a line that does not match fails the test."""
+    entries = []
+    for line in path.read_text().splitlines():
+        match = CRI_LOG_LINE.match(line)
+        assert match is not None, f"not a CRI log line: {line!r}"
+        entries.append(match.groups())
+    return entries
 
 
 def pod_config(name: str, log_dir: Path, **annotations: str) -> pb.PodSandboxConfig:
@@ -70,17 +44,6 @@ def container_config(name: str, image: str, *command: str, tty: bool = False) ->
         log_path=f"{name}.log",
         tty=tty,
     )
-
-
-def wait_for(predicate: Callable[[], T], timeout: float = 20.0, what: str = "condition") -> T:
-    """Poll `predicate` until it returns something truthy, and return that."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def next_event(events: Iterator[pb.ContainerEventResponse], container_id: str, kind: int) -> pb.ContainerEventResponse:

@@ -6,11 +6,12 @@ import os
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from types import TracebackType
 
 import httpx
+
+from tests.support.wait import wait_for
 
 REGISTRY_BIN = Path("/usr/bin/docker-registry")
 
@@ -68,17 +69,15 @@ class LocalRegistry:
             raise
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def answering() -> bool:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"docker-registry exited early:\n{self.log()[-2000:]}")
             try:
-                if httpx.get(f"{self.url}/v2/", timeout=1.0).status_code == 200:
-                    return
+                return httpx.get(f"{self.url}/v2/", timeout=1.0).status_code == 200
             except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"docker-registry on {self.host} not ready after {timeout}s")
+                return False
+
+        wait_for(answering, timeout, f"docker-registry on {self.host}")
 
     def log(self) -> str:
         """Everything the registry logged so far, its access log included."""

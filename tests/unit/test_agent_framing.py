@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import tty
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,6 +23,7 @@ import pytest
 
 from core import errors
 from protos import agent_pb2 as pb
+from tests.support.wait import eventually
 from vm_backend import channel
 from vm_backend.agent import pod
 from vm_backend.agent.errors import Fail
@@ -177,12 +178,20 @@ def test_overflow_drops_oldest_output_and_leaves_one_marker() -> None:
     assert lost + kept == len(b"first\n") + 400 * 100
 
 
+async def parked(task: asyncio.Task[None]) -> bool:
+    """Whether `task`, after running its first step, is waiting: the loop runs callbacks in the order they
+    were scheduled, so a callback scheduled after the task's creation runs after that step."""
+    loop = asyncio.get_running_loop()
+    checked: asyncio.Future[bool] = loop.create_future()
+    loop.call_soon(lambda: checked.set_result(not task.done()))
+    return await checked
+
+
 async def test_wait_for_room_until_acked() -> None:
     log = EventLog(limit=1000)
     last = log.append(pb.Event(port_data=pb.PortData(stream_id="s", data=b"p" * 900)))
     waiting = asyncio.create_task(log.wait_for_room())
-    await asyncio.sleep(0.01)
-    assert not waiting.done()
+    assert await parked(waiting)  # the log is full: it waits
     log.ack(last)
     await asyncio.wait_for(waiting, 1)
 
@@ -258,6 +267,16 @@ async def test_hello_resends_unacked_events_in_order(agent: Agent, short_dir: Pa
     await again.close()
 
 
+def opened_elsewhere(fd: int) -> bool:
+    """Whether this process holds the terminal behind `fd` open through another descriptor too."""
+    target = os.readlink(f"/proc/self/fd/{fd}")
+    count = 0
+    for other in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+            count += os.readlink(f"/proc/self/fd/{other}") == target
+    return count > 1
+
+
 async def test_virtio_serial_port(short_dir: Path) -> None:
     """The port path, with a raw pty standing in for the virtio-serial device (both are character devices)."""
     master, slave = os.openpty()
@@ -269,7 +288,8 @@ async def test_virtio_serial_port(short_dir: Path) -> None:
     host = Decoder()
     frames: list[pb.Frame] = []
     try:
-        await asyncio.sleep(0.3)  # the agent polls for a host; it is there (reads would block), so it waits for data
+        # the agent opens the port and polls for a host: it is there (reads would block), so it waits for data
+        await eventually(lambda: opened_elsewhere(slave), what="the agent to open the port")
         os.write(master, encode(request(1, hello=pb.Hello())))
         loop = asyncio.get_running_loop()
         ready = asyncio.Event()
@@ -325,14 +345,6 @@ async def test_errors_map_to_domain_exceptions(agent: Agent, short_dir: Path) ->
         await client.close()
 
 
-async def until(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not met in time")
-
-
 async def test_client_delivers_once_in_order_across_reconnects(agent: Agent, short_dir: Path) -> None:
     got: list[pb.Event] = []
     client = AgentClient(short_dir / "agent.sock", got.append)
@@ -340,11 +352,11 @@ async def test_client_delivers_once_in_order_across_reconnects(agent: Agent, sho
     try:
         for i in range(5):
             agent.events.append(output("c", f"{i}\n".encode()))
-        await until(lambda: len(got) == 5 and len(agent.events) == 0)  # delivered and acked
+        await eventually(lambda: len(got) == 5 and len(agent.events) == 0)  # delivered and acked
         await agent.disconnect()  # the connection drops; the client reconnects on its own
         for i in range(5, 8):
             agent.events.append(output("c", f"{i}\n".encode()))
-        await until(lambda: len(got) == 8 and len(agent.events) == 0)
+        await eventually(lambda: len(got) == 8 and len(agent.events) == 0)
         assert [e.seq for e in got] == list(range(1, 9))
         assert [e.output.data for e in got] == [f"{i}\n".encode() for i in range(8)]
     finally:
@@ -363,7 +375,7 @@ async def test_client_notices_an_agent_restart(short_dir: Path) -> None:
         if generation == 0:
             await client.start(5)
         expected = 3 * (generation + 1)
-        await until(lambda: len(got) == expected)  # noqa: B023 (used within this iteration only)
+        await eventually(lambda: len(got) == expected)  # noqa: B023 (used within this iteration only)
         server.close()
         await agent.disconnect()
     await client.close()
@@ -376,7 +388,7 @@ async def test_close_acks_what_was_delivered(agent: Agent, short_dir: Path) -> N
     await client.start(5)
     agent.events.append(output("c", b"a"))
     agent.events.append(output("c", b"b"))
-    await until(lambda: len(got) == 2)
+    await eventually(lambda: len(got) == 2)
     assert len(agent.events) == 2
     await client.close()
     assert len(agent.events) == 0
@@ -394,7 +406,7 @@ async def test_ack_loop_stops_when_cancelled_as_its_ack_is_answered(short_dir: P
     client._delivered = 5
 
     async def answered_as_close_cancels(conn: channel._Connection, request: pb.Request) -> pb.Response:
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the behaviour under test: the answer arrives one loop step after the request
         acking.cancel()  # close() cancels the loop in the very step the agent's answer arrives
         return pb.Response()
 

@@ -194,7 +194,7 @@ async def test_del_tries_every_plugin_and_raises_the_first_error(fakes, tmp_path
 
 
 async def test_missing_config_plugin_or_result(fakes, tmp_path):
-    with pytest.raises(FailedPrecondition, match=re.escape(f"no CNI network config in {fakes.conf}")):
+    with pytest.raises(FailedPrecondition, match=re.escape(f"no valid CNI network config in {fakes.conf}")):
         await fakes.plugins.setup("c1", tmp_path / "netns", port_mappings=[], **POD)
 
     fakes.network("1.0.0", {"type": "fake-a"}, {"type": "absent"})

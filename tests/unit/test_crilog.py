@@ -1,8 +1,11 @@
-import re
-
 from sandbox.crilog import CriLogWriter, format_lines, timestamp
+from tests.support.pods import CRI_LOG_LINE
 
-LINE = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z (stdout|stderr) (P|F) (.*)$")
+
+def parsed(line: bytes) -> tuple[str, str, str]:
+    match = CRI_LOG_LINE.match(line.decode())
+    assert match is not None, line
+    return match.groups()[1:]
 
 
 def test_timestamp_is_rfc3339_nano_utc():
@@ -12,10 +15,10 @@ def test_timestamp_is_rfc3339_nano_utc():
 
 def test_complete_and_partial_lines():
     out = format_lines("stdout", b"hello\nwor", 0).splitlines()
-    assert [LINE.match(line).groups() for line in out] == [(b"stdout", b"F", b"hello"), (b"stdout", b"P", b"wor")]
+    assert [parsed(line) for line in out] == [("stdout", "F", "hello"), ("stdout", "P", "wor")]
     assert format_lines("stderr", b"", 0) == b""
     (empty,) = format_lines("stderr", b"\n", 0).splitlines()
-    assert LINE.match(empty).groups() == (b"stderr", b"F", b"")
+    assert parsed(empty) == ("stderr", "F", "")
 
 
 def test_writer_appends_and_reopens(tmp_path):

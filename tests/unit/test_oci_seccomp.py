@@ -198,8 +198,7 @@ NEWER_THAN_LIBSECCOMP = {
 def test_every_name_is_a_real_syscall():
     """A typo would silently deny a syscall; libseccomp knows the x86 syscall tables."""
     path = ctypes.util.find_library("seccomp")
-    if path is None:
-        pytest.skip("libseccomp is not installed")
+    assert path is not None, "libseccomp is not installed (runc needs it: make setup installs it)"
     lib = ctypes.CDLL(path)
     lib.seccomp_syscall_resolve_name_arch.argtypes = [ctypes.c_uint32, ctypes.c_char_p]
     arches = (0xC000003E, 0x40000003, 0x4000003E)  # x86_64, x86, x32

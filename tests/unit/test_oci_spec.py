@@ -1,11 +1,7 @@
 import dataclasses
 import json
 import os
-import shutil
 import stat
-import subprocess
-import uuid
-from pathlib import Path
 
 import pytest
 
@@ -14,119 +10,47 @@ from protos import cri_pb2 as pb
 from runc_backend.host import detect_host
 from sandbox.oci.capabilities import CAPABILITIES, DEFAULT_CAPABILITIES, capabilities_from_status
 from sandbox.oci.namespaces import HOST, NEW, Namespaces
-from sandbox.oci.platform import ContainerPlatform, HostInfo, PodFiles
 from sandbox.oci.seccomp import runtime_default_profile
-from sandbox.oci.spec import container_spec, infra_spec
-
-HOST_CAPS = frozenset(CAPABILITIES) - {"CAP_SYS_RESOURCE"}
-INFRA_NS = Namespaces(network="/run/netns/pod", ipc=NEW, uts=NEW, pid=NEW)
-POD_NS = Namespaces(network="/proc/7/ns/net", ipc="/proc/7/ns/ipc", uts="/proc/7/ns/uts", pid=NEW)
-IMAGE = {
-    "config": {
-        "Env": ["PATH=/bin:/usr/bin", "LANG=C"],
-        "Entrypoint": ["/entry"],
-        "Cmd": ["--serve"],
-        "WorkingDir": "/srv",
-        "User": "",
-    }
-}
-SC = pb.LinuxContainerSecurityContext
-DEV_NULL = os.path.realpath("/dev/null")
+from sandbox.oci.spec import infra_spec
+from tests.support.specs import (
+    DEV_NULL,
+    HOST_CAPS,
+    INFRA_NS,
+    SC,
+    config,
+    fake_host,
+    fake_mountinfo,
+    fake_pod_files,
+    fake_rootfs,
+    mount_at,
+    sandbox_config,
+    spec_maker,
+)
 
 
 @pytest.fixture
 def rootfs(tmp_path):
-    root = tmp_path / "rootfs"
-    (root / "etc").mkdir(parents=True)
-    (root / "etc" / "passwd").write_text(
-        "root:x:0:0::/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\napp:x:1000:1000::/home/app:/bin/sh\n"
-    )
-    (root / "etc" / "group").write_text("root:x:0:\nwheel:x:10:root\napp:x:1000:\nextra:x:50000:app\n")
-    return root
+    return fake_rootfs(tmp_path)
 
 
 @pytest.fixture
 def mountinfo(tmp_path):
-    path = tmp_path / "mountinfo"
-    path.write_text(
-        f"1 0 8:1 / / rw - ext4 /dev/vda rw\n2 1 0:5 / {tmp_path}/shared rw shared:7 - tmpfs t rw\n"
-        f"3 1 0:6 / {tmp_path}/slave rw master:7 - tmpfs t rw\n"
-    )
-    for name in ("shared", "slave", "private"):
-        (tmp_path / name).mkdir()
-    return path
+    return fake_mountinfo(tmp_path)
 
 
 @pytest.fixture
 def host(tmp_path, mountinfo):
-    dev = tmp_path / "devroot"
-    dev.mkdir()
-    return HostInfo(
-        capabilities=HOST_CAPS,
-        cgroup_mode="hybrid",
-        swap_accounting=True,
-        hugetlb=False,
-        hostname="node-1",
-        dev_dir=dev,
-        mountinfo=mountinfo,
-    )
+    return fake_host(tmp_path, mountinfo)
 
 
 @pytest.fixture
 def pod_files(tmp_path):
-    return PodFiles(
-        hostname=tmp_path / "hostname",
-        resolv_conf=tmp_path / "resolv.conf",
-        hosts=tmp_path / "hosts",
-        shm=tmp_path / "shm",
-    )
-
-
-def sandbox_config(privileged=False, **kwargs):
-    return pb.PodSandboxConfig(
-        metadata=pb.PodSandboxMetadata(name="web", uid="uid-1", namespace="default"),
-        hostname="web-0",
-        log_directory="/var/log/pods/x",
-        linux=pb.LinuxPodSandboxConfig(security_context=pb.LinuxSandboxSecurityContext(privileged=privileged)),
-        **kwargs,
-    )
-
-
-def config(sc=None, resources=None, **kwargs):
-    linux = pb.LinuxContainerConfig(security_context=sc or SC())
-    if resources is not None:
-        linux.resources.CopyFrom(resources)
-    kwargs.setdefault("command", ["sh", "-c", "sleep 1"])
-    return pb.ContainerConfig(
-        metadata=pb.ContainerMetadata(name="app"),
-        image=pb.ImageSpec(image="sha256:abc", user_specified_image="busybox:1"),
-        linux=linux,
-        **kwargs,
-    )
+    return fake_pod_files(tmp_path)
 
 
 @pytest.fixture
 def make(rootfs, host, pod_files):
-    def make(cfg=None, sandbox=None, image=IMAGE, namespaces=POD_NS, files=pod_files, host=host, floor=-999):
-        platform = ContainerPlatform(
-            rootfs=rootfs,
-            host=host,
-            namespaces=namespaces,
-            cgroups_path="/tandem/sb1/c1",
-            pod_files=files,
-            oom_score_adj_floor=floor,
-        )
-        return container_spec(
-            cfg or config(), sandbox or sandbox_config(), sandbox_id="sb1", image_config=image, platform=platform
-        )
-
-    return make
-
-
-def mount_at(spec, destination):
-    found = [m for m in spec["mounts"] if m["destination"] == destination]
-    assert len(found) <= 1
-    return found[0] if found else None
+    return spec_maker(rootfs, host, pod_files)
 
 
 # ---------------------------------------------------------------- process
@@ -237,10 +161,6 @@ def test_user_errors(make, sc, image_user, message):
 # ---------------------------------------------------------------- capabilities
 
 
-def caps_of(spec):
-    return set(spec["process"]["capabilities"]["bounding"])
-
-
 @pytest.mark.parametrize(
     ("add", "drop", "expected"),
     [
@@ -290,45 +210,6 @@ def test_capabilities_from_status():
 
 
 # ---------------------------------------------------------------- privileged
-
-
-def make_device(directory, name, kind, major, minor):
-    if os.geteuid() != 0:
-        pytest.skip("mknod needs root")
-    path = directory / name
-    os.mknod(path, 0o660 | kind, os.makedev(major, minor))
-    os.chmod(path, 0o660)  # mknod's mode passes through the umask
-    return path
-
-
-def test_privileged_container(make, host):
-    make_device(host.dev_dir, "sda", stat.S_IFBLK, 8, 0)
-    (host.dev_dir / "net").mkdir()
-    make_device(host.dev_dir / "net", "tun", stat.S_IFCHR, 10, 200)
-    (host.dev_dir / "pts").mkdir()
-    make_device(host.dev_dir / "pts", "0", stat.S_IFCHR, 136, 0)
-    make_device(host.dev_dir, "console", stat.S_IFCHR, 5, 1)
-    (host.dev_dir / "regular").write_text("")
-    (host.dev_dir / "link").symlink_to("sda")
-    seccomp = pb.SecurityProfile(profile_type=pb.SecurityProfile.RuntimeDefault)
-    sc = SC(
-        privileged=True,
-        masked_paths=["/proc/kcore"],
-        readonly_paths=["/proc/sys"],
-        seccomp=seccomp,
-        capabilities=pb.Capability(drop_capabilities=["ALL"]),
-    )
-    spec = make(config(sc=sc), sandbox=sandbox_config(privileged=True))
-    linux = spec["linux"]
-    assert "seccomp" not in linux and linux["maskedPaths"] == [] and linux["readonlyPaths"] == []
-    assert caps_of(spec) == HOST_CAPS
-    assert "rw" in mount_at(spec, "/sys")["options"] and "rw" in mount_at(spec, "/sys/fs/cgroup")["options"]
-    assert linux["resources"]["devices"] == [{"allow": True, "access": "rwm"}]
-    assert [(d["path"], d["type"], d["major"], d["minor"], d["fileMode"]) for d in linux["devices"]] == [
-        ("/dev/net/tun", "c", 10, 200, 0o660),
-        ("/dev/sda", "b", 8, 0, 0o660),
-    ]
-    assert not any(ns["type"] == "cgroup" for ns in linux["namespaces"])
 
 
 def test_privileged_container_needs_privileged_sandbox(make):
@@ -537,15 +418,6 @@ def test_requested_device(make):
         }
     ]
     assert linux["resources"]["devices"][-1] == {"allow": True, "type": "c", "major": 1, "minor": 3, "access": "rw"}
-
-
-def test_requested_device_directory_and_default_permissions(make, tmp_path):
-    directory = tmp_path / "gpu"
-    directory.mkdir()
-    make_device(directory, "card0", stat.S_IFCHR, 226, 0)
-    linux = make(config(devices=[pb.Device(host_path=str(directory), container_path="/dev/dri")]))["linux"]
-    assert [d["path"] for d in linux["devices"]] == ["/dev/dri/card0"]
-    assert linux["resources"]["devices"][-1]["access"] == "rwm"
 
 
 @pytest.mark.parametrize(
@@ -842,113 +714,3 @@ def test_detect_host_reads_this_node():
 
 
 # ---------------------------------------------------------------- real runc
-
-
-def _runc(root, *args):
-    """Run runc with its output in files: a detached container inherits them, so pipes would never reach EOF."""
-    out, err = root.parent / "runc.out", root.parent / "runc.err"
-    with open(out, "w") as stdout, open(err, "w") as stderr:
-        argv = ["runc", "--root", str(root), *args]
-        code = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, timeout=60).returncode
-    return subprocess.CompletedProcess(argv, code, out.read_text(), err.read_text())
-
-
-def _bundle(directory, spec):
-    directory.mkdir()
-    (directory / "config.json").write_text(json.dumps(spec))
-    return directory
-
-
-@pytest.mark.integration
-def test_runc_accepts_generated_specs(tmp_path):
-    """An infra process holding fresh namespaces, and a container joining them, run by the real runc."""
-    if os.geteuid() != 0 or not shutil.which("runc") or not shutil.which("catatonit") or not shutil.which("busybox"):
-        pytest.skip("needs root, runc, catatonit and busybox")
-    infra_root = tmp_path / "infra-rootfs"
-    infra_root.mkdir()
-    shutil.copy(shutil.which("catatonit"), infra_root / "catatonit")
-    rootfs = tmp_path / "rootfs"
-    (rootfs / "bin").mkdir(parents=True)
-    (rootfs / "etc").mkdir()
-    shutil.copy(shutil.which("busybox"), rootfs / "bin" / "busybox")
-    for tool in ("sh", "id", "cat", "hostname", "touch"):
-        (rootfs / "bin" / tool).symlink_to("busybox")
-    (rootfs / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/:/bin/sh\n")
-    (rootfs / "etc" / "group").write_text("root:x:0:\napp:x:1000:\nextra:x:50000:app\n")
-    files = PodFiles(
-        hostname=tmp_path / "hostname",
-        resolv_conf=tmp_path / "resolv.conf",
-        hosts=tmp_path / "hosts",
-        shm=tmp_path / "shm",
-    )
-    for path in (files.hostname, files.resolv_conf, files.hosts):
-        path.write_text("")
-    files.shm.mkdir()
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "flag").write_text("mounted\n")
-
-    runc_root, parent = tmp_path / "runc", f"/tandem-spec-test-{uuid.uuid4().hex[:12]}"
-    infra_id, ctr_id = f"infra-{parent[-12:]}", f"ctr-{parent[-12:]}"
-    sandbox = sandbox_config()
-    sandbox.linux.sysctls.update({"kernel.shm_rmid_forced": "1", "net.ipv4.ip_forward": "1"})
-    infra = infra_spec(
-        sandbox,
-        rootfs=infra_root,
-        namespaces=Namespaces(network=NEW, ipc=NEW, uts=NEW, pid=NEW),
-        cgroups_path=f"{parent}/infra",
-        sandbox_id="sb",
-    )
-    try:
-        result = _runc(runc_root, "run", "-d", "--bundle", str(_bundle(tmp_path / "infra", infra)), infra_id)
-        assert result.returncode == 0, result.stderr
-        pid = json.loads(_runc(runc_root, "state", infra_id).stdout)["pid"]
-        joined = Namespaces(
-            **{
-                kind: f"/proc/{pid}/ns/{name}"
-                for kind, name in (("network", "net"), ("ipc", "ipc"), ("uts", "uts"), ("pid", "pid"))
-            }
-        )
-        sc = SC(
-            run_as_username="app",
-            readonly_rootfs=True,
-            seccomp=pb.SecurityProfile(),
-            masked_paths=["/proc/kcore"],
-            readonly_paths=["/proc/sys"],
-        )
-        cfg = config(
-            sc=sc,
-            command=[
-                "sh",
-                "-c",
-                "id; grep -E '^(Seccomp|CapBnd):' /proc/self/status; hostname; "
-                "cat /proc/sys/kernel/shm_rmid_forced /data/flag; touch /x",
-            ],
-            mounts=[pb.Mount(container_path="/data", host_path=str(tmp_path / "data"), readonly=True)],
-            resources=pb.LinuxContainerResources(memory_limit_in_bytes=64 << 20, cpu_shares=512),
-        )
-        floor = int(Path("/proc/self/oom_score_adj").read_text())
-        platform = ContainerPlatform(
-            rootfs=rootfs,
-            host=detect_host(),
-            namespaces=joined,
-            cgroups_path=f"{parent}/ctr",
-            pod_files=files,
-            oom_score_adj_floor=floor,
-        )
-        spec = container_spec(cfg, sandbox, sandbox_id="sb", image_config={"config": {}}, platform=platform)
-        result = _runc(runc_root, "run", "--bundle", str(_bundle(tmp_path / "ctr", spec)), ctr_id)
-        assert result.stdout.splitlines() == [
-            "uid=1000(app) gid=1000(app) groups=1000(app),50000(extra)",
-            f"CapBnd:\t{sum(1 << CAPABILITIES.index(c) for c in DEFAULT_CAPABILITIES):016x}",
-            "Seccomp:\t2",
-            "web-0",
-            "1",
-            "mounted",
-        ], result.stderr
-        assert "Read-only file system" in result.stderr and result.returncode == 1
-    finally:
-        for cid in (ctr_id, infra_id):
-            _runc(runc_root, "delete", "--force", cid)
-        for hierarchy in Path("/sys/fs/cgroup").iterdir():
-            if (hierarchy / parent.lstrip("/")).is_dir():
-                (hierarchy / parent.lstrip("/")).rmdir()

@@ -48,6 +48,13 @@ def test_contract_names_from_the_design_parse():
         ({"streaming": {"port": "80"}}, "streaming.port", "must be a int"),
         ({"streaming": {"token_ttl_seconds": 0}}, "streaming.token_ttl_seconds", "must be positive"),
         ({"streaming": {"tls": True}}, "streaming.tls", "unknown key"),
+        ({"cni": {"default": {"bridge": "a-very-long-bridge"}}}, "cni.default.bridge", "1-15 bytes"),
+        ({"cni": {"default": {"bridge": "br/0"}}}, "cni.default.bridge", "interface name"),
+        ({"cni": {"default": {"subnet": "10.157.0.1/24"}}}, "cni.default.subnet", "host bits set"),
+        ({"cni": {"default": {"subnet": "fd00::/64"}}}, "cni.default.subnet", "IPv4 network"),
+        ({"cni": {"default": {"subnet": "10.157.0.0/30"}}}, "cni.default.subnet", "/29 or larger"),
+        ({"cni": {"default": {"masquerade": "no"}}}, "cni.default.masquerade", "must be a bool"),
+        ({"cni": {"default": {"mtu": 1500}}}, "cni.default.mtu", "unknown key"),
     ],
 )
 def test_bad_keys_are_named_with_a_reason(data, key, reason):
@@ -106,3 +113,15 @@ def test_bad_vm_keys_are_named(table, key, reason):
     with pytest.raises(ConfigError) as err:
         parse_config({"vm": table}, "test.toml")
     assert f"key '{key}'" in str(err.value) and reason in str(err.value)
+
+
+def test_the_default_network_is_settable_for_tests_and_nodes():
+    defaults = Config().cni.default
+    assert (defaults.bridge, defaults.subnet, defaults.masquerade) == ("tandem0", "10.157.0.0/24", True)
+    config = parse_config({"cni": {"default": {"bridge": "tdt0", "subnet": "10.199.7.0/24", "masquerade": False}}})
+    assert (config.cni.default.bridge, config.cni.default.subnet, config.cni.default.masquerade) == (
+        "tdt0",
+        "10.199.7.0/24",
+        False,
+    )
+    assert config.cni.conf_dir == Config().cni.conf_dir

@@ -178,12 +178,17 @@ def test_unknown_control_frames_are_skipped():
 
 
 class Wire:
-    """An in-memory connection: the test plays the client through `send` and `frames`."""
+    """An in-memory connection: the test plays the client through `send` and `frames`.
+
+    `timeline` records, in order, each frame the test sent ("in"), each frame the session wrote ("out")
+    and whatever else the test notes, so tests can assert what happened before what.
+    """
 
     def __init__(self) -> None:
         self.inbound: asyncio.Queue[bytes] = asyncio.Queue()
         self.encoder, self.decoder = FrameEncoder(), FrameDecoder()
         self.received: list = []
+        self.timeline: list[tuple[str, object]] = []
         self.arrived = asyncio.Event()
         self.closed = False
 
@@ -197,6 +202,7 @@ class Wire:
         self.decoder.feed(data)
         while (frame := self.decoder.next_frame()) is not None:
             self.received.append(frame)
+            self.timeline.append(("out", frame))
         self.arrived.set()
 
     async def close(self) -> None:
@@ -206,7 +212,18 @@ class Wire:
     # the peer's side
     def send(self, *frames) -> None:
         for frame in frames:
+            if not isinstance(frame, bytes):
+                self.timeline.append(("in", frame))
             self.inbound.put_nowait(frame if isinstance(frame, bytes) else self.encoder.encode(frame))
+
+    def flow(self, stream_id: int) -> list[tuple[str, int]]:
+        """Data out of `stream_id` (its size) and window updates in for it or the connection (their delta)."""
+        return [
+            (way, frame.delta if isinstance(frame, WindowUpdate) else len(frame.data))
+            for way, frame in self.timeline
+            if (way == "out" and isinstance(frame, Data) and frame.stream_id == stream_id)
+            or (way == "in" and isinstance(frame, WindowUpdate) and frame.stream_id in (0, stream_id))
+        ]
 
     async def wait_for(self, predicate, timeout: float = 2.0):
         async with asyncio.timeout(timeout):
@@ -255,14 +272,13 @@ async def test_the_sender_blocks_at_the_peers_window_and_resumes_on_window_updat
     stream = await open_stream(wire)
     writer = asyncio.create_task(stream.write(b"x" * 25))
     await wire.wait_for(lambda f: isinstance(f, Data))
-    await asyncio.sleep(0.05)
-    assert len(wire.data_for(1)) == 10 and not writer.done()
     wire.send(WindowUpdate(1, 10))
-    await asyncio.sleep(0.05)
-    assert len(wire.data_for(1)) == 20 and not writer.done()
+    await wire.wait_for(lambda f: len(wire.data_for(1)) >= 20)
     wire.send(WindowUpdate(1, 100))
     await asyncio.wait_for(writer, 1)
     assert wire.data_for(1) == b"x" * 25
+    # each update let out exactly what it allowed, and nothing went out before the update that allowed it
+    assert wire.flow(1) == [("out", 10), ("in", 10), ("out", 10), ("in", 100), ("out", 5)]
 
 
 async def test_the_connection_window_bounds_all_streams(wire):
@@ -270,26 +286,27 @@ async def test_the_connection_window_bounds_all_streams(wire):
     stream = await open_stream(wire)
     wire.send(WindowUpdate(1, 10**6))
     writer = asyncio.create_task(stream.write(b"y" * 100_000))
-    await asyncio.sleep(0.1)
-    assert len(wire.data_for(1)) == 65536 and not writer.done()
+    await wire.wait_for(lambda f: len(wire.data_for(1)) >= 65536)
     wire.send(WindowUpdate(0, 50_000))
     await asyncio.wait_for(writer, 1)
     assert len(wire.data_for(1)) == 100_000
+    flow = wire.flow(1)
+    connection_update = flow.index(("in", 50_000))
+    assert sum(n for way, n in flow[:connection_update] if way == "out") == 65536
+    assert sum(n for way, n in flow[connection_update:] if way == "out") == 100_000 - 65536
 
 
 async def test_a_window_shrunk_by_settings_goes_negative_and_must_be_refilled(wire):
     stream = await open_stream(wire)
     await stream.write(b"z" * 100)  # the peer has shown no flow control yet: nothing blocks
-    wire.send(Settings(((0, SETTINGS_INITIAL_WINDOW_SIZE, 50),)))  # window now 50 - 100 = -50
-    await asyncio.sleep(0.05)
+    wire.send(Settings(((0, SETTINGS_INITIAL_WINDOW_SIZE, 50),)), Ping(1))  # window now 50 - 100 = -50
+    await wire.wait_for(lambda f: f == Ping(1))  # frames are handled in order: the settings apply by now
     writer = asyncio.create_task(stream.write(b"z"))
-    await asyncio.sleep(0.05)
-    assert not writer.done()
-    wire.send(WindowUpdate(1, 50))
-    await asyncio.sleep(0.05)
-    assert not writer.done()  # back to 0: still nothing may be sent
+    wire.send(WindowUpdate(1, 50), Ping(3))
+    await wire.wait_for(lambda f: f == Ping(3))  # back to 0: still nothing may be sent
     wire.send(WindowUpdate(1, 1))
     await asyncio.wait_for(writer, 1)
+    assert wire.flow(1) == [("out", 100), ("in", 50), ("in", 1), ("out", 1)]
 
 
 async def test_a_peer_without_flow_control_is_never_stalled(wire):
@@ -313,15 +330,14 @@ async def test_reading_gives_window_back(wire):
 
 async def test_a_peer_overrunning_our_window_is_held_back_not_reset(wire):
     stream = await open_stream(wire, 1)
-    wire.send(*[Data(1, b"o" * 32 * 1024) for _ in range(4)])  # 128 KiB into a 64 KiB window
-    await asyncio.sleep(0.05)
-    wire.send(Ping(1))
-    await asyncio.sleep(0.05)
-    assert Ping(1) not in wire.received  # the read loop waits for the application
+    wire.send(*[Data(1, b"o" * 32 * 1024) for _ in range(4)], Ping(1))  # 128 KiB into a 64 KiB window
     received = b""
     while len(received) < 128 * 1024:
         received += await stream.read()
+        wire.timeline.append(("read", len(received)))
     assert await wire.wait_for(lambda f: f == Ping(1))
+    # the read loop waited for the application to read before it got to the ping behind the data
+    assert wire.timeline.index(("out", Ping(1))) > wire.timeline.index(("read", 32 * 1024))
     assert not [f for f in wire.received if isinstance(f, RstStream)]
 
 
@@ -353,10 +369,9 @@ async def test_a_broken_frame_ends_the_session_with_goaway(wire):
 
 
 async def test_pings_from_the_client_are_answered(wire):
-    wire.send(Ping(7), Ping(8))
-    await wire.wait_for(lambda f: f == Ping(7))
-    await asyncio.sleep(0.05)
-    assert Ping(8) not in wire.received  # an even ID would be an answer to a ping of ours
+    wire.send(Ping(7), Ping(8), Ping(9))
+    await wire.wait_for(lambda f: f == Ping(9))  # frames are handled in order: Ping(8) was handled before
+    assert [f for f in wire.received if isinstance(f, Ping)] == [Ping(7), Ping(9)]  # even: an answer to ours
 
 
 async def test_a_reset_from_the_peer_ends_the_stream(wire):

@@ -15,6 +15,7 @@ from cri.streaming.server import StreamingServer
 from cri.streaming.spdy import FLAG_FIN, Data, FrameDecoder, FrameEncoder, GoAway, RstStream, SynReply, SynStream
 from protos import cri_pb2 as pb
 from sandbox.backend import ByteChannel, Process, StreamChannel
+from tests.support.wait import eventually
 
 
 class Script(Process):
@@ -301,7 +302,8 @@ async def test_a_tty_starts_at_the_clients_size_and_follows_resizes(server):
     client.send(SynStream(7, {"streamtype": ["resize"]}), Data(7, b'{"Width":100,"Height":40}\n{"Width":1'))
     await client.until(lambda f: f == SynReply(7, {}))
     client.send(Data(7, b'20,"Height":50}\n'))
-    await asyncio.sleep(0.1)
+    processes = server.runtime.processes
+    await eventually(lambda: processes and processes[0].sizes == [(100, 40), (120, 50)], 5, "the resize")
     client.send(Data(3, b"", flags=FLAG_FIN))
     await client.until(lambda f: isinstance(f, GoAway))
     assert server.runtime.sizes == [(100, 40)]

@@ -1,4 +1,7 @@
-"""Layer unpacking: a normal layer round-trips, and hostile layers cannot reach outside `dest`."""
+"""Layer unpacking: a normal layer round-trips, and hostile layers cannot reach outside `dest`.
+
+As root (layers carry owners, device whiteouts and trusted.* xattrs), on this host's filesystem.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ import stat
 import struct
 import subprocess
 import tarfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,8 @@ DEFAULT_LIMITS = UnpackLimits()
 EMPTY_LAYER_DIFF_ID = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"
 # A v2 file capability (CAP_SETUID and CAP_NET_BIND_SERVICE, effective); the 0x80 byte is not UTF-8.
 CAPABILITY = struct.pack("<IIIII", 0x02000001, (1 << 7) | (1 << 10), 0, 0, 0)
+
+pytestmark = pytest.mark.integration
 
 
 def _info(name: str, kind: bytes, *, mode: int, xattrs: dict[str, bytes] | None, **attrs: object) -> tarfile.TarInfo:
@@ -390,10 +394,8 @@ def _pax_header(payload: bytes) -> bytes:
     ],
 )
 def test_malformed_tar_is_invalid(env: Env, raw: bytes, message: str) -> None:
-    started = time.monotonic()
     with pytest.raises(InvalidArgument, match=message):
         unpack_layer(env.blob(raw), env.dest, expected_diff_id=None)
-    assert time.monotonic() - started < 5
     assert os.listdir(env.store) == []
 
 

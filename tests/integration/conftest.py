@@ -1,0 +1,65 @@
+"""Pod fixtures shared by the integration tests: a real daemon on a private network, busybox pulled."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from core.settings import Config
+from protos import cri_pb2 as pb
+from tests.support.daemon import TandemDaemon
+from tests.support.network import PrivateNetwork, write_bridge_network
+from tests.support.pods import remove_pods_and_stop
+from vm_backend.assets import GuestAssets, assets_root, current_assets
+
+
+@dataclass
+class PodEnv:
+    daemon: TandemDaemon
+    image: str  # busybox, pulled
+    tmp: Path  # the daemon's workdir; pod logs go to tmp/logs
+    network: PrivateNetwork
+
+
+@pytest.fixture
+def pod_env(tmp_path: Path, busybox_ref: str) -> Iterator[Callable[[str], PodEnv]]:
+    """Factory: `pod_env(config_toml)` starts a daemon whose conf dir holds a private bridge network.
+
+    Teardown removes every pod (restarting a daemon a test left stopped), then stops it and deletes the bridge.
+    """
+    made: list[PodEnv] = []
+
+    def make(config_toml: str = "") -> PodEnv:
+        network = write_bridge_network(tmp_path / "net.d")
+        env = PodEnv(TandemDaemon.isolated(tmp_path, config_toml), busybox_ref, tmp_path, network)
+        made.append(env)
+        env.daemon.start()
+        env.daemon.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=busybox_ref)))
+        return env
+
+    yield make
+    for env in made:
+        if env.daemon.process is None:
+            env.daemon.start()
+        remove_pods_and_stop(env.daemon, env.tmp, env.network.bridge)
+
+
+@pytest.fixture(scope="session")
+def guest_assets() -> GuestAssets:
+    """The guest assets `make setup` built for the default state dir; their absence fails the test."""
+    assets = current_assets(Config().state_dir)
+    if assets is None:
+        pytest.fail(f"no guest assets under {assets_root(Config().state_dir)}: run `make setup`")
+    return assets
+
+
+@pytest.fixture
+def vm_pod_env(pod_env: Callable[[str], PodEnv], guest_assets: GuestAssets, tmp_path: Path) -> PodEnv:
+    """A pod daemon that boots VM pods (TCG) from the assets `make setup` built."""
+    root = assets_root(tmp_path / "state")
+    root.mkdir(parents=True)
+    (root / "current").symlink_to(guest_assets.dir)
+    return pod_env('[vm]\naccel = "tcg"\n')
