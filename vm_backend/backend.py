@@ -40,8 +40,8 @@ from sandbox.backend import Backend, ContainerUsage, ExecResult, ExitStatus, Ima
 from sandbox.crilog import STDERR, STDOUT, CriLogWriter
 from sandbox.model import ContainerRecord, ContainerState, ProcessUser, SandboxRecord
 from vm_backend.accel import choose_accel
-from vm_backend.assets import GuestAssets, current_assets
 from vm_backend.channel import AgentClient
+from vm_backend.guest_image import GuestAssets, current_assets
 from vm_backend.network import attach_tap, detach_tap
 from vm_backend.qemu import QemuVm, TapNic, VmSpec, wait_exit
 from vm_backend.virtiofs import Virtiofsd

@@ -33,7 +33,7 @@ from tests.support.pods import (
     wait_for,
     write_bridge_network,
 )
-from vm_backend.assets import assets_root, current_assets
+from vm_backend.guest_image import assets_root, current_assets
 from vm_backend.qemu import BOOT_MARKER
 
 pytestmark = pytest.mark.integration

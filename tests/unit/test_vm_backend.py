@@ -11,8 +11,8 @@ from protos import cri_pb2 as pb
 from runc_backend import spec
 from sandbox.backends import available_backends
 from sandbox.model import ContainerRecord, ContainerState, SandboxRecord
-from vm_backend.assets import GuestAssets
 from vm_backend.backend import VM_DIED, VmBackend, check_vm_container, guest_container_spec, vm_size
+from vm_backend.guest_image import GuestAssets
 
 
 def pod() -> pb.PodSandboxConfig:
