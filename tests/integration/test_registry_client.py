@@ -11,9 +11,10 @@ import httpx
 import pytest
 
 from core.errors import DataCorruption, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable
-from images.manifest import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from images.auth import Credentials
+from images.manifest import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Descriptor, select_platform
 from images.reference import parse_reference
-from images.registry import Credentials, Descriptor, RegistryClient, RegistrySettings, select_platform
+from images.registry import RegistryClient, RegistrySettings
 from tests.support.authproxy import SERVICE, AuthProxy
 from tests.support.images import (
     Image,
