@@ -16,7 +16,7 @@ import tarfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import Protocol, Self, cast
 
 import zstandard
 
@@ -44,8 +44,14 @@ _METADATA_TYPES = frozenset(
 )
 
 
+class Readable(Protocol):
+    """What the layer is read through: a binary stream, read forwards only."""
+
+    def read(self, size: int, /) -> bytes: ...
+
+
 @contextlib.contextmanager
-def decompressed(blob: Path) -> Iterator[tuple[IO[bytes], str]]:
+def decompressed(blob: Path) -> Iterator[tuple[Readable, str]]:
     """Open `blob` as an uncompressed stream; the format comes from its magic bytes, not a media type."""
     with open(blob, "rb") as raw:
         magic = raw.read(len(_ZSTD_MAGIC))
@@ -64,7 +70,7 @@ def decompressed(blob: Path) -> Iterator[tuple[IO[bytes], str]]:
 class HashingReader:
     """The uncompressed stream as tarfile reads it: hashed for the diff_id and bounded in size."""
 
-    def __init__(self, stream: IO[bytes], compression: str, limit: int) -> None:
+    def __init__(self, stream: Readable, compression: str, limit: int) -> None:
         self._stream = stream
         self._compression = compression
         self._limit = limit
@@ -92,6 +98,38 @@ class HashingReader:
         return f"sha256:{self._sha.hexdigest()}"
 
 
+def _header_error(name: str) -> type[tarfile.HeaderError]:
+    """One of tarfile's HeaderError subclasses, by name: typeshed declares only their base class."""
+    error = getattr(tarfile, name)
+    if not (isinstance(error, type) and issubclass(error, tarfile.HeaderError)):
+        raise ImportError(f"tarfile.{name} is not a tarfile.HeaderError")
+    return error
+
+
+_CORRUPT_HEADER_ERRORS = (_header_error("InvalidHeaderError"), _header_error("TruncatedHeaderError"))
+_SUBSEQUENT_HEADER_ERROR = _header_error("SubsequentHeaderError")
+
+
+class _TarInfoInternals(Protocol):
+    """The private TarInfo methods tarfile calls while it reads headers, which LayerTarInfo overrides or calls.
+
+    typeshed leaves them out. They are tarfile's own header-reading steps in
+    Lib/tarfile.py; test_unpack drives every path through them, so a Python
+    that changes them fails there first.
+    """
+
+    def _proc_member(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo: ...
+
+    def _block(self, count: int) -> int: ...
+
+    def _apply_pax_info(self, pax_headers: dict[str, str], encoding: str, errors: str) -> None: ...
+
+
+def _internals(info: object) -> _TarInfoInternals:
+    """`info` (a TarInfo, or super() inside one) seen with its private methods (see _TarInfoInternals)."""
+    return cast(_TarInfoInternals, info)
+
+
 class LayerTarInfo(tarfile.TarInfo):
     """TarInfo that refuses what stock tarfile would accept unsafely.
 
@@ -103,10 +141,10 @@ class LayerTarInfo(tarfile.TarInfo):
     """
 
     @classmethod
-    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> LayerTarInfo:
+    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
         try:
             return super().frombuf(buf, encoding, errors)
-        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as e:
+        except _CORRUPT_HEADER_ERRORS as e:
             raise InvalidArgument(f"layer has a corrupt tar header: {e}") from None
 
     def _proc_member(self, archive: LayerTar) -> tarfile.TarInfo:
@@ -116,11 +154,11 @@ class LayerTarInfo(tarfile.TarInfo):
             archive.count_metadata(self)
         else:
             archive.entry_started()
-        return super()._proc_member(archive)
+        return _internals(super())._proc_member(archive)
 
     def _proc_pax(self, archive: LayerTar) -> tarfile.TarInfo:
         """Do what tarfile does with a pax header, but parse it with _parse_pax."""
-        buf = archive.fileobj.read(self._block(self.size))
+        buf = archive.fileobj.read(_internals(self)._block(self.size))
         if len(buf) < self.size:
             raise InvalidArgument("layer ends inside a pax header")
         records = _parse_pax(buf[: self.size])
@@ -131,13 +169,13 @@ class LayerTarInfo(tarfile.TarInfo):
         try:
             member = self.fromtarfile(archive)
         except tarfile.HeaderError as e:
-            raise tarfile.SubsequentHeaderError(str(e)) from None
+            raise _SUBSEQUENT_HEADER_ERROR(str(e)) from None
         if self.type != tarfile.XGLTYPE:
             pax_headers = {**archive.pax_headers, **records}
-            member._apply_pax_info(pax_headers, archive.encoding, archive.errors)
+            _internals(member)._apply_pax_info(pax_headers, archive.encoding, archive.errors)
             member.offset = self.offset
             if "size" in pax_headers and member.isreg():
-                archive.offset = member.offset_data + member._block(member.size)
+                archive.offset = member.offset_data + _internals(member)._block(member.size)
         return member
 
 
@@ -145,6 +183,10 @@ class LayerTar(tarfile.TarFile):
     """A TarFile that counts the metadata headers in front of each entry (see LayerTarInfo)."""
 
     tarinfo = LayerTarInfo
+    # What tarfile keeps and typeshed leaves out or types loosely: the global pax headers (a dict,
+    # which _proc_pax updates) and the members read so far (which the unpacker clears).
+    pax_headers: dict[str, str]
+    members: list[tarfile.TarInfo]
     # Class-level zeros: tarfile reads the first header inside __init__, before any of ours could run.
     pending_bytes = 0
     pending_headers = 0

@@ -129,8 +129,8 @@ def parse_config(data: bytes, layer_count: int) -> ImageConfig:
         raise InvalidArgument("image config has no valid rootfs.diff_ids")
     if len(diff_ids) != layer_count:
         raise InvalidArgument(f"image config lists {len(diff_ids)} diff_ids for {layer_count} layers")
-    runtime = doc.get("config") if isinstance(doc.get("config"), dict) else {}
-    user = runtime.get("User") or ""
+    runtime = doc.get("config")
+    user = runtime.get("User") if isinstance(runtime, dict) else None
     return ImageConfig(
         diff_ids=list(diff_ids),
         user=user if isinstance(user, str) else "",

@@ -13,6 +13,7 @@ diff_id), then dropped: only the unpacked layer is ever used.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import logging
@@ -22,14 +23,14 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 from core.errors import AlreadyExists, InvalidArgument
 from core.files import private_dir
 from core.records import RecordStore
 from images.auth import Credentials
 from images.blobs import BlobStore, digest_hex, sha256_digest
-from images.manifest import INDEX_TYPES, Descriptor, parse_config, parse_manifest, select_platform
+from images.manifest import INDEX_TYPES, Descriptor, ImageConfig, parse_config, parse_manifest, select_platform
 from images.reference import Reference, parse_reference
 from images.registry import RegistryClient, Repository
 from images.unpack import UnpackLimits, unpack_layer
@@ -41,8 +42,8 @@ log = logging.getLogger("tandem.images")
 class ImageRecord:
     """An image as the CRI sees it: identified by its config digest."""
 
-    KIND = "image"
-    SCHEMA = 1
+    KIND: ClassVar[str] = "image"
+    SCHEMA: ClassVar[int] = 1
 
     image_id: str
     repo_tags: list[str]
@@ -80,8 +81,8 @@ class ImageRecord:
 class LayerRecord:
     """Written once a layer is fully unpacked and verified: its presence marks the layer usable."""
 
-    KIND = "layer"
-    SCHEMA = 1
+    KIND: ClassVar[str] = "layer"
+    SCHEMA: ClassVar[int] = 1
 
     diff_id: str
     size: int
@@ -146,7 +147,8 @@ class ImageStore:
 
     # ---- queries --------------------------------------------------------------------------
 
-    def list(self) -> list[ImageRecord]:
+    # This method shadows the builtin `list` in the class body, so annotations here say builtins.list.
+    def list(self) -> builtins.list[ImageRecord]:
         return sorted(self._images.values(), key=lambda r: r.pulled_at)
 
     def resolve(self, ref_or_id: str) -> ImageRecord | None:
@@ -177,9 +179,11 @@ class ImageStore:
         return matches[0] if matches else None
 
     def config_of(self, record: ImageRecord) -> dict[str, Any]:
-        return json.loads(self._blobs.read(record.image_id))
+        """The image's config JSON; parse_config made sure it is an object before the pull stored it."""
+        config: dict[str, Any] = json.loads(self._blobs.read(record.image_id))
+        return config
 
-    def layer_dirs(self, record: ImageRecord) -> list[Path]:
+    def layer_dirs(self, record: ImageRecord) -> builtins.list[Path]:
         """The image's unpacked layers, bottom first, for an overlay mount."""
         return [self._layer_root / digest_hex(d) for d in record.layers]
 
@@ -292,8 +296,8 @@ class ImageStore:
         ref: Reference,
         top_digest: str,
         manifest_digest: str,
-        config: Any,
-        blobs: list[str],
+        config: ImageConfig,
+        blobs: builtins.list[str],
         size: int,
     ) -> ImageRecord:
         image_id = blobs[-1]

@@ -23,7 +23,7 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from core.errors import AlreadyExists, DataCorruption, InvalidArgument, ResourceExhausted
 from core.files import fsync_dir
@@ -142,11 +142,13 @@ def _unpack(blob: Path, root: Path, limits: UnpackLimits) -> UnpackResult:
     stream_limit = limits.max_bytes + limits.max_entries * _STREAM_OVERHEAD_PER_ENTRY + MAX_GLOBAL_METADATA
     with decompressed(blob) as (stream, compression):
         reader = HashingReader(stream, compression, stream_limit)
+        # tarfile's stream mode ("r|") only ever calls read() on its file object; typeshed asks for a whole file.
+        source = cast("tarfile._Fileobj", reader)
         root_fd = os.open(root, _DIR_FLAGS)
         try:
             unpacker = _Unpacker(root_fd, limits)
             try:
-                with LayerTar.open(fileobj=reader, mode="r|", encoding="utf-8", errors="surrogateescape") as archive:
+                with LayerTar.open(fileobj=source, mode="r|", encoding="utf-8", errors="surrogateescape") as archive:
                     while (member := archive.next()) is not None:
                         unpacker.add(member, archive)
                         # Stream mode still remembers every member; forgetting keeps memory flat.

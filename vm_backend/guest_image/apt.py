@@ -72,4 +72,4 @@ async def download(cache: Path, packages: dict[str, str], progress: Progress) ->
 async def unpack(debs: list[Path], dest: Path) -> None:
     """Unpack every package's files into `dest`, in order (a later package's file wins)."""
     for deb in debs:
-        await proc.run(["dpkg-deb", "-x", deb, dest], timeout=300)
+        await proc.run(["dpkg-deb", "-x", str(deb), str(dest)], timeout=300)

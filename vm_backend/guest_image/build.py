@@ -67,7 +67,7 @@ async def _build(state_dir: Path, wanted: AssetInputs, progress: apt.Progress) -
         await apt.unpack(debs, unpacked)
         release = wanted.kernel_package.removeprefix("linux-image-")
         try:
-            applets = (await proc.run([unpacked / "bin/busybox", "--list-full"])).stdout.decode().split()
+            applets = (await proc.run([str(unpacked / "bin/busybox"), "--list-full"])).stdout.decode().split()
         except CommandFailed as e:
             raise FailedPrecondition(f"the guest's busybox does not run here: {e}") from e
         progress(

@@ -118,14 +118,14 @@ def add_stdlib(tree: Tree, root: Path, staging: Path, linker: Linker) -> tuple[i
         _add_sourceless(tree, staging, real, f"{_STDLIB}/{rel}")
         modules += 1
     for path in sorted((stdlib / "lib-dynload").glob("*.so")):
-        rel = str(path.relative_to(root))
+        extension = str(path.relative_to(root))
         if _EXTENSION_DROP.match(path.name):
             continue
-        missing = linker.add(rel)
+        missing = linker.add(extension)
         if missing:
             dropped.append(f"{path.name.split('.')[0]} ({', '.join(missing)})")
         else:
-            tree.copy(rel, path, 0o644)
+            tree.copy(extension, path, 0o644)
     return modules, dropped
 
 
