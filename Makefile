@@ -56,7 +56,8 @@ test: setup typecheck
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
-# mypy (configured in pyproject.toml): strict on core/ (with the settings), images/ and sandbox/oci/.
+# mypy (configured in pyproject.toml): strict on core/ (with the settings), images/, sandbox/oci/ and
+# vm_backend/guest_image/; the default level elsewhere.
 typecheck: venv protos
 	$(PY) -m mypy
 

@@ -33,7 +33,7 @@ from tests.support.images import busybox_image, push
 from tests.support.network import delete_bridge, write_bridge_network
 from tests.support.pods import container_config, pod_config
 from tests.support.registry import LocalRegistry
-from vm_backend.assets import assets_root, current_assets
+from vm_backend.guest_image import assets_root, current_assets
 
 DEFAULT_STATE = Path("/var/lib/tandem")
 RPC_TIMEOUT = 180.0

@@ -46,8 +46,8 @@ from tests.support.images import busybox_image, push
 from tests.support.network import delete_bridge, write_bridge_network
 from tests.support.pods import container_config, pod_config
 from tests.support.registry import LocalRegistry
-from vm_backend.assets import GuestAssets, assets_root, current_assets
 from vm_backend.channel import AgentClient
+from vm_backend.guest_image import GuestAssets, assets_root, current_assets
 from vm_backend.qemu import QemuVm, VmSpec
 
 DEFAULT_STATE = Path("/var/lib/tandem")

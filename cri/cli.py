@@ -46,7 +46,7 @@ def _doctor(args: argparse.Namespace) -> int:
 def _assets(args: argparse.Namespace) -> int:
     """Build (or confirm) the guest kernel + initramfs and probe the accelerator, printing the paths."""
     from vm_backend.accel import choose_accel
-    from vm_backend.assets import ensure_assets
+    from vm_backend.guest_image import ensure_assets
 
     config = load_config(Path(args.config) if args.config else None)
     state_dir = Path(args.state_dir) if args.state_dir else config.state_dir

@@ -211,17 +211,17 @@ def _check_vm_program(what: str, path: Path, package: str) -> Finding:
 
 async def _check_vm_guest(config: Config) -> list[Finding]:
     """Guest assets built and current, and the accelerator pod VMs would use (from the cached probe)."""
-    from vm_backend import accel, assets
+    from vm_backend import accel, guest_image
 
     fix = "run `tandem assets` (make setup does)"
     try:
-        status = await assets.asset_status(config.state_dir)
+        status = await guest_image.asset_status(config.state_dir)
     except TandemError as e:
         return [Finding("warn", "guest assets", f"cannot compare with the packages apt offers: {e}", fix)]
     current = status.current
     if current is None:
         return [
-            Finding("warn", "guest assets", f"not built under {assets.assets_root(config.state_dir)}", fix),
+            Finding("warn", "guest assets", f"not built under {guest_image.assets_root(config.state_dir)}", fix),
             Finding("warn", "accel", "not probed yet", fix),
         ]
     size = current.manifest.get("initramfs_bytes", 0) / 2**20

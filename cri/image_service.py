@@ -10,8 +10,8 @@ import grpc
 
 from core.errors import InvalidArgument
 from cri.errors import answer_unimplemented
+from images.auth import Credentials
 from images.manifest import user_of
-from images.registry import Credentials
 from images.store import ImageRecord, ImageStore
 from protos import cri_pb2 as pb
 from protos import cri_pb2_grpc

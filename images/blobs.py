@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import tempfile
 from pathlib import Path
 
 from core.errors import DataCorruption, InvalidArgument
 from core.files import fsync_dir, private_dir
-
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+from images.reference import is_digest
 
 
 def digest_hex(digest: str) -> str:
-    if not _DIGEST.fullmatch(digest):
+    if not is_digest(digest):
         raise InvalidArgument(f"unsupported or malformed digest {digest!r}")
     return digest.split(":", 1)[1]
 
@@ -69,7 +67,7 @@ class BlobStore:
             pass
 
     def digests(self) -> set[str]:
-        return {f"sha256:{p.name}" for p in self.blobs.iterdir() if _DIGEST.fullmatch(f"sha256:{p.name}")}
+        return {f"sha256:{p.name}" for p in self.blobs.iterdir() if is_digest(f"sha256:{p.name}")}
 
     def clear_ingest(self) -> None:
         for leftover in self.ingest.iterdir():

@@ -1,12 +1,19 @@
-"""Parsing and checking of image manifests and configs: registry JSON is untrusted input."""
+"""The OCI image model: descriptors, indexes, manifests and configs, parsed and checked.
+
+Registry JSON is untrusted input: every field is type-checked before use, and a
+manifest's own claims (its media type, its layer count, its config's size) are
+held to what Tandem can and will pull.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from core.errors import InvalidArgument, ResourceExhausted
+from core.errors import InvalidArgument, NotFound, ResourceExhausted
+from images.blobs import sha256_digest
+from images.reference import is_digest
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -25,21 +32,49 @@ LAYER_TYPES = frozenset(
     }
 )
 MAX_CONFIG_BYTES = 8 * 2**20
+_SCHEMA1_TYPES = frozenset(
+    {
+        "application/vnd.docker.distribution.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    }
+)
+_ATTESTATION_ANNOTATION = "vnd.docker.reference.type"
 
 
 @dataclass(frozen=True)
-class BlobRef:
-    """A descriptor as a manifest names it: what to fetch, how big it must be."""
+class Descriptor:
+    """What a manifest or index says about another object: type, digest and exact size."""
 
     media_type: str
     digest: str
     size: int
+    platform: dict[str, Any] | None = field(default=None, hash=False)
+    annotations: dict[str, str] | None = field(default=None, hash=False)
+
+    @classmethod
+    def from_json(cls, obj: object, what: str = "descriptor") -> Descriptor:
+        """Validate an untrusted descriptor object from a manifest or index; `what` names it in errors."""
+        if not isinstance(obj, dict):
+            raise InvalidArgument(f"{what} is not a JSON object")
+        media_type, digest, size = obj.get("mediaType"), obj.get("digest"), obj.get("size")
+        platform, annotations = obj.get("platform"), obj.get("annotations")
+        if not isinstance(media_type, str) or not media_type:
+            raise InvalidArgument(f"{what} has no mediaType")
+        if not isinstance(digest, str) or not is_digest(digest):
+            raise InvalidArgument(f"{what} has a bad digest {digest!r}")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidArgument(f"{what} {digest} has a bad size {size!r}")
+        if platform is not None and not isinstance(platform, dict):
+            raise InvalidArgument(f"{what} {digest} has a bad platform")
+        if annotations is not None and not isinstance(annotations, dict):
+            raise InvalidArgument(f"{what} {digest} has bad annotations")
+        return cls(media_type, digest, size, platform, annotations)
 
 
 @dataclass(frozen=True)
 class ImageManifest:
-    config: BlobRef
-    layers: list[BlobRef]
+    config: Descriptor
+    layers: list[Descriptor]
 
 
 @dataclass(frozen=True)
@@ -61,23 +96,12 @@ def _load(data: bytes, what: str) -> dict[str, Any]:
     return value
 
 
-def _blob_ref(value: Any, what: str) -> BlobRef:
-    if not isinstance(value, dict):
-        raise InvalidArgument(f"{what} is not a descriptor")
-    media_type, digest, size = value.get("mediaType"), value.get("digest"), value.get("size")
-    if not isinstance(media_type, str) or not isinstance(digest, str) or not digest.startswith("sha256:"):
-        raise InvalidArgument(f"{what} has no usable mediaType/sha256 digest")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise InvalidArgument(f"{what} has an invalid size {size!r}")
-    return BlobRef(media_type, digest, size)
-
-
 def parse_manifest(data: bytes, max_layers: int) -> ImageManifest:
     """Check a single-platform manifest and return what must be fetched for it."""
     doc = _load(data, "manifest")
     if doc.get("schemaVersion") != 2:
         raise InvalidArgument(f"manifest schemaVersion {doc.get('schemaVersion')!r} is not supported")
-    config = _blob_ref(doc.get("config"), "manifest config")
+    config = Descriptor.from_json(doc.get("config"), "manifest config")
     if config.media_type not in CONFIG_TYPES:
         raise InvalidArgument(f"manifest config has unsupported media type {config.media_type}")
     if config.size > MAX_CONFIG_BYTES:
@@ -87,7 +111,7 @@ def parse_manifest(data: bytes, max_layers: int) -> ImageManifest:
         raise InvalidArgument("manifest has no layers list")
     if len(raw_layers) > max_layers:
         raise ResourceExhausted(f"image has {len(raw_layers)} layers, over the limit of {max_layers}")
-    layers = [_blob_ref(layer, f"layer {i}") for i, layer in enumerate(raw_layers)]
+    layers = [Descriptor.from_json(layer, f"layer {i}") for i, layer in enumerate(raw_layers)]
     for i, layer in enumerate(layers):
         if layer.media_type not in LAYER_TYPES:
             raise InvalidArgument(f"layer {i} has unsupported media type {layer.media_type}")
@@ -105,8 +129,8 @@ def parse_config(data: bytes, layer_count: int) -> ImageConfig:
         raise InvalidArgument("image config has no valid rootfs.diff_ids")
     if len(diff_ids) != layer_count:
         raise InvalidArgument(f"image config lists {len(diff_ids)} diff_ids for {layer_count} layers")
-    runtime = doc.get("config") if isinstance(doc.get("config"), dict) else {}
-    user = runtime.get("User") or ""
+    runtime = doc.get("config")
+    user = runtime.get("User") if isinstance(runtime, dict) else None
     return ImageConfig(
         diff_ids=list(diff_ids),
         user=user if isinstance(user, str) else "",
@@ -124,3 +148,68 @@ def user_of(user: str) -> tuple[int | None, str]:
     if name.isdigit():
         return int(name), ""
     return None, name
+
+
+def select_platform(
+    index_json: bytes | dict[str, Any], os: str = "linux", arch: str = "amd64", variant: str | None = None
+) -> Descriptor:
+    """Pick the manifest for one platform out of an OCI index or Docker manifest list.
+
+    Attestation manifests (BuildKit's `vnd.docker.reference.type`) are never
+    images. An entry whose variant equals `variant` (absent when None) wins over
+    other variants of the same os/arch.
+    """
+    where = f" {sha256_digest(index_json)}" if isinstance(index_json, bytes) else ""
+    if isinstance(index_json, bytes):
+        try:
+            index_json = json.loads(index_json)
+        except ValueError:
+            raise InvalidArgument(f"index{where} is not valid JSON") from None
+    manifests = index_json.get("manifests") if isinstance(index_json, dict) else None
+    if not isinstance(manifests, list):
+        raise InvalidArgument(f"index{where} has no manifests list")
+    matches: list[Descriptor] = []
+    offered: list[str] = []
+    for entry in manifests:
+        desc = Descriptor.from_json(entry)
+        if _ATTESTATION_ANNOTATION in (desc.annotations or {}):
+            continue
+        platform = desc.platform or {}
+        offered.append("/".join(str(platform.get(k)) for k in ("os", "architecture", "variant") if k in platform))
+        if platform.get("os") == os and platform.get("architecture") == arch:
+            matches.append(desc)
+    if not matches:
+        raise NotFound(f"no {os}/{arch} image in index{where} (it offers {', '.join(offered) or 'nothing'})")
+    exact = [d for d in matches if (d.platform or {}).get("variant") == variant]
+    return (exact or matches)[0]
+
+
+def manifest_media_type(content_type: str, data: bytes, what: str) -> str:
+    """A fetched manifest's type from Content-Type, else its own mediaType field, else its shape.
+
+    `what` (`host: manifest v1`) starts every error message.
+    """
+    header = content_type.split(";")[0].strip().lower()
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        raise InvalidArgument(f"{what} is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise InvalidArgument(f"{what} is not a JSON object")
+    if header in _SCHEMA1_TYPES or doc.get("schemaVersion") == 1:
+        raise InvalidArgument(f"{what}: schema1 is not supported; push it again with a current tool")
+    supported = INDEX_TYPES | MANIFEST_TYPES
+    declared = doc.get("mediaType")
+    if header in supported:
+        media_type = header
+    elif declared in supported:
+        media_type = declared
+    elif "manifests" in doc:
+        media_type = OCI_INDEX
+    elif "config" in doc and "layers" in doc:
+        media_type = OCI_MANIFEST
+    else:
+        raise InvalidArgument(f"{what} has unsupported media type {header or declared!r}")
+    if declared is not None and declared != media_type:
+        raise InvalidArgument(f"{what} was served as {media_type} but declares {declared!r}")
+    return media_type

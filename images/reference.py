@@ -126,3 +126,26 @@ def _split_domain(name: str) -> tuple[str, str]:
     if domain == DEFAULT_DOMAIN and "/" not in path:
         path = _OFFICIAL_PREFIX + path
     return domain, path
+
+
+# ---- registry hosts ---------------------------------------------------------------------------
+
+DOCKER_HUB_ALIASES = frozenset({DEFAULT_DOMAIN, _LEGACY_DOMAIN, "registry-1.docker.io"})
+
+
+def host_of(address: str) -> str:
+    """`https://host:5000/v1/` -> `host:5000`: the host of a server address, URL or not."""
+    return address.partition("://")[2].split("/")[0] if "://" in address else address.split("/")[0]
+
+
+def hostname(host: str) -> str:
+    """`host:port` -> `host`; `[::1]:5000` -> `::1` (lowercased)."""
+    if host.startswith("["):
+        return host[1 : host.find("]")].lower()
+    return host.rsplit(":", 1)[0].lower() if host.count(":") == 1 else host.lower()
+
+
+def canonical_host(address: str) -> str:
+    """The registry a server address names, with Docker Hub's aliases folded into `docker.io`."""
+    host = host_of(address).lower()
+    return DEFAULT_DOMAIN if host in DOCKER_HUB_ALIASES else host

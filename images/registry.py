@@ -1,27 +1,26 @@
 """An OCI distribution (v2) pull client: manifests and blobs, verified, from mirrors or upstream.
 
-Everything a registry sends is untrusted: manifests are size-limited and hashed,
-blobs are hashed while they stream and deleted on any mismatch. Every failure
-leaves here as a `core.errors` exception naming the reference and the host.
+This is the transport: which endpoints to try and over which scheme, and the
+fetches themselves. Answering auth challenges is `images.auth`; what the
+fetched JSON means is `images.manifest`. Everything a registry sends is
+untrusted: manifests are size-limited and hashed, blobs are hashed while they
+stream and deleted on any mismatch. Every failure leaves here as a
+`core.errors` exception naming the reference and the host.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import errno
 import hashlib
 import ipaddress
 import json
 import logging
-import re
 import ssl
-import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TypeVar
 
 import httpx
 
@@ -35,165 +34,19 @@ from core.errors import (
     Unavailable,
 )
 from core.settings import RegistrySettings
-from images.manifest import DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST
-from images.reference import Reference, is_digest, is_registry_host, is_tag
+from images.auth import Authorizer, Credentials, describe_error, parse_www_authenticate
+from images.blobs import sha256_digest
+from images.manifest import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Descriptor, manifest_media_type
+from images.reference import DOCKER_HUB_ALIASES, Reference, host_of, hostname, is_digest, is_registry_host, is_tag
 
 log = logging.getLogger("tandem.registry")
 
 _T = TypeVar("_T")
 
 _ACCEPT = ", ".join([OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST])
-_SCHEMA1_TYPES = frozenset(
-    {
-        "application/vnd.docker.distribution.manifest.v1+json",
-        "application/vnd.docker.distribution.manifest.v1+prettyjws",
-    }
-)
-_DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 _DOCKER_HUB_ENDPOINT = "registry-1.docker.io"
-_ATTESTATION_ANNOTATION = "vnd.docker.reference.type"
-_DEFAULT_TOKEN_TTL = 60.0
 _CHUNK = 1 << 20
 _ERROR_BODY_LIMIT = 4096
-
-
-@dataclass
-class Credentials:
-    """Pull credentials as CRI's AuthConfig carries them; secrets stay out of repr()."""
-
-    username: str = ""
-    password: str = field(default="", repr=False)
-    identity_token: str = field(default="", repr=False)
-    registry_token: str = field(default="", repr=False)
-    server_address: str = ""
-
-    @classmethod
-    def from_cri(
-        cls,
-        username: str = "",
-        password: str = "",
-        auth_b64: str = "",
-        server_address: str = "",
-        identity_token: str = "",
-        registry_token: str = "",
-    ) -> Credentials:
-        """Build from AuthConfig fields; `auth` (base64 "user:pass") fills in a missing username."""
-        if auth_b64 and not username:
-            try:
-                padded = auth_b64 + "=" * (-len(auth_b64) % 4)
-                decoded = base64.b64decode(padded, validate=True).decode()
-            except (binascii.Error, UnicodeDecodeError):
-                raise InvalidArgument("auth is not valid base64") from None
-            username, sep, password = decoded.partition(":")
-            if not sep:
-                raise InvalidArgument("auth must encode user:password")
-        return cls(username, password, identity_token, registry_token, server_address)
-
-    def applies_to(self, host: str) -> bool:
-        """Credentials for one registry must never be offered to another."""
-        return not self.server_address or _canonical_host(self.server_address) == _canonical_host(host)
-
-    def fingerprint(self) -> str:
-        """Tells credential sets apart in caches, so one pull never reuses another's token."""
-        joined = "\0".join([self.username, self.password, self.identity_token, self.registry_token])
-        return hashlib.sha256(joined.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class Descriptor:
-    """What a manifest or index says about another object: type, digest and exact size."""
-
-    media_type: str
-    digest: str
-    size: int
-    platform: dict[str, Any] | None = field(default=None, hash=False)
-    annotations: dict[str, str] | None = field(default=None, hash=False)
-
-    @classmethod
-    def from_json(cls, obj: Any) -> Descriptor:
-        """Validate an untrusted descriptor object from a manifest or index."""
-        if not isinstance(obj, dict):
-            raise InvalidArgument("descriptor is not a JSON object")
-        media_type, digest, size = obj.get("mediaType"), obj.get("digest"), obj.get("size")
-        platform, annotations = obj.get("platform"), obj.get("annotations")
-        if not isinstance(media_type, str) or not media_type:
-            raise InvalidArgument("descriptor has no mediaType")
-        if not isinstance(digest, str) or not is_digest(digest):
-            raise InvalidArgument(f"descriptor has a bad digest {digest!r}")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise InvalidArgument(f"descriptor {digest} has a bad size {size!r}")
-        if platform is not None and not isinstance(platform, dict):
-            raise InvalidArgument(f"descriptor {digest} has a bad platform")
-        if annotations is not None and not isinstance(annotations, dict):
-            raise InvalidArgument(f"descriptor {digest} has bad annotations")
-        return cls(media_type, digest, size, platform, annotations)
-
-
-@dataclass(frozen=True)
-class Challenge:
-    """One challenge from a WWW-Authenticate header; `scheme` is lowercased, as are param names."""
-
-    scheme: str
-    params: dict[str, str] = field(hash=False)
-
-
-_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_SCHEME_RE = re.compile(rf"[\s,]*({_TOKEN})")
-_PARAM_RE = re.compile(rf'[\s,]*({_TOKEN})\s*=\s*(?:"((?:[^"\\]|\\.)*)"|({_TOKEN}))')
-_TOKEN68_RE = re.compile(r"\s+[A-Za-z0-9\-._~+/]+=*\s*(?=,|$)")
-_ESCAPE_RE = re.compile(r"\\(.)")
-
-
-def parse_www_authenticate(headers: str | Iterable[str]) -> list[Challenge]:
-    """Parse RFC 7235 challenges; quoted values may hold commas, one header may hold several."""
-    challenges: list[Challenge] = []
-    for header in [headers] if isinstance(headers, str) else headers:
-        pos = 0
-        while m := _SCHEME_RE.match(header, pos):
-            pos = m.end()
-            params: dict[str, str] = {}
-            if t := _TOKEN68_RE.match(header, pos):
-                pos = t.end()
-            while p := _PARAM_RE.match(header, pos):
-                quoted, bare = p.group(2), p.group(3)
-                params[p.group(1).lower()] = _ESCAPE_RE.sub(r"\1", quoted) if quoted is not None else bare
-                pos = p.end()
-            challenges.append(Challenge(m.group(1).lower(), params))
-    return challenges
-
-
-def select_platform(
-    index_json: bytes | dict[str, Any], os: str = "linux", arch: str = "amd64", variant: str | None = None
-) -> Descriptor:
-    """Pick the manifest for one platform out of an OCI index or Docker manifest list.
-
-    Attestation manifests (BuildKit's `vnd.docker.reference.type`) are never
-    images. An entry whose variant equals `variant` (absent when None) wins over
-    other variants of the same os/arch.
-    """
-    where = f" {_sha256(index_json)}" if isinstance(index_json, bytes) else ""
-    if isinstance(index_json, bytes):
-        try:
-            index_json = json.loads(index_json)
-        except ValueError:
-            raise InvalidArgument(f"index{where} is not valid JSON") from None
-    manifests = index_json.get("manifests") if isinstance(index_json, dict) else None
-    if not isinstance(manifests, list):
-        raise InvalidArgument(f"index{where} has no manifests list")
-    matches: list[Descriptor] = []
-    offered: list[str] = []
-    for entry in manifests:
-        desc = Descriptor.from_json(entry)
-        if _ATTESTATION_ANNOTATION in (desc.annotations or {}):
-            continue
-        platform = desc.platform or {}
-        offered.append("/".join(str(platform.get(k)) for k in ("os", "architecture", "variant") if k in platform))
-        if platform.get("os") == os and platform.get("architecture") == arch:
-            matches.append(desc)
-    if not matches:
-        raise NotFound(f"no {os}/{arch} image in index{where} (it offers {', '.join(offered) or 'nothing'})")
-    exact = [d for d in matches if (d.platform or {}).get("variant") == variant]
-    return (exact or matches)[0]
 
 
 class RegistryClient:
@@ -209,13 +62,13 @@ class RegistryClient:
             verify=ssl.create_default_context(),  # the system trust store, where operators add CAs
             headers={"User-Agent": "tandem"},
         )
-        self._insecure = {_strip_url(h).lower() for h in self.settings.insecure}
+        self._insecure = {host_of(h).lower() for h in self.settings.insecure}
         # built now so that a bad mirror entry fails at startup, not at the first pull
         self._mirrors = {
             domain: [self._endpoint(entry) for entry in entries] for domain, entries in self.settings.mirrors.items()
         }
         self._scheme_of: dict[str, str] = {}
-        self._auth: dict[tuple[str, str, str], tuple[str, float]] = {}
+        self._authorizer = Authorizer(self._http, self._plain_http_allowed)
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -231,7 +84,7 @@ class RegistryClient:
 
     def _endpoints(self, domain: str) -> list[_Endpoint]:
         """Mirrors configured for `domain` in order, then the registry itself."""
-        upstream = _DOCKER_HUB_ENDPOINT if domain in _DOCKER_HUB_ALIASES else domain
+        upstream = _DOCKER_HUB_ENDPOINT if domain in DOCKER_HUB_ALIASES else domain
         return [*self._mirrors.get(domain, []), self._endpoint(upstream)]
 
     def _endpoint(self, entry: str) -> _Endpoint:
@@ -247,11 +100,11 @@ class RegistryClient:
         return _Endpoint(host, ("https", "http") if self._plain_http_allowed(host) else ("https",))
 
     def _plain_http_allowed(self, host: str) -> bool:
-        hostname = _hostname(host)
-        if host.lower() in self._insecure or hostname in self._insecure or hostname == "localhost":
+        name = hostname(host)
+        if host.lower() in self._insecure or name in self._insecure or name == "localhost":
             return True
         try:
-            return ipaddress.ip_address(hostname).is_loopback
+            return ipaddress.ip_address(name).is_loopback
         except ValueError:
             return False
 
@@ -270,25 +123,19 @@ class RegistryClient:
         whose message starts with the host.
         """
         offered = creds if creds is not None and creds.applies_to(ep.host) else None
-        key = (ep.host, scope, offered.fingerprint() if offered else "")
-        cached = self._auth.get(key)
-        authorization = cached[0] if cached and cached[1] > time.monotonic() else None
+        authorization = self._authorizer.cached(ep.host, scope, offered)
         resp = await self._send(ep, path, headers, authorization)
         if resp.status_code == 401 and not resp.history:
             challenges = parse_www_authenticate(resp.headers.get_list("www-authenticate"))
             await resp.aclose()
-            self._auth.pop(key, None)
-            authorization, ttl = await self._authorize(ep.host, challenges, scope, offered)
-            now = time.monotonic()
-            self._auth = {k: v for k, v in self._auth.items() if v[1] > now}
-            self._auth[key] = (authorization, now + ttl)
+            authorization = await self._authorizer.answer(ep.host, challenges, scope, offered)
             resp = await self._send(ep, path, headers, authorization)
         if resp.status_code == 200:
             return resp
         detail = await _error_detail(resp)
         status = resp.status_code
         if status in (401, 403):
-            self._auth.pop(key, None)
+            self._authorizer.forget(ep.host, scope, offered)
             who = "the given credentials" if offered else "anonymous access"
             raise PermissionDenied(
                 f"{ep.host}: {what}: access denied to {who} (HTTP {status}{detail}); "
@@ -322,65 +169,7 @@ class RegistryClient:
                 continue
             self._scheme_of[ep.host] = scheme
             return resp
-        raise Unavailable(f"{ep.host}: unreachable over {'/'.join(schemes)}: {_describe(failures[-1])}")
-
-    async def _authorize(
-        self, host: str, challenges: list[Challenge], scope: str, creds: Credentials | None
-    ) -> tuple[str, float]:
-        """Answer a challenge: the Authorization value to send and how long it stays good."""
-        by_scheme = {c.scheme: c for c in challenges}
-        if bearer := by_scheme.get("bearer"):
-            if creds is not None and creds.registry_token:
-                return f"Bearer {creds.registry_token}", float("inf")
-            token, ttl = await self._fetch_token(host, bearer, scope, creds)
-            return f"Bearer {token}", ttl
-        if "basic" in by_scheme:
-            if creds is None or not creds.username:
-                raise PermissionDenied(f"{host}: registry requires credentials and none apply to it")
-            pair = f"{creds.username}:{creds.password}".encode()
-            return f"Basic {base64.b64encode(pair).decode()}", float("inf")
-        raise PermissionDenied(f"{host}: HTTP 401 without a supported WWW-Authenticate challenge")
-
-    async def _fetch_token(
-        self, host: str, challenge: Challenge, scope: str, creds: Credentials | None
-    ) -> tuple[str, float]:
-        realm = challenge.params.get("realm", "")
-        if not realm.startswith(("https://", "http://")):
-            raise PermissionDenied(f"{host}: bearer challenge has no usable realm {realm!r}")
-        service = challenge.params.get("service")
-        fields = {"scope": scope} | ({"service": service} if service else {})
-        realm_host = _strip_url(realm)
-        sends_secret = creds is not None and bool(creds.identity_token or creds.username)
-        if sends_secret and realm.startswith("http://") and not self._plain_http_allowed(realm_host):
-            raise PermissionDenied(f"{host}: refusing to send credentials over plain HTTP to {realm_host}")
-        try:
-            if creds is not None and creds.identity_token:
-                form = fields | {
-                    "grant_type": "refresh_token",
-                    "refresh_token": creds.identity_token,
-                    "client_id": "tandem",
-                }
-                resp = await self._http.post(realm, data=form)
-            else:
-                basic = (creds.username, creds.password) if creds is not None and creds.username else None
-                resp = await self._http.get(realm, params=fields, auth=basic)
-        except httpx.RequestError as e:
-            raise Unavailable(f"{host}: token service {realm_host} unreachable: {_describe(e)}") from None
-        if resp.status_code in (401, 403):
-            raise PermissionDenied(
-                f"{host}: token service {realm_host} refused the credentials (HTTP {resp.status_code})"
-            )
-        if resp.status_code != 200:
-            raise Unavailable(f"{host}: token service {realm_host} answered HTTP {resp.status_code}")
-        try:
-            body = resp.json()
-            token = body.get("token") or body.get("access_token")
-            ttl = float(body.get("expires_in") or _DEFAULT_TOKEN_TTL)
-        except (ValueError, AttributeError, TypeError):
-            token = None
-        if not isinstance(token, str) or not token:
-            raise Unavailable(f"{host}: token service {realm_host} returned no token")
-        return token, ttl
+        raise Unavailable(f"{ep.host}: unreachable over {'/'.join(schemes)}: {describe_error(failures[-1])}")
 
 
 @dataclass(frozen=True)
@@ -450,7 +239,7 @@ class Repository:
             except TandemError as e:
                 errors.append(e)
             except httpx.RequestError as e:
-                errors.append(Unavailable(f"{ep.host}: connection failed: {_describe(e)}"))
+                errors.append(Unavailable(f"{ep.host}: connection failed: {describe_error(e)}"))
             # misses and dead mirrors are routine; refusals and bad content deserve the operator's eye
             level = logging.DEBUG if isinstance(errors[-1], Unavailable | NotFound) else logging.WARNING
             log.log(level, "%s: %s failed at %s: %s", self.ref, what, ep.host, errors[-1])
@@ -479,13 +268,13 @@ class Repository:
         finally:
             await resp.aclose()
         data = bytes(body)
-        digest = _sha256(data)
+        digest = sha256_digest(data)
         if is_digest(tag_or_digest) and digest != tag_or_digest:
             raise DataCorruption(f"{ep.host}: {what} has digest {digest}")
         header = resp.headers.get("docker-content-digest")
         if header and header != digest:
             raise DataCorruption(f"{ep.host}: {what} has digest {digest} but the registry says {header}")
-        media_type = _manifest_media_type(resp.headers.get("content-type", ""), data, ep.host, what)
+        media_type = manifest_media_type(resp.headers.get("content-type", ""), data, f"{ep.host}: {what}")
         return Descriptor(media_type, digest, len(data)), data
 
     async def _download(self, ep: _Endpoint, desc: Descriptor, dest: Path) -> None:
@@ -516,38 +305,10 @@ class Repository:
             raise DataCorruption(f"{ep.host}: {what} has digest {digest}")
 
 
-def _hash_and_write(hasher: Any, out: IO[bytes], chunk: bytes) -> None:
+def _hash_and_write(hasher: hashlib._Hash, out: IO[bytes], chunk: bytes) -> None:
     """Off the event loop: hashing and writing a megabyte both release the GIL."""
     hasher.update(chunk)
     out.write(chunk)
-
-
-def _manifest_media_type(content_type: str, data: bytes, host: str, what: str) -> str:
-    """The manifest's type from Content-Type, else its own mediaType field, else its shape."""
-    header = content_type.split(";")[0].strip().lower()
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        raise InvalidArgument(f"{host}: {what} is not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise InvalidArgument(f"{host}: {what} is not a JSON object")
-    if header in _SCHEMA1_TYPES or doc.get("schemaVersion") == 1:
-        raise InvalidArgument(f"{host}: {what}: schema1 is not supported; push it again with a current tool")
-    supported = INDEX_TYPES | MANIFEST_TYPES
-    declared = doc.get("mediaType")
-    if header in supported:
-        media_type = header
-    elif declared in supported:
-        media_type = declared
-    elif "manifests" in doc:
-        media_type = OCI_INDEX
-    elif "config" in doc and "layers" in doc:
-        media_type = OCI_MANIFEST
-    else:
-        raise InvalidArgument(f"{host}: {what} has unsupported media type {header or declared!r}")
-    if declared is not None and declared != media_type:
-        raise InvalidArgument(f"{host}: {what} was served as {media_type} but declares {declared!r}")
-    return media_type
 
 
 async def _error_detail(resp: httpx.Response) -> str:
@@ -579,28 +340,3 @@ def _specificity(error: TandemError) -> int:
         if isinstance(error, cls):
             return rank
     return len(_SPECIFICITY)
-
-
-def _describe(error: Exception) -> str:
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-
-
-def _sha256(data: bytes) -> str:
-    return f"sha256:{hashlib.sha256(data).hexdigest()}"
-
-
-def _strip_url(address: str) -> str:
-    """`https://host:5000/v1/` -> `host:5000`."""
-    return address.partition("://")[2].split("/")[0] if "://" in address else address.split("/")[0]
-
-
-def _hostname(host: str) -> str:
-    """`host:port` -> `host`; `[::1]:5000` -> `::1`."""
-    if host.startswith("["):
-        return host[1 : host.find("]")].lower()
-    return host.rsplit(":", 1)[0].lower() if host.count(":") == 1 else host.lower()
-
-
-def _canonical_host(address: str) -> str:
-    host = _strip_url(address).lower()
-    return "docker.io" if host in _DOCKER_HUB_ALIASES else host

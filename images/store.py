@@ -13,6 +13,7 @@ diff_id), then dropped: only the unpacked layer is ever used.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import logging
@@ -27,10 +28,11 @@ from typing import Any, ClassVar, Self
 from core.errors import AlreadyExists, InvalidArgument
 from core.files import private_dir
 from core.records import RecordStore
+from images.auth import Credentials
 from images.blobs import BlobStore, digest_hex, sha256_digest
-from images.manifest import INDEX_TYPES, BlobRef, parse_config, parse_manifest
+from images.manifest import INDEX_TYPES, Descriptor, ImageConfig, parse_config, parse_manifest, select_platform
 from images.reference import Reference, parse_reference
-from images.registry import Credentials, Descriptor, RegistryClient, Repository, select_platform
+from images.registry import RegistryClient, Repository
 from images.unpack import UnpackLimits, unpack_layer
 
 log = logging.getLogger("tandem.images")
@@ -145,7 +147,8 @@ class ImageStore:
 
     # ---- queries --------------------------------------------------------------------------
 
-    def list(self) -> list[ImageRecord]:
+    # This method shadows the builtin `list` in the class body, so annotations here say builtins.list.
+    def list(self) -> builtins.list[ImageRecord]:
         return sorted(self._images.values(), key=lambda r: r.pulled_at)
 
     def resolve(self, ref_or_id: str) -> ImageRecord | None:
@@ -176,9 +179,11 @@ class ImageStore:
         return matches[0] if matches else None
 
     def config_of(self, record: ImageRecord) -> dict[str, Any]:
-        return json.loads(self._blobs.read(record.image_id))
+        """The image's config JSON; parse_config made sure it is an object before the pull stored it."""
+        config: dict[str, Any] = json.loads(self._blobs.read(record.image_id))
+        return config
 
-    def layer_dirs(self, record: ImageRecord) -> list[Path]:
+    def layer_dirs(self, record: ImageRecord) -> builtins.list[Path]:
         """The image's unpacked layers, bottom first, for an overlay mount."""
         return [self._layer_root / digest_hex(d) for d in record.layers]
 
@@ -245,11 +250,11 @@ class ImageStore:
         )
         return record
 
-    async def _fetch_small_blob(self, repo: Repository, blob: BlobRef) -> bytes:
+    async def _fetch_small_blob(self, repo: Repository, blob: Descriptor) -> bytes:
         if not self._blobs.has(blob.digest):
             tmp = self._blobs.new_ingest_path()
             try:
-                await repo.fetch_blob(Descriptor(blob.media_type, blob.digest, blob.size), tmp)
+                await repo.fetch_blob(blob, tmp)
                 self._blobs.commit(tmp, blob.digest)
             finally:
                 tmp.unlink(missing_ok=True)
@@ -259,7 +264,7 @@ class ImageStore:
             raise InvalidArgument(f"stored blob {blob.digest} was altered on disk; pull again")
         return data
 
-    async def _ensure_layer(self, repo: Repository, blob: BlobRef, diff_id: str) -> LayerRecord:
+    async def _ensure_layer(self, repo: Repository, blob: Descriptor, diff_id: str) -> LayerRecord:
         if diff_id in self._layers:
             return self._layers[diff_id]
         task = self._layer_tasks.get(diff_id)
@@ -269,12 +274,12 @@ class ImageStore:
             task.add_done_callback(lambda _t: self._layer_tasks.pop(diff_id, None))
         return await asyncio.shield(task)
 
-    async def _fetch_layer(self, repo: Repository, blob: BlobRef, diff_id: str) -> LayerRecord:
+    async def _fetch_layer(self, repo: Repository, blob: Descriptor, diff_id: str) -> LayerRecord:
         dest = self._layer_root / digest_hex(diff_id)
         tmp = self._blobs.new_ingest_path()
         try:
             async with self._download_slots:
-                await repo.fetch_blob(Descriptor(blob.media_type, blob.digest, blob.size), tmp)
+                await repo.fetch_blob(blob, tmp)
             if dest.exists():
                 # left by a crash after the unpack but before its record: redo it from scratch
                 await asyncio.to_thread(shutil.rmtree, dest)
@@ -291,8 +296,8 @@ class ImageStore:
         ref: Reference,
         top_digest: str,
         manifest_digest: str,
-        config: Any,
-        blobs: list[str],
+        config: ImageConfig,
+        blobs: builtins.list[str],
         size: int,
     ) -> ImageRecord:
         image_id = blobs[-1]

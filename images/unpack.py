@@ -3,8 +3,9 @@
 A layer is an attacker-controlled tar stream, so everything here assumes hostile
 input: names are normalized and checked, every path is resolved below an open
 directory fd one component at a time without following symlinks, tar metadata
-is bounded before tarfile would buffer it, and nothing appears at `dest` unless
-the whole layer unpacked (and hashed to its expected diff_id).
+is bounded before tarfile would buffer it (`images.layer_tar` reads the stream),
+and nothing appears at `dest` unless the whole layer unpacked (and hashed to its
+expected diff_id).
 """
 
 from __future__ import annotations
@@ -13,24 +14,20 @@ import contextlib
 import ctypes
 import decimal
 import errno
-import gzip
-import hashlib
 import logging
 import os
 import secrets
 import shutil
 import stat
 import tarfile
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, NamedTuple
-
-import zstandard
+from typing import NamedTuple, cast
 
 from core.errors import AlreadyExists, DataCorruption, InvalidArgument, ResourceExhausted
 from core.files import fsync_dir
+from images.layer_tar import CHUNK, MAX_GLOBAL_METADATA, HashingReader, LayerTar, decompressed, show
 
 log = logging.getLogger(__name__)
 
@@ -50,29 +47,10 @@ class UnpackResult:
     entries: int
 
 
-_GZIP_MAGIC = b"\x1f\x8b"
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_CHUNK = 1 << 20
-
-# Bounds on tar metadata headers (pax, GNU long names). Real layers use a few
-# hundred bytes and at most three headers per entry; tarfile reads each header
-# whole into memory and recurses once per header, so both need a cap.
-_MAX_ENTRY_METADATA = 1 << 20
-_MAX_ENTRY_HEADERS = 8
-_MAX_GLOBAL_METADATA = 1 << 20
 # Allowance per entry for headers and padding when bounding the whole stream,
 # which stops bombs hidden where file content is not counted (e.g. after the end blocks).
 _STREAM_OVERHEAD_PER_ENTRY = 4096
 
-_METADATA_TYPES = frozenset(
-    {
-        tarfile.XHDTYPE,
-        tarfile.XGLTYPE,
-        tarfile.SOLARIS_XHDTYPE,
-        tarfile.GNUTYPE_LONGNAME,
-        tarfile.GNUTYPE_LONGLINK,
-    }
-)
 _ENTRY_TYPES = frozenset(
     {
         tarfile.REGTYPE,
@@ -161,14 +139,16 @@ def unpack_layer(
 
 
 def _unpack(blob: Path, root: Path, limits: UnpackLimits) -> UnpackResult:
-    stream_limit = limits.max_bytes + limits.max_entries * _STREAM_OVERHEAD_PER_ENTRY + _MAX_GLOBAL_METADATA
-    with _decompressed(blob) as (stream, compression):
-        reader = _HashingReader(stream, compression, stream_limit)
+    stream_limit = limits.max_bytes + limits.max_entries * _STREAM_OVERHEAD_PER_ENTRY + MAX_GLOBAL_METADATA
+    with decompressed(blob) as (stream, compression):
+        reader = HashingReader(stream, compression, stream_limit)
+        # tarfile's stream mode ("r|") only ever calls read() on its file object; typeshed asks for a whole file.
+        source = cast("tarfile._Fileobj", reader)
         root_fd = os.open(root, _DIR_FLAGS)
         try:
             unpacker = _Unpacker(root_fd, limits)
             try:
-                with _LayerTar.open(fileobj=reader, mode="r|", encoding="utf-8", errors="surrogateescape") as archive:
+                with LayerTar.open(fileobj=source, mode="r|", encoding="utf-8", errors="surrogateescape") as archive:
                     while (member := archive.next()) is not None:
                         unpacker.add(member, archive)
                         # Stream mode still remembers every member; forgetting keeps memory flat.
@@ -180,148 +160,6 @@ def _unpack(blob: Path, root: Path, limits: UnpackLimits) -> UnpackResult:
             os.close(root_fd)
         reader.drain()
     return UnpackResult(diff_id=reader.diff_id, size=unpacker.size, entries=unpacker.entries)
-
-
-@contextlib.contextmanager
-def _decompressed(blob: Path) -> Iterator[tuple[IO[bytes], str]]:
-    """Open `blob` as an uncompressed stream; the format comes from its magic bytes, not a media type."""
-    with open(blob, "rb") as raw:
-        magic = raw.read(len(_ZSTD_MAGIC))
-        raw.seek(0)
-        if magic.startswith(_GZIP_MAGIC):
-            with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
-                yield stream, "gzip"
-        elif magic == _ZSTD_MAGIC:
-            decompressor = zstandard.ZstdDecompressor()
-            with decompressor.stream_reader(raw, read_across_frames=True, closefd=False) as stream:
-                yield stream, "zstd"
-        else:
-            yield raw, "tar"
-
-
-class _HashingReader:
-    """The uncompressed stream as tarfile reads it: hashed for the diff_id and bounded in size."""
-
-    def __init__(self, stream: IO[bytes], compression: str, limit: int) -> None:
-        self._stream = stream
-        self._compression = compression
-        self._limit = limit
-        self._total = 0
-        self._sha = hashlib.sha256()
-
-    def read(self, size: int) -> bytes:
-        try:
-            data = self._stream.read(size)
-        except (EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError) as e:
-            raise InvalidArgument(f"layer is not valid {self._compression}: {e}") from e
-        self._total += len(data)
-        if self._total > self._limit:
-            raise ResourceExhausted(f"layer uncompresses to more than {self._limit} bytes")
-        self._sha.update(data)
-        return data
-
-    def drain(self) -> None:
-        """Hash what follows the tar end blocks: the diff_id covers the whole stream."""
-        while self.read(_CHUNK):
-            pass
-
-    @property
-    def diff_id(self) -> str:
-        return f"sha256:{self._sha.hexdigest()}"
-
-
-class _LayerTarInfo(tarfile.TarInfo):
-    """TarInfo that refuses what stock tarfile would accept unsafely.
-
-    Stock tarfile treats a corrupt header mid-stream as the end of the archive,
-    buffers and recurses on any number of metadata headers, and parses pax
-    records with regexes that go quadratic on crafted input (CVE-2024-6232 in
-    Python < 3.11.10). Sparse files are refused: their maps are unbounded and
-    no image builder writes them.
-    """
-
-    @classmethod
-    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> _LayerTarInfo:
-        try:
-            return super().frombuf(buf, encoding, errors)
-        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as e:
-            raise InvalidArgument(f"layer has a corrupt tar header: {e}") from None
-
-    def _proc_member(self, archive: _LayerTar) -> tarfile.TarInfo:
-        if self.type == tarfile.GNUTYPE_SPARSE:
-            raise InvalidArgument(f"layer entry {_show(self.name)} is a sparse file, which is not supported")
-        if self.type in _METADATA_TYPES:
-            archive.count_metadata(self)
-        else:
-            archive.entry_started()
-        return super()._proc_member(archive)
-
-    def _proc_pax(self, archive: _LayerTar) -> tarfile.TarInfo:
-        """Do what tarfile does with a pax header, but parse it with _parse_pax."""
-        buf = archive.fileobj.read(self._block(self.size))
-        if len(buf) < self.size:
-            raise InvalidArgument("layer ends inside a pax header")
-        records = _parse_pax(buf[: self.size])
-        if any(key.startswith("GNU.sparse.") for key in records):
-            raise InvalidArgument("layer contains a sparse file, which is not supported")
-        if self.type == tarfile.XGLTYPE:
-            archive.pax_headers.update(records)
-        try:
-            member = self.fromtarfile(archive)
-        except tarfile.HeaderError as e:
-            raise tarfile.SubsequentHeaderError(str(e)) from None
-        if self.type != tarfile.XGLTYPE:
-            pax_headers = {**archive.pax_headers, **records}
-            member._apply_pax_info(pax_headers, archive.encoding, archive.errors)
-            member.offset = self.offset
-            if "size" in pax_headers and member.isreg():
-                archive.offset = member.offset_data + member._block(member.size)
-        return member
-
-
-class _LayerTar(tarfile.TarFile):
-    """A TarFile that counts the metadata headers in front of each entry (see _LayerTarInfo)."""
-
-    tarinfo = _LayerTarInfo
-    # Class-level zeros: tarfile reads the first header inside __init__, before any of ours could run.
-    pending_bytes = 0
-    pending_headers = 0
-    global_bytes = 0
-
-    def count_metadata(self, header: tarfile.TarInfo) -> None:
-        self.pending_headers += 1
-        self.pending_bytes += header.size
-        if header.type == tarfile.XGLTYPE:
-            self.global_bytes += header.size
-        if (
-            header.size < 0
-            or self.pending_headers > _MAX_ENTRY_HEADERS
-            or self.pending_bytes > _MAX_ENTRY_METADATA
-            or self.global_bytes > _MAX_GLOBAL_METADATA
-        ):
-            raise InvalidArgument("layer has implausibly large or many tar metadata headers")
-
-    def entry_started(self) -> None:
-        self.pending_bytes = self.pending_headers = 0
-
-
-def _parse_pax(buf: bytes) -> dict[str, str]:
-    """Parse pax records ("<length> <key>=<value>\\n") in one linear pass, refusing anything malformed."""
-    records: dict[str, str] = {}
-    pos = 0
-    while pos < len(buf):
-        space = buf.find(b" ", pos, pos + 20)
-        if space <= pos or not buf[pos:space].isdigit():
-            raise InvalidArgument("layer has a malformed pax header")
-        end = pos + int(buf[pos:space])
-        if end > len(buf) or end <= space + 1 or buf[end - 1] != ord("\n"):
-            raise InvalidArgument("layer has a malformed pax header")
-        key, equals, value = buf[space + 1 : end - 1].partition(b"=")
-        if not key or not equals:
-            raise InvalidArgument("layer has a malformed pax header")
-        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        pos = end
-    return records
 
 
 class _Attrs(NamedTuple):
@@ -344,7 +182,7 @@ def _mtime_ns(member: tarfile.TarInfo) -> int:
     except (KeyError, decimal.InvalidOperation):
         seconds = decimal.Decimal(member.mtime)
     if not (seconds.is_finite() and seconds.copy_abs() < _MAX_MTIME):
-        raise InvalidArgument(f"layer entry {_show(member.name)} has an impossible mtime")
+        raise InvalidArgument(f"layer entry {show(member.name)} has an impossible mtime")
     return int(seconds * 1_000_000_000)
 
 
@@ -367,13 +205,13 @@ class _Unpacker:
             raise ResourceExhausted(f"layer has more than {self._limits.max_entries} entries")
         parts = self._check(member)
         if (member.ischr() or member.isblk()) and not self._limits.allow_devices:
-            log.debug("skipping device node %s in layer", _show(member.name))
+            log.debug("skipping device node %s in layer", show(member.name))
             return
         with _blame(member.name):
             if not parts:
                 self._update_root(member)
             elif _is_aufs_metadata(parts):
-                log.debug("skipping aufs metadata %s in layer", _show(member.name))
+                log.debug("skipping aufs metadata %s in layer", show(member.name))
             elif parts[-1] == _OPAQUE:
                 self._opaque(parts[:-1], member)
             elif parts[-1].startswith(_WHITEOUT):
@@ -398,7 +236,7 @@ class _Unpacker:
 
     def _check(self, member: tarfile.TarInfo) -> list[str]:
         """Refuse entries no filesystem should see; returns the normalized name's components."""
-        name = _show(member.name)
+        name = show(member.name)
         if member.type not in _ENTRY_TYPES:
             raise InvalidArgument(f"layer entry {name} has unsupported type {member.type!r}")
         if member.size < 0 or not (0 <= member.uid <= _MAX_ID and 0 <= member.gid <= _MAX_ID):
@@ -413,10 +251,10 @@ class _Unpacker:
 
     def _check_path(self, path: str, entry: str) -> None:
         if "\0" in path:
-            raise InvalidArgument(f"layer entry {_show(entry)} has a NUL byte in {_show(path)}")
+            raise InvalidArgument(f"layer entry {show(entry)} has a NUL byte in {show(path)}")
         if len(os.fsencode(path)) > self._limits.max_name_length:
             raise InvalidArgument(
-                f"layer entry {_show(entry)} has a path longer than {self._limits.max_name_length} bytes"
+                f"layer entry {show(entry)} has a path longer than {self._limits.max_name_length} bytes"
             )
 
     def _components(self, path: str, entry: str) -> list[str]:
@@ -424,8 +262,8 @@ class _Unpacker:
         self._check_path(path, entry)
         parts = [part for part in path.split("/") if part not in ("", ".")]
         if ".." in parts:
-            where = "" if path == entry else f" (via {_show(path)})"
-            raise InvalidArgument(f"layer entry {_show(entry)}{where} escapes the layer")
+            where = "" if path == entry else f" (via {show(path)})"
+            raise InvalidArgument(f"layer entry {show(entry)}{where} escapes the layer")
         return parts
 
     def _open_dir(self, parts: Sequence[str], entry: str, *, create: bool = True) -> int:
@@ -436,13 +274,13 @@ class _Unpacker:
         fd = os.open(".", _DIR_FLAGS, dir_fd=self._root)
         try:
             for depth, part in enumerate(parts, 1):
-                where = _show("/".join(parts[:depth]))
+                where = show("/".join(parts[:depth]))
                 try:
                     child = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except FileNotFoundError:
                     if not create:
                         raise InvalidArgument(
-                            f"layer entry {_show(entry)} needs {where}, which is not in the layer"
+                            f"layer entry {show(entry)} needs {where}, which is not in the layer"
                         ) from None
                     os.mkdir(part, 0o700, dir_fd=fd)
                     child = os.open(part, _DIR_FLAGS, dir_fd=fd)
@@ -451,8 +289,8 @@ class _Unpacker:
                     if e.errno not in (errno.ENOTDIR, errno.ELOOP):
                         raise
                     if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
-                        raise InvalidArgument(f"layer entry {_show(entry)} traverses a symlink at {where}") from None
-                    raise InvalidArgument(f"layer entry {_show(entry)} needs {where} to be a directory") from None
+                        raise InvalidArgument(f"layer entry {show(entry)} traverses a symlink at {where}") from None
+                    raise InvalidArgument(f"layer entry {show(entry)} needs {where} to be a directory") from None
                 os.close(fd)
                 fd = child
         except BaseException:
@@ -462,7 +300,7 @@ class _Unpacker:
 
     def _update_root(self, member: tarfile.TarInfo) -> None:
         if not member.isdir():
-            raise InvalidArgument(f"layer entry {_show(member.name)} would replace the layer root")
+            raise InvalidArgument(f"layer entry {show(member.name)} would replace the layer root")
         _set_xattrs(self._root, member)
         self._dirs[""] = _Attrs.of(member)
 
@@ -479,7 +317,7 @@ class _Unpacker:
         *parent, leaf = parts
         hidden = leaf.removeprefix(_WHITEOUT)
         if hidden in ("", ".", ".."):
-            raise InvalidArgument(f"layer entry {_show(member.name)} is not a valid whiteout")
+            raise InvalidArgument(f"layer entry {show(member.name)} is not a valid whiteout")
         dir_fd = self._open_dir(parent, member.name)
         try:
             _remove(dir_fd, hidden)
@@ -529,7 +367,7 @@ class _Unpacker:
         source = archive.extractfile(member)
         assert source is not None  # regular members always have content
         with os.fdopen(os.open(leaf, _FILE_FLAGS, 0o600, dir_fd=dir_fd), "wb") as out:
-            shutil.copyfileobj(source, out, _CHUNK)
+            shutil.copyfileobj(source, out, CHUNK)
             out.flush()
             _set_attrs(out.fileno(), _Attrs.of(member))
             _set_xattrs(out.fileno(), member)
@@ -537,7 +375,7 @@ class _Unpacker:
 
     def _link(self, dir_fd: int, parts: list[str], member: tarfile.TarInfo) -> None:
         """Hard-link to a non-directory already unpacked in this layer, found without following symlinks."""
-        name = _show(member.name)
+        name = show(member.name)
         target = self._components(member.linkname, member.name)
         if not target:
             raise InvalidArgument(f"layer entry {name} is a hard link to the layer root")
@@ -550,7 +388,7 @@ class _Unpacker:
                 target_mode = os.stat(target_leaf, dir_fd=source_fd, follow_symlinks=False).st_mode
             except FileNotFoundError:
                 raise InvalidArgument(
-                    f"layer entry {name} links to {_show(member.linkname)}, which is not in the layer"
+                    f"layer entry {name} links to {show(member.linkname)}, which is not in the layer"
                 ) from None
             if stat.S_ISDIR(target_mode):
                 raise InvalidArgument(f"layer entry {name} is a hard link to a directory")
@@ -592,7 +430,7 @@ def _xattrs(member: tarfile.TarInfo) -> Iterator[tuple[str, bytes]]:
             continue
         name = key.removeprefix(_XATTR_PAX_PREFIX)
         if name.startswith(_OVERLAY_XATTRS):
-            log.warning("layer entry %s: ignoring xattr %s", _show(member.name), name)
+            log.warning("layer entry %s: ignoring xattr %s", show(member.name), name)
             continue
         yield name, value.encode("utf-8", "surrogateescape")
 
@@ -630,17 +468,12 @@ def _blame(name: str) -> Iterator[None]:
         yield
     except OSError as e:
         if e.errno in _SPACE_ERRNOS:
-            raise ResourceExhausted(f"no space left to unpack layer entry {_show(name)}") from e
+            raise ResourceExhausted(f"no space left to unpack layer entry {show(name)}") from e
         if e.errno in _CONTENT_ERRNOS:
-            raise InvalidArgument(f"layer entry {_show(name)} cannot be created: {e.strerror}") from e
+            raise InvalidArgument(f"layer entry {show(name)} cannot be created: {e.strerror}") from e
         raise
     except (ValueError, OverflowError) as e:  # e.g. NUL in an xattr name, absurd mtime or device number
-        raise InvalidArgument(f"layer entry {_show(name)} is malformed: {e}") from e
-
-
-def _show(name: str) -> str:
-    """Quote an attacker-chosen name for a message, cut short so it cannot flood logs."""
-    return repr(name if len(name) <= 200 else name[:200] + "...")
+        raise InvalidArgument(f"layer entry {show(name)} is malformed: {e}") from e
 
 
 def _sync_filesystem(path: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 from core import proc
 from core.errors import TandemError
 from core.files import atomic_write_json, private_dir
-from vm_backend.assets import GuestAssets
+from vm_backend.guest_image import GuestAssets
 from vm_backend.qemu import PROBE_MARKER, QemuVm, VmSpec, console_marker
 
 log = logging.getLogger("tandem.vm.accel")

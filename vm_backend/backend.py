@@ -53,8 +53,8 @@ from sandbox.oci import rootfs
 from sandbox.oci.model import Resources, Spec
 from sandbox.oci.platform import ContainerPlatform, HostInfo
 from vm_backend.accel import choose_accel
-from vm_backend.assets import GuestAssets, current_assets
 from vm_backend.events import PodEvents
+from vm_backend.guest_image import GuestAssets, current_assets
 from vm_backend.guest_spec import (
     check_vm_container,
     guest_host_info,

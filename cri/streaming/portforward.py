@@ -23,7 +23,7 @@ from typing import Any
 
 from core.chunks import ChunkQueue
 from core.errors import TandemError
-from cri.streaming.spdy import SpdySession, SpdyStream, StreamClosed
+from cri.streaming.spdy.session import SpdySession, SpdyStream, StreamClosed
 from cri.streaming.websocket import WebSocket, join_channel, split_channel
 from sandbox.backend import ByteChannel
 

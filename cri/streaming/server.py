@@ -23,7 +23,7 @@ from wsproto.utilities import RemoteProtocolError
 from core.errors import Unavailable
 from core.settings import StreamingSettings
 from cri.streaming import portforward, remotecommand
-from cri.streaming.spdy import SpdySession
+from cri.streaming.spdy.session import SpdySession
 from cri.streaming.tokens import StreamRequest, TokenCache
 from cri.streaming.websocket import MessageStream, WebSocket
 from protos import cri_pb2 as pb

@@ -10,7 +10,7 @@ import contextlib
 from wsproto import ConnectionState, WSConnection
 from wsproto.events import BytesMessage, CloseConnection, Event, Message, Ping, TextMessage
 
-from cri.streaming.spdy import ByteChannel
+from cri.streaming.spdy.session import ByteChannel
 
 MAX_MESSAGE = 17 * 2**20
 """Largest message accepted: a tunnelled SPDY DATA frame (16 MiB) and then some."""

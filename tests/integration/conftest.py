@@ -13,7 +13,7 @@ from protos import cri_pb2 as pb
 from tests.support.daemon import TandemDaemon
 from tests.support.network import PrivateNetwork, write_bridge_network
 from tests.support.pods import remove_pods_and_stop
-from vm_backend.assets import GuestAssets, assets_root, current_assets
+from vm_backend.guest_image import GuestAssets, assets_root, current_assets
 
 
 @dataclass

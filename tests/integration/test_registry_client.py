@@ -12,9 +12,10 @@ import pytest
 
 from core.errors import DataCorruption, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable
 from core.settings import RegistrySettings
-from images.manifest import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from images.auth import Credentials
+from images.manifest import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Descriptor, select_platform
 from images.reference import parse_reference
-from images.registry import Credentials, Descriptor, RegistryClient, select_platform
+from images.registry import RegistryClient
 from tests.support.authproxy import SERVICE, AuthProxy
 from tests.support.images import (
     Image,

@@ -15,7 +15,7 @@ import pytest
 from core import proc
 from core.errors import DeadlineExceeded
 from core.settings import Config
-from vm_backend.assets import GuestAssets, ensure_assets
+from vm_backend.guest_image import GuestAssets, ensure_assets
 from vm_backend.qemu import QemuVm, VmSpec, console_marker
 from vm_backend.virtiofs import Virtiofsd
 

@@ -1,4 +1,4 @@
-"""Finding the PVH-bootable ELF kernel inside a bzImage (vm_backend/kernel_image.py)."""
+"""Finding the PVH-bootable ELF kernel inside a bzImage (vm_backend/guest_image/kernel.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from vm_backend.kernel_image import extract_vmlinux, has_pvh_entry
+from vm_backend.guest_image.kernel import extract_vmlinux, has_pvh_entry
 
 
 def elf_with_note(name: bytes, note_type: int) -> bytes:

@@ -5,7 +5,7 @@ import base64
 import pytest
 
 from core.errors import InvalidArgument
-from images.registry import Challenge, Credentials, parse_www_authenticate
+from images.auth import Challenge, Credentials, parse_www_authenticate
 
 
 def test_bearer_challenge_with_quoted_commas() -> None:

@@ -12,7 +12,7 @@ from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Reje
 from core.chunks import ChunkQueue
 from core.settings import StreamingSettings
 from cri.streaming.server import StreamingServer
-from cri.streaming.spdy import FLAG_FIN, Data, FrameDecoder, FrameEncoder, GoAway, RstStream, SynReply, SynStream
+from cri.streaming.spdy.codec import FLAG_FIN, Data, FrameDecoder, FrameEncoder, GoAway, RstStream, SynReply, SynStream
 from protos import cri_pb2 as pb
 from sandbox.backend import ByteChannel, Process, StreamChannel
 from tests.support.wait import eventually

@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 
 from core.errors import FailedPrecondition, InvalidArgument
-from vm_backend import accel, assets
+from vm_backend import accel
 from vm_backend.accel import AccelChoice
-from vm_backend.assets import AssetInputs, GuestAssets
-from vm_backend.initramfs import Tree, load_order, module_deps, module_name, read_elf, write_cpio
+from vm_backend.guest_image import GuestAssets, apt, build, inputs, store
+from vm_backend.guest_image.cpio import Tree, write_cpio
+from vm_backend.guest_image.elf import read_elf
+from vm_backend.guest_image.inputs import AssetInputs
+from vm_backend.guest_image.modules import load_order, module_deps, module_name
 from vm_backend.qemu import TapNic, VmSpec, build_argv, kernel_cmdline
 from vm_backend.virtiofs import Virtiofsd
 
@@ -169,8 +172,10 @@ def test_digest_covers_every_input_and_nothing_else():
 
 
 def test_local_inputs_include_init_the_agent_and_the_builder():
-    labels = set(assets.input_files())
-    assert {"init.sh", "protos/agent_pb2.py", "builder/assets.py", "builder/initramfs.py"} <= labels
+    labels = set(inputs.input_files())
+    builder = {f"builder/{p.name}" for p in Path(inputs.__file__).parent.glob("*.py")}
+    assert {"builder/build.py", "builder/initramfs.py", "builder/cpio.py", "builder/kernel.py"} <= builder
+    assert {"init.sh", "protos/agent_pb2.py", "agent/__main__.py", *builder} <= labels
     assert {"protobuf/message.py", "protobuf/pyext/cpp_message.py", "protobuf/_upb/_message.abi3.so"} <= labels
     assert not any(label.endswith(".pyc") or "__pycache__" in label for label in labels)
     assert [label for label in labels if label.endswith(".so")] == ["protobuf/_upb/_message.abi3.so"]
@@ -182,27 +187,27 @@ def test_apt_records_and_the_kernel_dependency():
         "Depends: linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)\nDescription: x\n continued: y\n\n"
         "Package: runc\nVersion: 1.1.5+ds1-1\n"
     )
-    records = assets._parse_apt_records(text)
+    records = apt.parse_records(text)
     assert records["runc"]["Version"] == "1.1.5+ds1-1"
     assert "continued" not in records["linux-image-cloud-amd64"]
-    package, version = assets.kernel_image_dependency(records["linux-image-cloud-amd64"]["Depends"])
+    package, version = inputs.kernel_image_dependency(records["linux-image-cloud-amd64"]["Depends"])
     assert (package, version) == ("linux-image-6.1.0-56-cloud-amd64", "6.1.192-2")
     with pytest.raises(FailedPrecondition):
-        assets.kernel_image_dependency("linux-image-6.1.0-56-cloud-amd64")
+        inputs.kernel_image_dependency("linux-image-6.1.0-56-cloud-amd64")
 
 
 def fake_build(calls: list[str]):
-    async def build(state_dir, inputs, progress):
-        calls.append(inputs.digest())
-        out = assets.assets_root(state_dir) / inputs.digest()
+    async def fake(state_dir, wanted, progress):
+        calls.append(wanted.digest())
+        out = store.assets_root(state_dir) / wanted.digest()
         out.mkdir(parents=True, exist_ok=True)
-        for name in (assets.KERNEL_FILE, assets.INITRAMFS_FILE):
+        for name in (store.KERNEL_FILE, store.INITRAMFS_FILE):
             (out / name).write_bytes(b"x")
-        manifest = {"digest": inputs.digest(), "kernel_release": "6.1.0-56-cloud-amd64", "kernel_file": "vmlinux"}
-        (out / assets.MANIFEST_FILE).write_text(json.dumps(manifest))
-        return assets._load(out)
+        manifest = {"digest": wanted.digest(), "kernel_release": "6.1.0-56-cloud-amd64", "kernel_file": "vmlinux"}
+        (out / store.MANIFEST_FILE).write_text(json.dumps(manifest))
+        return store.load(out)
 
-    return build
+    return fake
 
 
 async def test_assets_are_rebuilt_only_when_an_input_changes(tmp_path, monkeypatch):
@@ -212,23 +217,23 @@ async def test_assets_are_rebuilt_only_when_an_input_changes(tmp_path, monkeypat
     async def resolve(update=False):
         return current["inputs"]
 
-    monkeypatch.setattr(assets, "resolve_inputs", resolve)
-    monkeypatch.setattr(assets, "_build", fake_build(calls))
+    monkeypatch.setattr(inputs, "resolve_inputs", resolve)
+    monkeypatch.setattr(build, "_build", fake_build(calls))
     quiet = lambda line: None  # noqa: E731
 
-    first = await assets.ensure_assets(tmp_path, progress=quiet)
-    again = await assets.ensure_assets(tmp_path, progress=quiet)
+    first = await build.ensure_assets(tmp_path, progress=quiet)
+    again = await build.ensure_assets(tmp_path, progress=quiet)
     assert calls == [INPUTS.digest()] and again.dir == first.dir
-    assert assets.current_assets(tmp_path).digest == INPUTS.digest()
+    assert store.current_assets(tmp_path).digest == INPUTS.digest()
 
     current["inputs"] = AssetInputs(INPUTS.packages, INPUTS.files | {"init.sh": "changed"})
-    assert (await assets.asset_status(tmp_path)).fresh is False
-    rebuilt = await assets.ensure_assets(tmp_path, progress=quiet)
+    assert (await build.asset_status(tmp_path)).fresh is False
+    rebuilt = await build.ensure_assets(tmp_path, progress=quiet)
     assert calls[-1] == rebuilt.digest != first.digest
     assert not first.dir.exists()  # the superseded build is removed
-    assert (await assets.asset_status(tmp_path)).fresh is True
+    assert (await build.asset_status(tmp_path)).fresh is True
 
-    await assets.ensure_assets(tmp_path, force=True, progress=quiet)
+    await build.ensure_assets(tmp_path, force=True, progress=quiet)
     assert len(calls) == 3
 
 

@@ -12,8 +12,8 @@ from protos import cri_pb2 as pb
 from sandbox.model import ContainerRecord, ContainerState, SandboxRecord
 from sandbox.oci.capabilities import CAPABILITIES
 from sandbox.oci.spec import container_spec
-from vm_backend.assets import GuestAssets
 from vm_backend.backend import VM_DIED, VmBackend, vm_size
+from vm_backend.guest_image import GuestAssets
 from vm_backend.guest_spec import check_vm_container, guest_platform, to_guest
 
 CID = "c" * 64

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Tandem's guest /init (busybox sh as PID 1, built into the initramfs by vm_backend/assets.py).
+# Tandem's guest /init (busybox sh as PID 1, laid out in the initramfs by vm_backend/guest_image/initramfs.py).
 #
 # Moves to a root that crun can pivot_root away from, mounts what the agent and crun need, loads
 # the virtio modules, mounts the pod's virtio-fs share, finds the agent's virtio-serial port (no

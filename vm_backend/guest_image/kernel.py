@@ -18,8 +18,10 @@ import struct
 import subprocess
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
-from vm_backend import initramfs
+from vm_backend.guest_image.elf import is_elf64, segments
+from vm_backend.guest_image.store import BZIMAGE_FILE, KERNEL_FILE
 
 _PT_NOTE = 4
 _XEN_ELFNOTE_PHYS32_ENTRY = 18
@@ -57,9 +59,9 @@ _COMPRESSORS: tuple[tuple[bytes, Callable[[bytes], bytes]], ...] = (
 
 def has_pvh_entry(elf: bytes) -> bool:
     """Whether this ELF64 kernel carries the Xen PHYS32_ENTRY note that PVH boot starts from."""
-    if not initramfs.is_elf64(elf):
+    if not is_elf64(elf):
         return False
-    for p_type, offset, size in initramfs.segments(elf):
+    for p_type, offset, size in segments(elf):
         if p_type != _PT_NOTE:
             continue
         pos, end = offset, offset + size
@@ -85,3 +87,13 @@ def extract_vmlinux(bzimage: bytes) -> bytes | None:
                 return elf
             start = bzimage.find(magic, start + 1)
     return None
+
+
+def install_kernel(bzimage: Path, out: Path) -> str:
+    """Write the kernel VMs boot into `out`: the PVH vmlinux when one can be had, else the bzImage."""
+    vmlinux = extract_vmlinux(bzimage.read_bytes())
+    if vmlinux is None:
+        shutil.copyfile(bzimage, out / BZIMAGE_FILE)
+        return BZIMAGE_FILE
+    (out / KERNEL_FILE).write_bytes(vmlinux)
+    return KERNEL_FILE

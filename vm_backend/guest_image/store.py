@@ -1,0 +1,95 @@
+"""Where built guest images live: one directory per input digest, `current` pointing at the last build.
+
+    <state_dir>/vm/assets/<digest>/   vmlinux (or vmlinuz), initramfs.cpio, manifest.json
+    <state_dir>/vm/assets/current     -> <digest>
+    <state_dir>/vm/assets/.lock       held by the one builder at a time
+
+A build is assembled elsewhere and moved in whole, so a digest directory with a
+manifest is a complete build; a pod boots whatever `current` names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.files import private_dir
+
+KERNEL_FILE = "vmlinux"  # the ELF kernel, booted through its PVH entry (vm_backend/guest_image/kernel.py)
+BZIMAGE_FILE = "vmlinuz"  # the packaged bzImage, booted when no PVH-capable ELF comes out of it
+INITRAMFS_FILE = "initramfs.cpio"
+MANIFEST_FILE = "manifest.json"
+_CURRENT = "current"
+
+
+@dataclass(frozen=True)
+class GuestAssets:
+    """A built kernel + initramfs pair and what it was built from."""
+
+    dir: Path
+    digest: str
+    kernel: Path
+    initramfs: Path
+    kernel_release: str
+    manifest: dict[str, Any]  # manifest.json as written by the build
+
+
+def assets_root(state_dir: Path) -> Path:
+    return state_dir / "vm" / "assets"
+
+
+def load(directory: Path) -> GuestAssets | None:
+    """The build in `directory`, or None if it is not a complete one."""
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    kernel, image = directory / manifest.get("kernel_file", BZIMAGE_FILE), directory / INITRAMFS_FILE
+    if not (kernel.is_file() and image.is_file()):
+        return None
+    return GuestAssets(directory, manifest["digest"], kernel, image, manifest["kernel_release"], manifest)
+
+
+def current_assets(state_dir: Path) -> GuestAssets | None:
+    """The last built assets (no freshness check, no apt): what a pod boots."""
+    return load((assets_root(state_dir) / _CURRENT).resolve())
+
+
+@asynccontextmanager
+async def build_lock(root: Path) -> AsyncIterator[None]:
+    """One builder at a time (`make setup` and a test session may race): flock a file beside the assets."""
+    fd = os.open(private_dir(root) / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def publish(root: Path, digest: str, built: Path) -> None:
+    """Move a finished build into its digest directory, replacing a broken one of the same digest."""
+    shutil.rmtree(root / digest, ignore_errors=True)
+    built.rename(root / digest)
+
+
+def make_current(root: Path, digest: str) -> None:
+    """Point `current` at `digest`, then remove every other build.
+
+    QEMU reads the kernel and initramfs at launch, so running VMs do not need
+    the files of an older build any more.
+    """
+    tmp = root / f".current.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(digest)
+    os.replace(tmp, root / _CURRENT)
+    for old in root.iterdir():
+        if old.name not in (digest, _CURRENT) and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)
