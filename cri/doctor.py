@@ -17,9 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from core import cgroups
 from core.errors import TandemError
 from cri.config import Config, load_config
-from runc_backend import cgroups
+from runc_backend.cgroups import oom_score_adj_floor
 from sandbox import cni
 
 
@@ -147,7 +148,7 @@ def _check_cgroups() -> Finding:
     missing = [c for c in ("cpu", "memory", "pids") if mode != "v2" and c not in controllers]
     if missing:
         return Finding("FAIL", "cgroups", f"{mode}: no {', '.join(missing)} hierarchy", "mount the cgroup controllers")
-    floor = cgroups.oom_score_adj_floor()
+    floor = oom_score_adj_floor()
     note = f"; oom_score_adj floor {floor} (containers are clamped to it)" if floor > -1000 else ""
     return Finding("ok", "cgroups", f"{mode}, cgroupfs driver{note}")
 

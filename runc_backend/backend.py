@@ -32,11 +32,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core import cgroups, mounts
 from core.errors import FailedPrecondition, NotFound, Unavailable
 from core.files import atomic_write_bytes, atomic_write_json, private_dir
 from cri.config import Config
 from protos import cri_pb2 as pb
-from runc_backend import cgroups, conmon, pinns, rootfs, spec, streams
+from runc_backend import conmon, pinns, rootfs, spec, streams
+from runc_backend.cgroups import oom_score_adj_floor, usage_from_stats
 from runc_backend.conmon import Conmon
 from runc_backend.runc import Runc
 from sandbox import podfiles, signals
@@ -63,7 +65,7 @@ class RuncBackend(Backend):
         self.pods = private_dir(run / "pods")
         self.layers = private_dir(config.state_dir / "runc" / "layers")
         self.infra_rootfs = config.state_dir / "runc" / "infra-rootfs"
-        self.oom_floor = cgroups.oom_score_adj_floor()
+        self.oom_floor = oom_score_adj_floor()
         self._pods_private = False
 
     @classmethod
@@ -132,7 +134,7 @@ class RuncBackend(Backend):
         atomic_write_bytes(files.resolv_conf, podfiles.resolv_conf(config.dns_config), mode=0o644, durable=False)
         hosts = Path("/etc/hosts").read_bytes() if sandbox.host_network else podfiles.hosts(hostname, sandbox.ips)
         atomic_write_bytes(files.hosts, hosts, mode=0o644, durable=False)
-        if files.shm is not None and not rootfs.is_mounted(files.shm):
+        if files.shm is not None and not mounts.is_mounted(files.shm):
             files.shm.mkdir(exist_ok=True)
             await _mount_shm(files.shm)
         return files
@@ -411,7 +413,7 @@ class RuncBackend(Backend):
         await self.runc.update(container.id, spec.linux_resources(resources))
 
     async def container_usage(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage:
-        stats = cgroups.usage_from_stats(await self.runc.stats(container.id))
+        stats = usage_from_stats(await self.runc.stats(container.id))
         used, inodes = await asyncio.to_thread(rootfs.writable_layer_usage, self.layers / container.id / "upper")
         return ContainerUsage(
             timestamp=time.time_ns(),
@@ -488,8 +490,8 @@ def _open_init(state: dict[str, Any]) -> tuple[bool, int | None]:
 
 async def _mount_shm(target: Path) -> None:
     options = f"mode=1777,size={SHM_SIZE}"
-    flags = rootfs.MS_NOSUID | rootfs.MS_NODEV | rootfs.MS_NOEXEC
+    flags = mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC
     try:
-        rootfs.sys_mount("shm", target, "tmpfs", flags, options)
+        mounts.sys_mount("shm", target, "tmpfs", flags, options)
     except OSError as e:
         raise FailedPrecondition(f"cannot mount the pod's /dev/shm: {e}") from e

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
-from runc_backend import rootfs
+from core import mounts
 
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
@@ -42,7 +42,7 @@ def _propagation(mount_point: str) -> list[str] | None:
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
-            if rootfs._unescape(fields[4]) == mount_point:
+            if mounts.unescape(fields[4]) == mount_point:
                 found = fields[6 : fields.index("-", 6)]
     return found
 
@@ -53,10 +53,10 @@ def make_private(root: Path) -> None:
         mount_point = os.path.realpath(root)
         fields = _propagation(mount_point)
         if fields is None:
-            rootfs.sys_mount(mount_point, mount_point, None, rootfs.MS_BIND)
+            mounts.sys_mount(mount_point, mount_point, None, mounts.MS_BIND)
             fields = _propagation(mount_point) or []
         if any(f.startswith(("shared:", "master:")) for f in fields):
-            rootfs.sys_mount(None, mount_point, None, rootfs.MS_PRIVATE)
+            mounts.sys_mount(None, mount_point, None, mounts.MS_PRIVATE)
 
 
 def _sysctl_path(name: str) -> str:
@@ -89,7 +89,7 @@ def _pin(
         if wanted:
             target = pod_dir / kind
             os.close(os.open(target, os.O_CREAT | os.O_RDONLY, 0o444))
-            rootfs.sys_mount(f"/proc/self/task/{tid}/ns/{kind}", target, None, rootfs.MS_BIND)
+            mounts.sys_mount(f"/proc/self/task/{tid}/ns/{kind}", target, None, mounts.MS_BIND)
     net = {k: v for k, v in sysctls.items() if is_net_sysctl(k)}
     if net and netns:
         fd = os.open(netns, os.O_RDONLY)
@@ -138,7 +138,7 @@ def unpin(pod_dir: Path) -> None:
     """Unmount (lazily) and remove the pinned namespace files; absent is success."""
     for kind in ("ipc", "uts"):
         path = pod_dir / kind
-        rootfs.sys_umount(path, rootfs.MNT_DETACH)
+        mounts.sys_umount(path, mounts.MNT_DETACH)
         try:
             path.unlink()
         except FileNotFoundError:

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core import cgroups
 from core.errors import FailedPrecondition, InvalidArgument, NotFound
 from protos import cri_pb2 as pb
-from runc_backend import cgroups
 from runc_backend.seccomp import load_localhost_profile, runtime_default_profile
 from runc_backend.users import resolve_identity
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core import proc
+from core import mounts, proc
 from core.errors import FailedPrecondition, InvalidArgument, TandemError, Unavailable
 from core.files import atomic_write_json, private_dir
 from cri.config import Config
@@ -630,7 +630,7 @@ class VmBackend(Backend):
                 target.mkdir(exist_ok=True)
             else:
                 target.touch(exist_ok=True)
-            if not rootfs.is_mounted(target):
+            if not mounts.is_mounted(target):
                 await proc.run(["mount", "--rbind", source, target])
                 await proc.run(["mount", "--make-rprivate", target])
                 if mount.readonly:
@@ -645,7 +645,7 @@ class VmBackend(Backend):
     async def _release_container_mounts(self, vfs: Virtiofsd, run_dir: Path, container_id: str) -> None:
         mounts_dir = vfs.share / container_id / "mounts"
         inside = sorted(
-            (m.mount_point for m in rootfs.mounts() if m.mount_point.startswith(f"{mounts_dir}/")),
+            (m.mount_point for m in mounts.mounts() if m.mount_point.startswith(f"{mounts_dir}/")),
             key=len,
             reverse=True,
         )

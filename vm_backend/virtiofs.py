@@ -18,7 +18,8 @@ from pathlib import Path
 
 from core import proc
 from core.errors import FailedPrecondition, InvalidArgument, Unavailable
-from runc_backend.rootfs import is_mounted, mounts, unmount
+from core.mounts import is_mounted, mounts
+from runc_backend.rootfs import unmount
 from vm_backend.qemu import spawn_detached, wait_exit
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"

@@ -26,11 +26,13 @@ from typing import Any
 
 import pytest
 
+from core import cgroups
 from core.errors import CommandFailed, DeadlineExceeded, FailedPrecondition, NotFound
+from core.mounts import is_mounted, mounts
 from core.proc import run
-from runc_backend import cgroups
+from runc_backend.cgroups import usage_from_stats
 from runc_backend.conmon import Conmon, monitor_pid, oom_killed, read_exit, wait_exit
-from runc_backend.rootfs import LINKS_DIR, is_mounted, mount_rootfs, mounts, unmount, writable_layer_usage
+from runc_backend.rootfs import LINKS_DIR, mount_rootfs, unmount, writable_layer_usage
 from runc_backend.runc import Runc
 
 pytestmark = pytest.mark.integration
@@ -417,7 +419,7 @@ async def test_stats_have_cpu_memory_and_pids(plumbing: Plumbing):
     await asyncio.sleep(0.5)
     stats = await plumbing.runc.stats(c.cid)
     assert stats["cpu"]["usage"]["total"] > 0 and stats["memory"]["usage"]["usage"] > 0
-    usage = cgroups.usage_from_stats(stats)
+    usage = usage_from_stats(stats)
     assert usage["cpu_usage_ns"] and usage["memory_usage_bytes"] and usage["pids"] == 1
     assert usage["memory_working_set_bytes"] is not None and usage["page_faults"]
     await plumbing.runc.kill(c.cid, signal.SIGKILL)

@@ -1,4 +1,4 @@
-"""The pure parts of runc_backend.cgroups: path rules, mount detection, and mapping runc's stats to CRI figures."""
+"""The pure parts of core.cgroups (path rules, mount detection) and runc_backend.cgroups (runc's stats for CRI)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
+from core import cgroups
 from core.errors import InvalidArgument
-from runc_backend import cgroups
-from runc_backend.rootfs import MountEntry, mounts
+from core.mounts import MountEntry, mounts
+from runc_backend.cgroups import oom_score_adj_floor, usage_from_stats
 
 # `runc events --stats` data, captured from a busybox container on this project's Debian 12 hybrid host
 # (cgroup v1 + unified) with a 64 MiB limit, after it wrote 8 MiB to its disk-backed /tmp and 2 MiB to tmpfs.
@@ -118,7 +119,7 @@ V2_STATS: dict[str, Any] = {
 
 
 def test_v1_stats_map_to_cri_figures():
-    assert cgroups.usage_from_stats(V1_STATS) == {
+    assert usage_from_stats(V1_STATS) == {
         "cpu_usage_ns": 71910139,
         "memory_usage_bytes": 11374592,
         "memory_working_set_bytes": 11374592 - 8388608,  # usage less total_inactive_file
@@ -131,7 +132,7 @@ def test_v1_stats_map_to_cri_figures():
 
 
 def test_v2_stats_use_v2_key_names_and_unlimited_has_no_available_figure():
-    usage = cgroups.usage_from_stats(V2_STATS)
+    usage = usage_from_stats(V2_STATS)
     assert usage["memory_working_set_bytes"] == 11374592 - 8388608
     assert (usage["memory_rss_bytes"], usage["page_faults"], usage["major_page_faults"]) == (106496, 953, 2)
     assert usage["memory_available_bytes"] is None
@@ -139,10 +140,10 @@ def test_v2_stats_use_v2_key_names_and_unlimited_has_no_available_figure():
 
 def test_working_set_never_goes_negative_and_missing_figures_are_none():
     stats = {"memory": {"usage": {"usage": 100}, "raw": {"total_inactive_file": 4096}}}
-    usage = cgroups.usage_from_stats(stats)
+    usage = usage_from_stats(stats)
     assert usage["memory_working_set_bytes"] == 0
     assert usage["cpu_usage_ns"] is None and usage["pids"] is None and usage["memory_rss_bytes"] is None
-    assert set(cgroups.usage_from_stats({}).values()) == {None}
+    assert set(usage_from_stats({}).values()) == {None}
 
 
 @pytest.mark.parametrize(
@@ -206,8 +207,8 @@ def test_hierarchies_are_the_cgroup_mounts_below_the_cgroup_root():
         Path("/sys/fs/cgroup/unified"),
     ]
     assert cgroups.hierarchies(V2_ONLY) == [Path("/sys/fs/cgroup")]
-    assert MountEntry("/mnt/odd name", "cgroup") in mounts(HYBRID)  # mountinfo's octal escapes undone
+    assert MountEntry("/mnt/odd name", "cgroup", "rw,pids") in mounts(HYBRID)  # mountinfo's octal escapes undone
 
 
 def test_oom_score_adj_floor_is_this_process_score():
-    assert cgroups.oom_score_adj_floor() == int(Path("/proc/self/oom_score_adj").read_text())
+    assert oom_score_adj_floor() == int(Path("/proc/self/oom_score_adj").read_text())
