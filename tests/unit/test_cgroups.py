@@ -210,5 +210,34 @@ def test_hierarchies_are_the_cgroup_mounts_below_the_cgroup_root():
     assert MountEntry("/mnt/odd name", "cgroup", "rw,pids") in mounts(HYBRID)  # mountinfo's octal escapes undone
 
 
+def test_controllers_are_found_in_the_v1_mount_options():
+    roots = cgroups.controller_roots(HYBRID)
+    assert roots["memory"] == (Path("/sys/fs/cgroup/memory"), 1)
+    assert roots["cpu"] == roots["cpuacct"] == (Path("/sys/fs/cgroup/cpu,cpuacct"), 1)
+    assert "xattr" not in roots and "systemd" not in roots
+    assert "pids" not in roots  # mounted outside the cgroup root: not a hierarchy of ours
+
+
+def test_directories_name_the_cgroup_in_every_hierarchy_and_never_the_root():
+    assert cgroups.directories("/tandem/p/p", V2_ONLY) == [Path("/sys/fs/cgroup/tandem/p/p")]
+    assert Path("/sys/fs/cgroup/memory/tandem/p/p") in cgroups.directories("/tandem/p/p", HYBRID)
+    with pytest.raises(InvalidArgument):
+        cgroups.directories("/", HYBRID)
+    with pytest.raises(InvalidArgument):
+        cgroups.directories("/a/../b", HYBRID)
+
+
+def test_limits_are_written_per_cgroup_version():
+    files = cgroups.limit_files(cgroups.Limits(memory_bytes=300 * 2**20, pids=170, cpu_quota_us=200_000))
+    assert files["memory"][1] == [
+        ("memory.limit_in_bytes", "314572800"),
+        ("memory.memsw.limit_in_bytes", "314572800"),  # no swap
+    ]
+    assert files["memory"][2] == [("memory.max", "314572800"), ("memory.swap.max", "0")]
+    assert files["pids"][1] == files["pids"][2] == [("pids.max", "170")]
+    assert files["cpu"][1] == [("cpu.cfs_period_us", "100000"), ("cpu.cfs_quota_us", "200000")]
+    assert files["cpu"][2] == [("cpu.max", "200000 100000")]
+
+
 def test_oom_score_adj_floor_is_this_process_score():
     assert oom_score_adj_floor() == int(Path("/proc/self/oom_score_adj").read_text())
