@@ -4,7 +4,9 @@ Container rootfs directories reach the guest by being bind-mounted into the
 share as they are created; nothing else of the host is ever exported. The share
 is its own private mount, so those binds stay out of other mount namespaces.
 virtiofsd serves one QEMU connection and exits when QEMU goes away: every QEMU
-launch (including a boot retry) gets a fresh one.
+launch (including a boot retry) gets a fresh one. With a jail, it starts inside
+the VM's cgroup (through the jailer, which does nothing else to it) and its socket
+is handed to the jailed QEMU's uid before QEMU starts.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from core import proc
 from core.errors import FailedPrecondition, InvalidArgument, Unavailable
 from core.mounts import is_mounted, mounts
 from runc_backend.rootfs import unmount
+from vm_backend.jail import Jail
 from vm_backend.qemu import spawn_detached, wait_exit
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
@@ -72,11 +75,12 @@ class Virtiofsd:
     def alive(self) -> bool:
         return self.pid() is not None
 
-    async def start(self) -> None:
-        """Launch a fresh virtiofsd (stopping a previous one) and wait for its socket."""
+    async def start(self, jail: Jail | None = None) -> None:
+        """Launch a fresh virtiofsd (stopping a previous one) and wait for its socket (then `jail`'s uid's)."""
         await self.prepare_share()
         await self.stop()
-        pid = await asyncio.to_thread(spawn_detached, self.argv(), self.log_file)
+        argv = self.argv() if jail is None else [*jail.join_prefix(), *self.argv()]
+        pid = await asyncio.to_thread(spawn_detached, argv, self.log_file)
         self.pidfile.write_text(f"{pid}\n")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _SOCKET_WAIT
@@ -86,6 +90,10 @@ class Virtiofsd:
                 await self.stop()
                 raise Unavailable(f"virtiofsd did not start: {self._log_tail()}")
             await asyncio.sleep(0.02)
+        if jail is not None:
+            # No race: the socket's directory is root's alone, and QEMU starts only after this.
+            os.chown(self.socket, jail.uid, jail.gid)
+            os.chmod(self.socket, 0o600)
 
     def _log_tail(self) -> str:
         try:
