@@ -109,7 +109,7 @@ def _bind(root: str, source: str, flags: int) -> None:
         sys_mount(source, target, None, MS_BIND)
         sys_mount(None, target, None, MS_BIND | MS_REMOUNT | flags)
     except OSError as e:
-        raise JailError(f"binding {source} into the jail: {e}") from e
+        raise JailError(f"binding {source} into the jail: {e.strerror}") from e
 
 
 def build_root(root: str, program: str, ro: Sequence[str], rw: Sequence[str], devices: Sequence[str],
