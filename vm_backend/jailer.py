@@ -12,7 +12,9 @@ happens between fork and exec of the multi-threaded daemon. In order:
 3. with `--root`, builds the jail: a private mount namespace whose root is a
    tmpfs holding only the `--ro` paths (bound read-only), the `--rw` dirs, the
    `--dev` nodes and the merged-/usr symlinks, at the same paths as on the host
-   so that the VMM's command line does not change; no /proc; pivot_root into it;
+   so that the VMM's command line does not change; pivot_root into it. No /proc:
+   QEMU 7.2 looks for /proc/self/exe, /proc/self/status, /proc/stat and /proc/mounts
+   (strace) and does without each;
    then drops to `--uid`/`--gid` with no supplementary groups, no capabilities
    in any set, no_new_privs, RLIMIT_NOFILE `--nofile` and no core dumps;
 4. execs PROGRAM (with an empty environment when jailed).

@@ -198,7 +198,7 @@ def qmp_option(spec: VmSpec) -> str:
     return f"unix:{_opt(spec.qmp_socket)},server=on,wait=off"
 
 
-def launch_argv(spec: VmSpec, qemu_argv: list[str]) -> list[str]:
+def launch_argv(spec: VmSpec, qemu_argv: list[str], share_socket: Path | None = None) -> list[str]:
     """QEMU's command line behind the jailer (or, without a jail, behind `nsenter` into the pod's netns)."""
     if spec.jail is None:
         return ["nsenter", f"--net={spec.netns}", "--", *qemu_argv] if spec.netns else qemu_argv
@@ -208,11 +208,9 @@ def launch_argv(spec: VmSpec, qemu_argv: list[str]) -> list[str]:
     binary = Path(shutil.which(spec.qemu) or spec.qemu)
     if not binary.is_relative_to("/usr"):
         ro.append(binary)
-    # The virtiofsd socket stays in the root-owned run dir and is bound in by itself.
+    if share_socket is not None:
+        ro.append(share_socket)  # it stays in the root-owned run dir, bound in by itself
     rw = [spec.vmm_dir]
-    share = [p for p in qemu_argv if p.startswith("socket,id=vfs,path=")]
-    if share:
-        ro.append(Path(share[0].partition("path=")[2]))
     devices = ["null", "zero", "random", "urandom"] + (["kvm"] if spec.accel == "kvm" else [])
     prefix = spec.jail.qemu_prefix(root=spec.jail_root, netns=spec.netns, ro=ro, rw=rw, devices=devices)
     return [*prefix, *qemu_argv]
@@ -376,7 +374,8 @@ class QemuVm:
         self._log_offset = self._console_size()
         tap_fd = await open_tap(spec.netns, spec.tap.ifname) if spec.tap is not None and spec.netns else None
         try:
-            argv = launch_argv(spec, build_argv(spec, self.virtiofsd.socket if self.virtiofsd else None, tap_fd))
+            share = self.virtiofsd.socket if self.virtiofsd is not None else None
+            argv = launch_argv(spec, build_argv(spec, share, tap_fd), share)
             if self.virtiofsd is not None:
                 await self.virtiofsd.start(jail)
             try:

@@ -56,15 +56,16 @@ def spec(tmp_path: Path, jail: Jail | None, accel: str = "tcg") -> VmSpec:
 def test_qemu_gets_the_tap_as_a_descriptor_and_the_same_argv_jailed_or_not(tmp_path):
     jail = Jail(7000, 7000, (Path("/sys/fs/cgroup/memory/p/x"), Path("/sys/fs/cgroup/pids/p/x")))
     jailed, free = spec(tmp_path, jail), spec(tmp_path, None)
-    qemu = build_argv(jailed, tmp_path / "run" / "virtiofsd.sock", tap_fd=9)
-    assert qemu == build_argv(free, tmp_path / "run" / "virtiofsd.sock", tap_fd=9)
+    share = tmp_path / "run" / "virtiofsd.sock"
+    qemu = build_argv(jailed, share, tap_fd=9)
+    assert qemu == build_argv(free, share, tap_fd=9)
     assert "tap,id=n0,fd=9" in qemu and not any("ifname" in a for a in qemu)
     assert "-pidfile" not in qemu  # the daemon writes it: QEMU could not be trusted to
     with pytest.raises(InvalidArgument, match="file descriptor"):
         build_argv(jailed)
 
-    assert launch_argv(free, qemu) == ["nsenter", "--net=/run/netns/p1", "--", *qemu]
-    argv = launch_argv(jailed, qemu)
+    assert launch_argv(free, qemu, share) == ["nsenter", "--net=/run/netns/p1", "--", *qemu]
+    argv = launch_argv(jailed, qemu, share)
     prefix, program = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     assert program == qemu
     args = jailer.parse([*prefix[3:], "--", *program])
@@ -73,7 +74,7 @@ def test_qemu_gets_the_tap_as_a_descriptor_and_the_same_argv_jailed_or_not(tmp_p
     assert {"/usr", "/assets/vmlinux", "/assets/initrd", str(tmp_path / "run" / "virtiofsd.sock")} <= set(args.ro)
     assert args.rw == [str(tmp_path / "run" / "vmm")]  # the one writable place: not the run dir with the share
     assert sorted(args.dev) == ["null", "random", "urandom", "zero"]
-    assert "kvm" in jailer.parse(launch_argv(spec(tmp_path, jail, "kvm"), qemu)[3:]).dev
+    assert "kvm" in jailer.parse(launch_argv(spec(tmp_path, jail, "kvm"), qemu, share)[3:]).dev
     assert args.program == qemu
 
 
