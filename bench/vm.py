@@ -1,4 +1,4 @@
-"""VM pods (issue #4): pod start vs a bare QEMU boot, host memory per idle VM pod, and density.
+"""VM pods (issue #4): pod start vs a bare QEMU boot, the jail's cost, host memory per idle VM pod, density.
 
     .venv/bin/python -m bench.vm [--samples N] [--idle-pods K] [--density-cap N] [--skip ...] [--keep]
 
@@ -11,6 +11,12 @@
    answers Hello on its virtio-serial socket (H), which shows how much of A is
    the agent starting. Alternating A/B, the one going first alternates per
    sample; ratio A/B per pair, median (goal <= 1.15), and A/H.
+1b. jail: the same pod start (A) on a second daemon whose `[vm] jail = false` (U: QEMU as root,
+   no jailer, no cgroup, no uid), alternating A/U, the one going first alternating per sample;
+   ratio A/U per pair, median (goal < 1.05): what the VMM's jail costs a pod start. Pod starts
+   under TCG on a shared machine vary by a second or more, so the jail's fixed part is also timed
+   alone: `qemu -version` through the jailer (as a VM's QEMU is jailed) vs bare, alternating, and
+   making + removing a VM's cgroup with its limits.
 2. memory: K idle VM pods with one sleeping container each; after an idle wait,
    the PSS (/proc/PID/smaps_rollup) of every host process whose command line names
    the pod's VM run dir (QEMU, virtiofsd), per pod and mean; the daemon's PSS apart.
@@ -28,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -39,15 +46,28 @@ from pathlib import Path
 
 import grpc
 
-from bench.pods import BenchError, _ignore_sigterm, _quietly, _remove_workdir, _sigterm, _stop_tandem
+from bench.pods import (
+    BenchError,
+    _ignore_sigterm,
+    _quietly,
+    _remove_workdir,
+    _sigterm,
+    _stop_tandem,
+    free_octets,
+    write_network,
+)
+from core import cgroups
+from core.settings import JAIL_UID_COUNT, JAIL_UID_FIRST
 from protos import cri_pb2 as pb
 from tests.support.daemon import TandemDaemon
 from tests.support.images import busybox_image, push
-from tests.support.network import delete_bridge, write_bridge_network
+from tests.support.network import delete_bridge
 from tests.support.pods import container_config, pod_config
 from tests.support.registry import LocalRegistry
+from vm_backend import resources
 from vm_backend.channel import AgentClient
 from vm_backend.guest_image import GuestAssets, assets_root, current_assets
+from vm_backend.jail import Jail, JailIds
 from vm_backend.qemu import QemuVm, VmSpec
 
 DEFAULT_STATE = Path("/var/lib/tandem")
@@ -238,6 +258,63 @@ def measure_start(pods: Pods, assets: GuestAssets, workdir: Path, samples: int) 
     print(f"# {load()}")
 
 
+def measure_jail(jailed: Pods, unjailed: Pods, samples: int) -> None:
+    print(f"\n## 1b. the jail's cost: VM pod start jailed (A) vs [vm] jail = false (U), {samples} samples, alternating")
+    print(f"{'sample':>7} {'first':>6} {'A jailed':>9} {'U':>9} {'A/U':>6}  load")
+    pairs: list[tuple[float, float]] = []
+    for n in range(samples):
+        times = {}
+        order = ("A", "U") if n % 2 == 0 else ("U", "A")
+        for side in order:
+            pods = jailed if side == "A" else unjailed
+            pod_id, times[side] = pods.start(retries=1)
+            pods.remove(pod_id)
+        pairs.append((times["A"], times["U"]))
+        print(f"{n + 1:>7} {order[0]:>6} {times['A']:>8.3f}s {times['U']:>8.3f}s {times['A'] / times['U']:>6.3f}  "
+              f"{os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+    ratios = [a / u for a, u in pairs]
+    print(
+        f"jail: A median {statistics.median(a for a, _ in pairs):.3f} s, "
+        f"U median {statistics.median(u for _, u in pairs):.3f} s\n"
+        f"jail: ratio A/U median {statistics.median(ratios):.3f} ({min(ratios):.3f} .. {max(ratios):.3f}); goal < 1.05"
+    )
+    jailer, cgroup = jail_fixed_cost(jailed.daemon.socket.parent / "vm" / "jail-ids")
+    start = statistics.median(u for _, u in pairs)
+    share = (jailer * 2 + cgroup) / start  # QEMU and virtiofsd both start through the jailer (virtiofsd unjailed)
+    print(f"jail: fixed cost, medians of 20: the jailer {jailer * 1000:.1f} ms, the VM's cgroup {cgroup * 1000:.1f} ms;"
+          f" at most {share:.2%} of U's median start")  # fmt: skip
+    print(f"# {load()}")
+
+
+def jail_fixed_cost(ids_dir: Path, samples: int = 20) -> tuple[float, float]:
+    """(jailed - bare `qemu -version`, cgroup create + limits + remove), seconds, medians."""
+    ids = JailIds(ids_dir, JAIL_UID_FIRST, JAIL_UID_COUNT)
+    owner = f"bench-{os.getpid()}"
+    uid = ids.allocate(owner)
+    work = Path(tempfile.mkdtemp(prefix="jail-", dir=ids_dir.parent))
+    qemu = ["/usr/bin/qemu-system-x86_64", "-version"]
+    ro = [Path("/usr"), Path("/etc/ld.so.cache")]  # as for a VM
+    jailed = Jail(uid, uid).qemu_prefix(root=work / "jail", netns=None, ro=ro, rw=[], devices=["null"])
+    differences, cgroup_times = [], []
+    try:
+        for n in range(samples):
+            times = {}
+            for side in ("jailed", "bare") if n % 2 == 0 else ("bare", "jailed"):
+                began = time.perf_counter()
+                subprocess.run([*jailed, *qemu] if side == "jailed" else qemu, check=True, capture_output=True)
+                times[side] = time.perf_counter() - began
+            differences.append(times["jailed"] - times["bare"])
+            path = f"/tandem-bench/{owner}-{n}"
+            began = time.perf_counter()
+            resources.create_cgroup(path, resources.vm_limits(VCPUS, MEMORY_MIB, "tcg"))
+            cgroups.remove("/tandem-bench")
+            cgroup_times.append(time.perf_counter() - began)
+    finally:
+        ids.release(owner)
+        shutil.rmtree(work, ignore_errors=True)
+    return statistics.median(differences), statistics.median(cgroup_times)
+
+
 def measure_memory(pods: Pods, count: int, idle: float) -> None:
     print(f"\n## 2. host memory per idle VM pod: {count} pods, one `sleep 3600` container each, {idle:g} s idle")
     started = [pods.start(retries=1)[0] for _ in range(count)]
@@ -314,6 +391,33 @@ def _kill_leftovers(workdir: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def start_tandem(
+    stack: contextlib.ExitStack, tdir: Path, assets: GuestAssets, octet: int, vm_config: str
+) -> TandemDaemon:
+    """An isolated daemon under `tdir` on its own bridge, booting `assets` under TCG; torn down by `stack`."""
+    root = assets_root(tdir / "state")
+    root.mkdir(parents=True)
+    (root / "current").symlink_to(assets.dir)
+    bridge = write_network(tdir / "net.d", octet)
+    stack.callback(_quietly("deleting the bridge", lambda: delete_bridge(bridge)))
+    daemon = TandemDaemon.isolated(tdir, f'[vm]\naccel = "tcg"\n{vm_config}')
+    stack.callback(_quietly("unmounting", lambda: daemon.unmount_workdir(tdir)))
+    stack.callback(_quietly("killing leftovers", lambda: _kill_leftovers(tdir)))
+    stack.callback(_quietly("stopping tandem", lambda: _stop_tandem(daemon)))
+    daemon.start()
+    return daemon
+
+
+def start_unjailed(stack: contextlib.ExitStack, workdir: Path, assets: GuestAssets, image: str, octet: int) -> Pods:
+    """A second daemon, the same but for `[vm] jail = false`."""
+    daemon = start_tandem(stack, workdir / "unjailed", assets, octet, "jail = false\n")
+    pods = Pods(daemon, image, workdir / "logs-unjailed")
+    stack.callback(_quietly("removing pods", pods.remove_all))
+    daemon.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=image)), timeout=300)
+    _wait_network_ready(daemon)
+    return pods
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(argv)
@@ -328,7 +432,7 @@ def _run(argv: Sequence[str] | None) -> int:
     parser.add_argument("--idle-pods", type=int, default=3, help="pods for the memory measurement (default 3)")
     parser.add_argument("--idle-seconds", type=float, default=10.0, help="idle wait before PSS (default 10)")
     parser.add_argument("--density-cap", type=int, default=60, help="most pods in the density run (default 60)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["start", "memory", "density"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["start", "jail", "memory", "density"])
     parser.add_argument("--keep", action="store_true", help="keep the work dir")
     args = parser.parse_args(argv)
     assets = current_assets(DEFAULT_STATE)
@@ -343,18 +447,10 @@ def _run(argv: Sequence[str] | None) -> int:
         registry = stack.enter_context(LocalRegistry())
         image = f"{registry.host}/bench/busybox:1.0"
         push(registry.host, "bench/busybox", "1.0", busybox_image())
+        octet, unjailed_octet = free_octets(2)
 
-        tdir = workdir / "tandem"
-        root = assets_root(tdir / "state")
-        root.mkdir(parents=True)
-        (root / "current").symlink_to(assets.dir)
-        bridge = write_bridge_network(tdir / "net.d").bridge
-        stack.callback(_quietly("deleting the bridge", lambda: delete_bridge(bridge)))
-        daemon = TandemDaemon.isolated(tdir, '[vm]\naccel = "tcg"\n')
-        stack.callback(_quietly("unmounting", lambda: daemon.unmount_workdir(workdir)))
-        stack.callback(_quietly("killing leftovers", lambda: _kill_leftovers(workdir)))
-        stack.callback(_quietly("stopping tandem", lambda: _stop_tandem(daemon)))
-        daemon.start()
+        stack.callback(_quietly("killing leftovers", lambda: _kill_leftovers(workdir)))  # the bare boots' too
+        daemon = start_tandem(stack, workdir / "tandem", assets, octet, "")
         pods = Pods(daemon, image, workdir / "logs")
         stack.callback(_quietly("removing pods", pods.remove_all))
         stack.callback(_ignore_sigterm)
@@ -374,6 +470,11 @@ def _run(argv: Sequence[str] | None) -> int:
         print(f"# warm-up (untimed): A {elapsed:.3f} s, B {to_init:.3f} s, H {hello:.3f} s")
         if "start" not in args.skip:
             measure_start(pods, assets, workdir, args.samples)
+        if "jail" not in args.skip:
+            unjailed = start_unjailed(stack, workdir, assets, image, unjailed_octet)
+            pod_id, elapsed = unjailed.start(retries=1)  # warm-up, as for A
+            unjailed.remove(pod_id)
+            measure_jail(pods, unjailed, args.samples)
         if "memory" not in args.skip:
             measure_memory(pods, args.idle_pods, args.idle_seconds)
         if "density" not in args.skip:

@@ -20,8 +20,8 @@ log = logging.getLogger("tandem.mounts")
 
 MOUNTINFO = Path("/proc/self/mountinfo")
 
-MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
-MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -38,6 +38,7 @@ class Mount(NamedTuple):
     optional: tuple[str, ...]  # shared:N, master:N, propagate_from:N, unbindable
     root: str = "/"  # the directory of the source filesystem that is mounted here
     source: str = ""
+    super_options: str = ""  # the filesystem's options: a cgroup v1 hierarchy's controllers are named here
 
 
 def _unescape(field: str) -> str:
@@ -58,7 +59,9 @@ def mountinfo(text: str | None = None) -> list[Mount]:
         if len(fields) <= sep + 1:
             continue
         source = _unescape(fields[sep + 2]) if len(fields) > sep + 2 else ""
-        entries.append(Mount(_unescape(fields[4]), fields[sep + 1], tuple(fields[6:sep]), _unescape(fields[3]), source))
+        options = fields[sep + 3] if len(fields) > sep + 3 else ""
+        optional = tuple(fields[6:sep])
+        entries.append(Mount(_unescape(fields[4]), fields[sep + 1], optional, _unescape(fields[3]), source, options))
     return entries
 
 

@@ -118,8 +118,12 @@ async def spawn(
         raise Unavailable(f"{args[0]} is not installed (run `tandem doctor`)") from e
 
 
-def spawn_detached(argv: Sequence[str | os.PathLike[str]], log_path: Path) -> ProcessIdentity:
+def spawn_detached(
+    argv: Sequence[str | os.PathLike[str]], log_path: Path, pass_fds: Sequence[int] = ()
+) -> ProcessIdentity:
     """Start a long-lived program in its own session, output to `log_path`; return who it is.
+
+    `pass_fds` are descriptors it inherits (a tap device, say).
 
     Not asyncio's subprocess: its transport kills a still-running child when it is
     closed or garbage-collected, and these processes must outlive the objects (and
@@ -130,7 +134,14 @@ def spawn_detached(argv: Sequence[str | os.PathLike[str]], log_path: Path) -> Pr
     log.info("exec %s", shlex.join(args))
     with open(log_path, "wb") as out:
         try:
-            child = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+            child = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+                pass_fds=tuple(pass_fds),
+            )
         except FileNotFoundError as e:
             raise Unavailable(f"{args[0]} is not installed (run `tandem doctor`)") from e
     identity = ProcessIdentity.of(child.pid)

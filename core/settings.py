@@ -93,13 +93,22 @@ class StreamingSettings:
     token_ttl_seconds: int = 60
 
 
+JAIL_UID_FIRST = 0x70000000  # 1879048192: above systemd's container range, below 2**31 (see README)
+JAIL_UID_COUNT = 65536
+
+
 @dataclass(frozen=True)
 class VmSettings:
-    """The untrusted path's micro-VMs: accelerator choice, default size, boot deadline, programs."""
+    """The untrusted path's micro-VMs: accelerator choice, size and its caps, boot deadline, programs, the jail."""
 
     accel: str = "auto"  # auto: KVM if a probe guest boots on it, else TCG (with a warning)
     default_vcpus: int = 1
     default_memory_mib: int = 256
+    max_vcpus: int | None = None  # None: the node's CPU count
+    max_memory_mib: int | None = None  # None: 3/4 of the node's MemTotal
+    jail: bool = True  # False only to measure what the jail costs: QEMU then runs as root, unconfined
+    jail_uid_first: int = JAIL_UID_FIRST  # each VM's QEMU runs as its own uid (= gid) from this range
+    jail_uid_count: int = JAIL_UID_COUNT
     boot_timeout_seconds: float = 30.0  # TCG boots take ~2-3 s; a hung boot is killed and retried once
     qemu: Path = Path("/usr/bin/qemu-system-x86_64")
     virtiofsd: Path = Path("/usr/lib/qemu/virtiofsd")
@@ -317,7 +326,21 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         boot_timeout_seconds=vm_table.number("boot_timeout_seconds", defaults.vm.boot_timeout_seconds),
         qemu=vm_table.path("qemu", defaults.vm.qemu),
         virtiofsd=vm_table.path("virtiofsd", defaults.vm.virtiofsd),
+        max_vcpus=vm_table.positive("max_vcpus", 1) if "max_vcpus" in vm_table.table else None,
+        max_memory_mib=vm_table.positive("max_memory_mib", 1) if "max_memory_mib" in vm_table.table else None,
+        jail=vm_table.get("jail", bool, defaults.vm.jail),
+        jail_uid_first=vm_table.positive("jail_uid_first", defaults.vm.jail_uid_first),
+        jail_uid_count=vm_table.positive("jail_uid_count", defaults.vm.jail_uid_count),
     )
+    for key, cap, default in (
+        ("max_vcpus", vm.max_vcpus, vm.default_vcpus),
+        ("max_memory_mib", vm.max_memory_mib, vm.default_memory_mib),
+    ):
+        if cap is not None and cap < default:
+            raise vm_table.fail(key, f"must be at least default_{key[4:]} ({default}), got {cap}")
+    if vm.jail_uid_first + vm.jail_uid_count > 2**31:
+        end = vm.jail_uid_first + vm.jail_uid_count
+        raise vm_table.fail("jail_uid_count", f"the range must end at or below 2**31 (2147483648), it ends at {end}")
     if vm.default_memory_mib < 128:
         memory = vm.default_memory_mib
         raise vm_table.fail("default_memory_mib", f"must be at least 128 (the initramfs lives in RAM), got {memory}")

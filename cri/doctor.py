@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import ipaddress
 import json
 import os
+import pwd
 import shutil
 import socket
 import struct
@@ -19,12 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from core import proc
+from core import cgroups, proc
 from core.errors import TandemError
 from core.settings import Config, load_config
-from runc_backend import cgroups
+from runc_backend.cgroups import oom_score_adj_floor
 from sandbox import cni
 from sandbox.default_network import default_network
+from vm_backend.jail import Jail, JailIds
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,7 @@ def _check_cgroups() -> Finding:
     missing = [c for c in ("cpu", "memory", "pids") if mode != "v2" and c not in controllers]
     if missing:
         return Finding("FAIL", "cgroups", f"{mode}: no {', '.join(missing)} hierarchy", "mount the cgroup controllers")
-    floor = cgroups.oom_score_adj_floor()
+    floor = oom_score_adj_floor()
     note = f"; oom_score_adj floor {floor} (containers are clamped to it)" if floor > -1000 else ""
     return Finding("ok", "cgroups", f"{mode}, cgroupfs driver{note}")
 
@@ -248,6 +251,72 @@ async def _check_vm_guest(config: Config) -> list[Finding]:
     return findings
 
 
+def _ids_in_use(first: int, count: int) -> list[str]:
+    """Users, groups and subordinate id ranges that overlap the jail uids."""
+    end = first + count
+    found = [f"user {u.pw_name} ({u.pw_uid})" for u in pwd.getpwall() if first <= u.pw_uid < end]
+    found += [f"group {g.gr_name} ({g.gr_gid})" for g in grp.getgrall() if first <= g.gr_gid < end]
+    for name in ("/etc/subuid", "/etc/subgid"):
+        with contextlib.suppress(OSError):
+            for line in Path(name).read_text().splitlines():
+                owner, _, rest = line.partition(":")
+                start, _, length = rest.partition(":")
+                if start.isdigit() and length.isdigit() and int(start) < end and first < int(start) + int(length):
+                    found.append(f"{name} range of {owner}")
+    return found
+
+
+def _check_jail(config: Config) -> list[Finding]:
+    """The VMM's jail: the uid range, cgroup controllers for its limits, and a jailed QEMU starting for real."""
+    vm = config.vm
+    if not vm.jail:
+        return [Finding("warn", "jail", "[vm] jail = false: QEMU runs as root, unconfined", "only for measuring")]
+    ids = JailIds(config.runtime_dir / "vm" / "jail-ids", vm.jail_uid_first, vm.jail_uid_count)
+    last = vm.jail_uid_first + vm.jail_uid_count - 1
+    span = f"uids {vm.jail_uid_first}-{last}, {len(ids.holders())} in use"
+    clash = _ids_in_use(vm.jail_uid_first, vm.jail_uid_count)
+    findings = [
+        Finding("FAIL", "jail ids", f"{span}; also owned by {', '.join(clash[:3])}", "move [vm] jail_uid_first")
+        if clash
+        else Finding("ok", "jail ids", span)
+    ]
+    roots = cgroups.controller_roots()
+    missing = [c for c in cgroups.LIMITED_CONTROLLERS if c not in roots]
+    if missing:
+        fix = "enable the controllers (cgroup_enable= on the kernel command line)"
+        findings.append(Finding("FAIL", "vm cgroups", f"no {', '.join(missing)} controller: no VM limits", fix))
+    else:
+        where = ", ".join(f"{c} v{roots[c][1]}" for c in cgroups.LIMITED_CONTROLLERS)
+        findings.append(Finding("ok", "vm cgroups", where))
+    findings.append(_probe_jail(config, ids))
+    return findings
+
+
+def _probe_jail(config: Config, ids: JailIds) -> Finding:
+    """QEMU started in a jail of its own (as a VM's would be) to print its version: the root, the uid drop
+    and QEMU's loading in it all work."""
+    owner = f"doctor-{os.getpid()}"
+    try:
+        uid = ids.allocate(owner)
+        work = Path(tempfile.mkdtemp(prefix=".doctor-jail-", dir=config.runtime_dir))
+    except (OSError, TandemError) as e:
+        ids.release(owner)
+        return Finding("FAIL", "jail", f"cannot prepare a jail: {e}", "run as root")
+    try:
+        ro = [Path("/usr")] if config.vm.qemu.is_relative_to("/usr") else [Path("/usr"), config.vm.qemu]
+        argv = Jail(uid, uid).qemu_prefix(root=work / "jail", netns=None, ro=ro, rw=[], devices=["null"])
+        result = proc.run_blocking([*argv, str(config.vm.qemu), "-version"], timeout=30)
+    except (OSError, TandemError) as e:
+        return Finding("FAIL", "jail", f"the jailer did not run: {e}", "reinstall Tandem (make setup)")
+    finally:
+        ids.release(owner)
+        shutil.rmtree(work, ignore_errors=True)
+    output = (result.stdout + result.stderr).decode(errors="replace").strip().splitlines()
+    if result.returncode != 0:
+        return Finding("FAIL", "jail", f"a jailed QEMU did not start: {' | '.join(output[-2:])}", "see the message")
+    return Finding("ok", "jail", f"QEMU runs jailed (uid {uid}, no capabilities, a root of /usr alone): {output[0]}")
+
+
 def diagnose(config_path: Path | None) -> list[Finding]:
     config_finding, config = _check_config(config_path)
     findings = [config_finding]
@@ -268,6 +337,7 @@ def diagnose(config_path: Path | None) -> list[Finding]:
     findings.append(_check_vm_program("qemu", config.vm.qemu, "qemu-system-x86"))
     findings.append(_check_vm_program("virtiofsd", config.vm.virtiofsd, "qemu-system-common"))
     findings += asyncio.run(_check_vm_guest(config))
+    findings += _check_jail(config)
     findings += _check_mirrors(config)
     return findings
 

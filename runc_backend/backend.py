@@ -33,14 +33,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core import mounts
+from core import cgroups, mounts
 from core.errors import FailedPrecondition, NotFound, Unavailable
 from core.files import atomic_write_bytes, atomic_write_json, private_dir
 from core.inotify import DirectoryWatch
 from core.proc import ProcessIdentity
 from core.settings import RuncBackendSettings
 from protos import cri_pb2 as pb
-from runc_backend import cgroups, conmon, pinns, streams
+from runc_backend import conmon, pinns, streams
+from runc_backend.cgroups import oom_score_adj_floor, usage_from_stats
 from runc_backend.conmon import Conmon
 from runc_backend.host import detect_host
 from runc_backend.runc import Runc
@@ -82,7 +83,7 @@ class RuncBackend(Backend[RuncBackendSettings]):
         self.pods = private_dir(run / "pods")
         self.layers = private_dir(settings.state_dir / "layers")
         self.infra_rootfs = settings.state_dir / "infra-rootfs"
-        self.oom_floor = cgroups.oom_score_adj_floor()
+        self.oom_floor = oom_score_adj_floor()
         self._pods_private = False
         self._exit_watch: DirectoryWatch | None = None
 
@@ -440,7 +441,7 @@ class RuncBackend(Backend[RuncBackendSettings]):
         await self.runc.update(container.id, resources)
 
     async def container_usage(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage:
-        usage = cgroups.usage_from_stats(await self.runc.stats(container.id), time.time_ns())
+        usage = usage_from_stats(await self.runc.stats(container.id), time.time_ns())
         used, inodes = await asyncio.to_thread(rootfs.writable_layer_usage, self.layers / container.id / "upper")
         return dataclasses.replace(
             usage, writable_layer_bytes=used, writable_layer_inodes=inodes, writable_layer_mountpoint=str(self.layers)

@@ -6,7 +6,7 @@ import functools
 import os
 from pathlib import Path
 
-from runc_backend import cgroups
+from core import cgroups
 from sandbox.oci.capabilities import capabilities_from_status
 from sandbox.oci.platform import HostInfo
 

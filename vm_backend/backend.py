@@ -1,11 +1,14 @@
 """The untrusted backend: each pod is its own QEMU micro-VM, its containers run inside by the guest agent.
 
 What lives on the host, per pod (runtime dirs vanish on reboot, as the VMs do):
-    <runtime_dir>/vm/<pod id[:16]>/                 the VM's run dir: QEMU's and virtiofsd's sockets, pidfiles, logs
+    <runtime_dir>/vm/<pod id[:16]>/                 the VM's run dir: virtiofsd's socket, pidfiles, logs
+    <runtime_dir>/vm/<pod id[:16]>/vmm/             QEMU's sockets and console log, owned by the VM's jail uid
     <runtime_dir>/vm/<pod id[:16]>/share/           the virtio-fs share: each container's rootfs bound in as <id>/rootfs
     <runtime_dir>/vm/<pod id[:16]>/c/<id>/          a container's overlay mount point (rootfs/), its log path,
                                                     its process spec and its exit file (written from ProcessExited)
     <state_dir>/vm/layers/<id>/                     a container's writable layer (upper, work)
+    <runtime_dir>/vm/jail-ids/<uid> -> <pod id>     the jail uid (= gid) the pod's QEMU runs as
+    <cgroup root>/<hierarchy>/<pod cgroup>/<pod id>   the VM's cgroup: QEMU and virtiofsd, with their limits
 
 The daemon keeps one `PodVm` handle per pod (`pod.py`: QemuVm + AgentClient + the
 watch on QEMU's end); after a restart it is rebuilt lazily from `sandbox.backend_state`,
@@ -21,7 +24,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
 import secrets
 import shutil
@@ -30,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core import mounts, proc
-from core.errors import FailedPrecondition, TandemError, Unavailable
+from core import cgroups, mounts, proc
+from core.errors import FailedPrecondition, InvalidArgument, TandemError, Unavailable
 from core.files import atomic_write_json, private_dir
 from core.proc import wait_exit
 from core.settings import VmBackendSettings
@@ -52,6 +54,7 @@ from sandbox.model import ContainerRecord, ContainerState, SandboxRecord
 from sandbox.oci import rootfs
 from sandbox.oci.model import Resources, Spec
 from sandbox.oci.platform import ContainerPlatform, HostInfo
+from vm_backend import resources
 from vm_backend.accel import choose_accel
 from vm_backend.events import PodEvents
 from vm_backend.guest_image import GuestAssets, current_assets
@@ -63,6 +66,7 @@ from vm_backend.guest_spec import (
     shared_mount,
     to_guest,
 )
+from vm_backend.jail import Jail, JailIds
 from vm_backend.network import attach_tap, detach_tap
 from vm_backend.pod import PodVm
 from vm_backend.processes import VmAttach, VmExec, VmPort
@@ -80,18 +84,6 @@ REATTACH_TIMEOUT = 10.0
 RETRY_CONNECT = 30.0
 _POLL = 0.05
 VM_DIED = "VMDied"  # the reason of a container whose pod's QEMU died under it
-_MIB = 2**20
-
-
-def vm_size(config: pb.PodSandboxConfig, default_vcpus: int, default_memory_mib: int) -> tuple[int, int]:
-    """(vCPUs, MiB) for a pod: the defaults plus what the pod's resources ask for, as Kata sizes its VMs."""
-    vcpus, memory = default_vcpus, default_memory_mib
-    resources = config.linux.resources
-    if resources.cpu_quota > 0 and resources.cpu_period > 0:
-        vcpus += math.ceil(resources.cpu_quota / resources.cpu_period)
-    if resources.memory_limit_in_bytes > 0:
-        memory += math.ceil(resources.memory_limit_in_bytes / _MIB)
-    return min(vcpus, os.cpu_count() or 1), memory
 
 
 # ---- the backend ---------------------------------------------------------------------------
@@ -107,6 +99,9 @@ class VmBackend(Backend[VmBackendSettings]):
         self.root = private_dir(settings.run_dir)
         self.layers = private_dir(settings.state_dir / "vm" / "layers")
         self.empty_dev = private_dir(self.root / "empty-dev")  # a privileged guest container's "host" devices: none
+        self.jail_ids = JailIds(self.root / "jail-ids", settings.vm.jail_uid_first, settings.vm.jail_uid_count)
+        self.max_vcpus = settings.vm.max_vcpus or resources.default_max_vcpus()
+        self.max_memory_mib = settings.vm.max_memory_mib or resources.default_max_memory_mib()
         self._accel: str | None = None
         self._pods: dict[str, PodVm] = {}
         self._exit_listener: ExitListener | None = None
@@ -142,6 +137,10 @@ class VmBackend(Backend[VmBackendSettings]):
 
     def _spec(self, sandbox: SandboxRecord) -> VmSpec:
         state = sandbox.backend_state
+        jail = None
+        if state.get("jail_uid"):
+            cgroup_dirs = tuple(cgroups.directories(state["cgroup"]))
+            jail = Jail(int(state["jail_uid"]), int(state["jail_gid"]), cgroup_dirs)
         return VmSpec(
             name=sandbox.id[:12],
             run_dir=self._run_dir(sandbox),
@@ -154,6 +153,7 @@ class VmBackend(Backend[VmBackendSettings]):
             tap=TapNic(state["tap"], state["mac"]) if state.get("tap") else None,
             netns=Path(sandbox.netns_path) if sandbox.netns_path else None,
             qemu=str(self.settings.qemu),
+            jail=jail,
         )
 
     def _vm(self, sandbox: SandboxRecord) -> QemuVm:
@@ -197,17 +197,26 @@ class VmBackend(Backend[VmBackendSettings]):
         config = sandbox.config
         podfiles.hostname(config)  # refuse a bad hostname before booting anything
         netns = Path(sandbox.netns_path)
+        settings = self.settings
+        vcpus, memory = resources.vm_size(
+            config, settings.default_vcpus, settings.default_memory_mib, self.max_vcpus, self.max_memory_mib
+        )
+        cgroup = resources.vm_cgroup(config.linux.cgroup_parent, sandbox.id)  # refuses a systemd slice
         run_dir = private_dir(self._run_dir(sandbox))
-        vcpus, memory = vm_size(config, self.settings.default_vcpus, self.settings.default_memory_mib)
+        accel = await self._accel_choice()
         sandbox.backend_state.update(
             run_dir=str(run_dir),
-            accel=await self._accel_choice(),
+            accel=accel,
             vcpus=vcpus,
             memory_mib=memory,
             kernel=str(self.assets.kernel),
             initramfs=str(self.assets.initramfs),
         )
         began = time.monotonic()
+        if settings.jail:
+            uid = self.jail_ids.allocate(sandbox.id)
+            await asyncio.to_thread(resources.create_cgroup, cgroup, resources.vm_limits(vcpus, memory, accel))
+            sandbox.backend_state.update(jail_uid=uid, jail_gid=uid, cgroup=cgroup)
         guest = await attach_tap(netns, tap=TAP)
         (nic,) = guest.interfaces[:1]
         sandbox.backend_state.update(tap=guest.tap_name, mac=nic.mac)
@@ -257,6 +266,9 @@ class VmBackend(Backend[VmBackendSettings]):
             await pod.vm.kill()  # also stops virtiofsd and removes the sockets
             # a virtiofsd started for a boot that never reached QEMU has no QEMU to outlive it
             await Virtiofsd(self._run_dir(sandbox), binary=str(self.settings.virtiofsd)).stop()
+            # and what no pidfile names: a jailer cut short, a QEMU whose daemon died before writing its pidfile
+            if (cgroup := self._cgroup(sandbox)) is not None:
+                await resources.kill_cgroup(cgroup)
         if sandbox.netns_path:
             await detach_tap(Path(sandbox.netns_path), sandbox.backend_state.get("tap", TAP))
 
@@ -271,7 +283,18 @@ class VmBackend(Backend[VmBackendSettings]):
         if vfs.share.exists():
             await vfs.remove_share()
         await asyncio.to_thread(shutil.rmtree, run_dir, True)
+        if self._cgroup(sandbox) is not None:
+            await asyncio.to_thread(resources.remove_cgroup, sandbox.config.linux.cgroup_parent, sandbox.id)
+        self.jail_ids.release(sandbox.id)
         self._pods.pop(sandbox.id, None)
+
+    @staticmethod
+    def _cgroup(sandbox: SandboxRecord) -> str | None:
+        """The VM's cgroup, from the pod's config: found even when a crash kept its start from being recorded."""
+        try:
+            return resources.vm_cgroup(sandbox.config.linux.cgroup_parent, sandbox.id)
+        except InvalidArgument:
+            return None  # a systemd slice: refused at start, so no cgroup was ever made
 
     async def sandbox_alive(self, sandbox: SandboxRecord) -> bool:
         if not sandbox.backend_state.get("run_dir"):

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from core import errors
+from core.files import socket_nofollow
 from protos import agent_pb2
 from vm_backend.agent.framing import Decoder, FramingError, encode
 
@@ -207,7 +208,8 @@ class AgentClient:
             await conn.reading
 
     async def _connect(self) -> _Connection:
-        reader, writer = await asyncio.open_unix_connection(self.socket_path)
+        with socket_nofollow(Path(self.socket_path)) as path:  # a jailed QEMU owns the socket's directory
+            reader, writer = await asyncio.open_unix_connection(path)
         conn = _Connection(reader, writer)
         conn.reading = asyncio.create_task(self._read(conn))
         try:

@@ -1,7 +1,8 @@
 """`tandem console POD`: the operator's terminal on a VM pod's serial console (ttyS0).
 
-QEMU serves the serial port on `console.sock` in the pod's run dir (one client at a time)
-and copies everything the guest prints to `console.log`. This prints the log's tail (the
+QEMU serves the serial port on `vmm/console.sock` in the pod's run dir (one client at a
+time) and copies everything the guest prints to `vmm/console.log`; both are opened
+without following symlinks (a jailed QEMU owns that directory). This prints the log's tail (the
 boot log: the guest reads nothing from ttyS0, so the live socket may stay quiet), then
 relays bytes both ways until Ctrl-] (or the end of stdin), or until QEMU closes the socket.
 It reads the pod's record from the state dir, never touching it, so it works beside a
@@ -21,8 +22,10 @@ from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from core.errors import FailedPrecondition, InvalidArgument, NotFound
+from core.files import open_regular_nofollow, socket_nofollow
 from core.records import RecordStore
 from sandbox.model import SandboxRecord
+from vm_backend.qemu import VMM_DIR
 
 DETACH = b"\x1d"  # Ctrl-]
 TAIL_BYTES = 4096
@@ -58,10 +61,11 @@ def connect(vm_run_dir: Path, sandbox: SandboxRecord) -> socket.socket:
             f"pod {sandbox.id[:12]} runs in the {sandbox.backend} backend, not in a VM: it has no console "
             f"(use crictl exec for its containers)"
         )
-    path = run_dir(vm_run_dir, sandbox) / "console.sock"
+    path = run_dir(vm_run_dir, sandbox) / VMM_DIR / "console.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(str(path))
+        with socket_nofollow(path) as reachable:
+            sock.connect(reachable)
     except OSError as e:
         sock.close()
         raise FailedPrecondition(f"the VM of pod {sandbox.id[:12]} is not running ({path}: {e.strerror})") from None
@@ -71,7 +75,7 @@ def connect(vm_run_dir: Path, sandbox: SandboxRecord) -> socket.socket:
 def log_tail(vm_run_dir: Path, sandbox: SandboxRecord, size: int = TAIL_BYTES) -> bytes:
     """The last whole lines (about `size` bytes) of what the guest printed on its console."""
     try:
-        with open(run_dir(vm_run_dir, sandbox) / "console.log", "rb") as f:
+        with open_regular_nofollow(run_dir(vm_run_dir, sandbox) / VMM_DIR / "console.log") as f:
             end = f.seek(0, os.SEEK_END)
             f.seek(max(0, end - size))
             data = f.read()

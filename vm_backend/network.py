@@ -46,6 +46,7 @@ _TUNSETIFF = 0x400454CA
 _TUNSETPERSIST = 0x400454CB
 _IFF_TAP = 0x0002
 _IFF_NO_PI = 0x1000
+_IFF_VNET_HDR = 0x4000
 
 _ETH_P_ALL = 0x0003
 _INGRESS = 0xFFFF0000  # the ingress qdisc's handle, "ffff:"
@@ -178,6 +179,26 @@ def _create_tap(name: str) -> None:
         fcntl.ioctl(fd, _TUNSETPERSIST, 1)
     finally:
         os.close(fd)
+
+
+def _open_tap(name: str) -> int:
+    """A queue of the persistent tap `name`, opened as QEMU's `-netdev tap,ifname=` would: with virtio-net headers."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH22x", name.encode(), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+async def open_tap(netns: Path, name: str) -> int:
+    """An open file descriptor of the tap `name` in `netns`, for QEMU (`-netdev tap,fd=N`): QEMU itself then
+    needs neither /dev/net/tun nor CAP_NET_ADMIN. The caller closes it once QEMU has it."""
+    try:
+        return await _in_netns(netns, lambda: _open_tap(name))
+    except OSError as e:
+        raise Unavailable(f"cannot open {name} in {netns}: {e}") from e
 
 
 async def _link(ipr: AsyncIPRoute, name: str) -> Any | None:

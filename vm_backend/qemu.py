@@ -1,12 +1,17 @@
 """One QEMU micro-VM per pod, launched detached so that it outlives the daemon.
 
-QEMU runs in its own session, output in `qemu.log`; who it is (pid and start time)
-is kept in `qemu.identity`, and nothing ties it to the daemon's process or event loop. (`-daemonize` is no option:
-QEMU forks and calls setsid() after its seccomp filter is in, which `spawn=deny`
-and `elevateprivileges=deny` forbid.) Everything about a running VM is found again
-from its run directory: its identity, the QMP socket, the console socket and log,
-the agent's socket. The flags follow shared/notes/qemu-on-these-hosts.md (measured
-on these hosts).
+QEMU runs in its own session, output in `qemu.log`; nothing ties it to the
+daemon's process or event loop. (`-daemonize` is no option: QEMU forks and calls
+setsid() after its seccomp filter is in, which `spawn=deny` and
+`elevateprivileges=deny` forbid.) Everything about a running VM is found again
+from its run directory: the pidfile (the daemon's: QEMU's pid and start time, a
+`core.proc.ProcessIdentity`), and in `vmm/` the QMP socket,
+the console socket and log, the agent's socket. With a `Jail`, QEMU starts through
+the jailer and `vmm/` is the only directory it can write: everything the daemon
+takes from there (sockets, the console log) is opened without following symlinks.
+The NIC is a tap the daemon opens in the pod's netns and hands over as a file
+descriptor. The flags follow shared/notes/qemu-on-these-hosts.md (measured on
+these hosts).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -24,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, Unavailable
-from core.files import private_dir
+from core.files import open_regular_nofollow, private_dir, socket_nofollow
 from core.proc import ProcessIdentity, spawn_detached, wait_exit
+from vm_backend.jail import Jail
+from vm_backend.network import open_tap
 from vm_backend.virtiofs import Virtiofsd
 
 log = logging.getLogger("tandem.vm.qemu")
@@ -40,6 +48,7 @@ SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 TCG_TB_SIZE_MIB = 32
 _TSC_KHZ_FALLBACK = 2_600_000  # the notes' value for these hosts
 _SOCKET_PATH_MAX = 107  # sun_path, minus the NUL
+VMM_DIR = "vmm"  # in the run dir: QEMU's own files, the only place a jailed QEMU can write
 
 
 def host_tsc_khz() -> int:
@@ -55,7 +64,7 @@ def host_tsc_khz() -> int:
 
 @dataclass(frozen=True)
 class TapNic:
-    """A tap device (already created in the pod's netns) that becomes the guest's NIC."""
+    """A tap device (already created in the pod's netns) that becomes the guest's NIC; QEMU gets it open."""
 
     ifname: str
     mac: str
@@ -78,31 +87,38 @@ class VmSpec:
     kernel_args: tuple[str, ...] = ()
     qemu: str = QEMU
     tsc_khz: int = field(default_factory=host_tsc_khz)
+    jail: Jail | None = None  # None: QEMU runs as root in the host's mount namespace (measurements only)
 
     @property
     def pidfile(self) -> Path:
+        """Who QEMU is, written by the daemon: its pid and start time (`core.proc.ProcessIdentity`)."""
         return self.run_dir / "qemu.pid"
 
     @property
-    def identity_file(self) -> Path:
-        """Who the QEMU Tandem started is (`core.proc.ProcessIdentity`): pid and start time."""
-        return self.run_dir / "qemu.identity"
+    def vmm_dir(self) -> Path:
+        """QEMU's own files: the one directory a jailed QEMU can write (its uid owns it)."""
+        return self.run_dir / VMM_DIR
+
+    @property
+    def jail_root(self) -> Path:
+        """Where the jailer mounts the jail's root, in the jail's own mount namespace (empty on the host)."""
+        return self.run_dir / "jail"
 
     @property
     def qmp_socket(self) -> Path:
-        return self.run_dir / "qmp.sock"
+        return self.vmm_dir / "qmp.sock"
 
     @property
     def console_socket(self) -> Path:
-        return self.run_dir / "console.sock"
+        return self.vmm_dir / "console.sock"
 
     @property
     def console_log(self) -> Path:
-        return self.run_dir / "console.log"
+        return self.vmm_dir / "console.log"
 
     @property
     def agent_socket(self) -> Path:
-        return self.run_dir / "agent.sock"
+        return self.vmm_dir / "agent.sock"
 
     @property
     def qemu_log(self) -> Path:
@@ -127,8 +143,8 @@ def _opt(path: Path) -> str:
     return text
 
 
-def build_argv(spec: VmSpec, share_socket: Path | None = None) -> list[str]:
-    """The full command line (with the `nsenter` prefix when the VM belongs in a netns)."""
+def build_argv(spec: VmSpec, share_socket: Path | None = None, tap_fd: int | None = None) -> list[str]:
+    """QEMU's command line, the same jailed or not: the jail holds every path it names at its host path."""
     if spec.accel not in ("kvm", "tcg"):
         raise InvalidArgument(f"accelerator must be kvm or tcg, got {spec.accel!r}")
     for sock in (spec.qmp_socket, spec.console_socket, spec.agent_socket, share_socket):
@@ -139,8 +155,7 @@ def build_argv(spec: VmSpec, share_socket: Path | None = None) -> list[str]:
         accel = ["-accel", "kvm", "-cpu", "host"]
     else:
         accel = ["-accel", f"tcg,tb-size={TCG_TB_SIZE_MIB}", "-cpu", "max"]
-    argv = ["nsenter", f"--net={spec.netns}", "--"] if spec.netns else []
-    argv += [
+    argv = [
         spec.qemu,
         "-name", f"tandem-{spec.name}",
         "-M", "microvm,memory-backend=mem",
@@ -163,23 +178,48 @@ def build_argv(spec: VmSpec, share_socket: Path | None = None) -> list[str]:
         "-device", "virtio-serial-device",
         "-chardev", f"socket,id=agent,path={_opt(spec.agent_socket)},server=on,wait=off",
         "-device", "virtserialport,chardev=agent,name=agent",
-        "-qmp", f"unix:{_opt(spec.qmp_socket)},server=on,wait=off",
-        "-pidfile", str(spec.pidfile),
+        "-qmp", qmp_option(spec),
     ]  # fmt: skip
     if share_socket is not None:
         argv += ["-chardev", f"socket,id=vfs,path={_opt(share_socket)}"]
         argv += ["-device", f"vhost-user-fs-device,chardev=vfs,tag={spec.share_tag}"]
     if spec.tap is not None:
-        argv += ["-netdev", f"tap,id=n0,ifname={spec.tap.ifname},script=no,downscript=no"]
+        if tap_fd is None:
+            raise InvalidArgument(f"vm {spec.name}: a tap NIC needs its open file descriptor")
+        argv += ["-netdev", f"tap,id=n0,fd={tap_fd}"]
         argv += ["-device", f"virtio-net-device,netdev=n0,mac={spec.tap.mac}"]
     return argv
+
+
+def qmp_option(spec: VmSpec) -> str:
+    """`-qmp`'s value: it names this VM's run dir, so a command line holding it is this VM's QEMU."""
+    return f"unix:{_opt(spec.qmp_socket)},server=on,wait=off"
+
+
+def launch_argv(spec: VmSpec, qemu_argv: list[str], share_socket: Path | None = None) -> list[str]:
+    """QEMU's command line behind the jailer (or, without a jail, behind `nsenter` into the pod's netns)."""
+    if spec.jail is None:
+        return ["nsenter", f"--net={spec.netns}", "--", *qemu_argv] if spec.netns else qemu_argv
+    ro = [Path("/usr"), spec.kernel, spec.initramfs]
+    if Path("/etc/ld.so.cache").exists():
+        ro.append(Path("/etc/ld.so.cache"))  # else the loader searches every library directory for each library
+    binary = Path(shutil.which(spec.qemu) or spec.qemu)
+    if not binary.is_relative_to("/usr"):
+        ro.append(binary)
+    if share_socket is not None:
+        ro.append(share_socket)  # it stays in the root-owned run dir, bound in by itself
+    rw = [spec.vmm_dir]
+    devices = ["null", "zero", "random", "urandom"] + (["kvm"] if spec.accel == "kvm" else [])
+    prefix = spec.jail.qemu_prefix(root=spec.jail_root, netns=spec.netns, ro=ro, rw=rw, devices=devices)
+    return [*prefix, *qemu_argv]
 
 
 async def qmp(socket_path: Path, command: str, timeout: float = 5.0, **arguments: Any) -> Any:
     """Run one QMP command on a fresh connection and return its result (events are skipped)."""
 
     async def talk() -> Any:
-        reader, writer = await asyncio.open_unix_connection(str(socket_path))
+        with socket_nofollow(socket_path) as path:
+            reader, writer = await asyncio.open_unix_connection(path)
         try:
             await reader.readline()  # greeting
             for execute, args in (("qmp_capabilities", {}), (command, arguments)):
@@ -237,7 +277,7 @@ class QemuVm:
 
     def identity(self) -> ProcessIdentity | None:
         """The QEMU this VM was launched as, while it runs (not a recycled pid, not a zombie)."""
-        identity = ProcessIdentity.load(self.spec.identity_file)
+        identity = ProcessIdentity.load(self.spec.pidfile)
         return identity if identity is not None and identity.alive() else None
 
     def pid(self) -> int | None:
@@ -250,7 +290,7 @@ class QemuVm:
 
     def console_since_launch(self) -> str:
         try:
-            with open(self.spec.console_log, "rb") as f:
+            with open_regular_nofollow(self.spec.console_log) as f:
                 f.seek(self._log_offset)
                 return f.read().decode(errors="replace")
         except OSError:
@@ -284,21 +324,39 @@ class QemuVm:
             return
 
     async def _launch(self) -> ProcessIdentity:
-        """Start QEMU (and a fresh virtiofsd first); return who QEMU is (also saved in the run dir)."""
-        private_dir(self.spec.run_dir)
+        """Start QEMU (and a fresh virtiofsd first); return who QEMU is (also saved as the pidfile)."""
+        spec, jail = self.spec, self.spec.jail
+        private_dir(spec.run_dir)
+        private_dir(spec.vmm_dir)
+        if jail is not None:
+            os.chown(spec.vmm_dir, jail.uid, jail.gid)  # its parent is root's: the VMM cannot swap it
         self._remove_runtime_files()
-        argv = build_argv(self.spec, self.virtiofsd.socket if self.virtiofsd is not None else None)
-        if self.virtiofsd is not None:
-            await self.virtiofsd.start()
-        self._log_offset = self.spec.console_log.stat().st_size if self.spec.console_log.exists() else 0
+        self._log_offset = self._console_size()
+        tap_fd = await open_tap(spec.netns, spec.tap.ifname) if spec.tap is not None and spec.netns else None
         try:
-            qemu = await asyncio.to_thread(spawn_detached, argv, self.spec.qemu_log)
-        except Unavailable:
+            share = self.virtiofsd.socket if self.virtiofsd is not None else None
+            argv = launch_argv(spec, build_argv(spec, share, tap_fd), share)
             if self.virtiofsd is not None:
-                await self.virtiofsd.stop()
-            raise
-        qemu.save(self.spec.identity_file)
+                await self.virtiofsd.start(jail)
+            fds = () if tap_fd is None else (tap_fd,)
+            try:
+                qemu = await asyncio.to_thread(spawn_detached, argv, spec.qemu_log, fds)
+            except Unavailable:
+                if self.virtiofsd is not None:
+                    await self.virtiofsd.stop()
+                raise
+        finally:
+            if tap_fd is not None:
+                os.close(tap_fd)
+        qemu.save(spec.pidfile)  # the jailer execs QEMU: the process started is QEMU, pid and start time alike
         return qemu
+
+    def _console_size(self) -> int:
+        try:
+            with open_regular_nofollow(self.spec.console_log) as f:
+                return f.seek(0, os.SEEK_END)
+        except OSError:
+            return 0
 
     async def _wait_ready(self, qemu: ProcessIdentity, ready: Ready, timeout: float) -> None:
         readiness = asyncio.ensure_future(ready(self))
@@ -349,7 +407,7 @@ class QemuVm:
 
     async def kill(self) -> None:
         """SIGKILL QEMU (if running), stop virtiofsd and remove the sockets; the logs stay."""
-        await self._kill(ProcessIdentity.load(self.spec.identity_file))
+        await self._kill(ProcessIdentity.load(self.spec.pidfile))
 
     async def _kill(self, qemu: ProcessIdentity | None) -> None:
         if qemu is not None and (pidfd := qemu.open()) is not None:
@@ -366,7 +424,6 @@ class QemuVm:
     def _remove_runtime_files(self) -> None:
         for path in (
             self.spec.pidfile,
-            self.spec.identity_file,
             self.spec.qmp_socket,
             self.spec.console_socket,
             self.spec.agent_socket,

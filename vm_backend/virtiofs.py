@@ -4,7 +4,9 @@ Container rootfs directories reach the guest by being bind-mounted into the
 share as they are created; nothing else of the host is ever exported. The share
 is its own private mount, so those binds stay out of other mount namespaces.
 virtiofsd serves one QEMU connection and exits when QEMU goes away: every QEMU
-launch (including a boot retry) gets a fresh one.
+launch (including a boot retry) gets a fresh one. With a jail, it starts inside
+the VM's cgroup (through the jailer, which does nothing else to it) and its socket
+is handed to the jailed QEMU's uid before QEMU starts.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from core import mounts, proc
 from core.errors import FailedPrecondition, InvalidArgument, Unavailable
 from core.proc import ProcessIdentity, spawn_detached, wait_exit
+from vm_backend.jail import Jail
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 _SOCKET_WAIT = 10.0
@@ -64,11 +67,12 @@ class Virtiofsd:
     def alive(self) -> bool:
         return self.identity() is not None
 
-    async def start(self) -> None:
-        """Launch a fresh virtiofsd (stopping a previous one) and wait for its socket."""
+    async def start(self, jail: Jail | None = None) -> None:
+        """Launch a fresh virtiofsd (stopping a previous one) and wait for its socket (then `jail`'s uid's)."""
         await self.prepare_share()
         await self.stop()
-        virtiofsd = await asyncio.to_thread(spawn_detached, self.argv(), self.log_file)
+        argv = self.argv() if jail is None else [*jail.join_prefix(), *self.argv()]
+        virtiofsd = await asyncio.to_thread(spawn_detached, argv, self.log_file)
         virtiofsd.save(self.pidfile)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _SOCKET_WAIT
@@ -77,6 +81,10 @@ class Virtiofsd:
                 await self.stop()
                 raise Unavailable(f"virtiofsd did not start: {self._log_tail()}")
             await asyncio.sleep(0.02)
+        if jail is not None:
+            # No race: the socket's directory is root's alone, and QEMU starts only after this.
+            os.chown(self.socket, jail.uid, jail.gid)
+            os.chmod(self.socket, 0o600)
 
     def _log_tail(self) -> str:
         try:

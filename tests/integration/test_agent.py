@@ -29,9 +29,8 @@ from typing import Any
 
 import pytest
 
-from core import errors
+from core import cgroups, errors
 from protos import agent_pb2 as pb
-from runc_backend import cgroups
 from tests.support.wait import eventually
 from vm_backend.agent.framing import Decoder
 from vm_backend.channel import AgentClient, AgentError

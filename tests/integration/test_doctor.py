@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from cri.doctor import _is_static_elf, diagnose
+from cri.doctor import _ids_in_use, _is_static_elf, diagnose
 
 pytestmark = pytest.mark.integration
 
@@ -17,6 +17,21 @@ def test_this_host_passes_every_check(tmp_path):
     failed = [f"{f.what}: {f.detail}" for f in findings.values() if f.level == "FAIL"]
     assert failed == []
     assert {"config", "state dir", "overlayfs", "runc", "conmon", "catatonit", "cgroups", "cni"} <= set(findings)
+    assert {"jail ids", "vm cgroups", "jail"} <= set(findings)  # the VMM's jail, with a jailed QEMU started
+    assert findings["jail"].level == "ok" and "QEMU runs jailed" in findings["jail"].detail
+    assert not list((tmp_path / "run" / "vm" / "jail-ids").glob("*"))  # the probe's uid is free again
+
+
+def test_a_jail_switched_off_is_a_warning(tmp_path):
+    config = tmp_path / "tandem.toml"
+    config.write_text(f'runtime_dir = "{tmp_path / "run"}"\nstate_dir = "{tmp_path / "state"}"\n[vm]\njail = false\n')
+    findings = {f.what: f for f in diagnose(config)}
+    assert findings["jail"].level == "warn" and "root" in findings["jail"].detail
+
+
+def test_jail_uids_owned_by_someone_are_found():
+    assert "user root (0)" in _ids_in_use(0, 1) and "group root (0)" in _ids_in_use(0, 1)
+    assert _ids_in_use(0x70000000, 65536) == []  # the default range is free on this host
 
 
 def test_a_bad_config_is_the_one_finding(tmp_path):

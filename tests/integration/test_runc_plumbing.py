@@ -26,10 +26,11 @@ from typing import Any
 
 import pytest
 
+from core import cgroups
 from core.errors import CommandFailed, DeadlineExceeded, FailedPrecondition, NotFound
 from core.mounts import is_mounted, mountinfo
 from core.proc import run
-from runc_backend import cgroups
+from runc_backend.cgroups import usage_from_stats
 from runc_backend.conmon import Conmon, oom_killed, read_exit, running_monitor, wait_exit
 from runc_backend.runc import Runc
 from sandbox.oci.rootfs import LINKS_DIR, mount_rootfs, unmount, writable_layer_usage
@@ -400,7 +401,7 @@ async def test_stats_have_cpu_memory_and_pids(plumbing: Plumbing):
     await eventually(lambda: c.log_path.exists() and "counted" in c.log_path.read_text(), what="the loop to finish")
     stats = await plumbing.runc.stats(c.cid)
     assert stats["cpu"]["usage"]["total"] > 0 and stats["memory"]["usage"]["usage"] > 0
-    usage = cgroups.usage_from_stats(stats, 0)
+    usage = usage_from_stats(stats, 0)
     assert usage.cpu_usage_ns and usage.memory_usage_bytes and usage.pids == 1
     assert usage.memory_working_set_bytes is not None and usage.page_faults
     await plumbing.runc.kill(c.cid, signal.SIGKILL)

@@ -1,4 +1,4 @@
-"""The pure parts of runc_backend.cgroups: path rules, mount detection, and mapping runc's stats to CRI figures."""
+"""The pure parts of core.cgroups (path rules, mount detection) and runc_backend.cgroups (runc's stats for CRI)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
+from core import cgroups
 from core.errors import InvalidArgument
 from core.mounts import mountinfo
-from runc_backend import cgroups
+from runc_backend.cgroups import oom_score_adj_floor, usage_from_stats
 from sandbox.backend import ContainerUsage
 
 # `runc events --stats` data, captured from a busybox container on this project's Debian 12 hybrid host
@@ -119,7 +120,7 @@ V2_STATS: dict[str, Any] = {
 
 
 def test_v1_stats_map_to_cri_figures():
-    assert cgroups.usage_from_stats(V1_STATS, 7) == ContainerUsage(
+    assert usage_from_stats(V1_STATS, 7) == ContainerUsage(
         timestamp=7,
         cpu_usage_ns=71910139,
         memory_usage_bytes=11374592,
@@ -133,7 +134,7 @@ def test_v1_stats_map_to_cri_figures():
 
 
 def test_v2_stats_use_v2_key_names_and_unlimited_has_no_available_figure():
-    usage = cgroups.usage_from_stats(V2_STATS, 7)
+    usage = usage_from_stats(V2_STATS, 7)
     assert usage.memory_working_set_bytes == 11374592 - 8388608
     assert (usage.memory_rss_bytes, usage.page_faults, usage.major_page_faults) == (106496, 953, 2)
     assert usage.memory_available_bytes is None
@@ -141,10 +142,10 @@ def test_v2_stats_use_v2_key_names_and_unlimited_has_no_available_figure():
 
 def test_working_set_never_goes_negative_and_missing_figures_are_none():
     stats = {"memory": {"usage": {"usage": 100}, "raw": {"total_inactive_file": 4096}}}
-    usage = cgroups.usage_from_stats(stats, 7)
+    usage = usage_from_stats(stats, 7)
     assert usage.memory_working_set_bytes == 0
     assert usage.cpu_usage_ns is None and usage.pids is None and usage.memory_rss_bytes is None
-    assert cgroups.usage_from_stats({}, 7) == ContainerUsage(timestamp=7)  # every figure None
+    assert usage_from_stats({}, 7) == ContainerUsage(timestamp=7)  # every figure None
 
 
 @pytest.mark.parametrize(
@@ -208,9 +209,38 @@ def test_hierarchies_are_the_cgroup_mounts_below_the_cgroup_root():
         Path("/sys/fs/cgroup/unified"),
     ]
     assert cgroups.hierarchies(V2_ONLY) == [Path("/sys/fs/cgroup")]
-    entries = [(m.mount_point, m.fstype) for m in mountinfo(HYBRID)]
-    assert ("/mnt/odd name", "cgroup") in entries  # mountinfo's octal escapes undone
+    entries = [(m.mount_point, m.fstype, m.super_options) for m in mountinfo(HYBRID)]
+    assert ("/mnt/odd name", "cgroup", "rw,pids") in entries  # mountinfo's octal escapes undone
+
+
+def test_controllers_are_found_in_the_v1_mount_options():
+    roots = cgroups.controller_roots(HYBRID)
+    assert roots["memory"] == (Path("/sys/fs/cgroup/memory"), 1)
+    assert roots["cpu"] == roots["cpuacct"] == (Path("/sys/fs/cgroup/cpu,cpuacct"), 1)
+    assert "xattr" not in roots and "systemd" not in roots
+    assert "pids" not in roots  # mounted outside the cgroup root: not a hierarchy of ours
+
+
+def test_directories_name_the_cgroup_in_every_hierarchy_and_never_the_root():
+    assert cgroups.directories("/tandem/p/p", V2_ONLY) == [Path("/sys/fs/cgroup/tandem/p/p")]
+    assert Path("/sys/fs/cgroup/memory/tandem/p/p") in cgroups.directories("/tandem/p/p", HYBRID)
+    with pytest.raises(InvalidArgument):
+        cgroups.directories("/", HYBRID)
+    with pytest.raises(InvalidArgument):
+        cgroups.directories("/a/../b", HYBRID)
+
+
+def test_limits_are_written_per_cgroup_version():
+    files = cgroups.limit_files(cgroups.Limits(memory_bytes=300 * 2**20, pids=170, cpu_quota_us=200_000))
+    assert files["memory"][1] == [
+        ("memory.limit_in_bytes", "314572800"),
+        ("memory.memsw.limit_in_bytes", "314572800"),  # no swap
+    ]
+    assert files["memory"][2] == [("memory.max", "314572800"), ("memory.swap.max", "0")]
+    assert files["pids"][1] == files["pids"][2] == [("pids.max", "170")]
+    assert files["cpu"][1] == [("cpu.cfs_period_us", "100000"), ("cpu.cfs_quota_us", "200000")]
+    assert files["cpu"][2] == [("cpu.max", "200000 100000")]
 
 
 def test_oom_score_adj_floor_is_this_process_score():
-    assert cgroups.oom_score_adj_floor() == int(Path("/proc/self/oom_score_adj").read_text())
+    assert oom_score_adj_floor() == int(Path("/proc/self/oom_score_adj").read_text())

@@ -16,6 +16,7 @@ from core.settings import Config
 from protos import cri_pb2 as pb
 from sandbox.model import SandboxRecord
 from vm_backend.console import relay, run_console
+from vm_backend.qemu import VMM_DIR
 
 
 def reset_by_peer() -> tuple[socket.socket, socket.socket]:
@@ -109,7 +110,8 @@ def vm_pod(tmp_path: Path) -> Iterator[tuple[Config, SandboxRecord, Path]]:
         backend_state={"run_dir": str(run_dir)},
     )
     RecordStore(config.state_dir / "sandboxes", SandboxRecord).put(record)
-    yield config, record, run_dir / "console.sock"
+    (run_dir / VMM_DIR).mkdir()
+    yield config, record, run_dir / VMM_DIR / "console.sock"
 
 
 def serve_once(path: Path, end: Callable[[socket.socket], None]) -> threading.Thread:

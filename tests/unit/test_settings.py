@@ -98,6 +98,17 @@ def test_vm_section_defaults_and_overrides():
     assert vm.qemu == Path("/usr/bin/qemu-system-x86_64")
 
 
+def test_vm_caps_and_jail_defaults_and_overrides():
+    vm = Config().vm
+    assert (vm.max_vcpus, vm.max_memory_mib) == (None, None)  # derived from the node by the VM backend
+    assert (vm.jail, vm.jail_uid_first, vm.jail_uid_count) == (True, 0x70000000, 65536)
+    table = {"max_vcpus": 4, "max_memory_mib": 8192, "jail": False, "jail_uid_first": 200000, "jail_uid_count": 100}
+    vm = parse_config({"vm": table}).vm
+    assert (vm.max_vcpus, vm.max_memory_mib, vm.jail, vm.jail_uid_first, vm.jail_uid_count) == (
+        4, 8192, False, 200000, 100
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("table", "key", "reason"),
     [
@@ -107,6 +118,12 @@ def test_vm_section_defaults_and_overrides():
         ({"boot_timeout_seconds": 0}, "vm.boot_timeout_seconds", "must be positive"),
         ({"qemu": "qemu-system-x86_64"}, "vm.qemu", "absolute path"),
         ({"vcpus": 2}, "vm.vcpus", "unknown key"),
+        ({"max_vcpus": 0}, "vm.max_vcpus", "must be positive"),
+        ({"max_vcpus": 1, "default_vcpus": 2}, "vm.max_vcpus", "at least default_vcpus (2)"),
+        ({"max_memory_mib": 200}, "vm.max_memory_mib", "at least default_memory_mib (256)"),
+        ({"jail": "yes"}, "vm.jail", "must be a bool"),
+        ({"jail_uid_first": 0}, "vm.jail_uid_first", "must be positive"),
+        ({"jail_uid_first": 2**31 - 10}, "vm.jail_uid_count", "at or below 2**31"),
     ],
 )
 def test_bad_vm_keys_are_named(table, key, reason):

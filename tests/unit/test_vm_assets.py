@@ -267,10 +267,10 @@ def test_tcg_argv_follows_the_notes(tmp_path):
     assert "-daemonize" not in argv  # it forks and setsid()s under the seccomp filter
     assert option(argv, "-serial") == ["chardev:console"]
     chardevs = option(argv, "-chardev")
-    assert any(c.startswith("socket,id=console,") and f"logfile={tmp_path}/run/console.log" in c for c in chardevs)
-    assert f"socket,id=agent,path={tmp_path}/run/agent.sock,server=on,wait=off" in chardevs
+    assert any(c.startswith("socket,id=console,") and f"logfile={tmp_path}/run/vmm/console.log" in c for c in chardevs)
+    assert f"socket,id=agent,path={tmp_path}/run/vmm/agent.sock,server=on,wait=off" in chardevs
     assert "virtserialport,chardev=agent,name=agent" in option(argv, "-device")
-    assert option(argv, "-qmp") == [f"unix:{tmp_path}/run/qmp.sock,server=on,wait=off"]
+    assert option(argv, "-qmp") == [f"unix:{tmp_path}/run/vmm/qmp.sock,server=on,wait=off"]
     assert "-netdev" not in argv and not any("vhost-user-fs" in d for d in option(argv, "-device"))
     cmdline = option(argv, "-append")[0]
     assert "console=ttyS0" in cmdline and "panic=-1" in cmdline and "tsc_early_khz=2600000" in cmdline
@@ -288,14 +288,13 @@ def test_kvm_argv_with_share_tap_and_netns(tmp_path):
         netns=Path("/run/netns/pod1"),
         share_tag="pod1",
     )
-    argv = build_argv(vm, share_socket=tmp_path / "run" / "virtiofsd.sock")
-    assert argv[:3] == ["nsenter", "--net=/run/netns/pod1", "--"]
+    argv = build_argv(vm, share_socket=tmp_path / "run" / "virtiofsd.sock", tap_fd=7)
     assert option(argv, "-accel") == ["kvm"] and option(argv, "-cpu") == ["host"]
     assert option(argv, "-smp") == ["2"] and option(argv, "-m") == ["512M"]
     assert option(argv, "-object") == ["memory-backend-memfd,id=mem,size=512M,share=on"]
     assert f"socket,id=vfs,path={tmp_path}/run/virtiofsd.sock" in option(argv, "-chardev")
     assert "vhost-user-fs-device,chardev=vfs,tag=pod1" in option(argv, "-device")
-    assert option(argv, "-netdev") == ["tap,id=n0,ifname=tap0,script=no,downscript=no"]
+    assert option(argv, "-netdev") == ["tap,id=n0,fd=7"]
     assert "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56" in option(argv, "-device")
     assert "tandem.share=pod1" in kernel_cmdline(vm, share=True)
 

@@ -1,6 +1,5 @@
-"""vm_backend without a VM: the guest's OCI spec, the refusals, the VM's size."""
+"""vm_backend without a VM: the guest's OCI spec, the refusals."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from protos import cri_pb2 as pb
 from sandbox.model import ContainerRecord, ContainerState, SandboxRecord
 from sandbox.oci.capabilities import CAPABILITIES
 from sandbox.oci.spec import container_spec
-from vm_backend.backend import VM_DIED, VmBackend, vm_size
+from vm_backend.backend import VM_DIED, VmBackend
 from vm_backend.guest_image import GuestAssets
 from vm_backend.guest_spec import check_vm_container, guest_platform, to_guest
 
@@ -112,15 +111,6 @@ def test_privileged_is_privileged_in_the_guest_without_host_devices(tmp_path):
 def test_refusals(config):
     with pytest.raises(InvalidArgument):
         check_vm_container(config)
-
-
-def test_vm_size_adds_the_pods_resources_to_the_defaults():
-    sandbox = pod()
-    assert vm_size(sandbox, 1, 256) == (1, 256)
-    sandbox.linux.resources.memory_limit_in_bytes = 100 * 2**20 + 1
-    sandbox.linux.resources.cpu_quota, sandbox.linux.resources.cpu_period = 50_000, 100_000
-    vcpus, memory = vm_size(sandbox, 1, 256)
-    assert memory == 256 + 101 and vcpus == min(2, os.cpu_count())
 
 
 def test_without_guest_assets_the_backend_is_unavailable(tmp_path):
