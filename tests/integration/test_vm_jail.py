@@ -13,21 +13,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cri.config import Config
-from vm_backend.assets import assets_root, current_assets
 
 from core import cgroups
+from core.settings import Config
 from protos import cri_pb2 as pb
 from tests.support.daemon import TandemDaemon
-from tests.support.pods import (
-    container_config,
-    pod_config,
-    pod_leftovers,
-    remove_pods_and_stop,
-    wait_for,
-    write_bridge_network,
-)
+from tests.support.pods import container_config, pod_config, pod_leftovers
+from tests.support.wait import wait_for
 from vm_backend import resources
+from vm_backend.guest_image import assets_root
 
 pytestmark = pytest.mark.integration
 
@@ -36,20 +30,12 @@ CONFIG = f'[vm]\naccel = "tcg"\nmax_vcpus = {MAX_VCPUS}\nmax_memory_mib = {MAX_M
 
 
 @pytest.fixture
-def env(tmp_path, busybox_ref):
-    assets = current_assets(Config().state_dir)
-    if assets is None:
-        pytest.skip("no guest assets built (make setup)")
+def env(pod_env, guest_assets, tmp_path):
     root = assets_root(tmp_path / "state")
     root.mkdir(parents=True)
-    (root / "current").symlink_to(assets.dir)
-    bridge = write_bridge_network(tmp_path / "net.d", 204)
-    daemon = TandemDaemon.isolated(tmp_path, CONFIG).start()
-    daemon.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=busybox_ref)))
-    yield daemon, busybox_ref, tmp_path
-    if daemon.process is None:
-        daemon.start()
-    remove_pods_and_stop(daemon, tmp_path, bridge)
+    (root / "current").symlink_to(guest_assets.dir)
+    pods = pod_env(CONFIG)
+    return pods.daemon, pods.image, tmp_path
 
 
 def backend_state(daemon: TandemDaemon, pod_id: str) -> dict:
@@ -70,7 +56,7 @@ def run_pod(daemon: TandemDaemon, image: str, tmp: Path, name: str, cgroup_paren
 
 
 def qemu_pid(daemon: TandemDaemon, pod_id: str) -> int:
-    return int((daemon.socket.parent / "vm" / pod_id[:16] / "qemu.pid").read_text())
+    return int((daemon.socket.parent / "vm" / pod_id[:16] / "qemu.pid").read_text().split()[0])  # pid, start time
 
 
 def status(pid: int) -> dict[str, str]:
@@ -145,7 +131,7 @@ def test_qemu_runs_jailed_in_a_cgroup_of_its_own(env):
         cgroup = f"{kubelet_parent}/{pod_id}"
         assert state["cgroup"] == cgroup
         assert f":memory:{cgroup}" in Path(f"/proc/{pid}/cgroup").read_text()
-        virtiofsd = int(Path(run_dir, "virtiofsd.pid").read_text())
+        virtiofsd = int(Path(run_dir, "virtiofsd.pid").read_text().split()[0])  # pid, start time
         assert {pid, virtiofsd} == cgroups.processes(cgroup)
         limits = resources.vm_limits(state["vcpus"], state["memory_mib"], "tcg")
         found = cgroups.read_limits(cgroup)

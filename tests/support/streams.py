@@ -23,7 +23,7 @@ from websockets.asyncio.client import connect as websockets_connect
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, RejectConnection, Request
 
-from cri.streaming.spdy import FLAG_FIN, Data, FrameDecoder, FrameEncoder, GoAway, RstStream, SynReply, SynStream
+from cri.streaming.spdy.codec import FLAG_FIN, Data, FrameDecoder, FrameEncoder, GoAway, RstStream, SynReply, SynStream
 
 TRANSPORTS = ("spdy", "websocket", "websockets")
 CHUNK = 32 * 1024
