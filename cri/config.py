@@ -21,6 +21,7 @@ BACKENDS = ("runc", "vm")
 TRUST_LEVELS = ("trusted", "untrusted")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ACCELS = ("auto", "kvm", "tcg")
+HOST_POD_POLICIES = ("runc", "refuse")
 
 
 class ConfigError(InvalidArgument):
@@ -73,6 +74,13 @@ class VmSettings:
 
 
 @dataclass(frozen=True)
+class PolicySettings:
+    """`[policy]`: what a pod that wants the host gets on a node whose default trust is untrusted."""
+
+    host_pods_on_untrusted_node: str = "refuse"  # or "runc"; see README, Trust dispatch
+
+
+@dataclass(frozen=True)
 class Config:
     default_workload_trust: str = "trusted"
     socket: Path = Path("/run/tandem/tandem.sock")
@@ -87,6 +95,7 @@ class Config:
     cni: CniSettings = field(default_factory=CniSettings)
     vm: VmSettings = field(default_factory=VmSettings)
     streaming: StreamingSettings = field(default_factory=StreamingSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
     source: str = "embedded defaults"
 
 
@@ -225,6 +234,14 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
     if vm.boot_timeout_seconds <= 0:
         raise vm_table.fail("boot_timeout_seconds", f"must be positive, got {vm.boot_timeout_seconds:g}")
     vm_table.done()
+
+    policy_table = top.sub("policy")
+    policy = PolicySettings(
+        host_pods_on_untrusted_node=policy_table.choice(
+            "host_pods_on_untrusted_node", HOST_POD_POLICIES, defaults.policy.host_pods_on_untrusted_node
+        )
+    )
+    policy_table.done()
     top.done()
     return Config(
         default_workload_trust=trust,
@@ -238,6 +255,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         cni=cni,
         vm=vm,
         streaming=streaming,
+        policy=policy,
         source=source,
     )
 

@@ -169,7 +169,13 @@ class PodManager:
         m = config.metadata
         if not (m.name and m.namespace and m.uid):
             raise InvalidArgument("pod metadata needs a name, a namespace and a uid")
-        decision = trust.decide(config, runtime_handler, self.config.runtimes, self.config.default_workload_trust)
+        decision = trust.decide(
+            config,
+            runtime_handler,
+            self.config.runtimes,
+            self.config.default_workload_trust,
+            self.config.policy.host_pods_on_untrusted_node,
+        )
         backend = self.backends.get(decision.backend)
         if backend is None:
             raise FailedPrecondition(
