@@ -64,6 +64,7 @@ class RegistrySettings:
     mirrors: dict[str, list[str]] = field(default_factory=dict)
     timeout: float = 60.0
     max_manifest_bytes: int = 4 * 2**20
+    max_token_bytes: int = 2**20  # a token answer; real ones are a few KiB
 
 
 @dataclass
@@ -369,22 +370,30 @@ class RegistryClient:
                     "refresh_token": creds.identity_token,
                     "client_id": "tandem",
                 }
-                resp = await self._http.post(realm, data=form)
+                request = self._http.build_request("POST", realm, data=form)
+                basic = None
             else:
+                request = self._http.build_request("GET", realm, params=fields)
                 basic = (creds.username, creds.password) if creds is not None and creds.username else None
-                resp = await self._http.get(realm, params=fields, auth=basic)
+            resp = await self._http.send(request, stream=True, auth=basic)
         except httpx.RequestError as e:
             raise Unavailable(f"{host}: token service {realm_host} unreachable: {_describe(e)}") from None
-        if resp.status_code in (401, 403):
-            raise PermissionDenied(
-                f"{host}: token service {realm_host} refused the credentials (HTTP {resp.status_code})"
-            )
-        if resp.status_code != 200:
-            raise Unavailable(f"{host}: token service {realm_host} answered HTTP {resp.status_code}")
         try:
-            body = resp.json()
-            token = body.get("token") or body.get("access_token")
-            ttl = float(body.get("expires_in") or _DEFAULT_TOKEN_TTL)
+            if resp.status_code in (401, 403):
+                raise PermissionDenied(
+                    f"{host}: token service {realm_host} refused the credentials (HTTP {resp.status_code})"
+                )
+            if resp.status_code != 200:
+                raise Unavailable(f"{host}: token service {realm_host} answered HTTP {resp.status_code}")
+            body = await _read_capped(resp, self.settings.max_token_bytes, f"token service {realm_host}: answer")
+        except httpx.RequestError as e:
+            raise Unavailable(f"{host}: token service {realm_host} failed: {_describe(e)}") from None
+        finally:
+            await resp.aclose()
+        try:
+            answer = json.loads(body)
+            token = answer.get("token") or answer.get("access_token")
+            ttl = float(answer.get("expires_in") or _DEFAULT_TOKEN_TTL)
         except (ValueError, AttributeError, TypeError):
             token = None
         if not isinstance(token, str) or not token:
@@ -477,17 +486,9 @@ class Repository:
             {"Accept": _ACCEPT},
         )
         try:
-            length = resp.headers.get("content-length", "")
-            if length.isdigit() and int(length) > limit:
-                raise ResourceExhausted(f"{ep.host}: {what} is {length} bytes, over the {limit}-byte limit")
-            body = bytearray()
-            async for chunk in resp.aiter_bytes():
-                body += chunk
-                if len(body) > limit:
-                    raise ResourceExhausted(f"{ep.host}: {what} is over the {limit}-byte limit")
+            data = await _read_capped(resp, limit, f"{ep.host}: {what}")
         finally:
             await resp.aclose()
-        data = bytes(body)
         digest = _sha256(data)
         if is_digest(tag_or_digest) and digest != tag_or_digest:
             raise DataCorruption(f"{ep.host}: {what} has digest {digest}")
@@ -557,6 +558,19 @@ def _manifest_media_type(content_type: str, data: bytes, host: str, what: str) -
     if declared is not None and declared != media_type:
         raise InvalidArgument(f"{host}: {what} was served as {media_type} but declares {declared!r}")
     return media_type
+
+
+async def _read_capped(resp: httpx.Response, limit: int, what: str) -> bytes:
+    """The body of a streamed response, refused as soon as it is known to pass `limit` bytes."""
+    length = resp.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise ResourceExhausted(f"{what} is {length} bytes, over the {limit}-byte limit")
+    body = bytearray()
+    async for chunk in resp.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            raise ResourceExhausted(f"{what} is over the {limit}-byte limit")
+    return bytes(body)
 
 
 async def _error_detail(resp: httpx.Response) -> str:
