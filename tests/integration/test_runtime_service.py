@@ -37,6 +37,22 @@ def test_socket_is_root_only_and_sigterm_is_graceful(daemon):
     assert not daemon.socket.exists()
 
 
+def test_only_a_socket_directory_tandem_creates_is_made_private(tmp_path):
+    shared = tmp_path / "shared"  # stands for /run: other services' sockets live there too
+    shared.mkdir()
+    shared.chmod(0o755)
+    new = tmp_path / "new" / "sockets"
+    for socket, directory, mode in ((shared / "tandem.sock", shared, 0o755), (new / "tandem.sock", new, 0o700)):
+        daemon = TandemDaemon.isolated(tmp_path)
+        daemon.socket = socket
+        daemon.start()
+        try:
+            assert stat.S_IMODE(directory.stat().st_mode) == mode
+            assert stat.S_IMODE(socket.stat().st_mode) == 0o600
+        finally:
+            daemon.stop()
+
+
 def test_status_reports_network_readiness_from_cni_config(daemon, tmp_path):
     conditions = {c.type: c for c in daemon.runtime.Status(pb.StatusRequest()).status.conditions}
     assert conditions["RuntimeReady"].status
