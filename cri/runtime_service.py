@@ -79,6 +79,7 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
                 {
                     "configSource": self.config.source,
                     "defaultWorkloadTrust": self.config.default_workload_trust,
+                    "hostPodsOnUntrustedNode": self.config.policy.host_pods_on_untrusted_node,
                     "runtimes": {n: h.backend for n, h in sorted(self.config.runtimes.items())},
                     "backendsAvailable": sorted(self.pods.backends),
                     "stateDir": str(self.config.state_dir),

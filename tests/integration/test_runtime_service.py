@@ -68,6 +68,7 @@ def test_status_reports_network_readiness_from_cni_config(daemon, tmp_path):
     conditions = {c.type: c for c in response.status.conditions}
     assert conditions["NetworkReady"].status, conditions["NetworkReady"].message
     assert json.loads(response.info["config"])["runtimes"] == {"runc": "runc", "vm": "vm"}
+    assert json.loads(response.info["config"])["hostPodsOnUntrustedNode"] == "refuse"
     assert [h.name for h in response.runtime_handlers] == ["", "runc", "vm"]
 
 
