@@ -37,7 +37,7 @@ class Unavailable(TandemError):
 
 
 class PermissionDenied(TandemError):
-    """A registry or resource refused the credentials that were offered."""
+    """A registry refused the credentials that were offered, or node policy forbids what was asked."""
 
 
 class DataCorruption(TandemError):

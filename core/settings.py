@@ -24,6 +24,7 @@ BACKENDS = ("runc", "vm")
 TRUST_LEVELS = ("trusted", "untrusted")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ACCELS = ("auto", "kvm", "tcg")
+HOST_POD_POLICIES = ("runc", "refuse")
 
 
 class ConfigError(InvalidArgument):
@@ -41,6 +42,7 @@ class RegistrySettings:
     mirrors: dict[str, list[str]] = field(default_factory=dict)
     timeout: float = 60.0
     max_manifest_bytes: int = 4 * 2**20
+    max_token_bytes: int = 2**20  # a token answer; real ones are a few KiB
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,13 @@ class VmSettings:
 
 
 @dataclass(frozen=True)
+class PolicySettings:
+    """`[policy]`: what a pod that wants the host gets on a node whose default trust is untrusted."""
+
+    host_pods_on_untrusted_node: str = "refuse"  # or "runc"; see README, Trust dispatch
+
+
+@dataclass(frozen=True)
 class Config:
     default_workload_trust: str = "trusted"
     socket: Path = Path("/run/tandem/tandem.sock")
@@ -129,10 +138,15 @@ class Config:
     cni: CniSettings = field(default_factory=CniSettings)
     vm: VmSettings = field(default_factory=VmSettings)
     streaming: StreamingSettings = field(default_factory=StreamingSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
     source: str = "embedded defaults"
 
     def trust(self) -> TrustSettings:
-        return TrustSettings(default_workload_trust=self.default_workload_trust, runtimes=self.runtimes)
+        return TrustSettings(
+            default_workload_trust=self.default_workload_trust,
+            runtimes=self.runtimes,
+            host_pods_on_untrusted_node=self.policy.host_pods_on_untrusted_node,
+        )
 
     def runc_backend(self) -> RuncBackendSettings:
         return RuncBackendSettings(
@@ -145,10 +159,11 @@ class Config:
 
 @dataclass(frozen=True)
 class TrustSettings:
-    """What trust dispatch decides by: the default trust and the RuntimeClass handlers."""
+    """What trust dispatch decides by: the default trust, the RuntimeClass handlers and `[policy]`."""
 
     default_workload_trust: str
     runtimes: dict[str, RuntimeHandler]
+    host_pods_on_untrusted_node: str  # [policy]: "runc" or "refuse"
 
 
 @dataclass(frozen=True)
@@ -347,6 +362,14 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
     if vm.boot_timeout_seconds <= 0:
         raise vm_table.fail("boot_timeout_seconds", f"must be positive, got {vm.boot_timeout_seconds:g}")
     vm_table.done()
+
+    policy_table = top.sub("policy")
+    policy = PolicySettings(
+        host_pods_on_untrusted_node=policy_table.choice(
+            "host_pods_on_untrusted_node", HOST_POD_POLICIES, defaults.policy.host_pods_on_untrusted_node
+        )
+    )
+    policy_table.done()
     top.done()
     return Config(
         default_workload_trust=trust,
@@ -360,6 +383,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         cni=cni,
         vm=vm,
         streaming=streaming,
+        policy=policy,
         source=source,
     )
 

@@ -19,6 +19,10 @@ from core import errors
 
 log = logging.getLogger("tandem.cri")
 
+# A status message travels in a trailer (gRPC's default metadata limit is 8 KiB): a longer one, say
+# echoing a hostile 1 MiB name, would reach the client as RESOURCE_EXHAUSTED instead of its code.
+MAX_STATUS_MESSAGE = 2048
+
 STATUS_CODES: dict[type[errors.TandemError], grpc.StatusCode] = {
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
@@ -42,13 +46,21 @@ def status_code(error: errors.TandemError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+def status_message(text: str) -> str:
+    """`text` cut to MAX_STATUS_MESSAGE characters, saying so."""
+    if len(text) <= MAX_STATUS_MESSAGE:
+        return text
+    return f"{text[: MAX_STATUS_MESSAGE - 40]}... (cut; {len(text)} characters in all)"
+
+
 async def _abort(context: grpc.aio.ServicerContext, method: str, error: BaseException) -> None:
     if isinstance(error, errors.TandemError):
         code = status_code(error)
-        log.info("rpc failed", extra={"method": method, "code": code.name, "error": str(error)})
-        await context.abort(code, str(error))
+        message = status_message(str(error))
+        log.info("rpc failed", extra={"method": method, "code": code.name, "error": message})
+        await context.abort(code, message)
     log.exception("rpc crashed", extra={"method": method}, exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+    await context.abort(grpc.StatusCode.INTERNAL, status_message(f"internal error: {type(error).__name__}: {error}"))
 
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic only in the type stubs

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from core.errors import InvalidArgument
+from cri import validate
 from cri.errors import answer_unimplemented
 from images.auth import Credentials
 from images.manifest import user_of
@@ -45,18 +45,13 @@ def _credentials(auth: pb.AuthConfig) -> Credentials | None:
     )
 
 
-def _required_image(spec: pb.ImageSpec) -> str:
-    if not spec.image:
-        raise InvalidArgument("image spec names no image")
-    return spec.image
-
-
 class ImageServicer(cri_pb2_grpc.ImageServiceServicer):
     def __init__(self, store: ImageStore) -> None:
         self.store = store
 
     def _list(self, image_filter: pb.ImageFilter) -> list[pb.Image]:
         if image_filter.image.image:
+            validate.image_spec(image_filter.image, "filter.image")
             record = self.store.resolve(image_filter.image.image)
             return [image_message(record)] if record else []
         return [image_message(r) for r in self.store.list()]
@@ -76,7 +71,8 @@ class ImageServicer(cri_pb2_grpc.ImageServiceServicer):
     async def ImageStatus(
         self, request: pb.ImageStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.ImageStatusResponse:
-        record = self.store.resolve(_required_image(request.image))
+        validate.image_spec(request.image, "image")
+        record = self.store.resolve(request.image.image)
         if record is None:
             return pb.ImageStatusResponse()
         info = {}
@@ -92,13 +88,15 @@ class ImageServicer(cri_pb2_grpc.ImageServiceServicer):
         return pb.ImageStatusResponse(image=image_message(record), info=info)
 
     async def PullImage(self, request: pb.PullImageRequest, context: grpc.aio.ServicerContext) -> pb.PullImageResponse:
-        record = await self.store.pull(_required_image(request.image), _credentials(request.auth))
+        validate.pull_image(request)
+        record = await self.store.pull(request.image.image, _credentials(request.auth))
         return pb.PullImageResponse(image_ref=record.image_id)
 
     async def RemoveImage(
         self, request: pb.RemoveImageRequest, context: grpc.aio.ServicerContext
     ) -> pb.RemoveImageResponse:
-        await self.store.remove(_required_image(request.image))
+        validate.image_spec(request.image, "image")
+        await self.store.remove(request.image.image)
         return pb.RemoveImageResponse()
 
     async def ImageFsInfo(

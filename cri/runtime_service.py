@@ -1,7 +1,7 @@
 """RuntimeService: CRI runtime calls translated onto the pod manager.
 
-Each handler validates what only the CRI layer can see, calls `sandbox.manager`,
-and converts the answer (`cri.convert`). Errors are domain exceptions, mapped
+Each handler validates the request first (`cri.validate`: INVALID_ARGUMENT naming the field, before
+anything runs), calls `sandbox.manager`, and converts the answer (`cri.convert`). Errors are domain exceptions, mapped
 to status codes by `cri.errors`.
 """
 
@@ -16,7 +16,7 @@ import grpc
 
 from core.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from core.settings import Config
-from cri import convert, metrics
+from cri import convert, metrics, validate
 from cri.errors import answer_unimplemented
 from cri.streaming.server import StreamingServer
 from cri.version import CRI_API_VERSION, KUBELET_API_VERSION, RUNTIME_NAME, RUNTIME_VERSION
@@ -78,6 +78,7 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
                 {
                     "configSource": self.config.source,
                     "defaultWorkloadTrust": self.config.default_workload_trust,
+                    "hostPodsOnUntrustedNode": self.config.policy.host_pods_on_untrusted_node,
                     "runtimes": {n: h.backend for n, h in sorted(self.config.runtimes.items())},
                     "backendsAvailable": self.pods.backend_names(),
                     "stateDir": str(self.config.state_dir),
@@ -114,6 +115,7 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
     async def RunPodSandbox(
         self, request: pb.RunPodSandboxRequest, context: grpc.aio.ServicerContext
     ) -> pb.RunPodSandboxResponse:
+        validate.run_pod_sandbox(request)
         sandbox = await self.pods.run_sandbox(request.config, request.runtime_handler)
         return pb.RunPodSandboxResponse(pod_sandbox_id=sandbox.id)
 
@@ -162,6 +164,7 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
     async def CreateContainer(
         self, request: pb.CreateContainerRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateContainerResponse:
+        validate.create_container(request)
         container = await self.pods.create_container(request.pod_sandbox_id, request.config, request.sandbox_config)
         return pb.CreateContainerResponse(container_id=container.id)
 
@@ -209,6 +212,7 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
     async def UpdateContainerResources(
         self, request: pb.UpdateContainerResourcesRequest, context: grpc.aio.ServicerContext
     ) -> pb.UpdateContainerResourcesResponse:
+        validate.update_container_resources(request)
         await self.pods.update_resources(request.container_id, request.linux)
         return pb.UpdateContainerResourcesResponse()
 
@@ -219,6 +223,7 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
         return pb.ReopenContainerLogResponse()
 
     async def ExecSync(self, request: pb.ExecSyncRequest, context: grpc.aio.ServicerContext) -> pb.ExecSyncResponse:
+        validate.exec_sync(request)
         result = await self.pods.exec_sync(request.container_id, list(request.cmd), request.timeout)
         return pb.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code)
 
@@ -233,8 +238,7 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
             raise InvalidArgument("tty and stderr cannot both be set: a terminal has a single output")
 
     async def Exec(self, request: pb.ExecRequest, context: grpc.aio.ServicerContext) -> pb.ExecResponse:
-        if not request.cmd:
-            raise InvalidArgument("exec needs a command")
+        validate.exec_request(request)
         self._check_streams(request)
         _, container = await self.pods.running(request.container_id)
         cached = pb.ExecRequest()

@@ -82,6 +82,13 @@ def _claim_socket(path: Path) -> None:
         probe.close()
 
 
+def _socket_dir(path: Path) -> None:
+    """Create the socket's directory 0700; one that exists is left as it is: it may be shared (/run) with
+    every other service's sockets. The socket itself is 0600 either way."""
+    if not path.is_dir():
+        private_dir(path)
+
+
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -95,7 +102,7 @@ class Daemon:
         config = self.config
         private_dir(config.state_dir)
         private_dir(config.runtime_dir)
-        private_dir(config.socket.parent)
+        _socket_dir(config.socket.parent)
         self._registry = RegistryClient(config.registry)
         self.images = ImageStore(
             config.state_dir / "images",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from core.errors import InvalidArgument, PermissionDenied, Unavailable
+from core.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
 from images.reference import canonical_host, host_of
 
 _DEFAULT_TOKEN_TTL = 60.0
@@ -104,12 +105,28 @@ def describe_error(error: Exception) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
+async def read_capped(resp: httpx.Response, limit: int, what: str) -> bytes:
+    """The body of a streamed response, refused as soon as it is known to pass `limit` bytes."""
+    length = resp.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise ResourceExhausted(f"{what} is {length} bytes, over the {limit}-byte limit")
+    body = bytearray()
+    async for chunk in resp.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            raise ResourceExhausted(f"{what} is over the {limit}-byte limit")
+    return bytes(body)
+
+
 class Authorizer:
     """Answers a registry's challenges with an Authorization value, remembered until it expires."""
 
-    def __init__(self, http: httpx.AsyncClient, plain_http_allowed: Callable[[str], bool]) -> None:
+    def __init__(
+        self, http: httpx.AsyncClient, plain_http_allowed: Callable[[str], bool], max_token_bytes: int
+    ) -> None:
         self._http = http
         self._plain_http_allowed = plain_http_allowed
+        self._max_token_bytes = max_token_bytes
         self._answers: dict[tuple[str, str, str], tuple[str, float]] = {}
 
     @staticmethod
@@ -171,22 +188,30 @@ class Authorizer:
                     "refresh_token": creds.identity_token,
                     "client_id": "tandem",
                 }
-                resp = await self._http.post(realm, data=form)
+                request = self._http.build_request("POST", realm, data=form)
+                basic = None
             else:
+                request = self._http.build_request("GET", realm, params=fields)
                 basic = (creds.username, creds.password) if creds is not None and creds.username else None
-                resp = await self._http.get(realm, params=fields, auth=basic)
+            resp = await self._http.send(request, stream=True, auth=basic)
         except httpx.RequestError as e:
             raise Unavailable(f"{host}: token service {realm_host} unreachable: {describe_error(e)}") from None
-        if resp.status_code in (401, 403):
-            raise PermissionDenied(
-                f"{host}: token service {realm_host} refused the credentials (HTTP {resp.status_code})"
-            )
-        if resp.status_code != 200:
-            raise Unavailable(f"{host}: token service {realm_host} answered HTTP {resp.status_code}")
         try:
-            body = resp.json()
-            token = body.get("token") or body.get("access_token")
-            ttl = float(body.get("expires_in") or _DEFAULT_TOKEN_TTL)
+            if resp.status_code in (401, 403):
+                raise PermissionDenied(
+                    f"{host}: token service {realm_host} refused the credentials (HTTP {resp.status_code})"
+                )
+            if resp.status_code != 200:
+                raise Unavailable(f"{host}: token service {realm_host} answered HTTP {resp.status_code}")
+            body = await read_capped(resp, self._max_token_bytes, f"token service {realm_host}: answer")
+        except httpx.RequestError as e:
+            raise Unavailable(f"{host}: token service {realm_host} failed: {describe_error(e)}") from None
+        finally:
+            await resp.aclose()
+        try:
+            answer = json.loads(body)
+            token = answer.get("token") or answer.get("access_token")
+            ttl = float(answer.get("expires_in") or _DEFAULT_TOKEN_TTL)
         except (ValueError, AttributeError, TypeError):
             token = None
         if not isinstance(token, str) or not token:

@@ -34,7 +34,7 @@ from core.errors import (
     Unavailable,
 )
 from core.settings import RegistrySettings
-from images.auth import Authorizer, Credentials, describe_error, parse_www_authenticate
+from images.auth import Authorizer, Credentials, describe_error, parse_www_authenticate, read_capped
 from images.blobs import sha256_digest
 from images.manifest import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Descriptor, manifest_media_type
 from images.reference import DOCKER_HUB_ALIASES, Reference, host_of, hostname, is_digest, is_registry_host, is_tag
@@ -68,7 +68,7 @@ class RegistryClient:
             domain: [self._endpoint(entry) for entry in entries] for domain, entries in self.settings.mirrors.items()
         }
         self._scheme_of: dict[str, str] = {}
-        self._authorizer = Authorizer(self._http, self._plain_http_allowed)
+        self._authorizer = Authorizer(self._http, self._plain_http_allowed, self.settings.max_token_bytes)
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -257,17 +257,9 @@ class Repository:
             {"Accept": _ACCEPT},
         )
         try:
-            length = resp.headers.get("content-length", "")
-            if length.isdigit() and int(length) > limit:
-                raise ResourceExhausted(f"{ep.host}: {what} is {length} bytes, over the {limit}-byte limit")
-            body = bytearray()
-            async for chunk in resp.aiter_bytes():
-                body += chunk
-                if len(body) > limit:
-                    raise ResourceExhausted(f"{ep.host}: {what} is over the {limit}-byte limit")
+            data = await read_capped(resp, limit, f"{ep.host}: {what}")
         finally:
             await resp.aclose()
-        data = bytes(body)
         digest = sha256_digest(data)
         if is_digest(tag_or_digest) and digest != tag_or_digest:
             raise DataCorruption(f"{ep.host}: {what} has digest {digest}")

@@ -171,7 +171,13 @@ class PodManager:
         m = config.metadata
         if not (m.name and m.namespace and m.uid):
             raise InvalidArgument("pod metadata needs a name, a namespace and a uid")
-        decision = trust.decide(config, runtime_handler, self.trust.runtimes, self.trust.default_workload_trust)
+        decision = trust.decide(
+            config,
+            runtime_handler,
+            self.trust.runtimes,
+            self.trust.default_workload_trust,
+            self.trust.host_pods_on_untrusted_node,
+        )
         backend = self.backends.get(decision.backend)
         if backend is None:
             raise FailedPrecondition(

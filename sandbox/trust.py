@@ -2,23 +2,31 @@
 
 The rules (design §2), in order:
 1. A non-empty RuntimeClass handler names a `[runtimes.<handler>]` entry; unknown handlers are refused.
-2. With no handler, annotations decide: CRI-O's `io.kubernetes.cri-o.TrustedSandbox: "false"`,
-   containerd's `io.kubernetes.cri.untrusted-workload: "true"`, or Tandem's own `tandem.dev/trust`
-   ("trusted" or "untrusted"). When annotations disagree, untrusted wins.
+   A handler is written by cluster admins, so it is the only thing that can place a pod above the
+   node's default trust.
+2. Annotations can only lower trust: CRI-O's `io.kubernetes.cri-o.TrustedSandbox: "false"`,
+   containerd's `io.kubernetes.cri.untrusted-workload: "true"` or Tandem's `tandem.dev/trust:
+   "untrusted"` ask for a VM. Whoever writes a pod writes its annotations and admission does not
+   police them, so `tandem.dev/trust: "trusted"` is ignored (and the reason says so) where the default
+   is untrusted. A lowering annotation beside a runc handler contradicts it and is refused.
 3. Otherwise `default_workload_trust`.
-4. A pod that wants the host (privileged, or the host's network, PID or IPC namespace) is trusted
-   when trust came from the default; when it asked for a VM explicitly it is refused, never
-   silently weakened. `privileged` alone in an explicitly untrusted pod means privileged inside the guest.
+4. A pod that wants the host (privileged, or the host's network, PID or IPC namespace) is trusted when
+   the default is; on an untrusted-by-default node `[policy] host_pods_on_untrusted_node` decides
+   (runc, or refuse). A pod that asked for a VM explicitly and for a host namespace is refused, never
+   silently weakened; `privileged` alone in such a pod means privileged inside the guest.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from core.errors import FailedPrecondition, InvalidArgument, NotFound
+from core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from core.settings import RuntimeHandler
 from protos import cri_pb2 as pb
+
+log = logging.getLogger("tandem.trust")
 
 TANDEM_TRUST = "tandem.dev/trust"
 CRIO_TRUSTED = "io.kubernetes.cri-o.TrustedSandbox"
@@ -35,21 +43,18 @@ class Decision:
         return self.handler.backend
 
 
-def _annotated_trust(annotations: Mapping[str, str]) -> tuple[str, str] | None:
-    """The trust the annotations ask for and which annotation said so, or None when they are silent."""
-    votes: list[tuple[str, str]] = []
+def _lowering_annotation(annotations: Mapping[str, str]) -> str | None:
+    """The first annotation that asks for a VM, or None; a malformed Tandem annotation is refused."""
     explicit = annotations.get(TANDEM_TRUST)
-    if explicit is not None:
-        if explicit not in ("trusted", "untrusted"):
-            raise InvalidArgument(f'annotation {TANDEM_TRUST} must be "trusted" or "untrusted", got {explicit!r}')
-        votes.append((explicit, TANDEM_TRUST))
+    if explicit is not None and explicit not in ("trusted", "untrusted"):
+        raise InvalidArgument(f'annotation {TANDEM_TRUST} must be "trusted" or "untrusted", got {explicit!r}')
+    if explicit == "untrusted":
+        return TANDEM_TRUST
     if annotations.get(CRIO_TRUSTED, "").lower() == "false":
-        votes.append(("untrusted", CRIO_TRUSTED))
+        return CRIO_TRUSTED
     if annotations.get(CONTAINERD_UNTRUSTED, "").lower() == "true":
-        votes.append(("untrusted", CONTAINERD_UNTRUSTED))
-    if not votes:
-        return None
-    return next((v for v in votes if v[0] == "untrusted"), votes[0])
+        return CONTAINERD_UNTRUSTED
+    return None
 
 
 def host_access(config: pb.PodSandboxConfig) -> list[str]:
@@ -78,30 +83,60 @@ def _handler_for(backend: str, runtimes: Mapping[str, RuntimeHandler]) -> Runtim
     raise FailedPrecondition(f"no [runtimes.*] entry has backend = {backend!r}")
 
 
+def _by_default(
+    wants_host: list[str],
+    runtimes: Mapping[str, RuntimeHandler],
+    default_trust: str,
+    host_pods_on_untrusted_node: str,
+    ignored: str,
+) -> Decision:
+    """No handler and no lowering annotation: the node's default, and the host-access rule."""
+    reason = f"default_workload_trust = {default_trust!r}{ignored}"
+    if default_trust == "trusted":
+        return Decision(_handler_for("runc", runtimes), reason)
+    if not wants_host:
+        return Decision(_handler_for("vm", runtimes), reason)
+    wants = ", ".join(wants_host)
+    if host_pods_on_untrusted_node == "runc":
+        setting = 'host_pods_on_untrusted_node = "runc"'
+        return Decision(_handler_for("runc", runtimes), f"{reason}; pod wants {wants}; {setting}")
+    raise PermissionDenied(
+        f"pod wants {wants} on a node whose default_workload_trust is 'untrusted', and "
+        '[policy] host_pods_on_untrusted_node = "refuse": give it a runtimeClassName whose handler '
+        "is a runc one (an admin's RuntimeClass) if it must reach the host"
+    )
+
+
 def decide(
     config: pb.PodSandboxConfig,
     runtime_handler: str,
     runtimes: Mapping[str, RuntimeHandler],
     default_trust: str,
+    host_pods_on_untrusted_node: str,
 ) -> Decision:
     """Pick the backend for a new pod, or refuse it with a reason."""
     wants_host = host_access(config)
+    lowering = _lowering_annotation(config.annotations)
     if runtime_handler:
         handler = runtimes.get(runtime_handler)
         if handler is None:
             known = ", ".join(sorted(runtimes)) or "none"
             raise NotFound(f"runtime handler {runtime_handler!r} is not configured (known: {known})")
         explicit = f"runtime handler {runtime_handler!r}"
+        if lowering is not None and handler.backend != "vm":
+            raise InvalidArgument(
+                f"annotation {lowering} asks for a VM but {explicit} runs pods on the {handler.backend} "
+                "backend; refusing rather than picking one"
+            )
+    elif lowering is not None:
+        handler = _handler_for("vm", runtimes)
+        explicit = f"annotation {lowering}"
     else:
-        annotated = _annotated_trust(config.annotations)
-        if annotated is None:
-            if wants_host:
-                return Decision(_handler_for("runc", runtimes), f"default trust; pod wants {', '.join(wants_host)}")
-            backend = "vm" if default_trust == "untrusted" else "runc"
-            return Decision(_handler_for(backend, runtimes), f"default_workload_trust = {default_trust!r}")
-        trust, annotation = annotated
-        handler = _handler_for("vm" if trust == "untrusted" else "runc", runtimes)
-        explicit = f"annotation {annotation}"
+        ignored = ""
+        if config.annotations.get(TANDEM_TRUST) == "trusted" and default_trust != "trusted":
+            ignored = f"; annotation {TANDEM_TRUST}=trusted ignored: annotations can only lower trust"
+            log.warning("annotation cannot raise trust; ignored", extra={"annotation": TANDEM_TRUST})
+        return _by_default(wants_host, runtimes, default_trust, host_pods_on_untrusted_node, ignored)
     if handler.backend == "vm":
         host_namespaces = [w for w in wants_host if w != "privileged"]
         if host_namespaces:

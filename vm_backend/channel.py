@@ -42,6 +42,7 @@ ACK_DELAY = 0.02  # seconds to gather events into one ack
 WRITE_CHUNK = 1 * 2**20  # stdin and port data are sent in pieces well below the frame limit
 _BACKOFF_MIN, _BACKOFF_MAX = 0.05, 2.0
 _READ = 256 * 1024
+MAX_GUEST_TEXT = 1024  # characters of guest-written text that may reach a status message or a log line
 
 EventCallback = Callable[[agent_pb2.Event], Awaitable[None] | None]
 
@@ -59,9 +60,18 @@ _ERRORS: dict[int, type[errors.TandemError]] = {
 }
 
 
+def guest_text(text: str, limit: int = MAX_GUEST_TEXT) -> str:
+    """Text the guest wrote, made safe to show: control and other unprintable characters escaped (no
+    terminal escapes or forged lines in a log or a kubectl event), then cut to `limit` characters."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit + 1])
+    if len(text) <= limit and len(shown) <= limit:
+        return shown
+    return f"{shown[:limit]}... (cut; {len(text)} characters in all)"
+
+
 def error_for(response: agent_pb2.Response) -> errors.TandemError:
-    """The domain error a failed Response stands for."""
-    return _ERRORS.get(response.code, AgentError)(f"agent: {response.error}")
+    """The domain error a failed Response stands for, its text bounded: it ends up in a gRPC status."""
+    return _ERRORS.get(response.code, AgentError)(f"agent: {guest_text(response.error)}")
 
 
 @dataclass(eq=False)
@@ -226,7 +236,7 @@ class AgentClient:
         self._conn = conn
         self._connected.set()
         self._ack_wanted.set()  # re-ack what was delivered: the last ack may have been lost with the old connection
-        log.debug("connected to agent %s at %s", self._instance, self.socket_path)
+        log.debug("connected to agent %s at %s", guest_text(self._instance or "", 64), self.socket_path)
         return conn
 
     def _drop(self, conn: _Connection) -> None:

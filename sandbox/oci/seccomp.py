@@ -19,14 +19,16 @@ from typing import Any
 
 from core.errors import InvalidArgument, NotFound
 
-# The kernel ABIs of an x86_64 host: native, 32-bit compat and x32.
-ARCHITECTURES = ("SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32")
+# The kernel ABIs a RuntimeDefault container may use: native x86_64 and x32. Not i386: there socket
+# calls go through socketcall(2), whose arguments sit in memory seccomp cannot read, and libseccomp
+# turns every allowed socket() rule into an unconditional socketcall(SYS_SOCKET) one, so no family
+# could be blocked. An i386 program is killed (SIGSYS) at its first syscall; it needs a Localhost profile.
+ARCHITECTURES = ("SCMP_ARCH_X86_64", "SCMP_ARCH_X32")
 
 EPERM = 1
 ENOSYS = 38
 
-# Syscalls every container may make, by purpose. 32-bit and time64 variants sit
-# next to their 64-bit names: the compat ABIs are allowed above.
+# Syscalls every container may make, by purpose, by their x86_64 and x32 names.
 _ALLOWED: dict[str, tuple[str, ...]] = {
     "file descriptors and I/O": (
         "read",
@@ -40,9 +42,7 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
         "pwritev",
         "pwritev2",
         "lseek",
-        "_llseek",
         "sendfile",
-        "sendfile64",
         "splice",
         "tee",
         "vmsplice",
@@ -53,7 +53,6 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
         "dup2",
         "dup3",
         "fcntl",
-        "fcntl64",
         "ioctl",
         "flock",
         "fsync",
@@ -62,13 +61,10 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
         "syncfs",
         "sync_file_range",
         "fadvise64",
-        "fadvise64_64",
         "readahead",
         "fallocate",
         "ftruncate",
-        "ftruncate64",
         "truncate",
-        "truncate64",
         "pipe",
         "pipe2",
     ),
@@ -106,33 +102,23 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
     ),
     "file metadata": (
         "stat",
-        "stat64",
         "lstat",
-        "lstat64",
         "fstat",
-        "fstat64",
-        "fstatat64",
         "newfstatat",
         "statx",
         "statfs",
-        "statfs64",
         "fstatfs",
-        "fstatfs64",
         "chmod",
         "fchmod",
         "fchmodat",
         "fchmodat2",
         "chown",
-        "chown32",
         "fchown",
-        "fchown32",
         "fchownat",
         "lchown",
-        "lchown32",
         "utime",
         "utimes",
         "utimensat",
-        "utimensat_time64",
         "futimesat",
         "getxattr",
         "lgetxattr",
@@ -156,12 +142,9 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
     ),
     "waiting for events": (
         "select",
-        "_newselect",
         "pselect6",
-        "pselect6_time64",
         "poll",
         "ppoll",
-        "ppoll_time64",
         "epoll_create",
         "epoll_create1",
         "epoll_ctl",
@@ -176,9 +159,7 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
         "signalfd4",
         "timerfd_create",
         "timerfd_settime",
-        "timerfd_settime64",
         "timerfd_gettime",
-        "timerfd_gettime64",
         "inotify_init",
         "inotify_init1",
         "inotify_add_watch",
@@ -190,12 +171,10 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
         "io_cancel",
         "io_getevents",
         "io_pgetevents",
-        "io_pgetevents_time64",
     ),
     "memory": (
         "brk",
         "mmap",
-        "mmap2",
         "munmap",
         "mremap",
         "mprotect",
@@ -227,7 +206,6 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
         "exit_group",
         "wait4",
         "waitid",
-        "waitpid",
         "getpid",
         "getppid",
         "gettid",
@@ -247,7 +225,6 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
         "get_thread_area",
         "set_thread_area",
         "futex",
-        "futex_time64",
         "futex_waitv",
         "futex_wait",
         "futex_wake",
@@ -279,7 +256,6 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
         "sched_get_priority_max",
         "sched_get_priority_min",
         "sched_rr_get_interval",
-        "sched_rr_get_interval_time64",
         "sched_getattr",
         "sched_setattr",
         "getpriority",
@@ -288,7 +264,6 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
         "ioprio_set",
         "getrlimit",
         "setrlimit",
-        "ugetrlimit",
         "prlimit64",
         "getrusage",
         "times",
@@ -307,22 +282,16 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
         "rt_sigpending",
         "rt_sigsuspend",
         "rt_sigtimedwait",
-        "rt_sigtimedwait_time64",
         "rt_sigqueueinfo",
         "rt_tgsigqueueinfo",
         "sigaltstack",
-        "sigprocmask",
-        "sigreturn",
         "pause",
         "alarm",
     ),
     "time (reading clocks; setting them needs CAP_SYS_TIME)": (
         "clock_gettime",
-        "clock_gettime64",
         "clock_getres",
-        "clock_getres_time64",
         "clock_nanosleep",
-        "clock_nanosleep_time64",
         "nanosleep",
         "gettimeofday",
         "time",
@@ -331,51 +300,31 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
         "timer_create",
         "timer_delete",
         "timer_settime",
-        "timer_settime64",
         "timer_gettime",
-        "timer_gettime64",
         "timer_getoverrun",
         # adjtimex with modes=0 only reads; the kernel demands CAP_SYS_TIME for changes.
         "adjtimex",
         "clock_adjtime",
-        "clock_adjtime64",
     ),
     "user and group IDs": (
         "getuid",
-        "getuid32",
         "geteuid",
-        "geteuid32",
         "getgid",
-        "getgid32",
         "getegid",
-        "getegid32",
         "getresuid",
-        "getresuid32",
         "getresgid",
-        "getresgid32",
         "getgroups",
-        "getgroups32",
         "setuid",
-        "setuid32",
         "setgid",
-        "setgid32",
         "setreuid",
-        "setreuid32",
         "setregid",
-        "setregid32",
         "setresuid",
-        "setresuid32",
         "setresgid",
-        "setresgid32",
         "setfsuid",
-        "setfsuid32",
         "setfsgid",
-        "setfsgid32",
         "setgroups",
-        "setgroups32",
     ),
     "System V and POSIX IPC (namespaced per pod)": (
-        "ipc",
         "shmget",
         "shmat",
         "shmdt",
@@ -383,7 +332,6 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
         "semget",
         "semop",
         "semtimedop",
-        "semtimedop_time64",
         "semctl",
         "msgget",
         "msgsnd",
@@ -392,15 +340,11 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
         "mq_open",
         "mq_unlink",
         "mq_timedsend",
-        "mq_timedsend_time64",
         "mq_timedreceive",
-        "mq_timedreceive_time64",
         "mq_notify",
         "mq_getsetattr",
     ),
-    "sockets (socket() itself is filtered by family below)": (
-        "socketcall",
-        "socketpair",
+    "sockets (socket() and socketpair() are filtered by family below)": (
         "bind",
         "connect",
         "listen",
@@ -418,7 +362,6 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
         "recvfrom",
         "recvmsg",
         "recvmmsg",
-        "recvmmsg_time64",
         "shutdown",
     ),
 }
@@ -427,7 +370,6 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
 _NEEDS_CAPABILITY: dict[str, tuple[str, ...]] = {
     "CAP_SYS_ADMIN": (
         "mount",
-        "umount",
         "umount2",
         "mount_setattr",
         "move_mount",
@@ -458,7 +400,7 @@ _NEEDS_CAPABILITY: dict[str, tuple[str, ...]] = {
     "CAP_SYS_PACCT": ("acct",),
     "CAP_SYS_PTRACE": ("kcmp", "pidfd_getfd", "process_madvise"),
     "CAP_SYS_RAWIO": ("iopl", "ioperm"),
-    "CAP_SYS_TIME": ("settimeofday", "stime", "clock_settime", "clock_settime64"),
+    "CAP_SYS_TIME": ("settimeofday", "clock_settime"),
     "CAP_SYS_TTY_CONFIG": ("vhangup",),
     "CAP_SYS_NICE": ("get_mempolicy", "set_mempolicy", "set_mempolicy_home_node", "mbind"),
     "CAP_SYSLOG": ("syslog",),
@@ -479,6 +421,8 @@ _PERSONAS = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)
 # Socket families with a record of kernel bugs and no use inside a pod: AF_ALG
 # (kernel crypto API) and AF_VSOCK (hypervisor sockets).
 _BLOCKED_SOCKET_FAMILIES = (38, 40)
+# Every family Linux has is below 64 (AF_MAX is 46 in 6.x); socket() fails for the others anyway.
+_FAMILY_LIMIT = 64
 
 
 def _arg(index: int, op: str, value: int, value_two: int = 0) -> dict[str, Any]:
@@ -492,22 +436,39 @@ def _allow(names: Iterable[str], *args: dict[str, Any]) -> dict[str, Any]:
     return rule
 
 
-def _socket_rules() -> list[dict[str, Any]]:
-    """Allow socket() for every family except the blocked ones.
+def _masked_blocks(values: Iterable[int], limit: int) -> list[tuple[int, int]]:
+    """(mask, value) pairs whose matches, on the low 32 bits, are exactly `values` (all below `limit`).
 
-    libseccomp ANDs the conditions of a rule and cannot test one argument
-    twice, so "neither 38 nor 40" becomes: below 38, exactly 39, 41 and up.
+    Each pair is an aligned power-of-two block, so "every family but 38 and 40" takes a handful of
+    rules; libseccomp cannot test one argument twice within a rule.
     """
-    rules = []
-    low = 0
-    for blocked in sorted(_BLOCKED_SOCKET_FAMILIES):
-        if low == 0:
-            rules.append(_allow(["socket"], _arg(0, "SCMP_CMP_LT", blocked)))
-        else:
-            rules.extend(_allow(["socket"], _arg(0, "SCMP_CMP_EQ", family)) for family in range(low, blocked))
-        low = blocked + 1
-    rules.append(_allow(["socket"], _arg(0, "SCMP_CMP_GE", low)))
-    return rules
+    wanted = set(values)
+    blocks = []
+    start = 0
+    while start < limit:
+        if start not in wanted:
+            start += 1
+            continue
+        size = 1
+        while start % (2 * size) == 0 and all(v in wanted for v in range(start, start + 2 * size)):
+            size *= 2
+        blocks.append((0xFFFFFFFF & ~(size - 1), start))
+        start += size
+    return blocks
+
+
+def _socket_rules() -> list[dict[str, Any]]:
+    """socket() and socketpair() for every family but the blocked ones.
+
+    The family is an `int`: the kernel reads the low 32 bits of the register, so the comparison masks
+    the upper half (a plain `>= 41` would let 0x1_0000_0028, AF_VSOCK to the kernel, through).
+    """
+    families = set(range(_FAMILY_LIMIT)) - set(_BLOCKED_SOCKET_FAMILIES)
+    return [
+        _allow([name], _arg(0, "SCMP_CMP_MASKED_EQ", mask, value))
+        for name in ("socket", "socketpair")
+        for mask, value in _masked_blocks(families, _FAMILY_LIMIT)
+    ]
 
 
 def runtime_default_profile(capabilities: Iterable[str] = ()) -> dict[str, Any]:

@@ -414,6 +414,17 @@ async def test_registry_token_is_used_as_the_bearer_token(client, authproxy, pus
         await client.repository(ref, Credentials.from_cri(registry_token="forged")).get_manifest("v1")
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_token_answers_are_size_limited(client, authproxy, pushed, chunked) -> None:
+    limit = RegistrySettings().max_token_bytes
+    proxy = authproxy("bearer", token_padding=limit, chunked=chunked)
+    repo = client.repository(parse_reference(f"{proxy.host}/test/client-oci:v1"), Credentials("tandem", "pull-secret"))
+    with pytest.raises(ResourceExhausted, match=f"token service {proxy.host}: answer is .*over the {limit}-byte limit"):
+        await repo.get_manifest("v1")
+    proxy.token_padding = limit // 2  # a large answer within the limit still works
+    await repo.get_manifest("v1")
+
+
 async def test_credentials_never_go_to_a_plain_http_realm(client, authproxy) -> None:
     proxy = authproxy("none")
     challenge = {"WWW-Authenticate": 'Bearer realm="http://auth.example.test/token",service="x"'}

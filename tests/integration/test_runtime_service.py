@@ -12,6 +12,7 @@ import pytest
 
 from protos import cri_pb2 as pb
 from tests.support.daemon import TandemDaemon
+from tests.support.pods import pod_config
 
 pytestmark = pytest.mark.integration
 
@@ -36,6 +37,22 @@ def test_socket_is_root_only_and_sigterm_is_graceful(daemon):
     assert not daemon.socket.exists()
 
 
+def test_only_a_socket_directory_tandem_creates_is_made_private(tmp_path):
+    shared = tmp_path / "shared"  # stands for /run: other services' sockets live there too
+    shared.mkdir()
+    shared.chmod(0o755)
+    new = tmp_path / "new" / "sockets"
+    for socket, directory, mode in ((shared / "tandem.sock", shared, 0o755), (new / "tandem.sock", new, 0o700)):
+        daemon = TandemDaemon.isolated(tmp_path)
+        daemon.socket = socket
+        daemon.start()
+        try:
+            assert stat.S_IMODE(directory.stat().st_mode) == mode
+            assert stat.S_IMODE(socket.stat().st_mode) == 0o600
+        finally:
+            daemon.stop()
+
+
 def test_status_reports_network_readiness_from_cni_config(daemon, tmp_path):
     conditions = {c.type: c for c in daemon.runtime.Status(pb.StatusRequest()).status.conditions}
     assert conditions["RuntimeReady"].status
@@ -51,6 +68,7 @@ def test_status_reports_network_readiness_from_cni_config(daemon, tmp_path):
     conditions = {c.type: c for c in response.status.conditions}
     assert conditions["NetworkReady"].status, conditions["NetworkReady"].message
     assert json.loads(response.info["config"])["runtimes"] == {"runc": "runc", "vm": "vm"}
+    assert json.loads(response.info["config"])["hostPodsOnUntrustedNode"] == "refuse"
     assert [h.name for h in response.runtime_handlers] == ["", "runc", "vm"]
 
 
@@ -80,6 +98,27 @@ def test_bad_pod_requests_are_invalid_and_leave_nothing(daemon):
         daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert daemon.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items == []
+
+
+def test_on_an_untrusted_node_an_annotation_cannot_raise_trust_and_host_pods_are_refused(tmp_path):
+    daemon = TandemDaemon.isolated(tmp_path, 'default_workload_trust = "untrusted"').start()
+    try:
+        raising = pod_config("raising", tmp_path / "logs", **{"tandem.dev/trust": "trusted"})
+        raising.linux.security_context.namespace_options.network = pb.NODE
+        raising.linux.security_context.privileged = True
+        with pytest.raises(grpc.RpcError) as err:
+            daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=raising))
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "host_pods_on_untrusted_node" in err.value.details()
+
+        plain = pod_config("plain", tmp_path / "logs", **{"tandem.dev/trust": "trusted"})
+        with pytest.raises(grpc.RpcError) as err:  # this daemon has no guest assets: the VM route fails
+            daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=plain))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "vm backend not available" in err.value.details() and "trusted ignored" in err.value.details()
+        assert daemon.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items == []
+    finally:
+        daemon.stop()
 
 
 def test_a_second_daemon_on_the_same_socket_is_refused(daemon, tmp_path):

@@ -66,6 +66,7 @@ class AuthProxy:
         token_ttl: int = 300,
         chunked: bool = False,
         redirect_blobs_to: str | None = None,
+        token_padding: int = 0,
     ) -> None:
         self.upstream = upstream
         self.mode = mode
@@ -75,6 +76,7 @@ class AuthProxy:
         self.token_ttl = token_ttl
         self.chunked = chunked  # send bodies chunked, without Content-Length
         self.redirect_blobs_to = redirect_blobs_to  # answer blob GETs with a 307 to this host:port
+        self.token_padding = token_padding  # bytes of filler in every token answer (a hostile token service)
         self.requests: list[Recorded] = []
         self.tokens: set[str] = set()
         # path -> (status, headers, body), served after the auth check instead of forwarding
@@ -210,7 +212,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not ok:
             self._reply(401, {"Content-Type": "application/json"}, _json({"details": "bad credentials"}))
             return
-        answer = {key: proxy.issue_token(), "expires_in": proxy.token_ttl}
+        answer: dict[str, object] = {key: proxy.issue_token(), "expires_in": proxy.token_ttl}
+        if proxy.token_padding:
+            answer["padding"] = "x" * proxy.token_padding
         self._reply(200, {"Content-Type": "application/json"}, _json(answer))
 
     def _forward(self, headers: dict[str, str], body: bytes, path: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import FailedPrecondition, NotFound
-from core.settings import Config, TrustSettings
+from core.settings import Config
 from images.store import ImageRecord
 from protos import cri_pb2 as pb
 from sandbox.backend import (
@@ -220,7 +220,7 @@ def fake_manager(tmp_path: Path, *backends: FakeBackend, default_trust: str = "t
     return PodManager(
         state_dir=tmp_path / "state",
         runtime_dir=tmp_path / "run",
-        trust=TrustSettings(default_workload_trust=default_trust, runtimes=Config().runtimes),
+        trust=Config(default_workload_trust=default_trust).trust(),
         images=FakeImages(),  # type: ignore[arg-type]
         backends={b.name: b for b in backends},
         cni=CniPlugins(tmp_path / "net.d", ()),

@@ -345,6 +345,17 @@ async def test_errors_map_to_domain_exceptions(agent: Agent, short_dir: Path) ->
         await client.close()
 
 
+def test_agent_error_text_is_bounded_and_printable() -> None:
+    hostile = "\x1b[2J\x1b]0;owned\x07line one\nline two\r\x00" + "x" * 2**20
+    error = channel.error_for(pb.Response(code=pb.NOT_FOUND, error=hostile))
+    assert isinstance(error, errors.NotFound)
+    text = str(error)
+    assert len(text) <= channel.MAX_GUEST_TEXT + 100 and text.isprintable()
+    assert text.startswith("agent: \\x1b[2J") and "line one\\nline two" in text
+    assert text.endswith(f"... (cut; {len(hostile)} characters in all)")
+    assert str(channel.error_for(pb.Response(code=pb.INTERNAL, error="crun: exit 1"))) == "agent: crun: exit 1"
+
+
 async def test_client_delivers_once_in_order_across_reconnects(agent: Agent, short_dir: Path) -> None:
     got: list[pb.Event] = []
     client = AgentClient(short_dir / "agent.sock", got.append)

@@ -2,7 +2,7 @@ import grpc
 import pytest
 
 from core import errors
-from cri.errors import answer_unimplemented, status_code
+from cri.errors import MAX_STATUS_MESSAGE, answer_unimplemented, status_code, status_message
 
 
 @pytest.mark.parametrize(
@@ -20,6 +20,13 @@ from cri.errors import answer_unimplemented, status_code
 )
 def test_each_domain_error_has_its_code(error, code):
     assert status_code(error) == code
+
+
+def test_status_messages_fit_in_a_trailer():
+    """A message echoing a 1 MiB name would arrive as RESOURCE_EXHAUSTED, not as its own code."""
+    assert status_message("short") == "short"
+    cut = status_message("x" * 2**20)
+    assert len(cut) <= MAX_STATUS_MESSAGE and cut.endswith(f"(cut; {2**20} characters in all)")
 
 
 def test_subclasses_inherit_their_parents_code():

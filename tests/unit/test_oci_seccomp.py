@@ -50,7 +50,7 @@ def default():
 
 def test_shape(default):
     assert default["defaultAction"] == "SCMP_ACT_ERRNO" and default["defaultErrnoRet"] == 1
-    assert default["architectures"] == ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]
+    assert default["architectures"] == ["SCMP_ARCH_X86_64", "SCMP_ARCH_X32"]
     for rule in default["syscalls"]:
         assert rule["names"] == sorted(set(rule["names"])) and rule["action"] in ("SCMP_ACT_ALLOW", "SCMP_ACT_ERRNO")
     json.dumps(default)
@@ -160,6 +160,22 @@ def test_machine_level_calls_are_refused_with_eperm(default, call):
     assert evaluate(default, *call) == 1
 
 
+def test_the_i386_abi_is_not_admitted(default):
+    """On i386 socket calls go through socketcall(2), whose arguments seccomp cannot read, and libseccomp
+    turns an allowed socket() into an unconditional socketcall(SYS_SOCKET): no family could be blocked."""
+    assert "SCMP_ARCH_X86" not in default["architectures"]
+    assert not any("socketcall" in rule["names"] for rule in default["syscalls"])
+
+
+@pytest.mark.parametrize("name", ["socket", "socketpair"])
+def test_socket_families_are_compared_on_the_32_bits_the_kernel_reads(default, name):
+    """socket(2) takes an int: 0x1_0000_0028 is AF_VSOCK to the kernel and must be to the filter too."""
+    for family in (AF_VSOCK, AF_ALG, 0x1_0000_0000 | AF_VSOCK, 0xFFFF_FFFF_0000_0000 | AF_ALG):
+        assert evaluate(default, name, family) == 1, hex(family)
+    for family in (AF_UNIX, AF_INET, AF_INET6, AF_NETLINK, AF_NFC, 41, 45, 0x1_0000_0000 | AF_INET):
+        assert evaluate(default, name, family) == ALLOW, hex(family)
+
+
 def test_clone3_reports_enosys_so_libc_falls_back_to_clone(default):
     assert evaluate(default, "clone3") == 38
 
@@ -196,12 +212,12 @@ NEWER_THAN_LIBSECCOMP = {
 
 
 def test_every_name_is_a_real_syscall():
-    """A typo would silently deny a syscall; libseccomp knows the x86 syscall tables."""
+    """A typo (or an i386-only name) would silently deny nothing; libseccomp knows the syscall tables."""
     path = ctypes.util.find_library("seccomp")
     assert path is not None, "libseccomp is not installed (runc needs it: make setup installs it)"
     lib = ctypes.CDLL(path)
     lib.seccomp_syscall_resolve_name_arch.argtypes = [ctypes.c_uint32, ctypes.c_char_p]
-    arches = (0xC000003E, 0x40000003, 0x4000003E)  # x86_64, x86, x32
+    arches = (0xC000003E, 0x4000003E)  # x86_64, x32
     names = {
         n
         for rule in runtime_default_profile(["CAP_" + c for c in ("SYS_ADMIN", "SYS_NICE")])["syscalls"]

@@ -55,6 +55,8 @@ def test_contract_names_from_the_design_parse():
         ({"cni": {"default": {"subnet": "10.157.0.0/30"}}}, "cni.default.subnet", "/29 or larger"),
         ({"cni": {"default": {"masquerade": "no"}}}, "cni.default.masquerade", "must be a bool"),
         ({"cni": {"default": {"mtu": 1500}}}, "cni.default.mtu", "unknown key"),
+        ({"policy": {"host_pods_on_untrusted_node": "vm"}}, "policy.host_pods_on_untrusted_node", "runc, refuse"),
+        ({"policy": {"host_pods": "runc"}}, "policy.host_pods", "unknown key"),
     ],
 )
 def test_bad_keys_are_named_with_a_reason(data, key, reason):
@@ -63,6 +65,12 @@ def test_bad_keys_are_named_with_a_reason(data, key, reason):
     assert f"key '{key}'" in str(err.value)
     assert reason in str(err.value)
     assert "test.toml" in str(err.value)
+
+
+def test_host_pods_on_an_untrusted_node_are_refused_unless_configured():
+    assert Config().policy.host_pods_on_untrusted_node == "refuse"
+    config = parse_config({"policy": {"host_pods_on_untrusted_node": "runc"}})
+    assert config.policy.host_pods_on_untrusted_node == "runc"
 
 
 def test_streaming_defaults_to_loopback_on_any_free_port():
