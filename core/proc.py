@@ -73,12 +73,15 @@ async def run(
     return result
 
 
-def run_blocking(argv: Sequence[str | os.PathLike[str]], *, timeout: float = 60.0) -> Completed:
+def run_blocking(
+    argv: Sequence[str | os.PathLike[str]], *, timeout: float = 60.0, input: bytes | None = None
+) -> Completed:
     """`run` for code outside the event loop (the operator's tools): never raises on a non-zero exit."""
     args = [str(a) for a in argv]
     log.debug("exec %s", shlex.join(args))
+    stdin = subprocess.DEVNULL if input is None else None
     try:
-        done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False)
+        done = subprocess.run(args, stdin=stdin, input=input, capture_output=True, timeout=timeout, check=False)
     except FileNotFoundError as e:
         raise Unavailable(f"{args[0]} is not installed (run `tandem doctor`)") from e
     except subprocess.TimeoutExpired:

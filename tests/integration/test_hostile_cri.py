@@ -19,7 +19,8 @@ import pytest
 
 from protos import cri_pb2 as pb
 from tests.support.daemon import TandemDaemon
-from tests.support.pods import container_config, pod_config, pod_leftovers, remove_pods_and_stop, write_bridge_network
+from tests.support.network import write_bridge_network
+from tests.support.pods import container_config, pod_config, pod_leftovers, remove_pods_and_stop
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +45,7 @@ def _mounts() -> set[str]:
 @pytest.fixture(scope="module")
 def target(tmp_path_factory, busybox_ref):
     tmp = tmp_path_factory.mktemp("hostile")
-    bridge = write_bridge_network(tmp / "net.d", 207)
+    bridge = write_bridge_network(tmp / "net.d").bridge
     daemon = TandemDaemon.isolated(tmp).start()
     daemon.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=busybox_ref)))
     uuid = secrets.token_hex(16)

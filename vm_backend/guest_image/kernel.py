@@ -15,11 +15,12 @@ from __future__ import annotations
 import lzma
 import shutil
 import struct
-import subprocess
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+from core import proc
+from core.errors import DeadlineExceeded
 from vm_backend.guest_image.elf import is_elf64, segments
 from vm_backend.guest_image.store import BZIMAGE_FILE, KERNEL_FILE
 
@@ -42,7 +43,7 @@ def _tool(*argv: str) -> Callable[[bytes], bytes]:
     def run(payload: bytes) -> bytes:
         if shutil.which(argv[0]) is None:
             return b""
-        result = subprocess.run(argv, input=payload, capture_output=True, timeout=_TOOL_TIMEOUT, check=False)
+        result = proc.run_blocking(argv, input=payload, timeout=_TOOL_TIMEOUT)
         return result.stdout  # a trailing-garbage warning still leaves the kernel on stdout
 
     return run
@@ -81,7 +82,7 @@ def extract_vmlinux(bzimage: bytes) -> bytes | None:
         while start != -1:
             try:
                 elf = decompress(bzimage[start:])
-            except (lzma.LZMAError, zlib.error, subprocess.TimeoutExpired):
+            except (lzma.LZMAError, zlib.error, DeadlineExceeded):
                 elf = b""
             if has_pvh_entry(elf):
                 return elf
