@@ -37,19 +37,26 @@ def test_socket_is_root_only_and_sigterm_is_graceful(daemon):
 
 
 def test_status_reports_network_readiness_from_cni_config(daemon, tmp_path):
-    conditions = {c.type: c for c in daemon.runtime.Status(pb.StatusRequest()).status.conditions}
+    response = daemon.runtime.Status(pb.StatusRequest(verbose=True))
+    conditions = {c.type: c for c in response.status.conditions}
     assert conditions["RuntimeReady"].status
-    assert not conditions["NetworkReady"].status
-    assert conditions["NetworkReady"].reason == "NetworkPluginNotReady"
+    assert conditions["NetworkReady"].status, conditions["NetworkReady"].message  # the default network's
+    assert json.loads(response.info["podNetwork"])["default"] is True
 
     netd = tmp_path / "net.d"
-    netd.mkdir()
-    (netd / "10-test.conflist").write_text(
-        json.dumps({"cniVersion": "1.0.0", "name": "test", "plugins": [{"type": "loopback"}]})
-    )
+    netd.mkdir(exist_ok=True)
+    conflist = netd / "10-test.conflist"
+    conflist.write_text(json.dumps({"cniVersion": "1.0.0", "name": "test", "plugins": [{"type": "not-installed"}]}))
+    conditions = {c.type: c for c in daemon.runtime.Status(pb.StatusRequest()).status.conditions}
+    assert not conditions["NetworkReady"].status  # the conf dir's network rules, and it cannot run
+    assert conditions["NetworkReady"].reason == "NetworkPluginNotReady"
+    assert "not-installed" in conditions["NetworkReady"].message
+
+    conflist.write_text(json.dumps({"cniVersion": "1.0.0", "name": "test", "plugins": [{"type": "loopback"}]}))
     response = daemon.runtime.Status(pb.StatusRequest(verbose=True))
     conditions = {c.type: c for c in response.status.conditions}
     assert conditions["NetworkReady"].status, conditions["NetworkReady"].message
+    assert json.loads(response.info["podNetwork"])["network"] == "test"
     assert json.loads(response.info["config"])["runtimes"] == {"runc": "runc", "vm": "vm"}
     assert [h.name for h in response.runtime_handlers] == ["", "runc", "vm"]
 

@@ -77,3 +77,5 @@ def remove_pods_and_stop(daemon: TandemDaemon, workdir: Path, bridge: str) -> No
     daemon.stop()
     daemon.unmount_workdir(workdir)
     delete_bridge(bridge)
+    if daemon.default_network is not None:
+        delete_bridge(daemon.default_network.bridge)
