@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,12 +51,21 @@ def pod_env(tmp_path: Path, busybox_ref: str) -> Iterator[Callable[[str], PodEnv
 
 
 @pytest.fixture(scope="session")
-def guest_assets() -> GuestAssets:
-    """The guest assets `make setup` built for the default state dir; their absence fails the test."""
+def guest_assets(tmp_path_factory: pytest.TempPathFactory) -> GuestAssets:
+    """The guest assets `make setup` built for the default state dir (their absence fails the test), hard-linked
+    into the session's tmp: a rebuild of the shared state dir during the run (another checkout's `make setup`
+    replaces and deletes them) cannot pull them away from under the tests."""
     assets = current_assets(Config().state_dir)
     if assets is None:
         pytest.fail(f"no guest assets under {assets_root(Config().state_dir)}: run `make setup`")
-    return assets
+    copy = tmp_path_factory.mktemp("guest-assets") / assets.dir.name
+    shutil.copytree(assets.dir, copy, copy_function=os.link)
+    return dataclasses.replace(
+        assets,
+        dir=copy,
+        kernel=copy / assets.kernel.relative_to(assets.dir),
+        initramfs=copy / assets.initramfs.relative_to(assets.dir),
+    )
 
 
 @pytest.fixture

@@ -14,18 +14,11 @@ import pytest
 
 from core import proc
 from core.errors import DeadlineExceeded
-from core.settings import Config
-from vm_backend.guest_image import GuestAssets, ensure_assets
+from vm_backend.guest_image import GuestAssets
 from vm_backend.qemu import QemuVm, VmSpec, console_marker
 from vm_backend.virtiofs import Virtiofsd
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="session")
-def guest_assets() -> GuestAssets:
-    """The default state dir's assets (`make setup` built them; rebuilt here only if an input changed)."""
-    return asyncio.run(ensure_assets(Config().state_dir))
 
 
 @pytest.fixture

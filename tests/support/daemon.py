@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 
 from protos import cri_pb2_grpc
+from tests.support.network import PrivateNetwork, private_network
 from tests.support.wait import wait_for
 
 
@@ -48,16 +49,27 @@ class TandemDaemon:
         self.state_dir = state_dir
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
+        self.default_network: PrivateNetwork | None = None  # set by isolated(): its bridge is the test's to delete
         self._channel: grpc.Channel | None = None
 
     @classmethod
     def isolated(cls, workdir: Path, config_toml: str = "") -> TandemDaemon:
-        """Everything under `workdir`: socket, state, runtime dir, an empty CNI conf dir, the log."""
+        """Everything under `workdir`: socket, state, runtime dir, an empty CNI conf dir, the log.
+
+        Unless `config_toml` sets `[cni.default]`, the default network is a private one (its own bridge name,
+        a free /24, masquerade off), so a pod that lands on it touches nothing of the host's.
+        """
+        default = None
+        if "[cni.default]" not in config_toml:
+            default = private_network()
+            config_toml += "\n" + default.toml()
         config_path = workdir / "tandem.toml"
         config_path.write_text(
             f'runtime_dir = "{workdir / "run"}"\n{config_toml}\n[cni]\nconf_dir = "{workdir / "net.d"}"\n'
         )
-        return cls(config_path, workdir / "run" / "tandem.sock", workdir / "state", workdir / "tandem.log")
+        daemon = cls(config_path, workdir / "run" / "tandem.sock", workdir / "state", workdir / "tandem.log")
+        daemon.default_network = default
+        return daemon
 
     def start(self, timeout: float = 30.0) -> TandemDaemon:
         if self.socket.exists():

@@ -79,10 +79,15 @@ def pod_leftovers(daemon: TandemDaemon, processes: tuple[str, ...], roots: tuple
 
 
 def remove_pods_and_stop(daemon: TandemDaemon, workdir: Path, bridge: str) -> None:
-    """A pod test's teardown: every pod stopped and removed, the daemon stopped, its mounts and bridge gone."""
-    for sandbox in daemon.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items:
-        daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sandbox.id))
-        daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox.id))
-    daemon.stop()
-    daemon.unmount_workdir(workdir)
-    delete_bridge(bridge)
+    """A pod test's teardown: every pod stopped and removed, the daemon stopped, its mounts and bridges gone;
+    the daemon, mounts and bridges go even when removing a pod fails (the failure is still raised)."""
+    try:
+        for sandbox in daemon.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items:
+            daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sandbox.id))
+            daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sandbox.id))
+    finally:
+        daemon.stop()
+        daemon.unmount_workdir(workdir)
+        delete_bridge(bridge)
+        if daemon.default_network is not None:
+            delete_bridge(daemon.default_network.bridge)
