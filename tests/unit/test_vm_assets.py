@@ -230,7 +230,7 @@ async def test_assets_are_rebuilt_only_when_an_input_changes(tmp_path, monkeypat
     assert (await build.asset_status(tmp_path)).fresh is False
     rebuilt = await build.ensure_assets(tmp_path, progress=quiet)
     assert calls[-1] == rebuilt.digest != first.digest
-    assert not first.dir.exists()  # the superseded build is removed
+    assert first.dir.exists()  # the superseded build is kept (one of the most recent)
     assert (await build.asset_status(tmp_path)).fresh is True
 
     await build.ensure_assets(tmp_path, force=True, progress=quiet)
@@ -367,3 +367,15 @@ async def test_no_kvm_device_means_tcg_without_a_probe(tmp_path, probes, monkeyp
     monkeypatch.setattr(accel, "probe_key", key)
     choice = await accel.choose_accel("auto", tmp_path, ASSETS, Path("/q"))
     assert choice == AccelChoice("tcg", "no /dev/kvm") and len(probes) == 1
+
+
+def test_a_new_current_build_keeps_the_most_recent_older_builds(tmp_path):
+    """A pod starting while `current` moves may still open the previous build's kernel: keep a few."""
+    for age, digest in enumerate(["d5", "d4", "d3", "d2", "d1"]):
+        (tmp_path / digest).mkdir()
+        os.utime(tmp_path / digest, (1000 - age, 1000 - age))
+    (tmp_path / "new").mkdir()
+    store.make_current(tmp_path, "new")
+    assert (tmp_path / "current").resolve() == tmp_path / "new"
+    kept = sorted(p.name for p in tmp_path.iterdir() if p.name not in ("new", "current"))
+    assert kept == ["d3", "d4", "d5"]

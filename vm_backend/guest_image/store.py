@@ -80,16 +80,21 @@ def publish(root: Path, digest: str, built: Path) -> None:
     built.rename(root / digest)
 
 
-def make_current(root: Path, digest: str) -> None:
-    """Point `current` at `digest`, then remove every other build.
+KEPT_BUILDS = 3
 
-    QEMU reads the kernel and initramfs at launch, so running VMs do not need
-    the files of an older build any more.
+
+def make_current(root: Path, digest: str) -> None:
+    """Point `current` at `digest`, then remove older builds but the `KEPT_BUILDS` most recent.
+
+    QEMU reads the kernel and initramfs at launch, so running VMs do not need an
+    older build's files; but a pod whose launch raced the switch (or a second
+    checkout of Tandem on a development machine) may still be opening them.
     """
     tmp = root / f".current.{os.getpid()}"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(digest)
     os.replace(tmp, root / _CURRENT)
-    for old in root.iterdir():
-        if old.name not in (digest, _CURRENT) and not old.name.startswith("."):
-            shutil.rmtree(old, ignore_errors=True)
+    older = [p for p in root.iterdir() if p.name not in (digest, _CURRENT) and not p.name.startswith(".")]
+    older.sort(key=lambda p: p.lstat().st_mtime, reverse=True)
+    for old in older[KEPT_BUILDS:]:
+        shutil.rmtree(old, ignore_errors=True)
