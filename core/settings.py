@@ -117,6 +117,15 @@ class VmSettings:
 
 
 @dataclass(frozen=True)
+class LogSettings:
+    """`[logs]`: container log files, the same for both backends."""
+
+    # Like conmon's --log-size-max: past it a container's log file starts over, empty. kubelet rotates logs
+    # at 10 MiB by default, every 10 s; this bounds what a container (or a VM) writes between its looks.
+    max_size_bytes: int = 64 * 2**20
+
+
+@dataclass(frozen=True)
 class PolicySettings:
     """`[policy]`: what a pod that wants the host gets on a node whose default trust is untrusted."""
 
@@ -139,6 +148,7 @@ class Config:
     vm: VmSettings = field(default_factory=VmSettings)
     streaming: StreamingSettings = field(default_factory=StreamingSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
+    logs: LogSettings = field(default_factory=LogSettings)
     source: str = "embedded defaults"
 
     def trust(self) -> TrustSettings:
@@ -150,11 +160,16 @@ class Config:
 
     def runc_backend(self) -> RuncBackendSettings:
         return RuncBackendSettings(
-            run_dir=self.runtime_dir / "runc", state_dir=self.state_dir / "runc", attach_dir=self.runtime_dir / "a"
+            run_dir=self.runtime_dir / "runc",
+            state_dir=self.state_dir / "runc",
+            attach_dir=self.runtime_dir / "a",
+            log_size_max=self.logs.max_size_bytes,
         )
 
     def vm_backend(self) -> VmBackendSettings:
-        return VmBackendSettings(vm=self.vm, run_dir=self.runtime_dir / "vm", state_dir=self.state_dir)
+        return VmBackendSettings(
+            vm=self.vm, run_dir=self.runtime_dir / "vm", state_dir=self.state_dir, log_size_max=self.logs.max_size_bytes
+        )
 
 
 @dataclass(frozen=True)
@@ -168,11 +183,12 @@ class TrustSettings:
 
 @dataclass(frozen=True)
 class RuncBackendSettings:
-    """What the runc backend owns: no config keys of its own, only its directories."""
+    """What the runc backend owns: no config keys of its own, only its directories (and `[logs]`' cap)."""
 
     run_dir: Path  # runc's state, bundles, exit files, pod dirs (tmpfs: gone on reboot, as the containers are)
     state_dir: Path  # writable layers and the infra containers' root
     attach_dir: Path  # conmon's attach-socket links: short, as a unix socket path must be
+    log_size_max: int  # [logs] max_size_bytes, passed to conmon
 
 
 @dataclass(frozen=True)
@@ -182,6 +198,7 @@ class VmBackendSettings:
     vm: VmSettings
     run_dir: Path  # one run dir per pod VM
     state_dir: Path  # the daemon's state dir: guest assets, the accelerator choice and layers live under vm/
+    log_size_max: int  # [logs] max_size_bytes: the container logs the host writes
 
 
 class _Reader:
@@ -370,6 +387,10 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         )
     )
     policy_table.done()
+
+    logs_table = top.sub("logs")
+    logs = LogSettings(max_size_bytes=logs_table.positive("max_size_bytes", defaults.logs.max_size_bytes))
+    logs_table.done()
     top.done()
     return Config(
         default_workload_trust=trust,
@@ -384,6 +405,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         vm=vm,
         streaming=streaming,
         policy=policy,
+        logs=logs,
         source=source,
     )
 

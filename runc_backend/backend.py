@@ -84,6 +84,7 @@ class RuncBackend(Backend[RuncBackendSettings]):
         self.layers = private_dir(settings.state_dir / "layers")
         self.infra_rootfs = settings.state_dir / "infra-rootfs"
         self.oom_floor = oom_score_adj_floor()
+        self.log_size_max = settings.log_size_max
         self._pods_private = False
         self._exit_watch: DirectoryWatch | None = None
 
@@ -343,6 +344,7 @@ class RuncBackend(Backend[RuncBackendSettings]):
             terminal=config.tty,
             stdin=config.stdin,
             stdin_once=config.stdin_once,
+            log_max_size=self.log_size_max,
         )
         own_pid_ns = {"type": "pid"} in spec.get("linux", {}).get("namespaces", [])
         container.backend_state.update({"pid": pid, "stop_signal": stop_signal, **_process_identity(pid, own_pid_ns)})

@@ -57,6 +57,9 @@ def test_contract_names_from_the_design_parse():
         ({"cni": {"default": {"mtu": 1500}}}, "cni.default.mtu", "unknown key"),
         ({"policy": {"host_pods_on_untrusted_node": "vm"}}, "policy.host_pods_on_untrusted_node", "runc, refuse"),
         ({"policy": {"host_pods": "runc"}}, "policy.host_pods", "unknown key"),
+        ({"logs": {"max_size_bytes": 0}}, "logs.max_size_bytes", "must be positive"),
+        ({"logs": {"max_size_bytes": "1M"}}, "logs.max_size_bytes", "must be a int"),
+        ({"logs": {"max_files": 5}}, "logs.max_files", "unknown key"),
     ],
 )
 def test_bad_keys_are_named_with_a_reason(data, key, reason):
@@ -150,3 +153,9 @@ def test_the_default_network_is_settable_for_tests_and_nodes():
         False,
     )
     assert config.cni.conf_dir == Config().cni.conf_dir
+
+
+def test_one_log_cap_for_both_backends():
+    assert Config().logs.max_size_bytes == 64 * 2**20  # above kubelet's 10 MiB rotation size
+    config = parse_config({"logs": {"max_size_bytes": 2**20}})
+    assert config.runc_backend().log_size_max == config.vm_backend().log_size_max == 2**20
