@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -54,7 +55,8 @@ def pod_sandbox_status(sandbox: SandboxRecord, ready: bool) -> pb.PodSandboxStat
     )
 
 
-def sandbox_info(sandbox: SandboxRecord) -> dict[str, str]:
+def sandbox_info(sandbox: SandboxRecord, backend_info: dict[str, Any]) -> dict[str, str]:
+    """Verbose PodSandboxStatus: the records, and what the backend knows beyond them (`backendInfo`)."""
     return {
         "info": json.dumps(
             {
@@ -63,6 +65,7 @@ def sandbox_info(sandbox: SandboxRecord) -> dict[str, str]:
                 "runtimeHandler": sandbox.runtime_handler,
                 "netns": sandbox.netns_path,
                 "backendState": sandbox.backend_state,
+                "backendInfo": backend_info,
                 "config": json.loads(_message_json(sandbox.config)),
             }
         )

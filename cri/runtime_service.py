@@ -139,7 +139,7 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
         containers = await self.pods.list_containers(pb.ContainerFilter(pod_sandbox_id=sandbox.id))
         return pb.PodSandboxStatusResponse(
             status=convert.pod_sandbox_status(sandbox, ready),
-            info=convert.sandbox_info(sandbox) if request.verbose else {},
+            info=convert.sandbox_info(sandbox, self.pods.backend_info(sandbox)) if request.verbose else {},
             containers_statuses=[convert.container_status(c) for c in containers],
         )
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Generic, Protocol, Self, TypeVar
 
-from sandbox.model import ContainerRecord, SandboxRecord
+from sandbox.model import ContainerRecord, ExitStatus, SandboxRecord
 from sandbox.oci.model import Resources, Spec
 from sandbox.oci.platform import ContainerPlatform, HostInfo
 
@@ -29,16 +28,6 @@ class ImageRootfs:
     image_id: str
     layers: list[Path]
     config: dict[str, Any]  # the image's OCI config JSON
-
-
-@dataclass(frozen=True)
-class ExitStatus:
-    """A container process that has ended."""
-
-    exit_code: int
-    finished_at: int
-    reason: str = ""  # "Completed", "Error", "OOMKilled"
-    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -107,8 +96,16 @@ class Process(ABC):
 
 SettingsT = TypeVar("SettingsT")
 
-ExitListener = Callable[[str | None], None]
-"""Told the ID of a container whose process has ended; None when exits may have gone unheard (look at all)."""
+
+class ExitListener(Protocol):
+    """Told the ID of a container whose process has ended; None when exits may have gone unheard (look at all).
+
+    With `status`, the backend heard the exit as a message it must acknowledge (a VM agent's event): the
+    listener has persisted it when it returns, so the backend may acknowledge it then (at least once, even
+    across a crash).
+    """
+
+    def __call__(self, container_id: str | None, status: ExitStatus | None = None) -> None: ...
 
 
 class ByteChannel(ABC):
@@ -206,7 +203,23 @@ class Backend(ABC, Generic[SettingsT]):
 
     @abstractmethod
     async def sandbox_alive(self, sandbox: SandboxRecord) -> bool:
-        """Whether the pod's holder is still running (false after a crash)."""
+        """Whether the pod's holder is still running (false after a crash).
+
+        Answers at once, from what the host knows (a process identity): kubelet's List* and Status calls
+        ask it for every pod, and must never wait on what runs in one.
+        """
+
+    async def resume_sandbox(self, sandbox: SandboxRecord, containers: list[ContainerRecord]) -> None:
+        """At start-up, after a daemon restart: the pod and the containers its records hold.
+
+        A backend that hears of its containers through a connection (a VM's agent) takes them up here, and
+        reconnects in the background: recovery must not wait on a pod. One whose exits are files (conmon's)
+        has nothing to do.
+        """
+
+    def sandbox_info(self, sandbox: SandboxRecord) -> dict[str, Any]:
+        """What the backend knows of the pod beyond its records, for verbose PodSandboxStatus (none here)."""
+        return {}
 
     @abstractmethod
     def host_info(self, sandbox: SandboxRecord) -> HostInfo:

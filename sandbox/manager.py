@@ -106,7 +106,9 @@ class PodManager:
             backend = self.backends.get(sandbox.backend)
             if backend is None:  # it is not NOTREADY for that: its pods run on, unserved, until it is back
                 log.warning("pod's backend not available", extra={"pod": sandbox.id, "backend": sandbox.backend})
-            elif sandbox.state == SandboxState.READY and not await backend.sandbox_alive(sandbox):
+                continue
+            await backend.resume_sandbox(sandbox, self.containers_of(sandbox.id))
+            if sandbox.state == SandboxState.READY and not await backend.sandbox_alive(sandbox):
                 log.warning("pod died while Tandem was down", extra={"pod": sandbox.id})
                 sandbox.state = SandboxState.NOTREADY
                 self._sandbox_store.put(sandbox)
@@ -371,6 +373,8 @@ class PodManager:
         if container.state in (ContainerState.EXITED, ContainerState.UNKNOWN):
             return
         await self._backend(sandbox).stop_container(sandbox, container, timeout)
+        if container.state == ContainerState.EXITED:  # its exit was reported while it was being stopped
+            return
         if container.state == ContainerState.CREATED:
             self._mark_exited(container, ExitStatus(exit_code=0, finished_at=now_ns(), reason="NeverStarted"))
             return
@@ -402,7 +406,7 @@ class PodManager:
     def _mark_exited(self, container: ContainerRecord, exit_status: ExitStatus) -> None:
         container.state = ContainerState.EXITED
         container.exit_code = exit_status.exit_code
-        container.finished_at = exit_status.finished_at
+        container.finished_at = max(exit_status.finished_at, container.started_at)
         container.reason = exit_status.reason or ("Completed" if exit_status.exit_code == 0 else "Error")
         container.message = exit_status.message
         self._container_store.put(container)
@@ -416,7 +420,7 @@ class PodManager:
         backend = None if sandbox is None else self.backends.get(sandbox.backend)
         if sandbox is None or backend is None:  # without its backend, what is recorded is all there is to say
             return container
-        exit_status = await backend.container_exit(sandbox, container)
+        exit_status = container.exit_report or await backend.container_exit(sandbox, container)
         if exit_status is not None and container.state == ContainerState.RUNNING:
             self._mark_exited(container, exit_status)
         return container
@@ -476,6 +480,11 @@ class PodManager:
         sandbox = self.sandbox(container.sandbox_id)
         return await self._backend(sandbox).container_usage(sandbox, container)
 
+    def backend_info(self, sandbox: SandboxRecord) -> dict[str, Any]:
+        """What the pod's backend knows of it beyond the records (verbose PodSandboxStatus)."""
+        backend = self.backends.get(sandbox.backend)
+        return {} if backend is None else backend.sandbox_info(sandbox)
+
     def backend_names(self) -> list[str]:
         """The backends this host runs."""
         return sorted(self.backends)
@@ -505,18 +514,34 @@ class PodManager:
     def _publish(self, container: ContainerRecord, kind: str) -> None:
         self.events.publish(ContainerEvent(container.id, container.sandbox_id, kind, now_ns()))
 
-    def _exited(self, container_id: str | None) -> None:
-        """A backend saw a container's process end (None: it may have missed some): record it, in a task."""
+    def _exited(self, container_id: str | None, status: ExitStatus | None = None) -> None:
+        """A backend saw a container's process end (None: it may have missed some): record it, in a task.
+
+        With `status` (an exit the backend must acknowledge), it is persisted before this returns.
+        """
         if container_id is None:
             ids = [c.id for c in self._containers.values() if c.state == ContainerState.RUNNING]
         elif container_id in self._containers:
             ids = [container_id]
+            if status is not None:
+                self._report_exit(self._containers[container_id], status)
         else:
             return  # an infra process, a container already removed, or a file that is no exit
         for ident in ids:
             task = asyncio.create_task(self._record_exit(ident), name=f"exit of {ident[:12]}")
             self._exit_checks.add(task)
             task.add_done_callback(self._exit_checks.discard)
+
+    def _report_exit(self, container: ContainerRecord, status: ExitStatus) -> None:
+        """Persist a reported exit now, without waiting for the container's lock (its holder may be waiting for
+        this very exit): marked at once if the container runs; kept for `_refresh` if it is still starting."""
+        if container.state not in (ContainerState.CREATED, ContainerState.RUNNING) or container.exit_report:
+            return
+        container.exit_report = status
+        if container.state == ContainerState.RUNNING:
+            self._mark_exited(container, status)
+        else:
+            self._container_store.put(container)
 
     async def _record_exit(self, container_id: str) -> None:
         """Under the container's lock, so that an exit during StartContainer lands after its start is recorded."""

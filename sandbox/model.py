@@ -9,6 +9,7 @@ restart sees exactly what the last one knew.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -95,6 +96,16 @@ class SandboxRecord:
 
 
 @dataclass(frozen=True)
+class ExitStatus:
+    """A container process that has ended."""
+
+    exit_code: int
+    finished_at: int
+    reason: str = ""  # "Completed", "Error", "OOMKilled"
+    message: str = ""
+
+
+@dataclass(frozen=True)
 class ProcessUser:
     """The identity a container's process runs as, once the backend resolved it against the image."""
 
@@ -123,6 +134,7 @@ class ContainerRecord:
     message: str = ""
     user: ProcessUser | None = None
     backend_state: dict[str, Any] = field(default_factory=dict)
+    exit_report: ExitStatus | None = None  # an exit a backend reported before the container was marked running
 
     @property
     def name(self) -> str:
@@ -145,16 +157,19 @@ class ContainerRecord:
             "message": self.message,
             "user": None if self.user is None else [self.user.uid, self.user.gid, self.user.groups],
             "backend_state": self.backend_state,
+            "exit_report": None if self.exit_report is None else dataclasses.asdict(self.exit_report),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], schema: int) -> Self:
         user = data.get("user")
+        report = data.get("exit_report")
         return cls(
             **{
                 **data,
                 "config": _decode(pb.ContainerConfig, data["config"]),
                 "state": ContainerState(data["state"]),
                 "user": None if user is None else ProcessUser(user[0], user[1], list(user[2])),
+                "exit_report": None if report is None else ExitStatus(**report),
             }
         )

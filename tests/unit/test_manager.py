@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 
 import pytest
 
 from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from core.records import RecordStore
 from protos import cri_pb2 as pb
 from sandbox.events import ContainerEvent, Subscription
-from sandbox.model import ContainerState, ProcessUser, SandboxRecord, SandboxState
+from sandbox.model import ContainerRecord, ContainerState, ExitStatus, ProcessUser, SandboxRecord, SandboxState
 from tests.support.fake_backend import IMAGE_ID, FakeBackend, container, fake_manager, host_network_pod
 
 
@@ -258,3 +260,39 @@ async def test_pods_whose_backend_is_gone_are_served_from_their_records_and_refu
         with pytest.raises(FailedPrecondition, match="vm backend not available"):
             await refused
     await third.close()
+
+
+async def test_an_exit_reported_with_its_status_is_persisted_before_the_listener_returns(tmp_path):
+    """A VM agent's exit event: the manager must have it on disk before the backend acknowledges it."""
+    fake = FakeBackend(tmp_path / "fake")
+    pods = fake_manager(tmp_path, fake)
+    await pods.recover()
+    _, record = await running(pods)
+    fake.listener(record.id, ExitStatus(3, time.time_ns(), reason="OOMKilled"))  # the backend's own view: running
+    on_disk = RecordStore(tmp_path / "state" / "containers", ContainerRecord).get(record.id)
+    assert on_disk is not None and (on_disk.state, on_disk.exit_code, on_disk.reason) == (ContainerState.EXITED, 3,
+                                                                                        "OOMKilled")  # fmt: skip
+    fake.listener(record.id, ExitStatus(9, time.time_ns()))  # told again (a replay): the first stands
+    assert record.exit_code == 3
+    await pods.close()
+
+
+async def test_an_exit_reported_while_the_container_starts_lands_after_its_start(env):
+    pods, fake = env
+    events = pods.events.subscribe()
+    sandbox = await pods.run_sandbox(host_network_pod(), "")
+    record = await pods.create_container(sandbox.id, container(), sandbox.config)
+    starting = fake.start_container
+
+    async def start_and_exit(sandbox, container):  # the exit event overtakes the start's answer
+        await starting(sandbox, container)
+        fake.listener(container.id, ExitStatus(5, 1))  # a finish time before the start: the start wins
+        assert container.state == ContainerState.CREATED and container.exit_report is not None
+
+    fake.start_container = start_and_exit
+    await pods.start_container(record.id)
+    kinds = [(await next_event(events)).kind for _ in range(3)]
+    assert kinds == ["created", "started", "stopped"]
+    assert (record.state, record.exit_code) == (ContainerState.EXITED, 5)
+    assert record.finished_at >= record.started_at > 0
+    events.close()
