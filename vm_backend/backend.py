@@ -4,18 +4,19 @@ What lives on the host, per pod (runtime dirs vanish on reboot, as the VMs do):
     <runtime_dir>/vm/<pod id[:16]>/                 the VM's run dir: virtiofsd's socket, pidfiles, logs
     <runtime_dir>/vm/<pod id[:16]>/vmm/             QEMU's sockets and console log, owned by the VM's jail uid
     <runtime_dir>/vm/<pod id[:16]>/share/           the virtio-fs share: each container's rootfs bound in as <id>/rootfs
-    <runtime_dir>/vm/<pod id[:16]>/c/<id>/          a container's overlay mount point (rootfs/), its log path,
-                                                    its process spec and its exit file (written from ProcessExited)
+    <runtime_dir>/vm/<pod id[:16]>/c/<id>/          a container's overlay mount point (rootfs/) and its process spec
     <state_dir>/vm/layers/<id>/                     a container's writable layer (upper, work)
     <runtime_dir>/vm/jail-ids/<uid> -> <pod id>     the jail uid (= gid) the pod's QEMU runs as
     <cgroup root>/<hierarchy>/<pod cgroup>/<pod id>   the VM's cgroup: QEMU and virtiofsd, with their limits
 
 The daemon keeps one `PodVm` handle per pod (`pod.py`: QemuVm + AgentClient + the
-watch on QEMU's end); after a restart it is rebuilt lazily from `sandbox.backend_state`,
-and the agent's Hello replays every unacked event: output lands in the logs, exits in
-the exit files (`events.py`). The guest's specs come from the shared OCI layer, moved
-into the guest's paths (`guest_spec.py`); exec, attach and port-forward sessions are
-`processes.py`'s.
+watch on QEMU's end); after a restart it is rebuilt from the records (`resume_sandbox`:
+the manager names the pod's containers) and reconnects in the background; the agent's
+Hello replays every unacked event: output lands in the logs, exits reach the manager,
+which persists them before they are acknowledged (`events.py`). Every event is guest
+data: the router accepts only IDs this host created for the pod. The guest's specs
+come from the shared OCI layer, moved into the guest's paths (`guest_spec.py`); exec,
+attach and port-forward sessions are `processes.py`'s, bounded by `flow.py`'s credit.
 """
 
 from __future__ import annotations
@@ -80,9 +81,7 @@ TAP = "tap0"
 STOP_GRACE_AFTER_KILL = 10.0
 SHUTDOWN_WAIT = 5.0
 AGENT_CONNECT_TIMEOUT = 60.0
-REATTACH_TIMEOUT = 10.0
-RETRY_CONNECT = 30.0
-_POLL = 0.05
+REATTACH_TIMEOUT = 10.0  # for a call that needs the agent: how long it waits for a connection being made
 VM_DIED = "VMDied"  # the reason of a container whose pod's QEMU died under it
 
 
@@ -102,6 +101,7 @@ class VmBackend(Backend[VmBackendSettings]):
         self.jail_ids = JailIds(self.root / "jail-ids", settings.vm.jail_uid_first, settings.vm.jail_uid_count)
         self.max_vcpus = settings.vm.max_vcpus or resources.default_max_vcpus()
         self.max_memory_mib = settings.vm.max_memory_mib or resources.default_max_memory_mib()
+        self.log_size_max = settings.log_size_max
         self._accel: str | None = None
         self._pods: dict[str, PodVm] = {}
         self._exit_listener: ExitListener | None = None
@@ -126,9 +126,9 @@ class VmBackend(Backend[VmBackendSettings]):
         for pod in self._pods.values():
             pod.unwatch()
 
-    def _exited(self, container_id: str) -> None:
+    def _exited(self, container_id: str, status: ExitStatus | None) -> None:
         if self._exit_listener is not None:
-            self._exit_listener(container_id)
+            self._exit_listener(container_id, status)
 
     # ---- handles ---------------------------------------------------------------------------
 
@@ -162,11 +162,13 @@ class VmBackend(Backend[VmBackendSettings]):
 
     def _new_pod(self, sandbox: SandboxRecord) -> PodVm:
         run_dir = self._run_dir(sandbox)
-        pod = self._pods[sandbox.id] = PodVm(run_dir, self._vm(sandbox), PodEvents(run_dir, self._exited))
+        events = PodEvents(sandbox.id, self._exited, self.log_size_max)
+        pod = self._pods[sandbox.id] = PodVm(run_dir, self._vm(sandbox), events)
         return pod
 
     def _pod(self, sandbox: SandboxRecord) -> PodVm:
-        """The pod's handle; made again after a restart, watching the VM if it survived."""
+        """The pod's handle (one that `resume_sandbox` did not make knows no containers: its pod never ran
+        under this daemon, and is only stopped or removed)."""
         pod = self._pods.get(sandbox.id)
         if pod is None:
             pod = self._new_pod(sandbox)
@@ -174,13 +176,9 @@ class VmBackend(Backend[VmBackendSettings]):
         return pod
 
     async def _connected(self, sandbox: SandboxRecord, timeout: float = REATTACH_TIMEOUT) -> PodVm:
-        """The pod's handle with a live agent connection (re-made after a daemon restart)."""
+        """The pod's handle with a live agent connection, waiting up to `timeout` for one being made."""
         pod = self._pod(sandbox)
-        async with pod.lock:
-            if pod.client is None:
-                if not pod.vm.alive():
-                    raise FailedPrecondition(f"the VM of pod {sandbox.id} is not running")
-                await pod.connect(timeout)
+        await pod.connect(timeout)
         return pod
 
     async def _accel_choice(self) -> str:
@@ -225,7 +223,7 @@ class VmBackend(Backend[VmBackendSettings]):
         pod.watch()
         booted = time.monotonic()
         sandbox.backend_state["qemu_pid"] = pod.vm.pid()
-        await self._connected(sandbox, AGENT_CONNECT_TIMEOUT)
+        await pod.connect(AGENT_CONNECT_TIMEOUT)
         connected = time.monotonic()
         hostname = podfiles.hostname(config)
         setup = agent_pb2.SetupPod(
@@ -297,20 +295,26 @@ class VmBackend(Backend[VmBackendSettings]):
             return None  # a systemd slice: refused at start, so no cgroup was ever made
 
     async def sandbox_alive(self, sandbox: SandboxRecord) -> bool:
-        if not sandbox.backend_state.get("run_dir"):
-            return False
+        """QEMU's process identity (its pid and start time, from the run dir): never a word with the agent."""
+        return bool(sandbox.backend_state.get("run_dir")) and self._pod(sandbox).vm.alive()
+
+    async def resume_sandbox(self, sandbox: SandboxRecord, containers: list[ContainerRecord]) -> None:
+        """The pod's containers from its records, then a reconnection in the background: the agent replays
+        what the last daemon did not acknowledge, and only what the host knows of is taken."""
         pod = self._pod(sandbox)
-        if not pod.vm.alive():
-            return False
-        # After a daemon restart: reconnect, so that the agent replays its events. Status calls come often:
-        # an agent that does not answer is retried only every RETRY_CONNECT seconds from here.
-        if pod.client is None and time.monotonic() - pod.connect_failed_at > RETRY_CONNECT:
-            try:
-                await self._connected(sandbox)
-            except TandemError as e:
-                pod.connect_failed_at = time.monotonic()
-                log.warning("cannot reach the agent of pod %s: %s", sandbox.id[:12], e)
-        return True
+        for container in containers:
+            since = container.started_at or container.created_at
+            pod.events.add_container(container.id, container.log_path, since, create_log=False)
+        pod.reconnect(sandbox.id)
+
+    def sandbox_info(self, sandbox: SandboxRecord) -> dict[str, Any]:
+        pod = self._pods.get(sandbox.id)
+        if pod is None:
+            return {}
+        info = pod.events.info()
+        if pod.client is not None:
+            info.update(agentConnected=pod.client.connected, eventIntakePeakBytes=pod.client.intake.peak_bytes)
+        return info
 
     # ---- containers ------------------------------------------------------------------------
 
@@ -338,9 +342,7 @@ class VmBackend(Backend[VmBackendSettings]):
         vfs = pod.vm.virtiofsd
         assert vfs is not None
         directory = pod.container_dir(container.id)
-        (directory / "log_path").write_text(container.log_path)
-        if container.log_path:
-            pod.events.open_log(container.id, Path(container.log_path))
+        pod.events.add_container(container.id, container.log_path, container.created_at, create_log=True)
         guest_rootfs = await vfs.bind_rootfs(container.id, directory / "rootfs")
         await self._share_mounts(vfs, container.id, config, host_sources(spec, config))
         guest = to_guest(spec, config, container.id)
@@ -384,27 +386,24 @@ class VmBackend(Backend[VmBackendSettings]):
 
     async def start_container(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
         pod = await self._connected(sandbox)
+        pod.events.starting(container.id)
         await pod.client_or_fail().start_container(container.id)
 
-    def _read_exit(self, sandbox: SandboxRecord, container_id: str) -> dict[str, Any] | None:
-        return self._pod(sandbox).events.read_exit(container_id)
-
-    async def _wait_exit(self, sandbox: SandboxRecord, container_id: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self._read_exit(sandbox, container_id) is None:
-            if time.monotonic() > deadline or not self._pod(sandbox).vm.alive():
-                return self._read_exit(sandbox, container_id) is not None
-            await asyncio.sleep(_POLL)
-        return True
+    async def _wait_exit(self, pod: PodVm, container_id: str, timeout: float) -> bool:
+        """Whether the container's exit was heard within `timeout` (or its VM is gone)."""
+        if not pod.vm.alive():
+            return pod.events.exit_of(container_id) is not None
+        return await pod.events.wait_exit(container_id, timeout)
 
     async def stop_container(self, sandbox: SandboxRecord, container: ContainerRecord, timeout: int) -> None:
-        if self._read_exit(sandbox, container.id) is not None or not self._pod(sandbox).vm.alive():
+        pod = self._pod(sandbox)
+        if pod.events.exit_of(container.id) is not None or not pod.vm.alive():
             return
         client = (await self._connected(sandbox)).client_or_fail()
         try:
             if timeout > 0 and container.state == ContainerState.RUNNING:
                 await client.signal(container.id, container.backend_state.get("stop_signal", signal.SIGTERM))
-                if await self._wait_exit(sandbox, container.id, timeout):
+                if await self._wait_exit(pod, container.id, timeout):
                     return
             await client.signal(container.id, signal.SIGKILL, all_processes=True)
         except TandemError as e:
@@ -413,7 +412,7 @@ class VmBackend(Backend[VmBackendSettings]):
             log.info("signalling %s: %s", container.id[:12], e)
         if container.state != ContainerState.RUNNING:
             return
-        if not await self._wait_exit(sandbox, container.id, STOP_GRACE_AFTER_KILL):
+        if not await self._wait_exit(pod, container.id, STOP_GRACE_AFTER_KILL):
             raise FailedPrecondition(f"container {container.id} did not die after SIGKILL")
 
     async def remove_container(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
@@ -423,29 +422,21 @@ class VmBackend(Backend[VmBackendSettings]):
                 await (await self._connected(sandbox)).client_or_fail().remove_container(container.id)
             except Unavailable as e:
                 log.warning("agent did not remove %s: %s", container.id[:12], e)
-        pod.events.close_log(container.id)
+        pod.events.forget_container(container.id)
         vfs = Virtiofsd(self._run_dir(sandbox), binary=str(self.settings.virtiofsd))
         await self._release_container_mounts(vfs, self._run_dir(sandbox), container.id)
         await asyncio.to_thread(shutil.rmtree, self.layers / container.id, True)
 
     async def container_exit(self, sandbox: SandboxRecord, container: ContainerRecord) -> ExitStatus | None:
-        exited = self._read_exit(sandbox, container.id)
-        if exited is None:
-            if await self.sandbox_alive(sandbox):
-                return None
-            exited = self._read_exit(sandbox, container.id)
-            if exited is None:
-                vm = self._pod(sandbox).vm.spec
-                return ExitStatus(
-                    255,
-                    time.time_ns(),
-                    reason=VM_DIED,
-                    message=f"the pod's VM tandem-{vm.name} (QEMU, run dir {vm.run_dir}) is gone",
-                )
-        code = int(exited["code"])
-        if exited.get("oom"):
-            return ExitStatus(code, int(exited["finished"]), reason="OOMKilled")
-        return ExitStatus(code if code >= 0 else 255, int(exited["finished"]))
+        """The exit the agent reported; else None while the VM runs (QEMU's identity: no agent round trip),
+        and VMDied once it is gone."""
+        pod = self._pod(sandbox)
+        exited = pod.events.exit_of(container.id)
+        if exited is not None or await self.sandbox_alive(sandbox):
+            return exited
+        vm = pod.vm.spec
+        message = f"the pod's VM tandem-{vm.name} (QEMU, run dir {vm.run_dir}) is gone"
+        return ExitStatus(255, time.time_ns(), reason=VM_DIED, message=message)
 
     def _process(self, sandbox: SandboxRecord, container: ContainerRecord) -> dict[str, Any]:
         try:
@@ -508,7 +499,9 @@ class VmBackend(Backend[VmBackendSettings]):
         exec_id = f"x{secrets.token_hex(8)}"
         process = pod.events.execs[exec_id] = VmExec(client, container.id, exec_id, tty)
         try:
-            await client.start_exec(container.id, exec_id, process_spec, terminal=tty, stdin=stdin)
+            await client.start_exec(
+                container.id, exec_id, process_spec, terminal=tty, stdin=stdin, window=process.window
+            )
         except BaseException:
             pod.events.execs.pop(exec_id, None)
             raise
@@ -518,8 +511,10 @@ class VmBackend(Backend[VmBackendSettings]):
 
     async def attach(self, sandbox: SandboxRecord, container: ContainerRecord, *, tty: bool, stdin: bool) -> Process:
         pod = await self._connected(sandbox)
+        known = pod.events.containers.get(container.id)
+        if known is None:
+            raise FailedPrecondition(f"container {container.id} is not known to its pod's VM")
         config = container.config
-        attachers = pod.events.attachers
         attacher = VmAttach(
             pod.client_or_fail,
             container.id,
@@ -527,12 +522,12 @@ class VmBackend(Backend[VmBackendSettings]):
             stdin=stdin and config.stdin,
             stdin_once=config.stdin_once,
             detach_on_eof=config.stdin and not config.stdin_once and not config.tty,
-            on_detach=lambda gone: attachers.get(container.id, set()).discard(gone),
+            on_detach=known.attachers.discard,
         )
-        if self._read_exit(sandbox, container.id) is not None:
+        if known.exit is not None:
             attacher.finished()
         else:
-            attachers.setdefault(container.id, set()).add(attacher)
+            known.attachers.add(attacher)
         return attacher
 
     async def port_forward(self, sandbox: SandboxRecord, port: int) -> ByteChannel:
@@ -540,9 +535,9 @@ class VmBackend(Backend[VmBackendSettings]):
         client = pod.client_or_fail()
         stream_id = f"p{secrets.token_hex(8)}"
         ports = pod.events.ports
-        channel = ports[stream_id] = VmPort(client, stream_id, lambda sid: ports.pop(sid, None))
+        channel = ports[stream_id] = VmPort(client, stream_id, pod.events.end_stream)
         try:
-            await client.open_port(stream_id, port)
+            await client.open_port(stream_id, port, window=channel.window)
         except BaseException:
             ports.pop(stream_id, None)
             raise
