@@ -159,3 +159,10 @@ def test_one_log_cap_for_both_backends():
     assert Config().logs.max_size_bytes == 64 * 2**20  # above kubelet's 10 MiB rotation size
     config = parse_config({"logs": {"max_size_bytes": 2**20}})
     assert config.runc_backend().log_size_max == config.vm_backend().log_size_max == 2**20
+
+
+def test_the_default_network_can_be_turned_off():
+    assert parse_config({}).cni.default.enabled is True
+    assert parse_config({"cni": {"default": {"enabled": False}}}).cni.default.enabled is False
+    with pytest.raises(ConfigError, match=r"cni\.default\.enabled"):
+        parse_config({"cni": {"default": {"enabled": "no"}}})
