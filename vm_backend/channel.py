@@ -33,6 +33,7 @@ import itertools
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ HELLO_TIMEOUT = 10.0
 ACK_DELAY = 0.02  # seconds to gather events into one ack
 WRITE_CHUNK = 1 * 2**20  # stdin and port data are sent in pieces well below the frame limit
 _BACKOFF_MIN, _BACKOFF_MAX = 0.05, 2.0
+_STEADY = 10.0  # seconds a connection must last for the next one to be made without backoff
 _READ = 256 * 1024
 MAX_GUEST_TEXT = 1024  # characters of guest-written text that may reach a status message or a log line
 INTAKE_EVENTS = 1024  # events read and not yet delivered, at most...
@@ -281,9 +283,14 @@ class AgentClient:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
                 continue
-            delay = _BACKOFF_MIN
+            began = time.monotonic()
             assert conn.reading is not None
             await conn.reading
+            if time.monotonic() - began >= _STEADY:
+                delay = _BACKOFF_MIN
+            else:  # greeted, then dropped at once (garbage after the Hello, say): no reconnection storm
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_MAX)
 
     async def _connect(self) -> _Connection:
         with socket_nofollow(Path(self.socket_path)) as path:  # a jailed QEMU owns the socket's directory

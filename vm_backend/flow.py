@@ -7,6 +7,17 @@ so the agent stops reading the process's pipe or the guest's socket while the
 client is slow. What the host buffers for a stream is at most the window: data
 past the granted offset means the guest ignored its credit, and the caller closes
 that stream (`receive` returns False) rather than buffer it.
+
+Why `cat` of 100 MiB cannot deadlock (stdin and stdout streaming at once, the
+client slow): the host's WriteStdin waits for the agent, which waits for cat to
+read its stdin, which waits for room in its stdout pipe, which the agent does
+not read without credit. Credit comes from the host's client reading stdout, a
+task of its own that never waits for stdin; it travels as its own request,
+which the agent handles as its own task, never behind the WriteStdin; and when
+the host's event intake is full and it stops reading the socket (answers
+included), the event callback, which waits on nothing, empties it again. Each
+wait ends when its consumer moves on, and no consumer waits on its producer
+(`tests/integration/test_agent.py` runs it, with the reader stalling).
 """
 
 from __future__ import annotations
