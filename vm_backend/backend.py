@@ -86,6 +86,7 @@ VM_DIED = "VMDied"  # the reason of a container whose pod's QEMU died under it
 
 class VmBackend(Backend[VmBackendSettings]):
     name = "vm"
+    recursive_read_only_mounts = True  # made read-only on the host's side of the share (`share.py`)
 
     def __init__(self, settings: VmBackendSettings, assets: GuestAssets) -> None:
         self.settings = settings.vm

@@ -36,6 +36,7 @@ def guest_host_info(hostname: str, dev_dir: Path) -> HostInfo:
         hugetlb=False,
         hostname=hostname,
         dev_dir=dev_dir,
+        recursive_read_only=True,
     )
 
 
@@ -69,7 +70,8 @@ def guest_platform(
     pod-wide PID namespace, else new. `host_rootfs` (the container's root mounted
     on the host, where the guest cannot reach it) is read for user and group names
     before it is attached to the share. `empty_dev` stands for the guest's host
-    devices: there are none to hand a privileged container.
+    devices: there are none to hand a privileged container. Recursive read-only
+    mounts are made on the host's side of the share (`vm_backend/share.py`).
     """
     pid_mode = config.linux.security_context.namespace_options.pid
     return ContainerPlatform(
@@ -105,14 +107,15 @@ def to_guest(spec: Spec, config: pb.ContainerConfig, container_id: str) -> Spec:
     """`spec` as the guest's crun runs it: each CRI mount from its bind in the share, root.path for the agent.
 
     Read-only is enforced on the host's side of the share (on the top mount only, as
-    runc does on a node), where the guest cannot undo it: a write there fails with EROFS. In the guest the whole
+    runc does on a node, or on every mount below it too for recursive_read_only), where
+    the guest cannot undo it: a write there fails with EROFS. In the guest the whole
     share is one virtio-fs mount, where a read-only bind would cover the mounts below
-    too, so the guest's bind is read-write.
+    too, so the guest's bind is read-write (and an `rro` option is the host's alone).
     """
     guest = copy.deepcopy(spec)
     for index, entry in enumerate(_cri_binds(guest, config)):
         entry["source"] = f"{GUEST_SHARE}/{mount_path(container_id, index)}"
-        entry["options"] = ["rw" if option == "ro" else option for option in entry["options"]]
+        entry["options"] = ["rw" if option == "ro" else option for option in entry["options"] if option != "rro"]
     guest["root"] = {"path": "rootfs", "readonly": spec["root"]["readonly"]}  # the agent puts the rootfs here
     return guest
 

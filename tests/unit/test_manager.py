@@ -258,3 +258,13 @@ async def test_pods_whose_backend_is_gone_are_served_from_their_records_and_refu
         with pytest.raises(FailedPrecondition, match="vm backend not available"):
             await refused
     await third.close()
+
+
+def test_recursive_read_only_is_advertised_only_where_every_possible_backend_makes_it(tmp_path):
+    runc, vm = FakeBackend(tmp_path / "runc"), FakeBackend(tmp_path / "vm", name="vm")
+    vm.recursive_read_only_mounts = True
+    pods = fake_manager(tmp_path, runc, vm)
+    assert pods.supports_recursive_read_only("vm") and not pods.supports_recursive_read_only("runc")
+    assert not pods.supports_recursive_read_only(None)  # the default handler's pods may land on either
+    assert not pods.supports_recursive_read_only("none")
+    assert fake_manager(tmp_path / "vm-only", vm).supports_recursive_read_only(None)

@@ -81,6 +81,42 @@ def test_mounts_come_from_the_share(tmp_path):
     assert (tmp_path / "data").is_dir()  # a missing host directory is created, as on a node
 
 
+def test_recursive_read_only_mounts_are_the_hosts_to_make(tmp_path):
+    config = container(
+        mounts=[
+            pb.Mount(container_path="/rro", host_path=str(tmp_path / "v"), readonly=True, recursive_read_only=True),
+        ]
+    )
+    (rro,) = [m for m in make(tmp_path, config)["mounts"] if m["destination"] == "/rro"]
+    assert rro["source"] == f"/run/tandem/share/{CID}/mounts/0"
+    assert "rro" not in rro["options"] and "ro" not in rro["options"]  # the share's side is read-only already
+
+
+@pytest.mark.parametrize(
+    ("mount", "message"),
+    [
+        (pb.Mount(container_path="/m", host_path="/tmp", recursive_read_only=True), "needs readonly"),
+        (
+            pb.Mount(
+                container_path="/m",
+                host_path="/tmp",
+                readonly=True,
+                recursive_read_only=True,
+                propagation=pb.PROPAGATION_HOST_TO_CONTAINER,
+            ),
+            "needs private propagation",
+        ),
+    ],
+)
+def test_recursive_read_only_needs_a_private_read_only_mount(tmp_path, mount, message):
+    with pytest.raises(InvalidArgument, match=message):
+        make(tmp_path, container(mounts=[mount]))
+
+
+def test_the_vm_backend_advertises_recursive_read_only_mounts():
+    assert VmBackend.recursive_read_only_mounts
+
+
 def test_share_paths_and_records():
     assert (rootfs_path(CID), mount_path(CID, 3)) == (f"{CID}/rootfs", f"{CID}/mounts/3")
     assert Attached.from_list([7, 2049, 12]) == Attached(7, 2049, 12)
