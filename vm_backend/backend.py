@@ -367,7 +367,7 @@ class VmBackend(Backend[VmBackendSettings]):
         """Detach what CreateContainer attached to the share (by the mount IDs it recorded), then the host side."""
         run_dir = self._run_dir(sandbox)
         recorded = [Attached.from_list(value) for value in container.backend_state.get("share_mounts", [])]
-        await PodShare(run_dir).detach([a for a in recorded if a is not None])
+        await PodShare(run_dir).detach(container.id, [a for a in recorded if a is not None])
         await rootfs.unmount(run_dir / "c" / container.id / "rootfs")
         await asyncio.to_thread(shutil.rmtree, run_dir / "c" / container.id, True)
         await asyncio.to_thread(shutil.rmtree, self.layers / container.id, True)

@@ -155,11 +155,14 @@ class PodShare:
             raise Internal(f"share helper attach answered {out[:200]!r}")
         return [r for r in records if r is not None]
 
-    async def detach(self, attached: list[Attached]) -> None:
-        """Detach what `attach` recorded; a mount the guest moved out of reach stays until the namespace ends."""
-        if not attached or not self.pinned():
+    async def detach(self, container_id: str, attached: list[Attached]) -> None:
+        """Detach what `attach` recorded and remove the container's directory from the share.
+
+        A mount the guest moved out of reach stays until the namespace ends.
+        """
+        if not self.pinned():
             return
-        out = await self._helper("detach", *(":".join(map(str, a.to_list())) for a in attached))
+        out = await self._helper("detach", container_id, *(":".join(map(str, a.to_list())) for a in attached))
         with contextlib.suppress(ValueError):
             results = json.loads(out)
             if any(r == "unreachable" for r in results):

@@ -2,7 +2,7 @@
 
     python -m vm_backend.sharens create NSFILE
     python -m vm_backend.sharens attach NSFILE FD:PATH...
-    python -m vm_backend.sharens detach NSFILE MOUNT_ID:DEV:INO...
+    python -m vm_backend.sharens detach NSFILE NAME MOUNT_ID:DEV:INO...
 
 The daemon runs it as root (through `core.proc`, from `vm_backend/share.py`), a program
 of its own because joining a mount namespace (setns) needs a single-threaded process.
@@ -15,13 +15,15 @@ create: a child unshares a mount namespace, makes every mount in it private and 
     its root: a read-only tmpfs with /usr bound read-only (virtiofsd runs from there),
     the merged-/usr symlinks, /proc (a read-only procfs: virtiofsd 7.2 reads
     /proc/sys/fs/file-max before it sandboxes itself, and `detach` reads
-    /proc/self/mountinfo) and /share, a size- and inode-limited tmpfs mounted shared,
+    /proc/self/mountinfo) and the share, a size- and inode-limited tmpfs mounted shared,
     so that what is attached there reaches virtiofsd's own namespace (a slave of this
-    one). It pivots into that root and detaches the host's tree: no copy of a host
+    one). The share sits at `<run dir>/share` (the run dir being NSFILE's directory;
+    on the host nothing is there), so that virtiofsd's command line names the pod it
+    serves. It pivots into that root and detaches the host's tree: no copy of a host
     mount stays. The parent, still in the host's namespace, bind-mounts the child's
     /proc/<pid>/ns/mnt onto NSFILE: that mount alone keeps the namespace alive.
 attach: joins the namespace; for each FD:PATH (FD a detached tree from open_tree,
-    inherited) creates PATH's missing directories beneath /share with mkdirat, the
+    inherited) creates PATH's missing directories beneath the share with mkdirat, the
     last component as a directory or an empty file (the tree's kind), and
     move_mounts the tree onto that descriptor. Prints a JSON list of each mount's
     ID and its root's device and inode, in order. On a failure nothing it attached stays.
@@ -31,7 +33,9 @@ detach: joins the namespace; for each recorded mount finds its current mount poi
     and the root's device and inode, and detaches the mount through that descriptor.
     Prints a JSON list of results: detached, gone (no such mount any more), or
     unreachable (the guest moved it out of reach or it is not ours: left for the
-    namespace's end, at pod removal).
+    namespace's end, at pod removal). Then removes the container's directory NAME
+    and whatever is in it on the share's own filesystem (never crossing into a mount
+    or following a link), so the share's inodes go back for the next containers.
 
 Exit status: 0; REFUSED (3) when the share is not what the host made (a symlink, a
 file where a directory belongs, a mount in the way); FULL (4) when the share is out of
@@ -40,6 +44,7 @@ space or inodes; 1 for anything else. One line on stderr says why.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -58,6 +63,7 @@ from core.mounts import (
     MS_REC,
     MS_REMOUNT,
     MS_SHARED,
+    Mount,
     attach_tree,
     detach_open_mount,
     fd_mount_id,
@@ -69,9 +75,9 @@ from core.mounts import (
 )
 from vm_backend.jailer import USR_LINKS, JailError, bind_same_path, pivot_into
 
-SHARE = "/share"  # inside the namespace: virtiofsd's source, the guest's view of the pod's share
-# The namespace's root holds three directories and the /usr symlinks, nothing else.
-ROOT_OPTIONS = "mode=0755,size=64k,nr_inodes=32"
+SHARE_DIR = "share"  # in the run dir's path, inside the namespace only: virtiofsd's source
+# The namespace's root holds the directories down to the share, /usr, /proc and the /usr symlinks, nothing else.
+ROOT_OPTIONS = "mode=0755,size=64k,nr_inodes=128"
 # The share holds only what the host makes for each container (`<id>/`, `<id>/rootfs`, `<id>/mounts/`, one
 # directory or empty file per CRI mount) and uses no data blocks; everything a container writes lands in its
 # own layer or volume, on the trees mounted there. The size bounds what a guest can write into the share
@@ -82,6 +88,7 @@ REFUSED, FULL, FAILED = 3, 4, 1
 _REFUSALS = (errno.ELOOP, errno.EXDEV, errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EEXIST)
 _CLONE_NEWNS = 0x00020000
 _NAME_MAX = 255
+_MAX_DEPTH = 32  # a directory nested deeper in a removed container's directory stays for the namespace's end
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -105,12 +112,16 @@ def _classify(e: OSError, what: str) -> ShareError:
 # ---- create ----------------------------------------------------------------------------------
 
 
-def build_namespace(mount_point: str) -> None:
+def share_path(ns_file: str) -> str:
+    """Where the share is inside the namespace pinned at `ns_file`."""
+    return os.path.join(os.path.dirname(ns_file), SHARE_DIR)
+
+
+def build_namespace(run_dir: str) -> None:
     """In this (forked, single-threaded) process: a new mount namespace whose root is the share's minimal root."""
-    os.umask(0o022)
     if _libc.unshare(_CLONE_NEWNS) != 0:
         raise ShareError(f"unsharing the mount namespace: {os.strerror(ctypes.get_errno())}")
-    root = mount_point
+    root = run_dir  # any directory will do as the new root's mount point: mounted on in this namespace only
     flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
     try:
         sys_mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing done here reaches the host's namespace
@@ -124,8 +135,8 @@ def build_namespace(mount_point: str) -> None:
         bind_same_path(root, "/usr", MS_RDONLY | MS_NOSUID | MS_NODEV)
         os.mkdir(os.path.join(root, "proc"), 0o555)
         sys_mount("proc", os.path.join(root, "proc"), "proc", flags | MS_RDONLY)
-        share = os.path.join(root, SHARE.lstrip("/"))
-        os.mkdir(share, 0o755)
+        share = os.path.join(root, run_dir.lstrip("/"), SHARE_DIR)
+        os.makedirs(share, 0o755)
         sys_mount("tandem-share", share, "tmpfs", flags, SHARE_OPTIONS)
         sys_mount(None, share, None, MS_SHARED)
         sys_mount(None, root, None, MS_REMOUNT | MS_RDONLY | flags, ROOT_OPTIONS)
@@ -181,7 +192,7 @@ def enter(ns_file: str) -> int:
             raise ShareError(f"entering the share namespace {ns_file}: {os.strerror(ctypes.get_errno())}")
     finally:
         os.close(fd)
-    return os.open(SHARE, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    return os.open(share_path(ns_file), os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
 def parts_of(path: str) -> list[str]:
@@ -260,14 +271,14 @@ def attach(ns_file: str, trees: Sequence[tuple[int, str]]) -> list[dict[str, int
     return records
 
 
-def detach_one(share: int, share_id: int, mount_id: int, dev: int, ino: int) -> str:
+def detach_one(share: int, share_mount: Mount, mount_id: int, dev: int, ino: int) -> str:
     """Detach one recorded mount if it is still where the share's own mount holds it; what happened."""
     table = mountinfo()
     entry = next((m for m in table if m.mount_id == mount_id), None)
     if entry is None:
         return "gone"
-    prefix = SHARE + "/"
-    if entry.parent_id != share_id or not entry.mount_point.startswith(prefix):
+    prefix = share_mount.mount_point + "/"
+    if entry.parent_id != share_mount.mount_id or not entry.mount_point.startswith(prefix):
         return "unreachable"  # an ID now someone else's: the mount we made is gone
     try:
         fd = open_mount_root(share, entry.mount_point[len(prefix) :])
@@ -283,13 +294,56 @@ def detach_one(share: int, share_id: int, mount_id: int, dev: int, ino: int) -> 
     return "detached"
 
 
-def detach(ns_file: str, records: Sequence[tuple[int, int, int]]) -> list[str]:
+def _empty(dir_fd: int, depth: int) -> None:
+    """Remove what is in the directory `dir_fd`, on its own filesystem only; what will not go stays."""
+    with os.scandir(dir_fd) as entries:
+        names = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
+    for name, is_dir in names:
+        if not is_dir:
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=dir_fd)  # a symlink goes itself; what it names is never looked at
+            continue
+        if depth < _MAX_DEPTH:
+            try:
+                child = open_beneath(dir_fd, name, os.O_RDONLY | os.O_DIRECTORY)  # a mount there: EXDEV, kept
+            except OSError:
+                continue
+            try:
+                _empty(child, depth + 1)
+            finally:
+                os.close(child)
+        with contextlib.suppress(OSError):
+            os.rmdir(name, dir_fd=dir_fd)
+
+
+def remove_tree(share: int, name: str) -> None:
+    """Remove `name` beneath the share and everything in it on the share's filesystem (a container's directory)."""
+    (name,) = parts_of(name)
+    try:
+        top = open_beneath(share, name, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):  # the guest put a symlink or a file in its place
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=share)
+        return
+    try:
+        _empty(top, 1)
+    finally:
+        os.close(top)
+    with contextlib.suppress(OSError):
+        os.rmdir(name, dir_fd=share)
+
+
+def detach(ns_file: str, name: str, records: Sequence[tuple[int, int, int]]) -> list[str]:
+    """Detach a container's recorded mounts, then remove its directory from the share."""
     share = enter(ns_file)
     try:
-        share_mount = top_mount(SHARE)
+        share_mount = top_mount(share_path(ns_file))
         if share_mount is None:
-            raise ShareError(f"{SHARE} is not mounted in {ns_file}")
-        return [detach_one(share, share_mount.mount_id, *record) for record in records]
+            raise ShareError(f"the share is not mounted in {ns_file}")
+        results = [detach_one(share, share_mount, *record) for record in records]
+        remove_tree(share, name)
+        return results
     finally:
         os.close(share)
 
@@ -318,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(usage, file=sys.stderr)
         return 2
     command, ns_file, rest = args[0], args[1], args[2:]
+    os.umask(0o022)  # the modes given here are the modes made (the daemon's umask is 077)
     if not os.path.isabs(ns_file):
         print(f"{usage}: NSFILE must be absolute", file=sys.stderr)
         return 2
@@ -326,8 +381,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             create(ns_file)
         elif command == "attach":
             print(json.dumps(attach(ns_file, [_tree_arg(arg) for arg in rest])))
+        elif rest:
+            print(json.dumps(detach(ns_file, rest[0], [_record_arg(arg) for arg in rest[1:]])))
         else:
-            print(json.dumps(detach(ns_file, [_record_arg(arg) for arg in rest])))
+            raise ShareError("detach needs the container's directory name")
     except ShareError as e:
         print(f"tandem-sharens: {e}", file=sys.stderr, flush=True)
         return e.code

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from core.proc import ProcessIdentity, spawn_detached, wait_exit
 from vm_backend.jail import Jail, join_prefix
-from vm_backend.sharens import SHARE
+from vm_backend.sharens import share_path
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 # RLIMIT_NOFILE of virtiofsd. With cache=auto it holds an O_PATH descriptor for every inode the guest has looked up
@@ -58,7 +58,7 @@ class Virtiofsd:
         return [
             self.binary,
             f"--fd={listen_fd}",
-            "-o", f"source={SHARE}",  # in the share namespace
+            "-o", f"source={share_path(str(self.share_ns))}",  # there only in the share namespace
             "-o", "cache=auto",
             "-o", "sandbox=namespace",
             "-o", "announce_submounts",  # each attached rootfs keeps its own st_dev in the guest

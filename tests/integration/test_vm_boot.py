@@ -70,7 +70,7 @@ async def test_the_guest_sees_its_share_and_nothing_else(guest_assets, run_dir):
         console = vm.console_since_launch()
     finally:
         await vm.stop(timeout=5)
-        await share.detach(attached)
+        await share.detach("c1", attached)
         share.unpin()
         await proc.run(["umount", rootfs])
 

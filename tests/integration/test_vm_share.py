@@ -43,10 +43,21 @@ async def share(run_dir: Path) -> AsyncIterator[PodShare]:
 
 
 def guest(share: PodShare, script: str) -> subprocess.CompletedProcess[str]:
-    """Run a shell script inside the share's namespace, as root: the guest's side of the share and more."""
+    """Run a shell script inside the share's namespace, as root, with $S the share: the guest's side and more."""
+    script = f"S={share_dir(share)}; {script}"
     return subprocess.run(
         ["nsenter", f"--mount={share.ns_file}", "--", "/bin/sh", "-c", script], capture_output=True, text=True
     )
+
+
+def share_dir(share: PodShare) -> str:
+    """Where the share is inside its namespace (the run dir's path + /share; nothing is there on the host)."""
+    return str(share.run_dir / "share")
+
+
+def base(share: PodShare) -> set[str]:
+    """The namespace's own mounts: its root, /usr, /proc and the share."""
+    return {"/", "/usr", "/proc", share_dir(share)}
 
 
 def inside(share: PodShare) -> list[mounts.Mount]:
@@ -83,12 +94,15 @@ def sentinel(run_dir: Path) -> Iterator[Path]:
 
 async def test_the_namespace_holds_the_share_and_nothing_of_the_host(share):
     table = {m.mount_point: m for m in inside(share)}
-    assert set(table) == {"/", "/usr", "/proc", "/share"}
+    assert set(table) == base(share)
+    shared = table[share_dir(share)]
     assert table["/"].options.startswith("ro,") and table["/usr"].options.startswith("ro,")
     assert table["/proc"].options.startswith("ro,")
-    assert table["/share"].fstype == "tmpfs" and "size=1024k" in table["/share"].super_options
-    assert "nr_inodes=4096" in table["/share"].super_options
-    assert any(f.startswith("shared:") for f in table["/share"].optional)  # what is attached reaches virtiofsd
+    assert (
+        shared.fstype == "tmpfs" and "size=1024k" in shared.super_options and "nr_inodes=4096" in shared.super_options
+    )
+    assert any(f.startswith("shared:") for f in shared.optional)  # what is attached there reaches virtiofsd
+    assert not os.path.exists(share_dir(share))  # on the host, nothing is there
     assert share.pinned()
     pinned = mounts.top_mount(share.ns_file)
     assert pinned is not None and pinned.fstype == "nsfs"
@@ -119,29 +133,49 @@ async def test_attach_clones_private_read_only_trees_and_detach_takes_them_back(
     assert attached[0].dev == os.stat(rootfs).st_dev and attached[1].ino == os.stat(volume).st_ino
     table = {m.mount_point: m for m in inside(share)}
     for point in ("c1/rootfs", "c1/mounts/0", "c1/mounts/0/sub", "c1/mounts/1/sub", "c1/mounts/2", "c1/mounts/3"):
-        assert f"/share/{point}" in table, point
-        assert {"nosuid", "nodev", "noexec"} <= set(table[f"/share/{point}"].options.split(","))
-    assert {a.mount_id for a in attached} == {table[f"/share/c1/{p}"].mount_id for p in ("rootfs", *_mounts(4))}
+        assert f"{share_dir(share)}/{point}" in table, point
+        assert {"nosuid", "nodev", "noexec"} <= set(table[f"{share_dir(share)}/{point}"].options.split(","))
+    ids = {table[f"{share_dir(share)}/c1/{p}"].mount_id for p in ("rootfs", *_mounts(4))}
+    assert {a.mount_id for a in attached} == ids
 
     writes = guest(
         share,
-        "cd /share/c1; cat rootfs/marker mounts/3; touch rootfs/new mounts/0/sub/new mounts/2/new && echo writable; "
+        "cd $S/c1; cat rootfs/marker mounts/3; touch rootfs/new mounts/0/sub/new mounts/2/new && echo writable; "
         "touch mounts/0/top 2>&1; touch mounts/1/sub/deep 2>&1; true",
     )
     assert writes.stdout.splitlines()[:3] == ["rootfs", "a file volume", "writable"], writes
     assert writes.stdout.count("Read-only file system") == 2  # ro on top only; rro all the way down
 
     mount_tmpfs(volume / "later")  # private: a mount the host makes afterwards stays the host's
-    assert "/share/c1/mounts/2/later" not in {m.mount_point for m in inside(share)}
+    assert f"{share_dir(share)}/c1/mounts/2/later" not in {m.mount_point for m in inside(share)}
     mounts.unmount(volume / "later")
     # The host can take a volume apart while it is attached (critest's read-only mount cleanup: EBUSY before)
     sub = mounts.top_mount(volume / "sub")
     mounts.sys_umount(volume / "sub", mounts.MNT_DETACH)
     (volume / "sub").rmdir()
 
-    await share.detach(attached)
-    assert {m.mount_point for m in inside(share)} == {"/", "/usr", "/proc", "/share"}
+    await share.detach("c1", attached)
+    assert {m.mount_point for m in inside(share)} == base(share)
     assert host_table(run_dir) == before - {(sub.mount_id, sub.mount_point)}
+    assert guest(share, "ls -A $S").stdout == ""  # the container's directory went too: its inodes are free
+
+
+async def test_removing_a_containers_directory_stays_on_the_share(share):
+    junk = guest(
+        share,
+        "mkdir -p $S/c1/a/b/c $S/c1/kept && mount -t tmpfs kept $S/c1/kept && echo keep > $S/c1/kept/f"
+        " && mkfifo $S/c1/a/fifo && ln -s / $S/c1/a/root && ln -s $S $S/c1/b && touch $S/c1/a/b/c/f"
+        " && d=$S/c1/deep; for i in $(seq 40); do d=$d/d; done; mkdir -p $d",
+    )
+    assert junk.returncode == 0, junk.stderr
+    await share.detach("c1", [])
+    left = guest(share, "cd $S && find . | sort; cat c1/kept/f").stdout.split()
+    assert left[-1] == "keep"  # a mount in the way is neither crossed nor removed
+    assert "./c1/kept" in left and "./c1/a" not in left and "./c1/b" not in left
+    assert "./c1/deep" + "/d" * 40 in left  # nesting past 32 levels is not walked: it stays
+    guest(share, "umount $S/c1/kept")
+    await share.detach("c1", [])
+    assert guest(share, "ls -A $S").stdout.strip() in ("", "c1")
 
 
 def _mounts(count: int) -> list[str]:
@@ -151,16 +185,16 @@ def _mounts(count: int) -> list[str]:
 @pytest.mark.parametrize(
     "planted",
     [
-        "ln -s / /share/c1",  # the container's directory, a symlink to / (the guest's; the host's if followed)
-        "ln -s {sentinel} /share/c1",  # ... or to a host directory
-        "mkdir /share/c1 && ln -s / /share/c1/rootfs",
-        "mkdir /share/c1 && ln -s {sentinel} /share/c1/mounts",  # where the next mount target will be created
-        "mkdir -p /share/c1/mounts && ln -s {sentinel} /share/c1/mounts/0",
-        "mkdir -p /share/c1/mounts && mkfifo /share/c1/mounts/0",  # a FIFO where a directory belongs
-        "mkdir -p /share/c1 && touch /share/c1/rootfs",  # a file where a directory belongs
-        "mkdir -p /share/c1/mounts/1",  # a directory where a file mount belongs
-        "mkdir -p /share/c1/mounts && mkfifo /share/c1/mounts/1",  # a FIFO where a file mount belongs
-        "mkdir -p /share/c1/mounts && mount -t tmpfs x /share/c1/mounts",  # a mount in the way: not the share
+        "ln -s / $S/c1",  # the container's directory, a symlink to / (the guest's; the host's if followed)
+        "ln -s {sentinel} $S/c1",  # ... or to a host directory
+        "mkdir $S/c1 && ln -s / $S/c1/rootfs",
+        "mkdir $S/c1 && ln -s {sentinel} $S/c1/mounts",  # where the next mount target will be created
+        "mkdir -p $S/c1/mounts && ln -s {sentinel} $S/c1/mounts/0",
+        "mkdir -p $S/c1/mounts && mkfifo $S/c1/mounts/0",  # a FIFO where a directory belongs
+        "mkdir -p $S/c1 && touch $S/c1/rootfs",  # a file where a directory belongs
+        "mkdir -p $S/c1/mounts/1",  # a directory where a file mount belongs
+        "mkdir -p $S/c1/mounts && mkfifo $S/c1/mounts/1",  # a FIFO where a file mount belongs
+        "mkdir -p $S/c1/mounts && mount -t tmpfs x $S/c1/mounts",  # a mount in the way: not the share
     ],
 )
 async def test_attach_refuses_what_the_guest_put_in_the_way(share, run_dir, sentinel, planted):
@@ -187,33 +221,33 @@ async def test_detach_finds_moved_mounts_and_never_leaves_the_share(share, run_d
     attached = await share.attach("c1", rootfs, [ShareMount(str(volume))])
     moved = guest(
         share,
-        f"cd /share && mv c1 moved && ln -s / c1 && mkdir -p deep/er && mv moved deep/er/ && ln -s {sentinel} deep/x",
+        f"cd $S && mv c1 moved && ln -s / c1 && mkdir -p deep/er && mv moved deep/er/ && ln -s {sentinel} deep/x",
     )
     assert moved.returncode == 0, moved.stderr
     before = host_table(run_dir)
-    share_root = next(m for m in inside(share) if m.mount_point == "/share")
+    share_root = next(m for m in inside(share) if m.mount_point == share_dir(share))
     strangers = [  # records that are not the share's children, or not what was attached there
         type(attached[0])(share_root.mount_id, attached[0].dev, attached[0].ino),
         type(attached[0])(attached[0].mount_id, attached[0].dev, attached[0].ino + 1),
     ]
-    await share.detach(strangers)
-    assert {m.mount_point for m in inside(share)} >= {"/share", "/share/deep/er/moved/rootfs"}
-    await share.detach(attached)
-    assert {m.mount_point for m in inside(share)} == {"/", "/usr", "/proc", "/share"}
+    await share.detach("c1", strangers)
+    assert f"{share_dir(share)}/deep/er/moved/rootfs" in {m.mount_point for m in inside(share)}
+    await share.detach("c1", attached)
+    assert {m.mount_point for m in inside(share)} == base(share)
     assert host_table(run_dir) == before
 
 
 async def test_a_full_share_refuses_new_containers_and_fills_nothing_else(share, run_dir):
     rootfs = run_dir / "c" / "c1" / "rootfs"
     mount_tmpfs(rootfs)
-    fill = guest(share, "yes 2>&1 >/share/fill; i=0; while :>/share/f$i; do i=$((i+1)); done")
+    fill = guest(share, "yes 2>&1 >$S/fill; i=0; while :>$S/f$i; do i=$((i+1)); done")
     assert "No space left on device" in fill.stdout and "No space left on device" in fill.stderr
-    used = guest(share, "du -sk /share; ls /share | wc -l").stdout.split()
+    used = guest(share, "du -sk $S; ls $S | wc -l").stdout.split()
     assert int(used[0]) <= 1024 and 4000 < int(used[2]) <= 4096
     with pytest.raises(ResourceExhausted, match="share is full"):
         await share.attach("c1", rootfs, [])
-    assert guest(share, "rm -f /share/f* /share/fill").returncode == 0
-    await share.detach(await share.attach("c1", rootfs, []))
+    assert guest(share, "rm -f $S/f* $S/fill").returncode == 0
+    await share.detach("c1", await share.attach("c1", rootfs, []))
 
 
 def fill(path: Path, mib: int) -> subprocess.CompletedProcess[str]:

@@ -312,7 +312,8 @@ def test_virtiofsd_serves_the_share_from_its_namespace(tmp_path):
     vfs = Virtiofsd(tmp_path / "pod", tmp_path / "pod" / "share.ns", nofile=virtiofsd_nofile(256))
     argv = vfs.argv(7)
     assert argv[0] == "/usr/lib/qemu/virtiofsd"
-    assert "--fd=7" in argv and "source=/share" in argv  # no host path: the share namespace's own
+    assert "--fd=7" in argv  # the socket comes as a descriptor: no host path to look up or leave a lock file by
+    assert f"source={tmp_path}/pod/share" in argv  # there only in the share namespace: it names the pod
     assert "sandbox=namespace" in argv and "cache=auto" in argv and "--rlimit-nofile=131072" in argv
     assert not any(arg.startswith("--socket-path") for arg in argv)
 
