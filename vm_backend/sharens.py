@@ -186,7 +186,7 @@ def create(ns_file: str) -> None:
 
 def enter(ns_file: str) -> int:
     """Join the pod's share namespace; return a descriptor of its share."""
-    fd = os.open(ns_file, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(ns_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         if _libc.setns(fd, _CLONE_NEWNS) != 0:
             raise ShareError(f"entering the share namespace {ns_file}: {os.strerror(ctypes.get_errno())}")
