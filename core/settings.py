@@ -74,6 +74,7 @@ class DefaultNetworkSettings:
     253 pods, more than kubelet's default max-pods (110), and claims little of the node's network.
     """
 
+    enabled: bool = True  # False: no network until one is installed in conf_dir (containerd's behaviour)
     bridge: str = "tandem0"
     subnet: str = "10.157.0.0/24"
     masquerade: bool = True  # NAT the pods' traffic out of the node; off where the subnet is routed
@@ -250,7 +251,7 @@ class _Reader:
 
 
 def _default_network(table: _Reader, defaults: DefaultNetworkSettings) -> DefaultNetworkSettings:
-    """`[cni.default]`: a Linux interface name, an IPv4 subnet with room for pods, masquerade on or off."""
+    """`[cni.default]`: on or off, a Linux interface name, an IPv4 subnet with room for pods, masquerade on or off."""
     bridge = table.get("bridge", str, defaults.bridge)
     if not 0 < len(bridge.encode()) < 16 or any(c in bridge for c in "/: \t\n") or bridge in (".", ".."):
         reason = f"must be a network interface name (1-15 bytes, no '/', ':' or spaces), got {bridge!r}"
@@ -263,6 +264,7 @@ def _default_network(table: _Reader, defaults: DefaultNetworkSettings) -> Defaul
     if network.prefixlen > 29:
         raise table.fail("subnet", f"must be /29 or larger (room for a gateway and pods), got {subnet}")
     settings = DefaultNetworkSettings(
+        enabled=table.get("enabled", bool, defaults.enabled),
         bridge=bridge, subnet=str(network), masquerade=table.get("masquerade", bool, defaults.masquerade)
     )
     table.done()

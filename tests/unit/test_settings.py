@@ -150,3 +150,10 @@ def test_the_default_network_is_settable_for_tests_and_nodes():
         False,
     )
     assert config.cni.conf_dir == Config().cni.conf_dir
+
+
+def test_the_default_network_can_be_turned_off():
+    assert parse_config({}).cni.default.enabled is True
+    assert parse_config({"cni": {"default": {"enabled": False}}}).cni.default.enabled is False
+    with pytest.raises(ConfigError, match=r"cni\.default\.enabled"):
+        parse_config({"cni": {"default": {"enabled": "no"}}})
