@@ -68,9 +68,14 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
                 type="NetworkReady", status=network.ready, reason=network.reason, message=network.message
             ),
         ]
-        handlers = [pb.RuntimeHandler(name="", features=pb.RuntimeHandlerFeatures())]
+
+        def features(backend: str | None) -> pb.RuntimeHandlerFeatures:
+            return pb.RuntimeHandlerFeatures(recursive_read_only_mounts=self.pods.supports_recursive_read_only(backend))
+
+        handlers = [pb.RuntimeHandler(name="", features=features(None))]  # the default: any backend
         handlers += [
-            pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures()) for name in sorted(self.config.runtimes)
+            pb.RuntimeHandler(name=name, features=features(handler.backend))
+            for name, handler in sorted(self.config.runtimes.items())
         ]
         info = {}
         if request.verbose:

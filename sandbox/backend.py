@@ -168,6 +168,7 @@ class Backend(ABC, Generic[SettingsT]):
     """
 
     name: str
+    recursive_read_only_mounts: bool = False  # CRI mounts with recursive_read_only work in its pods
 
     @classmethod
     @abstractmethod

@@ -489,6 +489,18 @@ class PodManager:
         """The backends this host runs."""
         return sorted(self.backends)
 
+    def supports_recursive_read_only(self, backend: str | None = None) -> bool:
+        """Whether pods of `backend` (of whichever backend a pod lands on, for None) can have recursive
+        read-only mounts: what Status advertises for a runtime handler."""
+        chosen = (
+            list(self.backends.values())
+            if backend is None
+            else [self.backends[backend]]
+            if backend in self.backends
+            else []
+        )
+        return bool(chosen) and all(b.recursive_read_only_mounts for b in chosen)
+
     # ---- streaming: looked up again when the connection arrives (it may have stopped since the URL) ----
 
     async def exec(

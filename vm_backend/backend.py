@@ -1,10 +1,13 @@
 """The untrusted backend: each pod is its own QEMU micro-VM, its containers run inside by the guest agent.
 
 What lives on the host, per pod (runtime dirs vanish on reboot, as the VMs do):
-    <runtime_dir>/vm/<pod id[:16]>/                 the VM's run dir: virtiofsd's socket, pidfiles, logs
-    <runtime_dir>/vm/<pod id[:16]>/vmm/             QEMU's sockets and console log, owned by the VM's jail uid
-    <runtime_dir>/vm/<pod id[:16]>/share/           the virtio-fs share: each container's rootfs bound in as <id>/rootfs
-    <runtime_dir>/vm/<pod id[:16]>/c/<id>/          a container's overlay mount point (rootfs/) and its process spec
+    <runtime_dir>/vm/<pod id[:16]>/                 the VM's run dir, a tmpfs of its own (`rundir.py`):
+                                                    virtiofsd's socket, pidfiles, QEMU's and virtiofsd's logs
+    <runtime_dir>/vm/<pod id[:16]>/vmm/             QEMU's sockets and console log, a tmpfs owned by the jail uid
+    <runtime_dir>/vm/<pod id[:16]>/share.ns         the pod's share namespace (`share.py`): the virtio-fs share,
+                                                    where each container's rootfs and CRI mounts are attached
+    <runtime_dir>/vm/<pod id[:16]>/c/<id>/          a container's overlay mount point (rootfs/, never seen by the
+                                                    guest) and its process spec
     <state_dir>/vm/layers/<id>/                     a container's writable layer (upper, work)
     <runtime_dir>/vm/jail-ids/<uid> -> <pod id>     the jail uid (= gid) the pod's QEMU runs as
     <cgroup root>/<hierarchy>/<pod cgroup>/<pod id>   the VM's cgroup: QEMU and virtiofsd, with their limits
@@ -25,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import secrets
 import shutil
 import signal
@@ -33,13 +35,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core import cgroups, mounts, proc
+from core import cgroups, mounts
 from core.errors import FailedPrecondition, InvalidArgument, TandemError, Unavailable
 from core.files import atomic_write_json, private_dir
 from core.proc import wait_exit
 from core.settings import VmBackendSettings
 from protos import agent_pb2
-from protos import cri_pb2 as pb
 from sandbox import podfiles
 from sandbox.backend import (
     Backend,
@@ -59,20 +60,15 @@ from vm_backend import resources
 from vm_backend.accel import choose_accel
 from vm_backend.events import PodEvents
 from vm_backend.guest_image import GuestAssets, current_assets
-from vm_backend.guest_spec import (
-    check_vm_container,
-    guest_host_info,
-    guest_platform,
-    host_sources,
-    shared_mount,
-    to_guest,
-)
+from vm_backend.guest_spec import check_vm_container, guest_host_info, guest_platform, host_sources, to_guest
 from vm_backend.jail import Jail, JailIds
 from vm_backend.network import attach_tap, detach_tap
 from vm_backend.pod import PodVm
 from vm_backend.processes import VmAttach, VmExec, VmPort
-from vm_backend.qemu import QemuVm, TapNic, VmSpec
-from vm_backend.virtiofs import Virtiofsd
+from vm_backend.qemu import VMM_DIR, QemuVm, TapNic, VmSpec
+from vm_backend.rundir import make_run_dir, remove_run_dir
+from vm_backend.share import Attached, PodShare, ShareMount, rootfs_path
+from vm_backend.virtiofs import Virtiofsd, virtiofsd_nofile
 
 log = logging.getLogger("tandem.vm")
 
@@ -90,6 +86,7 @@ VM_DIED = "VMDied"  # the reason of a container whose pod's QEMU died under it
 
 class VmBackend(Backend[VmBackendSettings]):
     name = "vm"
+    recursive_read_only_mounts = True  # made read-only on the host's side of the share (`share.py`)
 
     def __init__(self, settings: VmBackendSettings, assets: GuestAssets) -> None:
         self.settings = settings.vm
@@ -156,9 +153,13 @@ class VmBackend(Backend[VmBackendSettings]):
             jail=jail,
         )
 
+    def _virtiofsd(self, run_dir: Path, memory_mib: int = 0) -> Virtiofsd:
+        nofile = virtiofsd_nofile(memory_mib)
+        return Virtiofsd(run_dir, PodShare(run_dir).ns_file, binary=str(self.settings.virtiofsd), nofile=nofile)
+
     def _vm(self, sandbox: SandboxRecord) -> QemuVm:
-        run_dir = self._run_dir(sandbox)
-        return QemuVm(self._spec(sandbox), Virtiofsd(run_dir, binary=str(self.settings.virtiofsd)))
+        spec = self._spec(sandbox)
+        return QemuVm(spec, self._virtiofsd(spec.run_dir, spec.memory_mib))
 
     def _new_pod(self, sandbox: SandboxRecord) -> PodVm:
         run_dir = self._run_dir(sandbox)
@@ -201,6 +202,9 @@ class VmBackend(Backend[VmBackendSettings]):
         )
         cgroup = resources.vm_cgroup(config.linux.cgroup_parent, sandbox.id)  # refuses a systemd slice
         run_dir = private_dir(self._run_dir(sandbox))
+        await asyncio.to_thread(mounts.make_private, self.root)  # the run dirs' tmpfs mounts stay in this namespace
+        await asyncio.to_thread(make_run_dir, run_dir, run_dir / VMM_DIR)
+        await PodShare(run_dir).create()
         accel = await self._accel_choice()
         sandbox.backend_state.update(
             run_dir=str(run_dir),
@@ -263,7 +267,7 @@ class VmBackend(Backend[VmBackendSettings]):
             await pod.close()
             await pod.vm.kill()  # also stops virtiofsd and removes the sockets
             # a virtiofsd started for a boot that never reached QEMU has no QEMU to outlive it
-            await Virtiofsd(self._run_dir(sandbox), binary=str(self.settings.virtiofsd)).stop()
+            await self._virtiofsd(self._run_dir(sandbox)).stop()
             # and what no pidfile names: a jailer cut short, a QEMU whose daemon died before writing its pidfile
             if (cgroup := self._cgroup(sandbox)) is not None:
                 await resources.kill_cgroup(cgroup)
@@ -271,16 +275,18 @@ class VmBackend(Backend[VmBackendSettings]):
             await detach_tap(Path(sandbox.netns_path), sandbox.backend_state.get("tap", TAP))
 
     async def remove_sandbox(self, sandbox: SandboxRecord) -> None:
+        """QEMU and virtiofsd first (the guest can no longer act), then the share namespace (every mount in it
+        goes with it), the containers' host-side roots and layers, and the run dir: a share the guest tampered
+        with goes all the same, since nothing of it is looked at."""
         await self.stop_sandbox(sandbox)
         run_dir = self._run_dir(sandbox)
-        vfs = Virtiofsd(run_dir, binary=str(self.settings.virtiofsd))
-        if (run_dir / "c").is_dir():
-            for directory in (run_dir / "c").iterdir():
-                await self._release_container_mounts(vfs, run_dir, directory.name)
-                await asyncio.to_thread(shutil.rmtree, self.layers / directory.name, True)
-        if vfs.share.exists():
-            await vfs.remove_share()
-        await asyncio.to_thread(shutil.rmtree, run_dir, True)
+        if run_dir.is_dir():
+            await asyncio.to_thread(PodShare(run_dir).unpin)
+            containers = run_dir / "c"
+            for name in sorted(p.name for p in containers.iterdir()) if containers.is_dir() else []:
+                await rootfs.unmount(containers / name / "rootfs")
+                await asyncio.to_thread(shutil.rmtree, self.layers / name, True)
+            await asyncio.to_thread(remove_run_dir, run_dir)
         if self._cgroup(sandbox) is not None:
             await asyncio.to_thread(resources.remove_cgroup, sandbox.config.linux.cgroup_parent, sandbox.id)
         self.jail_ids.release(sandbox.id)
@@ -339,12 +345,15 @@ class VmBackend(Backend[VmBackendSettings]):
     ) -> None:
         config = container.config
         pod = await self._connected(sandbox)
-        vfs = pod.vm.virtiofsd
-        assert vfs is not None
         directory = pod.container_dir(container.id)
         pod.events.add_container(container.id, container.log_path, container.created_at, create_log=True)
-        guest_rootfs = await vfs.bind_rootfs(container.id, directory / "rootfs")
-        await self._share_mounts(vfs, container.id, config, host_sources(spec, config))
+        share_mounts = [
+            ShareMount(source, mount.readonly, mount.recursive_read_only)
+            for mount, source in zip(config.mounts, host_sources(spec, config), strict=True)
+        ]
+        attached = await PodShare(self._run_dir(sandbox)).attach(container.id, directory / "rootfs", share_mounts)
+        container.backend_state["share_mounts"] = [a.to_list() for a in attached]
+        guest_rootfs = rootfs_path(container.id)
         guest = to_guest(spec, config, container.id)
         atomic_write_json(directory / "process.json", guest["process"], durable=False)
         await pod.client_or_fail().create_container(
@@ -357,32 +366,14 @@ class VmBackend(Backend[VmBackendSettings]):
         )
         container.backend_state["stop_signal"] = stop_signal
 
-    async def _share_mounts(
-        self, vfs: Virtiofsd, container_id: str, config: pb.ContainerConfig, sources: list[str]
-    ) -> None:
-        """Bind the host path of each CRI mount into the share, where the guest finds it (`shared_mount`)."""
-        for i, (mount, source) in enumerate(zip(config.mounts, sources, strict=True)):
-            target = vfs.share / shared_mount(container_id, i)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if os.path.isdir(source):
-                target.mkdir(exist_ok=True)
-            else:
-                target.touch(exist_ok=True)
-            if not mounts.is_mounted(target):
-                await proc.run(["mount", "--rbind", source, target])
-                await proc.run(["mount", "--make-rprivate", target])
-                if mount.readonly:
-                    await proc.run(["mount", "-o", "remount,bind,ro", target])
-
-    async def _release_container_mounts(self, vfs: Virtiofsd, run_dir: Path, container_id: str) -> None:
-        mounts_dir = vfs.share / container_id / "mounts"
-        for point in mounts.mounts_below(mounts_dir):
-            await asyncio.to_thread(mounts.unmount, point)
-        if mounts_dir.exists():
-            await asyncio.to_thread(shutil.rmtree, mounts_dir, True)
-        await vfs.unbind_rootfs(container_id)
-        await rootfs.unmount(run_dir / "c" / container_id / "rootfs")
-        await asyncio.to_thread(shutil.rmtree, run_dir / "c" / container_id, True)
+    async def _release_container(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
+        """Detach what CreateContainer attached to the share (by the mount IDs it recorded), then the host side."""
+        run_dir = self._run_dir(sandbox)
+        recorded = [Attached.from_list(value) for value in container.backend_state.get("share_mounts", [])]
+        await PodShare(run_dir).detach(container.id, [a for a in recorded if a is not None])
+        await rootfs.unmount(run_dir / "c" / container.id / "rootfs")
+        await asyncio.to_thread(shutil.rmtree, run_dir / "c" / container.id, True)
+        await asyncio.to_thread(shutil.rmtree, self.layers / container.id, True)
 
     async def start_container(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
         pod = await self._connected(sandbox)
@@ -423,9 +414,7 @@ class VmBackend(Backend[VmBackendSettings]):
             except Unavailable as e:
                 log.warning("agent did not remove %s: %s", container.id[:12], e)
         pod.events.forget_container(container.id)
-        vfs = Virtiofsd(self._run_dir(sandbox), binary=str(self.settings.virtiofsd))
-        await self._release_container_mounts(vfs, self._run_dir(sandbox), container.id)
-        await asyncio.to_thread(shutil.rmtree, self.layers / container.id, True)
+        await self._release_container(sandbox, container)
 
     async def container_exit(self, sandbox: SandboxRecord, container: ContainerRecord) -> ExitStatus | None:
         """The exit the agent reported; else None while the VM runs (QEMU's identity: no agent round trip),

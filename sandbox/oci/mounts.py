@@ -64,7 +64,7 @@ def kernel_mounts(privileged: bool) -> list[Mount]:
     ]
 
 
-def check_mount(mount: pb.Mount) -> str:
+def check_mount(mount: pb.Mount, host: HostInfo) -> str:
     """Validate a CRI mount without touching the host; returns its cleaned container path."""
     if mount.HasField("image") and mount.image.image:
         raise InvalidArgument("image volumes are not supported by this runtime")
@@ -73,7 +73,12 @@ def check_mount(mount: pb.Mount) -> str:
     if not mount.host_path.startswith("/"):
         raise InvalidArgument(f"mount host path {mount.host_path!r} must be absolute")
     if mount.recursive_read_only:
-        raise InvalidArgument("recursive read-only mounts are not supported by this runtime")
+        if not host.recursive_read_only:
+            raise InvalidArgument("recursive read-only mounts are not supported by this runtime")
+        if not mount.readonly:
+            raise InvalidArgument(f"mount {mount.container_path}: recursive_read_only needs readonly")
+        if mount.propagation != pb.PROPAGATION_PRIVATE:
+            raise InvalidArgument(f"mount {mount.container_path}: recursive_read_only needs private propagation")
     if mount.uidMappings or mount.gidMappings:
         raise InvalidArgument("ID-mapped mounts need user namespaces, which this runtime does not support yet")
     return posixpath.normpath(mount.container_path)

@@ -125,7 +125,7 @@ def container_spec(
     refuse_user_namespaces(sc.namespace_options)
     check_apparmor(sc)
     seccomp = seccomp_choice(sc)
-    requested_mounts = [(check_mount(m), m) for m in config.mounts]
+    requested_mounts = [(check_mount(m, host), m) for m in config.mounts]
     identity = resolve_identity(
         platform.rootfs,
         user_string(sc, image),

@@ -296,3 +296,13 @@ async def test_an_exit_reported_while_the_container_starts_lands_after_its_start
     assert (record.state, record.exit_code) == (ContainerState.EXITED, 5)
     assert record.finished_at >= record.started_at > 0
     events.close()
+
+
+def test_recursive_read_only_is_advertised_only_where_every_possible_backend_makes_it(tmp_path):
+    runc, vm = FakeBackend(tmp_path / "runc"), FakeBackend(tmp_path / "vm", name="vm")
+    vm.recursive_read_only_mounts = True
+    pods = fake_manager(tmp_path, runc, vm)
+    assert pods.supports_recursive_read_only("vm") and not pods.supports_recursive_read_only("runc")
+    assert not pods.supports_recursive_read_only(None)  # the default handler's pods may land on either
+    assert not pods.supports_recursive_read_only("none")
+    assert fake_manager(tmp_path / "vm-only", vm).supports_recursive_read_only(None)

@@ -375,6 +375,25 @@ def test_invalid_mounts(make, mount, message):
         make(config(mounts=[mount]))
 
 
+def test_recursive_read_only_where_the_host_can_make_it(rootfs, host, pod_files, tmp_path):
+    make = spec_maker(rootfs, dataclasses.replace(host, recursive_read_only=True), pod_files)
+    mount = pb.Mount(container_path="/vol", host_path=str(tmp_path / "v"), readonly=True, recursive_read_only=True)
+    (bind,) = [m for m in make(config(mounts=[mount]))["mounts"] if m["destination"] == "/vol"]
+    assert "ro" in bind["options"]
+    for bad in (
+        pb.Mount(container_path="/vol", host_path="/tmp", recursive_read_only=True),
+        pb.Mount(
+            container_path="/vol",
+            host_path="/tmp",
+            readonly=True,
+            recursive_read_only=True,
+            propagation=pb.PROPAGATION_BIDIRECTIONAL,
+        ),
+    ):
+        with pytest.raises(InvalidArgument, match="recursive_read_only needs"):
+            make(config(mounts=[bad]))
+
+
 @pytest.mark.parametrize(
     "broken",
     [

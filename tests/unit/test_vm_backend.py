@@ -14,6 +14,8 @@ from sandbox.oci.spec import container_spec
 from vm_backend.backend import VM_DIED, VmBackend
 from vm_backend.guest_image import GuestAssets
 from vm_backend.guest_spec import check_vm_container, guest_platform, to_guest
+from vm_backend.share import Attached, mount_path, rootfs_path
+from vm_backend.sharens import ShareError, parts_of
 
 CID = "c" * 64
 
@@ -77,6 +79,57 @@ def test_mounts_come_from_the_share(tmp_path):
     assert mounts["/conf"]["source"] == f"/run/tandem/share/{CID}/mounts/1"
     assert "rw" in mounts["/conf"]["options"]  # read-only is the host bind's: the guest's share is one mount
     assert (tmp_path / "data").is_dir()  # a missing host directory is created, as on a node
+
+
+def test_recursive_read_only_mounts_are_the_hosts_to_make(tmp_path):
+    config = container(
+        mounts=[
+            pb.Mount(container_path="/rro", host_path=str(tmp_path / "v"), readonly=True, recursive_read_only=True),
+        ]
+    )
+    (rro,) = [m for m in make(tmp_path, config)["mounts"] if m["destination"] == "/rro"]
+    assert rro["source"] == f"/run/tandem/share/{CID}/mounts/0"
+    assert "rro" not in rro["options"] and "ro" not in rro["options"]  # the share's side is read-only already
+
+
+@pytest.mark.parametrize(
+    ("mount", "message"),
+    [
+        (pb.Mount(container_path="/m", host_path="/tmp", recursive_read_only=True), "needs readonly"),
+        (
+            pb.Mount(
+                container_path="/m",
+                host_path="/tmp",
+                readonly=True,
+                recursive_read_only=True,
+                propagation=pb.PROPAGATION_HOST_TO_CONTAINER,
+            ),
+            "needs private propagation",
+        ),
+    ],
+)
+def test_recursive_read_only_needs_a_private_read_only_mount(tmp_path, mount, message):
+    with pytest.raises(InvalidArgument, match=message):
+        make(tmp_path, container(mounts=[mount]))
+
+
+def test_the_vm_backend_advertises_recursive_read_only_mounts():
+    assert VmBackend.recursive_read_only_mounts
+
+
+def test_share_paths_and_records():
+    assert (rootfs_path(CID), mount_path(CID, 3)) == (f"{CID}/rootfs", f"{CID}/mounts/3")
+    assert Attached.from_list([7, 2049, 12]) == Attached(7, 2049, 12)
+    assert Attached.from_list(Attached(7, 2049, 12).to_list()) == Attached(7, 2049, 12)
+    for bad in (None, [7, 2049], [7, 2049, -1], [True, 1, 2], ["7", 1, 2], {"mount_id": 7}):
+        assert Attached.from_list(bad) is None
+
+
+@pytest.mark.parametrize("path", ["", "/abs", "a//b", "a/./b", "../x", "a/..", "a/\0", "x" * 256])
+def test_the_share_helper_takes_plain_relative_paths_only(path):
+    with pytest.raises(ShareError):
+        parts_of(path.replace("\\0", "\0"))
+    assert parts_of(f"{CID}/mounts/0") == [CID, "mounts", "0"]
 
 
 def test_privileged_is_privileged_in_the_guest_without_host_devices(tmp_path):

@@ -9,7 +9,7 @@ from core import cgroups
 from core.errors import InvalidArgument, ResourceExhausted
 from protos import cri_pb2 as pb
 from vm_backend import jailer, resources
-from vm_backend.jail import Jail, JailIds
+from vm_backend.jail import Jail, JailIds, join_prefix
 from vm_backend.qemu import TapNic, VmSpec, build_argv, launch_argv
 
 MIB = 2**20
@@ -84,6 +84,22 @@ def test_the_jailer_refuses_a_jail_for_root_and_relative_paths():
     with pytest.raises(SystemExit):
         jailer.parse(["--root", "/r", "--uid", "5", "--gid", "5", "--ro", "usr", "--", "/bin/true"])
     assert jailer.parse(["--cgroup", "/sys/fs/cgroup/x", "--", "/bin/true"]).root is None  # join only
+    with pytest.raises(SystemExit):  # a jail builds its own mount namespace
+        jailer.parse(["--root", "/r", "--uid", "5", "--gid", "5", "--mountns", "/ns", "--", "/bin/true"])
+
+
+def test_virtiofsd_joins_the_vm_cgroup_and_the_share_namespace_and_nothing_else():
+    jail = Jail(7000, 7000, (Path("/sys/fs/cgroup/pids/p/x"),))
+    prefix = jail.join_prefix(Path("/run/tandem/vm/p/share.ns"))
+    args = jailer.parse([*prefix[3:], "/usr/lib/qemu/virtiofsd"])
+    assert (args.cgroup, args.mountns, args.root, args.netns) == (
+        ["/sys/fs/cgroup/pids/p/x"],
+        "/run/tandem/vm/p/share.ns",
+        None,
+        None,
+    )
+    unjailed = jailer.parse([*join_prefix((), Path("/ns"))[3:], "/usr/lib/qemu/virtiofsd"])
+    assert (unjailed.cgroup, unjailed.mountns) == ([], "/ns")
 
 
 def test_vm_size_adds_the_pods_resources_to_the_defaults():
