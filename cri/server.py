@@ -22,6 +22,7 @@ import grpc
 from core.errors import FailedPrecondition, TandemError
 from core.files import private_dir
 from core.settings import Config
+from cri.encoded import add_servicer
 from cri.errors import ErrorInterceptor
 from cri.image_service import ImageServicer
 from cri.runtime_service import RuntimeServicer
@@ -147,7 +148,8 @@ class Daemon:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
         )
-        cri_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeServicer(config, self.pods, self.streaming), server)
+        runtime = RuntimeServicer(config, self.pods, self.streaming)
+        add_servicer(cri_pb2_grpc.add_RuntimeServiceServicer_to_server, runtime, server)
         cri_pb2_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.images), server)
         _claim_socket(config.socket)
         server.add_insecure_port(f"unix://{config.socket}")

@@ -64,6 +64,16 @@ class ContainerUsage:
     writable_layer_bytes: int | None = None
     writable_layer_inodes: int | None = None
     writable_layer_mountpoint: str = ""
+    writable_layer_timestamp: int = 0  # when the layer was measured (it is not measured at every sample)
+    cpu_nano_cores: int | None = None  # derived by the manager from successive samples, not by backends
+
+
+@dataclass(frozen=True)
+class PodContainers:
+    """Some containers of one pod (the running ones a stats call is about)."""
+
+    sandbox: SandboxRecord
+    containers: list[ContainerRecord]
 
 
 class Process(ABC):
@@ -108,7 +118,8 @@ class Process(ABC):
 SettingsT = TypeVar("SettingsT")
 
 ExitListener = Callable[[str | None], None]
-"""Told the ID of a container whose process has ended; None when exits may have gone unheard (look at all)."""
+"""Told the ID of a container whose process has ended, or of a pod whose holder (infra process, VM) has;
+None when exits may have gone unheard (look at all)."""
 
 
 class ByteChannel(ABC):
@@ -179,10 +190,12 @@ class Backend(ABC, Generic[SettingsT]):
 
     @abstractmethod
     async def watch_exits(self, listener: ExitListener) -> None:
-        """From now on, tell `listener` of each container exit as it happens, from the event loop.
+        """From now on, tell `listener` of each container exit and each end of a pod's holder as it
+        happens, from the event loop.
 
-        The manager then asks `container_exit` and records it: an exit reaches
-        GetContainerEvents without anyone polling. Called once, at start-up.
+        The manager then asks `container_exit` (or `sandbox_alive`) and records it: an exit reaches
+        GetContainerEvents, and list calls answer from what is recorded, without anyone polling.
+        Called once, at start-up.
         """
 
     @abstractmethod
@@ -206,7 +219,10 @@ class Backend(ABC, Generic[SettingsT]):
 
     @abstractmethod
     async def sandbox_alive(self, sandbox: SandboxRecord) -> bool:
-        """Whether the pod's holder is still running (false after a crash)."""
+        """Whether the pod's holder is still running (false after a crash).
+
+        Asked at start-up and by calls about one pod; lists rely on the holder's end being pushed.
+        """
 
     @abstractmethod
     def host_info(self, sandbox: SandboxRecord) -> HostInfo:
@@ -256,7 +272,12 @@ class Backend(ABC, Generic[SettingsT]):
         """Apply new OCI `linux.resources` (built for `host_info`) to a created or running container."""
 
     @abstractmethod
-    async def container_usage(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage: ...
+    async def usage(self, pods: list[PodContainers]) -> dict[str, ContainerUsage]:
+        """The resource usage of these running containers, by container id, all collected in one go.
+
+        Returns within a short deadline however many pods there are: a container that cannot be
+        measured now (its pod's guest did not answer in time) is left out, and keeps its last figures.
+        """
 
     @abstractmethod
     async def reopen_log(self, sandbox: SandboxRecord, container: ContainerRecord) -> None: ...

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -48,14 +49,17 @@ from sandbox.backend import (
     ExitListener,
     ExitStatus,
     ImageRootfs,
+    PodContainers,
     Process,
 )
 from sandbox.model import ContainerRecord, ContainerState, SandboxRecord
 from sandbox.oci import rootfs
+from sandbox.oci.layer_usage import LayerUsage
 from sandbox.oci.model import Resources, Spec
 from sandbox.oci.platform import ContainerPlatform, HostInfo
 from vm_backend import resources
 from vm_backend.accel import choose_accel
+from vm_backend.channel import AgentClient
 from vm_backend.events import PodEvents
 from vm_backend.guest_image import GuestAssets, current_assets
 from vm_backend.guest_spec import (
@@ -71,6 +75,7 @@ from vm_backend.network import attach_tap, detach_tap
 from vm_backend.pod import PodVm
 from vm_backend.processes import VmAttach, VmExec, VmPort
 from vm_backend.qemu import QemuVm, TapNic, VmSpec
+from vm_backend.stats import pod_usage
 from vm_backend.virtiofs import Virtiofsd
 
 log = logging.getLogger("tandem.vm")
@@ -105,6 +110,7 @@ class VmBackend(Backend[VmBackendSettings]):
         self._accel: str | None = None
         self._pods: dict[str, PodVm] = {}
         self._exit_listener: ExitListener | None = None
+        self.layer_usage = LayerUsage()
 
     @classmethod
     def create(cls, settings: VmBackendSettings) -> VmBackend:
@@ -123,6 +129,7 @@ class VmBackend(Backend[VmBackendSettings]):
         self._exit_listener = listener
 
     async def close(self) -> None:
+        await self.layer_usage.close()
         for pod in self._pods.values():
             pod.unwatch()
 
@@ -162,7 +169,8 @@ class VmBackend(Backend[VmBackendSettings]):
 
     def _new_pod(self, sandbox: SandboxRecord) -> PodVm:
         run_dir = self._run_dir(sandbox)
-        pod = self._pods[sandbox.id] = PodVm(run_dir, self._vm(sandbox), PodEvents(run_dir, self._exited))
+        pod = PodVm(run_dir, self._vm(sandbox), PodEvents(run_dir, self._exited), lambda: self._exited(sandbox.id))
+        self._pods[sandbox.id] = pod
         return pod
 
     def _pod(self, sandbox: SandboxRecord) -> PodVm:
@@ -279,6 +287,7 @@ class VmBackend(Backend[VmBackendSettings]):
         if (run_dir / "c").is_dir():
             for directory in (run_dir / "c").iterdir():
                 await self._release_container_mounts(vfs, run_dir, directory.name)
+                self.layer_usage.forget(self._upper(directory.name))
                 await asyncio.to_thread(shutil.rmtree, self.layers / directory.name, True)
         if vfs.share.exists():
             await vfs.remove_share()
@@ -426,6 +435,7 @@ class VmBackend(Backend[VmBackendSettings]):
         pod.events.close_log(container.id)
         vfs = Virtiofsd(self._run_dir(sandbox), binary=str(self.settings.virtiofsd))
         await self._release_container_mounts(vfs, self._run_dir(sandbox), container.id)
+        self.layer_usage.forget(self._upper(container.id))
         await asyncio.to_thread(shutil.rmtree, self.layers / container.id, True)
 
     async def container_exit(self, sandbox: SandboxRecord, container: ContainerRecord) -> ExitStatus | None:
@@ -466,23 +476,32 @@ class VmBackend(Backend[VmBackendSettings]):
         pod = await self._connected(sandbox)
         await pod.client_or_fail().update_resources(container.id, resources)
 
-    async def container_usage(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage:
-        pod = await self._connected(sandbox)
-        stats = await pod.client_or_fail().stats(container.id)
-        used, inodes = await asyncio.to_thread(rootfs.writable_layer_usage, self.layers / container.id / "upper")
-        return ContainerUsage(
-            timestamp=time.time_ns(),
-            cpu_usage_ns=stats.cpu_usage_ns,
-            memory_working_set_bytes=stats.memory_working_set_bytes,
-            memory_usage_bytes=stats.memory_usage_bytes,
-            memory_rss_bytes=stats.memory_rss_bytes,
-            page_faults=stats.page_faults,
-            major_page_faults=stats.major_page_faults,
-            pids=stats.pids,
-            writable_layer_bytes=used,
-            writable_layer_inodes=inodes,
-            writable_layer_mountpoint=str(self.layers),
-        )
+    def _upper(self, container_id: str) -> Path:
+        return self.layers / container_id / "upper"
+
+    def _client(self, sandbox: SandboxRecord) -> AgentClient | None:
+        """The pod's agent connection if there is one now (stats do not wait for one to be made)."""
+        handle = self._pods.get(sandbox.id)
+        return None if handle is None else handle.client
+
+    async def usage(self, pods: list[PodContainers]) -> dict[str, ContainerUsage]:
+        """One GetPodStats round trip per pod, all at once, each within a short deadline (`stats.py`); the
+        writable layers (on the host) as last measured. A pod whose agent is not connected now, or does
+        not answer in time, is left out: a stats call never waits long on a silent guest."""
+        answers = await asyncio.gather(*(pod_usage(self._client(pod.sandbox), pod) for pod in pods))
+        found = {cid: usage for answer in answers for cid, usage in answer.items()}
+        layers = await self.layer_usage.figures([self._upper(cid) for cid in found])
+        for cid, usage in found.items():
+            layer = layers.get(self._upper(cid))
+            if layer is not None:
+                found[cid] = dataclasses.replace(
+                    usage,
+                    writable_layer_bytes=layer.used_bytes,
+                    writable_layer_inodes=layer.inodes,
+                    writable_layer_mountpoint=str(self.layers),
+                    writable_layer_timestamp=layer.measured_at,
+                )
+        return found
 
     async def reopen_log(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
         self._pod(sandbox).events.reopen_log(container.id)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class PodVm:
     run_dir: Path
     vm: QemuVm
     events: PodEvents
+    on_end: Callable[[], None]  # told when the VM is gone, after its containers were
     client: AgentClient | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     connect_failed_at: float = -math.inf
@@ -66,6 +68,7 @@ class PodVm:
             reap(qemu.pid)
             log.warning("the VM in %s is gone", self.run_dir)
             self.events.vm_died()
+            self.on_end()
 
         asyncio.get_running_loop().add_reader(pidfd, ended)
 
