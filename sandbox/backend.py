@@ -182,6 +182,8 @@ class Backend(ABC, Generic[SettingsT]):
     """
 
     name: str
+    usage_wait: float | None = None
+    """How long a stats call waits for `usage` before serving the last figures (None: until it returns)."""
 
     @classmethod
     @abstractmethod

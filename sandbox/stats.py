@@ -3,8 +3,10 @@
 kubelet asks for the stats of every container every few seconds (summary API, eviction
 manager), and more than one caller may ask at once. A pod's sample is served as it is
 while it is younger than `fresh` seconds; an older one is still served, up to `stale`
-seconds, while a new collection runs in the background; past that, or when the pod
-has a container its sample does not cover, the caller waits for the new collection.
+seconds, while a new collection runs in the background; past that the caller waits
+for the new collection, as long as the pod's backend allows (`Backend.usage_wait`: a
+VM's guest may be slow to answer), then serves the last figures; a pod with a
+container not sampled yet, which has nothing to fall back on, waits to the end.
 Only one collection per pod runs at a time, and the pods one call needs are collected
 together, each backend in one go (one pass over the cgroup files; one agent round
 trip per VM, with its own deadline). A container the backend could not measure this
@@ -58,32 +60,66 @@ class UsageCollector:
 
     async def usage(self, pods: list[PodContainers]) -> dict[str, ContainerUsage]:
         """The usage of each of these running containers (by container id); one with none yet is left out."""
-        now = self._clock()
-        batch: dict[str, list[PodContainers]] = {}
-        must_wait = []
-        for pod in pods:
-            sample = self._samples.get(pod.sandbox.id)
-            covered = sample is not None and {c.id for c in pod.containers} <= sample.asked
-            age = now - sample.taken if sample is not None else float("inf")
-            if covered and age < self._fresh:
-                continue
-            if pod.sandbox.id not in self._collecting:
-                batch.setdefault(pod.sandbox.backend, []).append(pod)
-            if not covered or age >= self._stale:
-                must_wait.append(pod.sandbox.id)
-        for backend_name, backend_pods in batch.items():
-            task = asyncio.create_task(self._collect(backend_name, backend_pods), name=f"stats of {backend_name}")
-            for pod in backend_pods:
-                self._collecting[pod.sandbox.id] = task
-        waits = {self._collecting[ident] for ident in must_wait if ident in self._collecting}
-        if waits:
-            await asyncio.wait(waits)  # a caller that goes away does not cancel what others wait for
+        await self._wait(self._collect_due(pods))
+        # a pod that joined a collection begun before its newest containers were asked about (not one
+        # that has no sample at all after its collection: it was forgotten meanwhile)
+        uncovered = [pod for pod in pods if pod.sandbox.id in self._samples and not self._covers(pod)]
+        if uncovered:
+            await self._wait(self._collect_due(uncovered))
         found: dict[str, ContainerUsage] = {}
         for pod in pods:
             sample = self._samples.get(pod.sandbox.id)
             if sample is not None:
                 found.update((c.id, sample.usage[c.id]) for c in pod.containers if c.id in sample.usage)
         return found
+
+    def _covers(self, pod: PodContainers) -> bool:
+        sample = self._samples.get(pod.sandbox.id)
+        return sample is not None and {c.id for c in pod.containers} <= sample.asked
+
+    def _collect_due(self, pods: list[PodContainers]) -> dict[str, float | None]:
+        """Start collecting the pods whose sample is not fresh (unless one is under way); how long to wait
+        for each pod's collection (None: to its end)."""
+        now = self._clock()
+        batch: dict[str, list[PodContainers]] = {}
+        must_wait: dict[str, float | None] = {}
+        for pod in pods:
+            sample = self._samples.get(pod.sandbox.id)
+            covered = self._covers(pod)
+            age = now - sample.taken if sample is not None else float("inf")
+            if covered and age < self._fresh:
+                continue
+            if pod.sandbox.id not in self._collecting:
+                batch.setdefault(pod.sandbox.backend, []).append(pod)
+            if not covered:
+                must_wait[pod.sandbox.id] = None
+            elif age >= self._stale:
+                backend = self._backends.get(pod.sandbox.backend)
+                must_wait[pod.sandbox.id] = None if backend is None else backend.usage_wait
+        for backend_name, backend_pods in batch.items():
+            task = asyncio.create_task(self._collect(backend_name, backend_pods), name=f"stats of {backend_name}")
+            for pod in backend_pods:
+                self._collecting[pod.sandbox.id] = task
+        return must_wait
+
+    async def _wait(self, pods: dict[str, float | None]) -> None:
+        """Wait for the collections of `pods`: to their end, or up to how long their backends allow when
+        the pod has figures to fall back on. A caller that goes away cancels no collection."""
+        patient: set[asyncio.Task[None]] = set()
+        capped: dict[asyncio.Task[None], float] = {}
+        for ident, wait in pods.items():
+            task = self._collecting.get(ident)
+            if task is None:
+                continue
+            if wait is None:
+                patient.add(task)
+            else:
+                capped[task] = max(wait, capped.get(task, 0.0))
+        if patient:
+            await asyncio.wait(patient)
+        capped = {task: wait for task, wait in capped.items() if task not in patient and not task.done()}
+        if capped:
+            await asyncio.wait(capped, timeout=max(capped.values()))
 
     def forget(self, sandbox_id: str) -> None:
         """The pod is gone: its samples go with it."""

@@ -75,7 +75,7 @@ from vm_backend.network import attach_tap, detach_tap
 from vm_backend.pod import PodVm
 from vm_backend.processes import VmAttach, VmExec, VmPort
 from vm_backend.qemu import QemuVm, TapNic, VmSpec
-from vm_backend.stats import pod_usage
+from vm_backend.stats import STATS_WAIT, pod_usage
 from vm_backend.virtiofs import Virtiofsd
 
 log = logging.getLogger("tandem.vm")
@@ -96,6 +96,7 @@ VM_DIED = "VMDied"  # the reason of a container whose pod's QEMU died under it
 
 class VmBackend(Backend[VmBackendSettings]):
     name = "vm"
+    usage_wait = STATS_WAIT
 
     def __init__(self, settings: VmBackendSettings, assets: GuestAssets) -> None:
         self.settings = settings.vm

@@ -12,6 +12,9 @@ from vm_backend.channel import AgentClient
 log = logging.getLogger("tandem.vm")
 
 STATS_DEADLINE = 0.5  # seconds a guest has to answer for its pod's stats; past it they keep their last figures
+STATS_WAIT = 0.03
+"""Seconds a stats call waits for the guests' answers before it serves their last figures (the collection
+goes on for the next call): an idle guest under TCG takes longer than that to wake and answer."""
 
 
 async def pod_usage(client: AgentClient | None, pod: PodContainers) -> dict[str, ContainerUsage]:

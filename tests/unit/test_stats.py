@@ -24,6 +24,7 @@ class CountingBackend:
     """Answers `usage` with a CPU time that grows 1 s per collection; a test can hold a collection open."""
 
     def __init__(self) -> None:
+        self.usage_wait: float | None = None
         self.collections: list[list[str]] = []
         self.gate: asyncio.Event | None = None
         self.silent: set[str] = set()  # container ids left out, as a guest that does not answer
@@ -148,3 +149,17 @@ async def test_a_forgotten_pod_leaves_no_sample_behind(collector):
     await call
     assert stats._samples == {}
     await stats.close()
+
+
+async def test_a_slow_backend_is_waited_for_no_longer_than_it_allows_when_there_are_figures_to_serve(collector):
+    stats, backend, clock = collector
+    backend.usage_wait = 0.01
+    first = await stats.usage([pod("p", "c1")])
+    clock.now += 5  # too old: this call collects
+    backend.gate = asyncio.Event()  # and the collection does not end
+    assert await stats.usage([pod("p", "c1")]) == first  # the last figures, after at most 0.01 s
+    new_container = asyncio.create_task(stats.usage([pod("p", "c1", "c2")]))
+    await asyncio.sleep(0.05)
+    assert not new_container.done()  # nothing to fall back on for c2: it waits for the collection
+    backend.gate.set()
+    assert set(await new_container) == {"c1", "c2"}
