@@ -48,6 +48,11 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 _libc.syscall.restype = ctypes.c_long
+_libc.statx.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p)
+AT_FDCWD = -100
+STATX_ATTR_MOUNT_ROOT = 0x2000
+_STATX_SIZE = 256
+_STATX_ATTRIBUTES, _STATX_ATTRIBUTES_MASK = 8, 56  # offsets of stx_attributes and stx_attributes_mask
 _private_lock = threading.Lock()
 
 
@@ -67,6 +72,8 @@ class Mount(NamedTuple):
 
 def _unescape(field: str) -> str:
     """mountinfo escapes space, tab, newline and backslash as octal (`\\040`)."""
+    if "\\" not in field:
+        return field
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
@@ -114,8 +121,23 @@ def top_mount(mount_point: str | os.PathLike[str], text: str | None = None) -> M
 
 
 def is_mounted(target: str | os.PathLike[str]) -> bool:
-    """Whether something is mounted exactly at `target` (symlinks in it resolved)."""
-    return top_mount(os.path.realpath(target)) is not None
+    """Whether something is mounted exactly at `target` (symlinks in it resolved).
+
+    Asked of statx(2) (STATX_ATTR_MOUNT_ROOT, Linux 5.8): one system call, where reading mountinfo
+    costs as much as the host has mounts (five per pod on a busy node); mountinfo where the kernel
+    cannot tell.
+    """
+    buffer = ctypes.create_string_buffer(_STATX_SIZE)
+    if _libc.statx(AT_FDCWD, os.fsencode(target), 0, 0, buffer) != 0:
+        if ctypes.get_errno() in (errno.ENOENT, errno.ENOTDIR):
+            return False
+        return top_mount(os.path.realpath(target)) is not None
+    attributes, known = (
+        int.from_bytes(buffer.raw[o : o + 8], "little") for o in (_STATX_ATTRIBUTES, _STATX_ATTRIBUTES_MASK)
+    )
+    if not known & STATX_ATTR_MOUNT_ROOT:
+        return top_mount(os.path.realpath(target)) is not None
+    return bool(attributes & STATX_ATTR_MOUNT_ROOT)
 
 
 def mount_holding(path: str, text: str | None = None) -> Mount | None:

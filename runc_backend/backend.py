@@ -41,7 +41,7 @@ from core.proc import ProcessIdentity
 from core.settings import RuncBackendSettings
 from protos import cri_pb2 as pb
 from runc_backend import conmon, pinns, streams
-from runc_backend.cgroups import oom_score_adj_floor, usage_from_stats
+from runc_backend.cgroups import CgroupStats, oom_score_adj_floor
 from runc_backend.conmon import Conmon
 from runc_backend.host import detect_host
 from runc_backend.runc import Runc
@@ -54,10 +54,12 @@ from sandbox.backend import (
     ExitListener,
     ExitStatus,
     ImageRootfs,
+    PodContainers,
     Process,
 )
 from sandbox.model import ContainerRecord, SandboxRecord
 from sandbox.oci import rootfs
+from sandbox.oci.layer_usage import LayerUsage
 from sandbox.oci.model import Resources, Spec
 from sandbox.oci.namespaces import HOST, NEW, Namespaces, check_sysctls, refuse_user_namespaces
 from sandbox.oci.platform import ContainerPlatform, HostInfo, PodFiles
@@ -85,6 +87,8 @@ class RuncBackend(Backend[RuncBackendSettings]):
         self.infra_rootfs = settings.state_dir / "infra-rootfs"
         self.oom_floor = oom_score_adj_floor()
         self.log_size_max = settings.log_size_max
+        self.cgroup_stats = CgroupStats(cgroups.controller_roots())
+        self.layer_usage = LayerUsage()
         self._pods_private = False
         self._exit_watch: DirectoryWatch | None = None
 
@@ -115,6 +119,7 @@ class RuncBackend(Backend[RuncBackendSettings]):
         self._exit_watch.start()
 
     async def close(self) -> None:
+        await self.layer_usage.close()
         if self._exit_watch is not None:
             self._exit_watch.close()
             self._exit_watch = None
@@ -403,6 +408,7 @@ class RuncBackend(Backend[RuncBackendSettings]):
         self.conmon.remove_attach_link(container.id)
         bundle = self._bundle(container.id)
         await rootfs.unmount(bundle / "rootfs")
+        self.layer_usage.forget(self._upper(container.id))
         await asyncio.to_thread(self._remove_dirs, bundle, self.layers / container.id)
         (self.exits / container.id).unlink(missing_ok=True)
 
@@ -442,12 +448,31 @@ class RuncBackend(Backend[RuncBackendSettings]):
     async def update_resources(self, sandbox: SandboxRecord, container: ContainerRecord, resources: Resources) -> None:
         await self.runc.update(container.id, resources)
 
-    async def container_usage(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage:
-        usage = usage_from_stats(await self.runc.stats(container.id), time.time_ns())
-        used, inodes = await asyncio.to_thread(rootfs.writable_layer_usage, self.layers / container.id / "upper")
-        return dataclasses.replace(
-            usage, writable_layer_bytes=used, writable_layer_inodes=inodes, writable_layer_mountpoint=str(self.layers)
+    def _upper(self, container_id: str) -> Path:
+        return self.layers / container_id / "upper"
+
+    async def usage(self, pods: list[PodContainers]) -> dict[str, ContainerUsage]:
+        """Straight from the containers' cgroup files, all in one thread; writable layers as last measured."""
+        cgroup_paths = {
+            c.id: cgroups.cgroups_path(self._pod_cgroup(pod.sandbox), c.id) for pod in pods for c in pod.containers
+        }
+        sampled = await asyncio.to_thread(
+            lambda: {cid: self.cgroup_stats.usage(path, time.time_ns()) for cid, path in cgroup_paths.items()}
         )
+        layers = await self.layer_usage.figures([self._upper(cid) for cid in sampled])
+        found = {}
+        for cid, usage in sampled.items():
+            layer = layers.get(self._upper(cid))
+            if layer is not None:
+                usage = dataclasses.replace(
+                    usage,
+                    writable_layer_bytes=layer.used_bytes,
+                    writable_layer_inodes=layer.inodes,
+                    writable_layer_mountpoint=str(self.layers),
+                    writable_layer_timestamp=layer.measured_at,
+                )
+            found[cid] = usage
+        return found
 
     async def reopen_log(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
         if not container.log_path:

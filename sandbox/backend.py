@@ -53,6 +53,16 @@ class ContainerUsage:
     writable_layer_bytes: int | None = None
     writable_layer_inodes: int | None = None
     writable_layer_mountpoint: str = ""
+    writable_layer_timestamp: int = 0  # when the layer was measured (it is not measured at every sample)
+    cpu_nano_cores: int | None = None  # derived by the manager from successive samples, not by backends
+
+
+@dataclass(frozen=True)
+class PodContainers:
+    """Some containers of one pod (the running ones a stats call is about)."""
+
+    sandbox: SandboxRecord
+    containers: list[ContainerRecord]
 
 
 class Process(ABC):
@@ -98,14 +108,15 @@ SettingsT = TypeVar("SettingsT")
 
 
 class ExitListener(Protocol):
-    """Told the ID of a container whose process has ended; None when exits may have gone unheard (look at all).
+    """Told the ID of a container whose process has ended, or of a pod whose holder (infra process, VM) has;
+    None when exits may have gone unheard (look at all).
 
-    With `status`, the backend heard the exit as a message it must acknowledge (a VM agent's event): the
-    listener has persisted it when it returns, so the backend may acknowledge it then (at least once, even
+    With `status`, the backend heard a container's exit as a message it must acknowledge (a VM agent's event):
+    the listener has persisted it when it returns, so the backend may acknowledge it then (at least once, even
     across a crash).
     """
 
-    def __call__(self, container_id: str | None, status: ExitStatus | None = None) -> None: ...
+    def __call__(self, ident: str | None, status: ExitStatus | None = None) -> None: ...
 
 
 class ByteChannel(ABC):
@@ -169,6 +180,8 @@ class Backend(ABC, Generic[SettingsT]):
 
     name: str
     recursive_read_only_mounts: bool = False  # CRI mounts with recursive_read_only work in its pods
+    usage_wait: float | None = None
+    """How long a stats call waits for `usage` before serving the last figures (None: until it returns)."""
 
     @classmethod
     @abstractmethod
@@ -177,10 +190,12 @@ class Backend(ABC, Generic[SettingsT]):
 
     @abstractmethod
     async def watch_exits(self, listener: ExitListener) -> None:
-        """From now on, tell `listener` of each container exit as it happens, from the event loop.
+        """From now on, tell `listener` of each container exit and each end of a pod's holder as it
+        happens, from the event loop.
 
-        The manager then asks `container_exit` and records it: an exit reaches
-        GetContainerEvents without anyone polling. Called once, at start-up.
+        The manager then asks `container_exit` (or `sandbox_alive`) and records it: an exit reaches
+        GetContainerEvents, and list calls answer from what is recorded, without anyone polling.
+        Called once, at start-up.
         """
 
     @abstractmethod
@@ -207,7 +222,8 @@ class Backend(ABC, Generic[SettingsT]):
         """Whether the pod's holder is still running (false after a crash).
 
         Answers at once, from what the host knows (a process identity): kubelet's List* and Status calls
-        ask it for every pod, and must never wait on what runs in one.
+        ask it for every pod, and must never wait on what runs in one; lists rely on the holder's end
+        being pushed.
         """
 
     async def resume_sandbox(self, sandbox: SandboxRecord, containers: list[ContainerRecord]) -> None:
@@ -270,7 +286,12 @@ class Backend(ABC, Generic[SettingsT]):
         """Apply new OCI `linux.resources` (built for `host_info`) to a created or running container."""
 
     @abstractmethod
-    async def container_usage(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage: ...
+    async def usage(self, pods: list[PodContainers]) -> dict[str, ContainerUsage]:
+        """The resource usage of these running containers, by container id, all collected in one go.
+
+        Returns within a short deadline however many pods there are: a container that cannot be
+        measured now (its pod's guest did not answer in time) is left out, and keeps its last figures.
+        """
 
     @abstractmethod
     async def reopen_log(self, sandbox: SandboxRecord, container: ContainerRecord) -> None: ...

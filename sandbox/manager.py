@@ -4,13 +4,16 @@ It owns the records (persisted before and after each step, so a crash at any
 point leaves something recovery can finish or undo), the per-object locks,
 pod networking (netns + CNI, shared by both backends), names, the conversion
 of CRI requests into OCI specs, exits and events. What actually runs is the
-backend's business; each backend tells it of exits as they happen.
+backend's business; each backend tells it of exits as they happen, a container's
+or a pod holder's (infra process, VM), so the state kept here in memory is
+current and list calls answer from it without asking any backend.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -25,7 +28,16 @@ from core.settings import TrustSettings
 from images.store import ImageStore
 from protos import cri_pb2 as pb
 from sandbox import signals, trust
-from sandbox.backend import Backend, ByteChannel, ContainerUsage, ExecResult, ExitStatus, ImageRootfs, Process
+from sandbox.backend import (
+    Backend,
+    ByteChannel,
+    ContainerUsage,
+    ExecResult,
+    ExitStatus,
+    ImageRootfs,
+    PodContainers,
+    Process,
+)
 from sandbox.cni import CniPlugins
 from sandbox.events import ContainerEvent, EventHub
 from sandbox.locks import KeyedLocks
@@ -33,6 +45,7 @@ from sandbox.model import ContainerRecord, ContainerState, ProcessUser, SandboxR
 from sandbox.oci import spec as oci
 from sandbox.oci.resources import linux_resources
 from sandbox.podnet import PodNetworking
+from sandbox.stats import UsageCollector
 
 log = logging.getLogger("tandem.pods")
 
@@ -60,6 +73,14 @@ def _match_labels(labels: dict[str, str] | object, selector: dict[str, str] | ob
     return all(labels.get(k) == v for k, v in selector.items())  # type: ignore[union-attr]
 
 
+_CONTAINER_STATES = {
+    pb.CONTAINER_CREATED: ContainerState.CREATED,
+    pb.CONTAINER_RUNNING: ContainerState.RUNNING,
+    pb.CONTAINER_EXITED: ContainerState.EXITED,
+    pb.CONTAINER_UNKNOWN: ContainerState.UNKNOWN,
+}
+
+
 class PodManager:
     def __init__(
         self,
@@ -81,9 +102,11 @@ class PodManager:
         self.network = PodNetworking(private_dir(runtime_dir / "netns"), cni, self._sandbox_store.put)
         self._sandboxes: dict[str, SandboxRecord] = {}
         self._containers: dict[str, ContainerRecord] = {}
+        self._pod_containers: dict[str, dict[str, ContainerRecord]] = {}  # sandbox id -> its containers by id
         self._names: dict[str, str] = {}
         self._locks = KeyedLocks()
         self._exit_checks: set[asyncio.Task[None]] = set()
+        self._usage = UsageCollector(backends)
 
     # ---- start-up and shutdown -------------------------------------------------------------
 
@@ -100,6 +123,8 @@ class PodManager:
                 continue
             self._names[self._container_name(container.sandbox_id, container.config)] = container.id
         self._containers = {c.id: c for c in self._containers.values() if c.sandbox_id in self._sandboxes}
+        for container in self._containers.values():
+            self._pod_containers.setdefault(container.sandbox_id, {})[container.id] = container
         for each in self.backends.values():  # before reconciling: no exit falls between the two
             await each.watch_exits(self._exited)
         for sandbox in self._sandboxes.values():
@@ -117,6 +142,7 @@ class PodManager:
         log.info("pods recovered", extra={"pods": len(self._sandboxes), "containers": len(self._containers)})
 
     async def close(self) -> None:
+        await self._usage.close()
         for backend in self.backends.values():
             await backend.close()
         for task in list(self._exit_checks):
@@ -150,7 +176,7 @@ class PodManager:
         return self._find(self._containers, "container", ident)  # type: ignore[return-value]
 
     def containers_of(self, sandbox_id: str) -> list[ContainerRecord]:
-        return [c for c in self._containers.values() if c.sandbox_id == sandbox_id]
+        return list(self._pod_containers.get(sandbox_id, {}).values())
 
     @staticmethod
     def _sandbox_name(config: pb.PodSandboxConfig) -> str:
@@ -262,35 +288,48 @@ class PodManager:
                 log.exception("cleanup step failed", extra={"pod": sandbox.id[:12]})
         self._sandbox_store.delete(sandbox.id)
         self._sandboxes.pop(sandbox.id, None)
+        self._usage.forget(sandbox.id)
         self._names.pop(self._sandbox_name(sandbox.config), None)
 
+    def is_ready(self, sandbox: SandboxRecord) -> bool:
+        """What is known without asking: READY as recorded (the backends push a holder's end), and only
+        while its backend is available (without that being recorded: it may come back)."""
+        return sandbox.state == SandboxState.READY and sandbox.backend in self.backends
+
     async def sandbox_ready(self, sandbox: SandboxRecord) -> bool:
-        """READY only while the pod's holder is alive; a crash shows up as NOTREADY (so does a pod whose
-        backend is not available, without that being recorded: it may come back)."""
-        if sandbox.state != SandboxState.READY:
+        """`is_ready`, confirmed by the backend now: for calls about one pod, not for lists."""
+        if not self.is_ready(sandbox):
             return False
+        await self._check_holder(sandbox)
+        return sandbox.state == SandboxState.READY
+
+    async def _check_holder(self, sandbox: SandboxRecord) -> None:
+        """Record a READY pod whose holder (infra process, pinned namespaces, VM) is gone as NOTREADY."""
         backend = self.backends.get(sandbox.backend)
-        if backend is None:
-            return False
-        if await backend.sandbox_alive(sandbox):
-            return True
+        if sandbox.state != SandboxState.READY or backend is None or await backend.sandbox_alive(sandbox):
+            return
         async with self._locks.hold(sandbox.id):
-            if sandbox.state == SandboxState.READY:
+            current = self._sandboxes.get(sandbox.id) is sandbox  # not removed meanwhile
+            if current and sandbox.state == SandboxState.READY and not await backend.sandbox_alive(sandbox):
                 log.warning("pod's holder died", extra={"pod": sandbox.id[:12]})
                 sandbox.state = SandboxState.NOTREADY
                 self._sandbox_store.put(sandbox)
-        return False
 
     def list_sandboxes(self, flt: pb.PodSandboxFilter | None) -> list[SandboxRecord]:
+        """From memory: a holder's end is recorded as its backend pushes it."""
         sandboxes = list(self._sandboxes.values())
         if flt is None:
             return sandboxes
-        if flt.id:
+        if flt.id in self._sandboxes:
+            sandboxes = [self._sandboxes[flt.id]]
+        elif flt.id:
             sandboxes = [s for s in sandboxes if s.id.startswith(flt.id)]
         if flt.HasField("state"):
-            wanted = SandboxState.READY if flt.state.state == pb.SANDBOX_READY else SandboxState.NOTREADY
-            sandboxes = [s for s in sandboxes if s.state == wanted]
-        return [s for s in sandboxes if _match_labels(s.config.labels, flt.label_selector)]
+            ready = flt.state.state == pb.SANDBOX_READY
+            sandboxes = [s for s in sandboxes if self.is_ready(s) == ready]
+        if flt.label_selector:
+            sandboxes = [s for s in sandboxes if _match_labels(s.config.labels, flt.label_selector)]
+        return sandboxes
 
     # ---- containers ------------------------------------------------------------------------
 
@@ -319,6 +358,7 @@ class PodManager:
                 raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
             self._reserve(name, container.id, "container")
             self._containers[container.id] = container
+            self._pod_containers.setdefault(sandbox.id, {})[container.id] = container
             self._container_store.put(container)
             rootfs = ImageRootfs(image.image_id, self.images.layer_dirs(image), self.images.config_of(image))
             backend = self._backend(sandbox)
@@ -401,6 +441,10 @@ class PodManager:
     def _forget(self, container: ContainerRecord) -> None:
         self._container_store.delete(container.id)
         self._containers.pop(container.id, None)
+        siblings = self._pod_containers.get(container.sandbox_id, {})
+        siblings.pop(container.id, None)
+        if not siblings:
+            self._pod_containers.pop(container.sandbox_id, None)
         self._names.pop(self._container_name(container.sandbox_id, container.config), None)
 
     def _mark_exited(self, container: ContainerRecord, exit_status: ExitStatus) -> None:
@@ -428,24 +472,25 @@ class PodManager:
     async def container_status(self, ident: str) -> ContainerRecord:
         return await self._refresh(self.container(ident))
 
-    async def list_containers(self, flt: pb.ContainerFilter | None) -> list[ContainerRecord]:
-        containers = list(self._containers.values())
-        if flt is not None:
-            if flt.id:
-                containers = [c for c in containers if c.id.startswith(flt.id)]
-            if flt.pod_sandbox_id:
-                containers = [c for c in containers if c.sandbox_id.startswith(flt.pod_sandbox_id)]
-            containers = [c for c in containers if _match_labels(c.config.labels, flt.label_selector)]
-        for container in containers:
-            await self._refresh(container)
-        if flt is not None and flt.HasField("state"):
-            wanted = {
-                pb.CONTAINER_CREATED: ContainerState.CREATED,
-                pb.CONTAINER_RUNNING: ContainerState.RUNNING,
-                pb.CONTAINER_EXITED: ContainerState.EXITED,
-                pb.CONTAINER_UNKNOWN: ContainerState.UNKNOWN,
-            }[flt.state.state]
+    def list_containers(self, flt: pb.ContainerFilter | None) -> list[ContainerRecord]:
+        """From memory: exits are recorded as the backends push them (a status call also asks the backend)."""
+        if flt is None:
+            return list(self._containers.values())
+        if flt.id in self._containers:
+            containers = [self._containers[flt.id]]
+        elif flt.id:
+            containers = [c for c in self._containers.values() if c.id.startswith(flt.id)]
+        elif flt.pod_sandbox_id in self._pod_containers:
+            containers = list(self._pod_containers[flt.pod_sandbox_id].values())
+        else:
+            containers = list(self._containers.values())
+        if flt.pod_sandbox_id:
+            containers = [c for c in containers if c.sandbox_id.startswith(flt.pod_sandbox_id)]
+        if flt.HasField("state"):
+            wanted = _CONTAINER_STATES[flt.state.state]
             containers = [c for c in containers if c.state == wanted]
+        if flt.label_selector:
+            containers = [c for c in containers if _match_labels(c.config.labels, flt.label_selector)]
         return containers
 
     async def running(self, ident: str) -> tuple[SandboxRecord, ContainerRecord]:
@@ -476,9 +521,21 @@ class PodManager:
         sandbox, container = await self.running(ident)
         await self._backend(sandbox).reopen_log(sandbox, container)
 
+    async def usage(self, containers: list[ContainerRecord]) -> dict[str, ContainerUsage]:
+        """The usage of those of `containers` that run (on an available backend), by container id, from
+        samples every stats call shares (`sandbox.stats`): a container with no sample yet is left out."""
+        pods: dict[str, PodContainers] = {}
+        for container in containers:
+            sandbox = self._sandboxes.get(container.sandbox_id)
+            if container.state == ContainerState.RUNNING and sandbox is not None and sandbox.backend in self.backends:
+                pods.setdefault(sandbox.id, PodContainers(sandbox, [])).containers.append(container)
+        return await self._usage.usage(list(pods.values()))
+
     async def container_usage(self, container: ContainerRecord) -> ContainerUsage:
-        sandbox = self.sandbox(container.sandbox_id)
-        return await self._backend(sandbox).container_usage(sandbox, container)
+        """One container's usage; no figures for one that is not running."""
+        self._backend(self.sandbox(container.sandbox_id))  # refused when its backend is not available
+        found = await self.usage([container])
+        return found.get(container.id) or ContainerUsage(timestamp=now_ns())
 
     def backend_info(self, sandbox: SandboxRecord) -> dict[str, Any]:
         """What the pod's backend knows of it beyond the records (verbose PodSandboxStatus)."""
@@ -526,21 +583,27 @@ class PodManager:
     def _publish(self, container: ContainerRecord, kind: str) -> None:
         self.events.publish(ContainerEvent(container.id, container.sandbox_id, kind, now_ns()))
 
-    def _exited(self, container_id: str | None, status: ExitStatus | None = None) -> None:
-        """A backend saw a container's process end (None: it may have missed some): record it, in a task.
+    def _exited(self, ident: str | None, status: ExitStatus | None = None) -> None:
+        """A backend saw a container's process or a pod's holder end (None: it may have missed some):
+        record it, in a task.
 
-        With `status` (an exit the backend must acknowledge), it is persisted before this returns.
+        With `status` (a container's exit the backend must acknowledge), it is persisted before this returns.
         """
-        if container_id is None:
-            ids = [c.id for c in self._containers.values() if c.state == ContainerState.RUNNING]
-        elif container_id in self._containers:
-            ids = [container_id]
+        if ident is None:
+            running = [c.id for c in self._containers.values() if c.state == ContainerState.RUNNING]
+            checks = [functools.partial(self._record_exit, cid) for cid in running]
+            ready = [s for s in self._sandboxes.values() if s.state == SandboxState.READY]
+            checks += [functools.partial(self._check_holder, s) for s in ready]
+        elif ident in self._containers:
+            checks = [functools.partial(self._record_exit, ident)]
             if status is not None:
-                self._report_exit(self._containers[container_id], status)
+                self._report_exit(self._containers[ident], status)
+        elif ident in self._sandboxes:
+            checks = [functools.partial(self._check_holder, self._sandboxes[ident])]
         else:
-            return  # an infra process, a container already removed, or a file that is no exit
-        for ident in ids:
-            task = asyncio.create_task(self._record_exit(ident), name=f"exit of {ident[:12]}")
+            return  # a container or pod already removed, or a file that is no exit
+        for check in checks:
+            task = asyncio.create_task(self._checked(check, ident), name=f"exit of {(ident or 'any')[:12]}")
             self._exit_checks.add(task)
             task.add_done_callback(self._exit_checks.discard)
 
@@ -555,12 +618,16 @@ class PodManager:
         else:
             self._container_store.put(container)
 
+    @staticmethod
+    async def _checked(check: Callable[[], Awaitable[None]], ident: str | None) -> None:
+        try:
+            await check()
+        except TandemError:
+            log.exception("recording an exit failed", extra={"id": (ident or "")[:12]})
+
     async def _record_exit(self, container_id: str) -> None:
         """Under the container's lock, so that an exit during StartContainer lands after its start is recorded."""
-        try:
-            async with self._locks.hold(container_id):
-                container = self._containers.get(container_id)
-                if container is not None:
-                    await self._refresh(container)
-        except TandemError:
-            log.exception("recording a container's exit failed", extra={"container": container_id[:12]})
+        async with self._locks.hold(container_id):
+            container = self._containers.get(container_id)
+            if container is not None:
+                await self._refresh(container)

@@ -4,6 +4,10 @@ The CRI configs are kept as the protobuf messages kubelet sent (they are the
 specification of the pod); everything Tandem learned or decided while running
 it sits beside them. Records are persisted through `core.records`, so a daemon
 restart sees exactly what the last one knew.
+
+Each record also has a `memo`: what a layer above derived from it (a list answer's
+encoded entry) and keeps for as long as the record lives. It is never persisted, and
+whoever keeps something there keys it by what it was derived from.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class SandboxRecord:
     ips: list[str] = field(default_factory=list)
     cni_result: dict[str, Any] | None = None
     backend_state: dict[str, Any] = field(default_factory=dict)
+    memo: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -135,6 +140,7 @@ class ContainerRecord:
     user: ProcessUser | None = None
     backend_state: dict[str, Any] = field(default_factory=dict)
     exit_report: ExitStatus | None = None  # an exit a backend reported before the container was marked running
+    memo: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def name(self) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import secrets
@@ -50,14 +51,17 @@ from sandbox.backend import (
     ExitListener,
     ExitStatus,
     ImageRootfs,
+    PodContainers,
     Process,
 )
 from sandbox.model import ContainerRecord, ContainerState, SandboxRecord
 from sandbox.oci import rootfs
+from sandbox.oci.layer_usage import LayerUsage
 from sandbox.oci.model import Resources, Spec
 from sandbox.oci.platform import ContainerPlatform, HostInfo
 from vm_backend import resources
 from vm_backend.accel import choose_accel
+from vm_backend.channel import AgentClient
 from vm_backend.events import PodEvents
 from vm_backend.guest_image import GuestAssets, current_assets
 from vm_backend.guest_spec import check_vm_container, guest_host_info, guest_platform, host_sources, to_guest
@@ -68,6 +72,7 @@ from vm_backend.processes import VmAttach, VmExec, VmPort
 from vm_backend.qemu import VMM_DIR, QemuVm, TapNic, VmSpec
 from vm_backend.rundir import make_run_dir, remove_run_dir
 from vm_backend.share import Attached, PodShare, ShareMount, rootfs_path
+from vm_backend.stats import STATS_WAIT, pod_usage
 from vm_backend.virtiofs import Virtiofsd, virtiofsd_nofile
 
 log = logging.getLogger("tandem.vm")
@@ -87,6 +92,7 @@ VM_DIED = "VMDied"  # the reason of a container whose pod's QEMU died under it
 class VmBackend(Backend[VmBackendSettings]):
     name = "vm"
     recursive_read_only_mounts = True  # made read-only on the host's side of the share (`share.py`)
+    usage_wait = STATS_WAIT
 
     def __init__(self, settings: VmBackendSettings, assets: GuestAssets) -> None:
         self.settings = settings.vm
@@ -102,6 +108,7 @@ class VmBackend(Backend[VmBackendSettings]):
         self._accel: str | None = None
         self._pods: dict[str, PodVm] = {}
         self._exit_listener: ExitListener | None = None
+        self.layer_usage = LayerUsage()
 
     @classmethod
     def create(cls, settings: VmBackendSettings) -> VmBackend:
@@ -120,12 +127,14 @@ class VmBackend(Backend[VmBackendSettings]):
         self._exit_listener = listener
 
     async def close(self) -> None:
+        await self.layer_usage.close()
         for pod in self._pods.values():
             pod.unwatch()
 
-    def _exited(self, container_id: str, status: ExitStatus | None) -> None:
+    def _exited(self, ident: str, status: ExitStatus | None = None) -> None:
+        """A container's exit (with its status, from an agent event) or the pod's VM's end (its pod's ID)."""
         if self._exit_listener is not None:
-            self._exit_listener(container_id, status)
+            self._exit_listener(ident, status)
 
     # ---- handles ---------------------------------------------------------------------------
 
@@ -164,7 +173,8 @@ class VmBackend(Backend[VmBackendSettings]):
     def _new_pod(self, sandbox: SandboxRecord) -> PodVm:
         run_dir = self._run_dir(sandbox)
         events = PodEvents(sandbox.id, self._exited, self.log_size_max)
-        pod = self._pods[sandbox.id] = PodVm(run_dir, self._vm(sandbox), events)
+        pod = PodVm(run_dir, self._vm(sandbox), events, lambda: self._exited(sandbox.id))
+        self._pods[sandbox.id] = pod
         return pod
 
     def _pod(self, sandbox: SandboxRecord) -> PodVm:
@@ -285,6 +295,7 @@ class VmBackend(Backend[VmBackendSettings]):
             containers = run_dir / "c"
             for name in sorted(p.name for p in containers.iterdir()) if containers.is_dir() else []:
                 await rootfs.unmount(containers / name / "rootfs")
+                self.layer_usage.forget(self._upper(name))
                 await asyncio.to_thread(shutil.rmtree, self.layers / name, True)
             await asyncio.to_thread(remove_run_dir, run_dir)
         if self._cgroup(sandbox) is not None:
@@ -373,6 +384,7 @@ class VmBackend(Backend[VmBackendSettings]):
         await PodShare(run_dir).detach(container.id, [a for a in recorded if a is not None])
         await rootfs.unmount(run_dir / "c" / container.id / "rootfs")
         await asyncio.to_thread(shutil.rmtree, run_dir / "c" / container.id, True)
+        self.layer_usage.forget(self._upper(container.id))
         await asyncio.to_thread(shutil.rmtree, self.layers / container.id, True)
 
     async def start_container(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
@@ -446,23 +458,32 @@ class VmBackend(Backend[VmBackendSettings]):
         pod = await self._connected(sandbox)
         await pod.client_or_fail().update_resources(container.id, resources)
 
-    async def container_usage(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage:
-        pod = await self._connected(sandbox)
-        stats = await pod.client_or_fail().stats(container.id)
-        used, inodes = await asyncio.to_thread(rootfs.writable_layer_usage, self.layers / container.id / "upper")
-        return ContainerUsage(
-            timestamp=time.time_ns(),
-            cpu_usage_ns=stats.cpu_usage_ns,
-            memory_working_set_bytes=stats.memory_working_set_bytes,
-            memory_usage_bytes=stats.memory_usage_bytes,
-            memory_rss_bytes=stats.memory_rss_bytes,
-            page_faults=stats.page_faults,
-            major_page_faults=stats.major_page_faults,
-            pids=stats.pids,
-            writable_layer_bytes=used,
-            writable_layer_inodes=inodes,
-            writable_layer_mountpoint=str(self.layers),
-        )
+    def _upper(self, container_id: str) -> Path:
+        return self.layers / container_id / "upper"
+
+    def _client(self, sandbox: SandboxRecord) -> AgentClient | None:
+        """The pod's agent connection if there is one now (stats do not wait for one to be made)."""
+        handle = self._pods.get(sandbox.id)
+        return None if handle is None else handle.client
+
+    async def usage(self, pods: list[PodContainers]) -> dict[str, ContainerUsage]:
+        """One GetPodStats round trip per pod, all at once, each within a short deadline (`stats.py`); the
+        writable layers (on the host) as last measured. A pod whose agent is not connected now, or does
+        not answer in time, is left out: a stats call never waits long on a silent guest."""
+        answers = await asyncio.gather(*(pod_usage(self._client(pod.sandbox), pod) for pod in pods))
+        found = {cid: usage for answer in answers for cid, usage in answer.items()}
+        layers = await self.layer_usage.figures([self._upper(cid) for cid in found])
+        for cid, usage in found.items():
+            layer = layers.get(self._upper(cid))
+            if layer is not None:
+                found[cid] = dataclasses.replace(
+                    usage,
+                    writable_layer_bytes=layer.used_bytes,
+                    writable_layer_inodes=layer.inodes,
+                    writable_layer_mountpoint=str(self.layers),
+                    writable_layer_timestamp=layer.measured_at,
+                )
+        return found
 
     async def reopen_log(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
         self._pod(sandbox).events.reopen_log(container.id)

@@ -514,9 +514,10 @@ class AgentClient:
         message = agent_pb2.ResizeTerminal(container_id=container_id, process_id=process_id, width=width, height=height)
         await self.call(agent_pb2.Request(resize_terminal=message))
 
-    async def stats(self, container_id: str) -> agent_pb2.Stats:
-        response = await self.call(agent_pb2.Request(get_stats=agent_pb2.GetStats(container_id=container_id)))
-        return response.stats
+    async def pod_stats(self, timeout: float) -> dict[str, agent_pb2.Stats]:
+        """Every container's usage in one round trip, by container id; DeadlineExceeded past `timeout`."""
+        response = await self.call(agent_pb2.Request(get_pod_stats=agent_pb2.GetPodStats()), timeout=timeout)
+        return dict(response.pod_stats.containers)
 
     async def update_resources(self, container_id: str, resources: Mapping[str, Any]) -> None:
         """Apply an OCI linux.resources object to a running container."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ class PodVm:
     run_dir: Path
     vm: QemuVm
     events: PodEvents
+    on_end: Callable[[], None]  # told when the VM is gone, after its containers were
     client: AgentClient | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _watch: int | None = None  # a pidfd of QEMU while its end is watched
@@ -95,6 +97,7 @@ class PodVm:
             reap(qemu.pid)
             log.warning("the VM in %s is gone", self.run_dir)
             self.events.vm_died()
+            self.on_end()
 
         asyncio.get_running_loop().add_reader(pidfd, ended)
 

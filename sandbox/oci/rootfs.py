@@ -19,7 +19,6 @@ import asyncio
 import logging
 import os
 import shutil
-import stat
 from pathlib import Path
 
 from core import mounts
@@ -113,25 +112,3 @@ def _mount_overlay(options: str, base: Path, target: Path) -> bool:
 async def unmount(target: Path) -> None:
     """Unmount a rootfs; not mounted is success, and a busy one is detached lazily instead."""
     await asyncio.to_thread(mounts.unmount, target)
-
-
-def writable_layer_usage(upper: Path) -> tuple[int, int]:
-    """(bytes, inodes) used by the writable layer, counting each inode once, as `du` and containerd do.
-
-    Walks the whole tree: call it from a thread for big layers.
-    """
-    seen: set[int] = set()
-    used = 0
-    stack = [upper]
-    while stack:
-        path = stack.pop()
-        try:
-            st = path.lstat()
-            if stat.S_ISDIR(st.st_mode):
-                stack.extend(path.iterdir())
-        except FileNotFoundError:
-            continue  # removed while we walked
-        if st.st_ino not in seen:
-            seen.add(st.st_ino)
-            used += st.st_blocks * 512
-    return used, len(seen)

@@ -320,8 +320,7 @@ async def test_remove_leaves_nothing(harness: Harness) -> None:
     assert processes_in(harness.parent) == []
     assert [h for h in cgroups.hierarchies() if (h / harness.cgroups_path(cid).lstrip("/")).exists()] == []
     await harness.client.remove_container(cid)  # again: idempotent
-    with pytest.raises(errors.NotFound):
-        await harness.client.stats(cid)
+    assert cid not in await harness.client.pod_stats(10)
 
 
 async def test_shutdown_stops_everything(harness: Harness) -> None:
@@ -386,7 +385,10 @@ async def test_signal_stats_and_update(harness: Harness) -> None:
     cid = await harness.run(["sh", "-c", script])
     await harness.events.wait_for(lambda: b"ready" in harness.events.output(cid))
 
-    stats = await harness.client.stats(cid)
+    other = await harness.run(IDLE)
+    every = await harness.client.pod_stats(10)
+    assert set(every) == {cid, other}  # one round trip answers for every container of the pod
+    stats = every[cid]
     assert stats.cpu_usage_ns > 0
     unified = cgroups.hierarchies()[0] if cgroups.detect_mode() == "v2" else Path(cgroups.CGROUP_ROOT) / "unified"
     leaf = unified / harness.cgroups_path(cid).lstrip("/")

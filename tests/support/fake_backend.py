@@ -26,6 +26,7 @@ from sandbox.backend import (
     ExitListener,
     ExitStatus,
     ImageRootfs,
+    PodContainers,
     Process,
 )
 from sandbox.cni import CniPlugins
@@ -58,6 +59,7 @@ class FakeBackend(Backend[Path]):
         self.listener: ExitListener | None = None
         self.exit_on_start: dict[str, int] = {}  # container name -> exit code at once when started
         self.fail_start: set[str] = set()  # container names whose start fails
+        self.unmeasured: set[str] = set()  # container ids `usage` leaves out (a guest that did not answer)
         self.calls: list[tuple[str, str]] = []
 
     @classmethod
@@ -71,6 +73,12 @@ class FakeBackend(Backend[Path]):
         self.containers[container_id].exit = ExitStatus(code, time.time_ns())
         if notify and self.listener is not None:
             self.listener(container_id)
+
+    def end_pod(self, sandbox_id: str, *, notify: bool = True) -> None:
+        """The pod's holder ends (an infra process killed, a VM crashed); the manager hears of it unless not."""
+        self.pods[sandbox_id] = False
+        if notify and self.listener is not None:
+            self.listener(sandbox_id)
 
     # ---- the Backend contract ----------------------------------------------------------------
 
@@ -160,8 +168,14 @@ class FakeBackend(Backend[Path]):
     async def update_resources(self, sandbox: SandboxRecord, container: ContainerRecord, resources: Resources) -> None:
         self.containers[container.id].resources.append(resources)
 
-    async def container_usage(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage:
-        return ContainerUsage(timestamp=time.time_ns(), cpu_usage_ns=1000, memory_working_set_bytes=4096)
+    async def usage(self, pods: list[PodContainers]) -> dict[str, ContainerUsage]:
+        self.calls.append(("usage", ",".join(p.sandbox.id for p in pods)))
+        return {
+            c.id: ContainerUsage(timestamp=time.time_ns(), cpu_usage_ns=1000, memory_working_set_bytes=4096)
+            for pod in pods
+            for c in pod.containers
+            if c.id not in self.unmeasured
+        }
 
     async def reopen_log(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
         self.calls.append(("reopen_log", container.id))

@@ -78,7 +78,7 @@ async def test_removing_a_pod_stops_and_removes_its_containers(env):
     sandbox, _ = await running(pods)
     await pods.remove_sandbox(sandbox.id)
     assert fake.containers == {} and fake.pods == {}
-    assert pods.list_sandboxes(None) == [] and await pods.list_containers(None) == []
+    assert pods.list_sandboxes(None) == [] and pods.list_containers(None) == []
 
 
 async def test_refusals(env):
@@ -306,3 +306,49 @@ def test_recursive_read_only_is_advertised_only_where_every_possible_backend_mak
     assert not pods.supports_recursive_read_only(None)  # the default handler's pods may land on either
     assert not pods.supports_recursive_read_only("none")
     assert fake_manager(tmp_path / "vm-only", vm).supports_recursive_read_only(None)
+
+
+async def _checks_done(pods) -> None:
+    await asyncio.wait_for(asyncio.gather(*pods._exit_checks), 5)
+
+
+async def test_lists_answer_from_what_is_recorded_and_a_status_call_asks_the_backend(env):
+    pods, fake = env
+    _, record = await running(pods)
+    fake.exit(record.id, 3, notify=False)  # an exit nobody was told of
+    assert [c.state for c in pods.list_containers(None)] == [ContainerState.RUNNING]
+    assert (await pods.container_status(record.id)).state == ContainerState.EXITED
+    assert [c.state for c in pods.list_containers(None)] == [ContainerState.EXITED]
+
+
+async def test_a_pods_holder_ending_is_pushed_to_the_records(env):
+    pods, fake = env
+    sandbox, _ = await running(pods)
+    quiet = await pods.run_sandbox(host_network_pod("quiet"), "")
+    fake.end_pod(quiet.id, notify=False)
+    fake.end_pod(sandbox.id)
+    await _checks_done(pods)
+    assert sandbox.state == SandboxState.NOTREADY and not pods.is_ready(sandbox)
+    ready = pb.PodSandboxFilter(state=pb.PodSandboxStateValue(state=pb.SANDBOX_READY))
+    assert pods.list_sandboxes(ready) == [quiet]  # not told: as recorded, until asked
+    assert not await pods.sandbox_ready(quiet)
+    assert quiet.state == SandboxState.NOTREADY
+
+
+async def test_when_exits_were_missed_every_pod_and_container_is_looked_at(env):
+    pods, fake = env
+    sandbox, record = await running(pods)
+    fake.exit(record.id, 1, notify=False)
+    fake.end_pod(sandbox.id, notify=False)
+    fake.listener(None)  # the kernel's event queue overflowed
+    await _checks_done(pods)
+    assert (record.state, sandbox.state) == (ContainerState.EXITED, SandboxState.NOTREADY)
+
+
+async def test_a_holders_end_heard_while_its_pod_is_removed_leaves_no_record(env):
+    pods, fake = env
+    sandbox = await pods.run_sandbox(host_network_pod(), "")
+    fake.end_pod(sandbox.id)  # its check runs once the removal, which holds the pod's lock, is done
+    await pods.remove_sandbox(sandbox.id)
+    await _checks_done(pods)
+    assert pods._sandbox_store.load_all() == {} and pods.list_sandboxes(None) == []

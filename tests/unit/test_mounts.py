@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from core.mounts import fd_mount_id, mount_holding, mountinfo, open_beneath, open_mount_root, top_mount
+from core.mounts import fd_mount_id, is_mounted, mount_holding, mountinfo, open_beneath, open_mount_root, top_mount
 
 MOUNTINFO = """\
 22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/root rw
@@ -113,3 +113,20 @@ def test_mounts_stop_open_beneath_but_not_open_mount_root():
         assert caught.value.errno == errno.ELOOP
     finally:
         os.close(root)
+
+
+def test_is_mounted_agrees_with_mountinfo_for_every_mount_point_and_a_plain_directory(tmp_path):
+    entries = mountinfo()
+    points = sorted({m.mount_point for m in entries})[:100]  # a busy host has thousands
+
+    def on_top(point: str) -> bool:  # not hidden by a later mount on a directory above it
+        later = entries[max(i for i, m in enumerate(entries) if m.mount_point == point) + 1 :]
+        return not any(point.startswith(m.mount_point.rstrip("/") + "/") for m in later)
+
+    visible = [p for p in points if os.path.realpath(p) == p and on_top(p)]
+    unseen = [p for p in visible if not is_mounted(p)]
+    assert visible and not set(unseen) & {m.mount_point for m in mountinfo()}  # but those unmounted meanwhile
+    assert not is_mounted(tmp_path)
+    assert not is_mounted(tmp_path / "missing") and not is_mounted(tmp_path / "missing" / "deeper")
+    (tmp_path / "file").write_text("")
+    assert not is_mounted(tmp_path / "file") and not is_mounted(tmp_path / "file" / "below")

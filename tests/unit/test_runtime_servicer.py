@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from core.settings import Config
+from cri.encoded import add_servicer
 from cri.errors import ErrorInterceptor
 from cri.runtime_service import RuntimeServicer
 from cri.streaming.pods import PodStreams
@@ -30,7 +31,7 @@ async def cri(tmp_path):
     await streaming.start()
     server = grpc.aio.server(interceptors=[ErrorInterceptor()])
     config = Config(state_dir=tmp_path / "state", runtime_dir=tmp_path / "run")
-    cri_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeServicer(config, pods, streaming), server)
+    add_servicer(cri_pb2_grpc.add_RuntimeServiceServicer_to_server, RuntimeServicer(config, pods, streaming), server)
     server.add_insecure_port(f"unix://{short}/cri.sock")
     await server.start()
     channel = grpc.aio.insecure_channel(f"unix://{short}/cri.sock")

@@ -4,10 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import InvalidArgument, Unavailable
+from core.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from core.settings import Config
 from cri.server import available_backends
+from protos import agent_pb2
 from protos import cri_pb2 as pb
+from sandbox.backend import PodContainers
 from sandbox.model import ContainerRecord, ContainerState, SandboxRecord
 from sandbox.oci.capabilities import CAPABILITIES
 from sandbox.oci.spec import container_spec
@@ -16,6 +18,7 @@ from vm_backend.guest_image import GuestAssets
 from vm_backend.guest_spec import check_vm_container, guest_platform, to_guest
 from vm_backend.share import Attached, mount_path, rootfs_path
 from vm_backend.sharens import ShareError, parts_of
+from vm_backend.stats import STATS_DEADLINE, pod_usage
 
 CID = "c" * 64
 
@@ -187,3 +190,41 @@ async def test_a_container_whose_vm_is_gone_exited_with_vm_died(tmp_path):
     assert exited is not None
     assert (exited.exit_code, exited.reason) == (255, VM_DIED)
     assert f"tandem-{'a' * 12}" in exited.message
+
+
+class StatsClient:
+    """An agent connection whose GetPodStats answer (or failure) a test chooses."""
+
+    def __init__(self, answer: dict[str, agent_pb2.Stats] | Exception) -> None:
+        self.answer = answer
+        self.timeouts: list[float] = []
+
+    async def pod_stats(self, timeout: float) -> dict[str, agent_pb2.Stats]:
+        self.timeouts.append(timeout)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def stats_pod(*ids: str) -> PodContainers:
+    sandbox = SandboxRecord(id="p" * 64, config=pod(), runtime_handler="vm", backend="vm", trust_reason="")
+    return PodContainers(
+        sandbox,
+        [
+            ContainerRecord(id=i, sandbox_id=sandbox.id, config=container(), image_id="", image_ref="", log_path="")
+            for i in ids
+        ],
+    )
+
+
+async def test_a_pods_stats_are_one_round_trip_with_a_short_deadline_and_only_its_own_containers():
+    client = StatsClient({"a": agent_pb2.Stats(cpu_usage_ns=5, pids=2), "forged": agent_pb2.Stats(pids=99)})
+    usage = await pod_usage(client, stats_pod("a", "b"))  # type: ignore[arg-type]
+    assert list(usage) == ["a"] and (usage["a"].cpu_usage_ns, usage["a"].pids) == (5, 2)
+    assert client.timeouts == [STATS_DEADLINE] and STATS_DEADLINE <= 1
+
+
+async def test_a_silent_or_unconnected_guest_gives_no_stats_and_no_error():
+    silent = StatsClient(DeadlineExceeded("the agent did not answer get_pod_stats within 0.5s"))
+    assert await pod_usage(silent, stats_pod("a")) == {}  # type: ignore[arg-type]
+    assert await pod_usage(None, stats_pod("a")) == {}

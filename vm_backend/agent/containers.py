@@ -338,16 +338,19 @@ class Containers:
 
     # ------------------------------------------------------------------ stats
 
-    def stats(self, cid: str) -> agent_pb2.Stats:
-        """From the container's cgroup v2 files; figures its cgroup lacks stay 0.
+    def pod_stats(self) -> agent_pb2.PodStats:
+        """Every container's usage from its cgroup v2 files, by id; figures a cgroup lacks stay 0.
 
-        The writable layer is the host's (the rootfs comes over virtio-fs), so
-        the host measures it.
+        A container appears once its cgroup is known (it was created). The writable layer is
+        the host's (the rootfs comes over virtio-fs), so the host measures it.
         """
-        directory = self._get(cid).cgroup
-        if directory is None:
-            return agent_pb2.Stats()
-        return container_stats(directory)
+        return agent_pb2.PodStats(
+            containers={
+                cid: container_stats(container.cgroup)
+                for cid, container in self._containers.items()
+                if container.init is not None and container.cgroup is not None
+            }
+        )
 
     # ------------------------------------------------------------------ internals
 

@@ -166,7 +166,7 @@ class Agent:
             "start_exec": c.start_exec,
             "write_stdin": c.write_stdin,
             "resize_terminal": _now(c.resize),
-            "get_stats": self._stats,
+            "get_pod_stats": self._pod_stats,
             "update_resources": c.update,
             "open_port": self.ports.open,
             "write_port": self.ports.write,
@@ -289,8 +289,8 @@ class Agent:
     async def _exec_sync(self, request: agent_pb2.ExecSync) -> agent_pb2.Response:
         return agent_pb2.Response(exec_sync=await self.containers.exec_sync(request))
 
-    async def _stats(self, request: agent_pb2.GetStats) -> agent_pb2.Response:
-        return agent_pb2.Response(stats=self.containers.stats(request.container_id))
+    async def _pod_stats(self, request: agent_pb2.GetPodStats) -> agent_pb2.Response:
+        return agent_pb2.Response(pod_stats=self.containers.pod_stats())
 
     async def _shutdown(self, _: agent_pb2.Shutdown) -> None:
         """Stop every container and port; the caller then flushes, syncs and powers off (or exits)."""
