@@ -150,7 +150,10 @@ class Config:
 
     def runc_backend(self) -> RuncBackendSettings:
         return RuncBackendSettings(
-            run_dir=self.runtime_dir / "runc", state_dir=self.state_dir / "runc", attach_dir=self.runtime_dir / "a"
+            run_dir=self.runtime_dir / "runc",
+            state_dir=self.state_dir / "runc",
+            attach_dir=self.runtime_dir / "a",
+            reserved_ids=(range(self.vm.jail_uid_first, self.vm.jail_uid_first + self.vm.jail_uid_count),),
         )
 
     def vm_backend(self) -> VmBackendSettings:
@@ -173,6 +176,8 @@ class RuncBackendSettings:
     run_dir: Path  # runc's state, bundles, exit files, pod dirs (tmpfs: gone on reboot, as the containers are)
     state_dir: Path  # writable layers and the infra containers' root
     attach_dir: Path  # conmon's attach-socket links: short, as a unix socket path must be
+    # host IDs no pod's user namespace may map: the VM jail's uids (a pod's root there could signal a QEMU)
+    reserved_ids: tuple[range, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -68,9 +68,9 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
                 type="NetworkReady", status=network.ready, reason=network.reason, message=network.message
             ),
         ]
-        handlers = [pb.RuntimeHandler(name="", features=pb.RuntimeHandlerFeatures())]
-        handlers += [
-            pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures()) for name in sorted(self.config.runtimes)
+        handlers = [
+            pb.RuntimeHandler(name=name, features=convert.handler_features(self.pods.handler_features(name)))
+            for name in ["", *sorted(self.config.runtimes)]
         ]
         info = {}
         if request.verbose:

@@ -18,20 +18,30 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TandemError
+from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TandemError, Unimplemented
 from core.files import private_dir
 from core.records import RecordStore
 from core.settings import TrustSettings
 from images.store import ImageStore
 from protos import cri_pb2 as pb
 from sandbox import signals, trust
-from sandbox.backend import Backend, ByteChannel, ContainerUsage, ExecResult, ExitStatus, ImageRootfs, Process
+from sandbox.backend import (
+    Backend,
+    BackendFeatures,
+    ByteChannel,
+    ContainerUsage,
+    ExecResult,
+    ExitStatus,
+    ImageRootfs,
+    Process,
+)
 from sandbox.cni import CniPlugins
 from sandbox.events import ContainerEvent, EventHub
 from sandbox.locks import KeyedLocks
 from sandbox.model import ContainerRecord, ContainerState, ProcessUser, SandboxRecord, SandboxState, now_ns
 from sandbox.oci import spec as oci
 from sandbox.oci.resources import linux_resources
+from sandbox.oci.userns import pod_user_namespace
 from sandbox.podnet import PodNetworking
 
 log = logging.getLogger("tandem.pods")
@@ -147,6 +157,16 @@ class PodManager:
     def container(self, ident: str) -> ContainerRecord:
         return self._find(self._containers, "container", ident)  # type: ignore[return-value]
 
+    def handler_features(self, handler: str) -> BackendFeatures:
+        """What pods of a runtime handler ("": the node's default) can have: its backend's, none while unavailable."""
+        if handler:
+            entry = self.trust.runtimes.get(handler)
+            backend_name = entry.backend if entry is not None else ""
+        else:
+            backend_name = trust.default_backend(self.trust.default_workload_trust)
+        backend = self.backends.get(backend_name)
+        return backend.features if backend is not None else BackendFeatures()
+
     def containers_of(self, sandbox_id: str) -> list[ContainerRecord]:
         return [c for c in self._containers.values() if c.sandbox_id == sandbox_id]
 
@@ -183,6 +203,11 @@ class PodManager:
             raise FailedPrecondition(
                 f"{decision.backend} backend not available (pod routed there by {decision.reason})"
             )
+        if pod_user_namespace(config.linux.security_context.namespace_options) and not backend.features.user_namespaces:
+            raise Unimplemented(
+                f"user namespaces are not supported on the {decision.backend} backend (pod routed there by"
+                f" {decision.reason}); see the README's conformance table"
+            )
         sandbox = SandboxRecord(
             id=_new_id(),
             config=config,
@@ -196,7 +221,7 @@ class PodManager:
             self._sandboxes[sandbox.id] = sandbox
             self._sandbox_store.put(sandbox)
             try:
-                await self.network.connect(sandbox)
+                await self.network.connect(sandbox, lambda path: backend.create_network_namespace(sandbox, path))
                 await backend.start_sandbox(sandbox)
             except BaseException:
                 await self._release_sandbox(sandbox, best_effort=True)
@@ -303,6 +328,12 @@ class PodManager:
         image = self.images.resolve(config.image.image)
         if image is None:
             raise NotFound(f"image {config.image.image!r} not found; pull it first")
+        recursive = [m.container_path for m in config.mounts if m.recursive_read_only]
+        if recursive and not self._backend(sandbox).features.recursive_read_only_mounts:
+            raise Unimplemented(
+                f"recursive read-only mounts ({', '.join(recursive)}) are not supported on the"
+                f" {sandbox.backend} backend"
+            )
         container = ContainerRecord(
             id=_new_id(),
             sandbox_id=sandbox.id,

@@ -7,8 +7,9 @@ import signal
 
 import pytest
 
-from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from protos import cri_pb2 as pb
+from sandbox.backend import BackendFeatures
 from sandbox.events import ContainerEvent, Subscription
 from sandbox.model import ContainerState, ProcessUser, SandboxRecord, SandboxState
 from tests.support.fake_backend import IMAGE_ID, FakeBackend, container, fake_manager, host_network_pod
@@ -258,3 +259,35 @@ async def test_pods_whose_backend_is_gone_are_served_from_their_records_and_refu
         with pytest.raises(FailedPrecondition, match="vm backend not available"):
             await refused
     await third.close()
+
+
+async def test_handlers_report_their_backends_features_and_requests_beyond_them_are_unimplemented(tmp_path):
+    runc = FakeBackend(tmp_path / "runc")
+    runc.features = BackendFeatures(recursive_read_only_mounts=True, user_namespaces=True)
+    vm = FakeBackend(tmp_path / "vm", name="vm")
+    pods = fake_manager(tmp_path, runc, vm)
+    await pods.recover()
+    assert pods.handler_features("") == pods.handler_features("runc") == runc.features
+    assert pods.handler_features("vm") == BackendFeatures() and pods.handler_features("nonesuch") == BackendFeatures()
+    assert fake_manager(tmp_path, runc, vm, default_trust="untrusted").handler_features("") == BackendFeatures()
+
+    userns = host_network_pod("guest")
+    userns.linux.security_context.namespace_options.network = pb.POD  # refused before any network is made
+    userns.linux.security_context.namespace_options.userns_options.CopyFrom(
+        pb.UserNamespace(mode=pb.POD, uids=[pb.IDMapping(host_id=65536, length=65536)] * 1,
+                         gids=[pb.IDMapping(host_id=65536, length=65536)])
+    )  # fmt: skip
+    with pytest.raises(Unimplemented, match="user namespaces are not supported on the vm backend"):
+        await pods.run_sandbox(userns, "vm")
+    assert pods.list_sandboxes(None) == [] and vm.pods == {}
+
+    rro = pb.Mount(container_path="/ro", host_path=str(tmp_path), readonly=True, recursive_read_only=True)
+    guest = await pods.run_sandbox(host_network_pod("guest"), "")
+    record = await pods.create_container(guest.id, container(mounts=[rro]), guest.config)
+    assert ["rbind", "rprivate", "ro", "rro"] in [m["options"] for m in runc.containers[record.id].spec["mounts"]]
+    vm_pod = SandboxRecord(id="6" * 64, config=host_network_pod("in-vm"), runtime_handler="vm", backend="vm",
+                           trust_reason="test", state=SandboxState.READY)  # fmt: skip
+    pods._sandboxes[vm_pod.id] = vm_pod  # a VM pod without its network: making one needs root
+    with pytest.raises(Unimplemented, match="recursive read-only mounts \\(/ro\\) are not supported on the vm"):
+        await pods.create_container(vm_pod.id, container(mounts=[rro]), vm_pod.config)
+    await pods.close()
