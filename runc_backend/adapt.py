@@ -12,6 +12,7 @@ own copies), so a host path stays removable as with any runc mount
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from core import mounts
@@ -33,7 +34,11 @@ def bind_id_mapped_sources(spec: Spec, bundle: Path, userns: Path | None) -> Non
         if userns is None:
             raise FailedPrecondition(f"mount {mount['destination']} is ID-mapped but the pod has no user namespace")
         target = bundle / ID_MAPPED_DIR / str(index)
-        target.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(exist_ok=True)
+        if os.path.isdir(mount["source"]):
+            target.mkdir(exist_ok=True)
+        else:  # kubelet's /etc/hosts and termination log are files: a file is bound onto a file
+            target.touch(mode=0o600, exist_ok=True)
         if not mounts.is_mounted(target):
             try:
                 mounts.bind_idmapped(mount["source"], target, userns)

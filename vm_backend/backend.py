@@ -42,6 +42,7 @@ from protos import cri_pb2 as pb
 from sandbox import podfiles
 from sandbox.backend import (
     Backend,
+    BackendFeatures,
     ByteChannel,
     ContainerUsage,
     ExecResult,
@@ -91,6 +92,10 @@ VM_DIED = "VMDied"  # the reason of a container whose pod's QEMU died under it
 
 class VmBackend(Backend[VmBackendSettings]):
     name = "vm"
+    # Recursive read-only mounts: off until the guest side (the share's binds made read-only with
+    # mount_setattr over the whole tree) is in. User namespaces: not in VM pods (README, What a VM pod
+    # cannot do).
+    features = BackendFeatures(recursive_read_only_mounts=False, user_namespaces=False)
 
     def __init__(self, settings: VmBackendSettings, assets: GuestAssets) -> None:
         self.settings = settings.vm

@@ -71,8 +71,8 @@ def check_mount(mount: pb.Mount, id_mappings: IdMappings | None) -> str:
     Recursive read-only follows the CRI (and containerd): only on a read-only
     mount, and only with private propagation (a read-only tree that receives
     new mounts from the host would not stay read-only). ID mappings need the
-    pod's user namespace and must be its own (kubelet copies the pod's onto
-    every mount).
+    pod's user namespace, must be its own (kubelet copies the pod's onto
+    every mount), and private propagation.
     """
     if mount.HasField("image") and mount.image.image:
         raise InvalidArgument("image volumes are not supported by this runtime")
@@ -91,6 +91,11 @@ def check_mount(mount: pb.Mount, id_mappings: IdMappings | None) -> str:
     if mount.uidMappings or mount.gidMappings:
         if id_mappings is None:
             raise InvalidArgument(f"mount {mount.container_path}: ID mappings need the pod's user namespace")
+        if mount.propagation != pb.PROPAGATION_PRIVATE:
+            raise InvalidArgument(
+                f"mount {mount.container_path}: an ID-mapped mount is a copy of the host's tree, which neither"
+                " receives nor sends mounts: it needs private propagation"
+            )
         if not id_mappings.same_as(mount.uidMappings, mount.gidMappings):
             raise Unimplemented(
                 f"mount {mount.container_path}: ID mappings other than the pod's user namespace's are not supported"

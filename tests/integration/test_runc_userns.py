@@ -73,6 +73,12 @@ def test_a_pod_in_its_own_user_namespace(env, tmp_path):
             [
                 pb.Mount(container_path="/data", host_path=str(volume), uidMappings=MAPPING, gidMappings=MAPPING),
                 pb.Mount(container_path="/plain", host_path=str(volume)),
+                pb.Mount(  # kubelet mounts files too (/etc/hosts, the termination log), mapped as well
+                    container_path="/etc/motd",
+                    host_path=str(volume / "owned-by-host-root"),
+                    uidMappings=MAPPING,
+                    gidMappings=MAPPING,
+                ),
             ]
         )
         cid = run(daemon, pod_id, pod, config)
@@ -96,6 +102,7 @@ def test_a_pod_in_its_own_user_namespace(env, tmp_path):
             0,
             "data\n0\n",
         )
+        assert sh(daemon, cid, "stat -c '%u' /etc/motd && cat /etc/motd") == (0, "0\ndata\n")
         assert sh(daemon, cid, "echo new > /data/from-container")[0] == 0
         assert (volume / "from-container").stat().st_uid == 0
         # the pod's namespaces belong to its user namespace: sysfs and net sysctls work, the host stays out

@@ -134,6 +134,18 @@ def test_a_mount_mapped_otherwise_than_the_pod_is_unimplemented(make, tmp_path):
         make(config(sc=SC(namespace_options=options()), mounts=[mount]), sandbox=userns_pod(), namespaces=USER_NS)
 
 
+def test_an_id_mapped_mount_cannot_propagate(make, tmp_path):
+    mount = pb.Mount(
+        container_path="/data",
+        host_path=str(tmp_path / "slave"),
+        uidMappings=MAPPING,
+        gidMappings=MAPPING,
+        propagation=pb.PROPAGATION_HOST_TO_CONTAINER,
+    )
+    with pytest.raises(InvalidArgument, match="needs private propagation"):
+        make(config(sc=SC(namespace_options=options()), mounts=[mount]), sandbox=userns_pod(), namespaces=USER_NS)
+
+
 def test_a_container_asking_for_another_user_namespace_is_refused(make):
     other = [pb.IDMapping(container_id=0, host_id=131072, length=65536)]
     with pytest.raises(InvalidArgument, match="differ from its pod's"):
