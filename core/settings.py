@@ -165,6 +165,7 @@ class Config:
             state_dir=self.state_dir / "runc",
             attach_dir=self.runtime_dir / "a",
             log_size_max=self.logs.max_size_bytes,
+            reserved_ids=(range(self.vm.jail_uid_first, self.vm.jail_uid_first + self.vm.jail_uid_count),),
         )
 
     def vm_backend(self) -> VmBackendSettings:
@@ -190,6 +191,8 @@ class RuncBackendSettings:
     state_dir: Path  # writable layers and the infra containers' root
     attach_dir: Path  # conmon's attach-socket links: short, as a unix socket path must be
     log_size_max: int  # [logs] max_size_bytes, passed to conmon
+    # host IDs no pod's user namespace may map: the VM jail's uids (a pod's root there could signal a QEMU)
+    reserved_ids: tuple[range, ...] = ()
 
 
 @dataclass(frozen=True)

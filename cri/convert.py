@@ -9,7 +9,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from protos import cri_pb2 as pb
-from sandbox.backend import ContainerUsage
+from sandbox.backend import BackendFeatures, ContainerUsage
 from sandbox.model import ContainerRecord, ContainerState, SandboxRecord
 
 CONTAINER_STATES = {
@@ -18,6 +18,12 @@ CONTAINER_STATES = {
     ContainerState.EXITED: pb.CONTAINER_EXITED,
     ContainerState.UNKNOWN: pb.CONTAINER_UNKNOWN,
 }
+
+
+def handler_features(features: BackendFeatures) -> pb.RuntimeHandlerFeatures:
+    return pb.RuntimeHandlerFeatures(
+        recursive_read_only_mounts=features.recursive_read_only_mounts, user_namespaces=features.user_namespaces
+    )
 
 
 def _sandbox_state(ready: bool) -> pb.PodSandboxState:

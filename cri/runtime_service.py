@@ -78,14 +78,9 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
                 type="NetworkReady", status=network.ready, reason=network.reason, message=network.message
             ),
         ]
-
-        def features(backend: str | None) -> pb.RuntimeHandlerFeatures:
-            return pb.RuntimeHandlerFeatures(recursive_read_only_mounts=self.pods.supports_recursive_read_only(backend))
-
-        handlers = [pb.RuntimeHandler(name="", features=features(None))]  # the default: any backend
-        handlers += [
-            pb.RuntimeHandler(name=name, features=features(handler.backend))
-            for name, handler in sorted(self.config.runtimes.items())
+        handlers = [
+            pb.RuntimeHandler(name=name, features=convert.handler_features(self.pods.handler_features(name)))
+            for name in ["", *sorted(self.config.runtimes)]
         ]
         info = {}
         if request.verbose:

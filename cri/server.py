@@ -104,6 +104,7 @@ class Daemon:
         config = self.config
         private_dir(config.state_dir)
         private_dir(config.runtime_dir)
+        config.runtime_dir.chmod(0o711)  # searchable, not listable: runc in a pod's user namespace passes through
         _socket_dir(config.socket.parent)
         self._registry = RegistryClient(config.registry)
         self.images = ImageStore(

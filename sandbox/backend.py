@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Protocol, Self, TypeVar
 
+from sandbox import netns
 from sandbox.model import ContainerRecord, ExitStatus, SandboxRecord
 from sandbox.oci.model import Resources, Spec
 from sandbox.oci.platform import ContainerPlatform, HostInfo
@@ -171,6 +172,15 @@ class StreamChannel(ByteChannel):
         self._writer.close()
 
 
+@dataclass(frozen=True)
+class BackendFeatures:
+    """What a backend's pods can have beyond the CRI's baseline: each runtime handler reports its backend's
+    (RuntimeHandlerFeatures), and a request for one the backend lacks is UNIMPLEMENTED."""
+
+    recursive_read_only_mounts: bool = False  # a read-only CRI mount stays read-only in every mount below it
+    user_namespaces: bool = False  # userns_options mode POD: the pod in a user namespace of its own
+
+
 class Backend(ABC, Generic[SettingsT]):
     """Runs pods of one isolation kind. Every method is idempotent where the CRI call it serves is.
 
@@ -179,7 +189,7 @@ class Backend(ABC, Generic[SettingsT]):
     """
 
     name: str
-    recursive_read_only_mounts: bool = False  # CRI mounts with recursive_read_only work in its pods
+    features = BackendFeatures()
     usage_wait: float | None = None
     """How long a stats call waits for `usage` before serving the last figures (None: until it returns)."""
 
@@ -201,6 +211,15 @@ class Backend(ABC, Generic[SettingsT]):
     @abstractmethod
     async def close(self) -> None:
         """Stop watching: the daemon is shutting down (pods and containers keep running without it)."""
+
+    async def create_network_namespace(self, sandbox: SandboxRecord, path: Path) -> None:
+        """Create the pod's network namespace (`lo` up) pinned at `path`, before CNI ADD; on failure, none.
+
+        It belongs to the host's user namespace unless the backend gives the pod a
+        user namespace of its own on this host: then it must belong to that one
+        (only a namespace's owner may mount sysfs for it).
+        """
+        await netns.create_at(path)
 
     @abstractmethod
     async def start_sandbox(self, sandbox: SandboxRecord) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TandemError
+from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TandemError, Unimplemented
 from core.files import private_dir
 from core.records import RecordStore
 from core.settings import TrustSettings
@@ -30,6 +30,7 @@ from protos import cri_pb2 as pb
 from sandbox import signals, trust
 from sandbox.backend import (
     Backend,
+    BackendFeatures,
     ByteChannel,
     ContainerUsage,
     ExecResult,
@@ -44,6 +45,7 @@ from sandbox.locks import KeyedLocks
 from sandbox.model import ContainerRecord, ContainerState, ProcessUser, SandboxRecord, SandboxState, now_ns
 from sandbox.oci import spec as oci
 from sandbox.oci.resources import linux_resources
+from sandbox.oci.userns import pod_user_namespace
 from sandbox.podnet import PodNetworking
 from sandbox.stats import UsageCollector
 
@@ -175,6 +177,16 @@ class PodManager:
     def container(self, ident: str) -> ContainerRecord:
         return self._find(self._containers, "container", ident)  # type: ignore[return-value]
 
+    def handler_features(self, handler: str) -> BackendFeatures:
+        """What pods of a runtime handler ("": the node's default) can have: its backend's, none while unavailable."""
+        if handler:
+            entry = self.trust.runtimes.get(handler)
+            backend_name = entry.backend if entry is not None else ""
+        else:
+            backend_name = trust.default_backend(self.trust.default_workload_trust)
+        backend = self.backends.get(backend_name)
+        return backend.features if backend is not None else BackendFeatures()
+
     def containers_of(self, sandbox_id: str) -> list[ContainerRecord]:
         return list(self._pod_containers.get(sandbox_id, {}).values())
 
@@ -211,6 +223,11 @@ class PodManager:
             raise FailedPrecondition(
                 f"{decision.backend} backend not available (pod routed there by {decision.reason})"
             )
+        if pod_user_namespace(config.linux.security_context.namespace_options) and not backend.features.user_namespaces:
+            raise Unimplemented(
+                f"user namespaces are not supported on the {decision.backend} backend (pod routed there by"
+                f" {decision.reason}); see the README's conformance table"
+            )
         sandbox = SandboxRecord(
             id=_new_id(),
             config=config,
@@ -224,7 +241,7 @@ class PodManager:
             self._sandboxes[sandbox.id] = sandbox
             self._sandbox_store.put(sandbox)
             try:
-                await self.network.connect(sandbox)
+                await self.network.connect(sandbox, lambda path: backend.create_network_namespace(sandbox, path))
                 await backend.start_sandbox(sandbox)
             except BaseException:
                 await self._release_sandbox(sandbox, best_effort=True)
@@ -344,6 +361,12 @@ class PodManager:
         image = self.images.resolve(config.image.image)
         if image is None:
             raise NotFound(f"image {config.image.image!r} not found; pull it first")
+        recursive = [m.container_path for m in config.mounts if m.recursive_read_only]
+        if recursive and not self._backend(sandbox).features.recursive_read_only_mounts:
+            raise Unimplemented(
+                f"recursive read-only mounts ({', '.join(recursive)}) are not supported on the"
+                f" {sandbox.backend} backend"
+            )
         container = ContainerRecord(
             id=_new_id(),
             sandbox_id=sandbox.id,
@@ -545,18 +568,6 @@ class PodManager:
     def backend_names(self) -> list[str]:
         """The backends this host runs."""
         return sorted(self.backends)
-
-    def supports_recursive_read_only(self, backend: str | None = None) -> bool:
-        """Whether pods of `backend` (of whichever backend a pod lands on, for None) can have recursive
-        read-only mounts: what Status advertises for a runtime handler."""
-        chosen = (
-            list(self.backends.values())
-            if backend is None
-            else [self.backends[backend]]
-            if backend in self.backends
-            else []
-        )
-        return bool(chosen) and all(b.recursive_read_only_mounts for b in chosen)
 
     # ---- streaming: looked up again when the connection arrives (it may have stopped since the URL) ----
 

@@ -45,6 +45,7 @@ from protos import agent_pb2
 from sandbox import podfiles
 from sandbox.backend import (
     Backend,
+    BackendFeatures,
     ByteChannel,
     ContainerUsage,
     ExecResult,
@@ -91,8 +92,10 @@ VM_DIED = "VMDied"  # the reason of a container whose pod's QEMU died under it
 
 class VmBackend(Backend[VmBackendSettings]):
     name = "vm"
-    recursive_read_only_mounts = True  # made read-only on the host's side of the share (`share.py`)
     usage_wait = STATS_WAIT
+    # recursive read-only: made on the host's side of the share (`share.py`); user namespaces: not in VM pods
+    # (README, What a VM pod cannot do)
+    features = BackendFeatures(recursive_read_only_mounts=True, user_namespaces=False)
 
     def __init__(self, settings: VmBackendSettings, assets: GuestAssets) -> None:
         self.settings = settings.vm

@@ -36,7 +36,6 @@ def guest_host_info(hostname: str, dev_dir: Path) -> HostInfo:
         hugetlb=False,
         hostname=hostname,
         dev_dir=dev_dir,
-        recursive_read_only=True,
     )
 
 

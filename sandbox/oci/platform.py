@@ -27,7 +27,6 @@ class HostInfo:
     hostname: str  # HOSTNAME for pods that did not ask for one
     dev_dir: Path = Path("/dev")  # the devices a privileged container is given
     mountinfo: Path = Path("/proc/self/mountinfo")  # read per container: mounts change
-    recursive_read_only: bool = False  # a bind can be made read-only all the way down (CRI recursive_read_only)
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from core.records import RecordStore
 from protos import cri_pb2 as pb
+from sandbox.backend import BackendFeatures
 from sandbox.events import ContainerEvent, Subscription
 from sandbox.model import ContainerRecord, ContainerState, ExitStatus, ProcessUser, SandboxRecord, SandboxState
 from tests.support.fake_backend import IMAGE_ID, FakeBackend, container, fake_manager, host_network_pod
@@ -298,14 +299,14 @@ async def test_an_exit_reported_while_the_container_starts_lands_after_its_start
     events.close()
 
 
-def test_recursive_read_only_is_advertised_only_where_every_possible_backend_makes_it(tmp_path):
+def test_recursive_read_only_is_advertised_per_handler_by_its_backend(tmp_path):
     runc, vm = FakeBackend(tmp_path / "runc"), FakeBackend(tmp_path / "vm", name="vm")
-    vm.recursive_read_only_mounts = True
+    vm.features = BackendFeatures(recursive_read_only_mounts=True)
     pods = fake_manager(tmp_path, runc, vm)
-    assert pods.supports_recursive_read_only("vm") and not pods.supports_recursive_read_only("runc")
-    assert not pods.supports_recursive_read_only(None)  # the default handler's pods may land on either
-    assert not pods.supports_recursive_read_only("none")
-    assert fake_manager(tmp_path / "vm-only", vm).supports_recursive_read_only(None)
+    assert pods.handler_features("vm").recursive_read_only_mounts
+    assert not pods.handler_features("runc").recursive_read_only_mounts
+    assert not pods.handler_features("").recursive_read_only_mounts  # the default (trusted) node's: runc's
+    assert pods.handler_features("none") == BackendFeatures()
 
 
 async def _checks_done(pods) -> None:
@@ -352,3 +353,35 @@ async def test_a_holders_end_heard_while_its_pod_is_removed_leaves_no_record(env
     await pods.remove_sandbox(sandbox.id)
     await _checks_done(pods)
     assert pods._sandbox_store.load_all() == {} and pods.list_sandboxes(None) == []
+
+
+async def test_handlers_report_their_backends_features_and_requests_beyond_them_are_unimplemented(tmp_path):
+    runc = FakeBackend(tmp_path / "runc")
+    runc.features = BackendFeatures(recursive_read_only_mounts=True, user_namespaces=True)
+    vm = FakeBackend(tmp_path / "vm", name="vm")
+    pods = fake_manager(tmp_path, runc, vm)
+    await pods.recover()
+    assert pods.handler_features("") == pods.handler_features("runc") == runc.features
+    assert pods.handler_features("vm") == BackendFeatures() and pods.handler_features("nonesuch") == BackendFeatures()
+    assert fake_manager(tmp_path, runc, vm, default_trust="untrusted").handler_features("") == BackendFeatures()
+
+    userns = host_network_pod("guest")
+    userns.linux.security_context.namespace_options.network = pb.POD  # refused before any network is made
+    userns.linux.security_context.namespace_options.userns_options.CopyFrom(
+        pb.UserNamespace(mode=pb.POD, uids=[pb.IDMapping(host_id=65536, length=65536)] * 1,
+                         gids=[pb.IDMapping(host_id=65536, length=65536)])
+    )  # fmt: skip
+    with pytest.raises(Unimplemented, match="user namespaces are not supported on the vm backend"):
+        await pods.run_sandbox(userns, "vm")
+    assert pods.list_sandboxes(None) == [] and vm.pods == {}
+
+    rro = pb.Mount(container_path="/ro", host_path=str(tmp_path), readonly=True, recursive_read_only=True)
+    guest = await pods.run_sandbox(host_network_pod("guest"), "")
+    record = await pods.create_container(guest.id, container(mounts=[rro]), guest.config)
+    assert ["rbind", "rprivate", "ro", "rro"] in [m["options"] for m in runc.containers[record.id].spec["mounts"]]
+    vm_pod = SandboxRecord(id="6" * 64, config=host_network_pod("in-vm"), runtime_handler="vm", backend="vm",
+                           trust_reason="test", state=SandboxState.READY)  # fmt: skip
+    pods._sandboxes[vm_pod.id] = vm_pod  # a VM pod without its network: making one needs root
+    with pytest.raises(Unimplemented, match="recursive read-only mounts \\(/ro\\) are not supported on the vm"):
+        await pods.create_container(vm_pod.id, container(mounts=[rro]), vm_pod.config)
+    await pods.close()

@@ -98,7 +98,7 @@ def test_recursive_read_only_mounts_are_the_hosts_to_make(tmp_path):
 @pytest.mark.parametrize(
     ("mount", "message"),
     [
-        (pb.Mount(container_path="/m", host_path="/tmp", recursive_read_only=True), "needs readonly"),
+        (pb.Mount(container_path="/m", host_path="/tmp", recursive_read_only=True), "must be read-only"),
         (
             pb.Mount(
                 container_path="/m",
@@ -117,7 +117,7 @@ def test_recursive_read_only_needs_a_private_read_only_mount(tmp_path, mount, me
 
 
 def test_the_vm_backend_advertises_recursive_read_only_mounts():
-    assert VmBackend.recursive_read_only_mounts
+    assert VmBackend.features.recursive_read_only_mounts and not VmBackend.features.user_namespaces
 
 
 def test_share_paths_and_records():
