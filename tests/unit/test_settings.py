@@ -150,3 +150,15 @@ def test_the_default_network_is_settable_for_tests_and_nodes():
         False,
     )
     assert config.cni.conf_dir == Config().cni.conf_dir
+
+
+def test_metrics_are_off_unless_an_address_is_set():
+    assert Config().metrics.address == ""
+    assert parse_config({"metrics": {"address": "127.0.0.1:9090"}}).metrics.address == "127.0.0.1:9090"
+    assert parse_config({"metrics": {"address": "[::1]:0"}}).metrics.address == "[::1]:0"
+
+
+@pytest.mark.parametrize("address", ["localhost:9090", "127.0.0.1", "127.0.0.1:http", "127.0.0.1:70000", ":9090"])
+def test_a_bad_metrics_address_is_named(address):
+    with pytest.raises(ConfigError, match=r"key 'metrics.address': must be \"IP:PORT\""):
+        parse_config({"metrics": {"address": address}})
