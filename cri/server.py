@@ -19,11 +19,13 @@ from typing import Any
 
 import grpc
 
+from core import metrics
 from core.errors import FailedPrecondition, TandemError
 from core.files import private_dir
 from core.settings import Config
 from cri.errors import ErrorInterceptor
 from cri.image_service import ImageServicer
+from cri.prometheus import MetricsInterceptor, MetricsServer, PrometheusMetrics
 from cri.runtime_service import RuntimeServicer
 from cri.streaming.pods import PodStreams
 from cri.streaming.server import StreamingServer
@@ -97,9 +99,14 @@ class Daemon:
         self.images: ImageStore | None = None
         self.pods: PodManager | None = None
         self.streaming: StreamingServer | None = None
+        self.metrics: MetricsServer | None = None
 
     async def start(self) -> None:
         config = self.config
+        sink = None
+        if config.metrics.address:
+            sink = PrometheusMetrics()
+            metrics.install(sink)
         private_dir(config.state_dir)
         private_dir(config.runtime_dir)
         _socket_dir(config.socket.parent)
@@ -139,9 +146,15 @@ class Daemon:
         await self.pods.recover()
         self.streaming = StreamingServer(config.streaming, PodStreams(self.pods))
         await self.streaming.start()
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
+        if sink is not None:
+            sink.count_objects(self.pods)
+            self.metrics = MetricsServer(config.metrics.address, sink.registry)
+            await self.metrics.start()
+            interceptors.insert(0, MetricsInterceptor(sink))
 
         server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -166,6 +179,10 @@ class Daemon:
         if self.streaming is not None:
             await self.streaming.stop()
             self.streaming = None
+        if self.metrics is not None:
+            await self.metrics.stop()
+            self.metrics = None
+            metrics.install(metrics.MetricsSink())
         if self.pods is not None:
             await self.pods.close()
             self.pods = None

@@ -14,10 +14,12 @@ import contextlib
 import logging
 import os
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from core import metrics
 from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TandemError
 from core.files import private_dir
 from core.records import RecordStore
@@ -192,17 +194,21 @@ class PodManager:
         )
         name = self._sandbox_name(config)
         self._reserve(name, sandbox.id, "pod sandbox")
+        began = time.monotonic()
         async with self._locks.hold(sandbox.id):
             self._sandboxes[sandbox.id] = sandbox
             self._sandbox_store.put(sandbox)
             try:
-                await self.network.connect(sandbox)
-                await backend.start_sandbox(sandbox)
+                with metrics.timed(metrics.Timing.SANDBOX_NETWORK):
+                    await self.network.connect(sandbox)
+                with metrics.timed(metrics.Timing.SANDBOX_RUNTIME_CREATE, backend.name):
+                    await backend.start_sandbox(sandbox)
             except BaseException:
                 await self._release_sandbox(sandbox, best_effort=True)
                 raise
             sandbox.state = SandboxState.READY
             self._sandbox_store.put(sandbox)
+        metrics.timing(metrics.Timing.SANDBOX_RUN, time.monotonic() - began, backend.name)
         log.info(
             "pod started",
             extra={
@@ -320,6 +326,7 @@ class PodManager:
             self._container_store.put(container)
             rootfs = ImageRootfs(image.image_id, self.images.layer_dirs(image), self.images.config_of(image))
             backend = self._backend(sandbox)
+            began = time.monotonic()
             try:
                 platform = await backend.prepare_container(sandbox, container, rootfs)
                 spec = oci.container_spec(
@@ -334,6 +341,7 @@ class PodManager:
                 self._forget(container)
                 raise
             self._container_store.put(container)
+            metrics.timing(metrics.Timing.CONTAINER_CREATE, time.monotonic() - began, backend.name)
         self._publish(container, "created")
         return container
 
@@ -344,7 +352,8 @@ class PodManager:
             if container.state != ContainerState.CREATED:
                 raise FailedPrecondition(f"container {container.id} is {container.state}, not created")
             try:
-                await self._backend(sandbox).start_container(sandbox, container)
+                with metrics.timed(metrics.Timing.CONTAINER_START, sandbox.backend):
+                    await self._backend(sandbox).start_container(sandbox, container)
             except TandemError as e:
                 container.state = ContainerState.EXITED
                 container.finished_at = now_ns()

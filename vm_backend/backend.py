@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core import cgroups, mounts, proc
+from core import cgroups, metrics, mounts, proc
 from core.errors import FailedPrecondition, InvalidArgument, TandemError, Unavailable
 from core.files import atomic_write_json, private_dir
 from core.proc import wait_exit
@@ -244,6 +244,9 @@ class VmBackend(Backend[VmBackendSettings]):
         )
         await pod.client_or_fail().setup_pod(setup)
         ready = time.monotonic()
+        metrics.timing(metrics.Timing.VM_BOOT, booted - began)
+        metrics.timing(metrics.Timing.VM_AGENT_READY, connected - booted)
+        metrics.timing(metrics.Timing.VM_SETUP_POD, ready - connected)
         log.info(
             "pod %s: VM ready in %.2fs (boot %.2fs, agent start %.2fs, pod setup %.2fs)",
             sandbox.id[:12], ready - began, booted - began, connected - booted, ready - connected,
