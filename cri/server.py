@@ -27,6 +27,7 @@ from cri.errors import ErrorInterceptor
 from cri.image_service import ImageServicer
 from cri.prometheus import MetricsInterceptor, MetricsServer, PrometheusMetrics
 from cri.runtime_service import RuntimeServicer
+from cri.sdnotify import Notifier
 from cri.streaming.pods import PodStreams
 from cri.streaming.server import StreamingServer
 from cri.version import RUNTIME_VERSION
@@ -197,14 +198,17 @@ class Daemon:
 async def serve(config: Config) -> None:
     """Serve until SIGTERM or SIGINT, then finish in-flight calls and exit."""
     os.umask(0o077)
+    notifier = Notifier.from_environment()
     daemon = Daemon(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await daemon.start()
+    notifier.notify("READY=1")
     try:
         await stop.wait()
         log.info("shutting down")
+        notifier.notify("STOPPING=1")
     finally:
         await daemon.stop()
