@@ -54,10 +54,14 @@ install_all() {
     trap 'rm -rf "$work"' EXIT
     : >"$work/installed"
 
-    # Tandem's modules and their dependencies, for the system Python (the venv's is the same version)
+    # Tandem's modules and their dependencies, for the system Python (the venv's is the same version),
+    # built from a copy: setuptools would leave its build/ directory in the checkout
     make_dir "$LIBDIR"
+    mkdir "$work/src"
+    (cd "$root" && cp -R pyproject.toml README.md core cri sandbox images runc_backend vm_backend protos "$work/src/")
+    find "$work/src" -name __pycache__ -prune -exec rm -rf {} +
     "$PY" -m pip install --quiet --no-warn-script-location --disable-pip-version-check \
-        --target "$DESTDIR$LIBDIR/tandem" "$root"
+        --target "$DESTDIR$LIBDIR/tandem" "$work/src"
     rm -rf "$DESTDIR$LIBDIR/tandem/bin"
     record tree "$LIBDIR/tandem"
     render "$here/tandem.in" >"$work/tandem"
