@@ -228,10 +228,7 @@ class PodManager:
         except NotFound:
             return
         async with self._locks.hold(sandbox.id):
-            for container in self.containers_of(sandbox.id):
-                async with self._locks.hold(container.id):
-                    await self._stop_container(sandbox, container, timeout=0)
-            await self._backend(sandbox).stop_sandbox(sandbox)
+            await self._stop_containers_and_holder(sandbox)
             await self.network.disconnect(sandbox)
             if sandbox.state != SandboxState.NOTREADY:
                 sandbox.state = SandboxState.NOTREADY
@@ -244,12 +241,35 @@ class PodManager:
         except NotFound:
             return
         async with self._locks.hold(sandbox.id):
+            await self._stop_containers_and_holder(sandbox)
             for container in self.containers_of(sandbox.id):
                 async with self._locks.hold(container.id):
-                    await self._stop_container(sandbox, container, timeout=0)
                     await self._remove_container(sandbox, container)
             await self._release_sandbox(sandbox, best_effort=False)
         log.info("pod removed", extra={"pod": sandbox.id[:12]})
+
+    async def _stop_containers_and_holder(self, sandbox: SandboxRecord) -> None:
+        """Kill every container, then the pod's holder. A container that survived its kill may still end
+        with the holder (a VM's do, even when its guest could not kill them): only one that outlives both
+        fails the stop, so a broken guest never keeps its pod from being stopped and removed."""
+        survivors: list[tuple[ContainerRecord, TandemError]] = []
+        for container in self.containers_of(sandbox.id):
+            async with self._locks.hold(container.id):
+                try:
+                    await self._stop_container(sandbox, container, timeout=0)
+                except TandemError as e:
+                    survivors.append((container, e))
+        backend = self._backend(sandbox)
+        await backend.stop_sandbox(sandbox)
+        for container, error in survivors:
+            async with self._locks.hold(container.id):
+                if container.state in (ContainerState.EXITED, ContainerState.UNKNOWN):
+                    continue
+                exit_status = await backend.container_exit(sandbox, container)
+                if exit_status is None:
+                    raise error
+                log.warning("container ended with its pod's holder", extra={"container": container.id[:12]})
+                self._mark_exited(container, exit_status)
 
     async def _release_sandbox(self, sandbox: SandboxRecord, best_effort: bool) -> None:
         steps: list[Callable[[], Awaitable[None]]] = [
