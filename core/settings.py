@@ -146,6 +146,9 @@ class VmSettings:
     default_memory_mib: int = field(
         default=256, metadata=doc("a VM's RAM besides its pod's memory limit; at least 128 (the initramfs lives in it)")
     )
+    memory_headroom_mib: int = field(
+        default=0, metadata=doc("RAM a VM boots with beyond its pod's, held by the balloon: room to grow in place")
+    )
     max_vcpus: int | None = field(default=None, metadata=doc("the most vCPUs a VM may have", unset="the node's CPUs"))
     max_memory_mib: int | None = field(
         default=None, metadata=doc("the most RAM a VM may have", unset="3/4 of the node's MemTotal")
@@ -409,6 +412,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         accel=vm_table.choice("accel", ACCELS, defaults.vm.accel),
         default_vcpus=vm_table.positive("default_vcpus", defaults.vm.default_vcpus),
         default_memory_mib=vm_table.positive("default_memory_mib", defaults.vm.default_memory_mib),
+        memory_headroom_mib=vm_table.get("memory_headroom_mib", int, defaults.vm.memory_headroom_mib),
         boot_timeout_seconds=vm_table.number("boot_timeout_seconds", defaults.vm.boot_timeout_seconds),
         qemu=vm_table.path("qemu", defaults.vm.qemu),
         virtiofsd=vm_table.path("virtiofsd", defaults.vm.virtiofsd),
@@ -430,6 +434,8 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
     if vm.default_memory_mib < 128:
         memory = vm.default_memory_mib
         raise vm_table.fail("default_memory_mib", f"must be at least 128 (the initramfs lives in RAM), got {memory}")
+    if vm.memory_headroom_mib < 0:
+        raise vm_table.fail("memory_headroom_mib", f"cannot be negative, got {vm.memory_headroom_mib}")
     if vm.boot_timeout_seconds <= 0:
         raise vm_table.fail("boot_timeout_seconds", f"must be positive, got {vm.boot_timeout_seconds:g}")
     vm_table.done()

@@ -496,6 +496,17 @@ class PodManager:
             await backend.update_resources(sandbox, container, oci_resources)
             container.config.linux.resources.CopyFrom(resources)
             self._container_store.put(container)
+            self._sandbox_store.put(sandbox)  # a VM may have grown for it
+
+    async def update_sandbox_resources(self, ident: str, resources: pb.LinuxContainerResources) -> None:
+        sandbox = self.sandbox(ident)
+        async with self._locks.hold(sandbox.id):
+            if sandbox.state != SandboxState.READY:
+                raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
+            backend = self._backend(sandbox)
+            await backend.update_sandbox_resources(sandbox, linux_resources(resources, backend.host_info(sandbox)))
+            sandbox.config.linux.resources.CopyFrom(resources)
+            self._sandbox_store.put(sandbox)
 
     async def reopen_log(self, ident: str) -> None:
         sandbox, container = await self.running(ident)

@@ -61,6 +61,7 @@ class FakeBackend(Backend[Path]):
         self.fail_start: set[str] = set()  # container names whose start fails
         self.calls: list[tuple[str, str]] = []
         self.holder_ends_containers = False  # as a VM: stopping the pod's holder ends every container in it
+        self.sandbox_resources: dict[str, Resources] = {}
 
     @classmethod
     def create(cls, settings: Path) -> FakeBackend:
@@ -162,6 +163,10 @@ class FakeBackend(Backend[Path]):
         self, sandbox: SandboxRecord, container: ContainerRecord, cmd: list[str], timeout: int
     ) -> ExecResult:
         return ExecResult(0, " ".join(cmd).encode(), b"")
+
+    async def update_sandbox_resources(self, sandbox: SandboxRecord, resources: Resources) -> None:
+        self.calls.append(("update_sandbox_resources", sandbox.id))
+        self.sandbox_resources[sandbox.id] = resources
 
     async def update_resources(self, sandbox: SandboxRecord, container: ContainerRecord, resources: Resources) -> None:
         self.containers[container.id].resources.append(resources)

@@ -162,3 +162,10 @@ def test_metrics_are_off_unless_an_address_is_set():
 def test_a_bad_metrics_address_is_named(address):
     with pytest.raises(ConfigError, match=r"key 'metrics.address': must be \"IP:PORT\""):
         parse_config({"metrics": {"address": address}})
+
+
+def test_vm_memory_headroom_is_off_by_default_and_never_negative():
+    assert Config().vm.memory_headroom_mib == 0
+    assert parse_config({"vm": {"memory_headroom_mib": 512}}).vm.memory_headroom_mib == 512
+    with pytest.raises(ConfigError, match=r"key 'vm.memory_headroom_mib': cannot be negative"):
+        parse_config({"vm": {"memory_headroom_mib": -1}})
