@@ -283,3 +283,18 @@ async def test_pods_whose_backend_is_gone_are_served_from_their_records_and_refu
         with pytest.raises(FailedPrecondition, match="vm backend not available"):
             await refused
     await third.close()
+
+
+async def test_update_sandbox_resources_hands_the_backend_oci_resources_and_records_them(env):
+    pods, fake = env
+    sandbox = await pods.run_sandbox(host_network_pod(), "")
+    resources = pb.LinuxContainerResources(memory_limit_in_bytes=64 * 2**20, cpu_quota=50_000, cpu_period=100_000)
+    await pods.update_sandbox_resources(sandbox.id, resources)
+    assert fake.sandbox_resources[sandbox.id] == {
+        "cpu": {"quota": 50_000, "period": 100_000},
+        "memory": {"limit": 64 * 2**20, "swap": 64 * 2**20},
+    }
+    assert sandbox.config.linux.resources.memory_limit_in_bytes == 64 * 2**20
+    await pods.stop_sandbox(sandbox.id)
+    with pytest.raises(FailedPrecondition, match="is not ready"):
+        await pods.update_sandbox_resources(sandbox.id, resources)
