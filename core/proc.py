@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import shlex
@@ -23,9 +24,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from core.errors import CommandFailed, DeadlineExceeded, Unavailable
+from core.errors import CommandFailed, DeadlineExceeded, InvalidArgument, TandemError, Unavailable
 
 log = logging.getLogger("tandem.proc")
+
+
+def start_error(program: str, error: OSError) -> TandemError:
+    """The domain error for a program the kernel would not start: never let an OSError escape.
+
+    Callers' cleanup paths catch domain errors; an argv or environment built from an
+    oversized request (E2BIG) must fail the request, not leave state nobody can remove.
+    """
+    if isinstance(error, FileNotFoundError):
+        return Unavailable(f"{program} is not installed (run `tandem doctor`)")
+    if error.errno == errno.E2BIG:
+        return InvalidArgument(f"{program}: argument list or environment too long")
+    return Unavailable(f"cannot start {program}: {error.strerror or error}")
 
 
 @dataclass(frozen=True)
@@ -82,8 +96,8 @@ def run_blocking(
     stdin = subprocess.DEVNULL if input is None else None
     try:
         done = subprocess.run(args, stdin=stdin, input=input, capture_output=True, timeout=timeout, check=False)
-    except FileNotFoundError as e:
-        raise Unavailable(f"{args[0]} is not installed (run `tandem doctor`)") from e
+    except OSError as e:
+        raise start_error(args[0], e) from e
     except subprocess.TimeoutExpired:
         raise DeadlineExceeded(f"{args[0]} did not finish within {timeout:g}s") from None
     return Completed(args, done.returncode, done.stdout, done.stderr)
@@ -117,8 +131,8 @@ async def spawn(
             pass_fds=tuple(pass_fds),
             start_new_session=start_new_session,
         )
-    except FileNotFoundError as e:
-        raise Unavailable(f"{args[0]} is not installed (run `tandem doctor`)") from e
+    except OSError as e:
+        raise start_error(args[0], e) from e
 
 
 def spawn_detached(
@@ -145,8 +159,8 @@ def spawn_detached(
                 start_new_session=True,
                 pass_fds=tuple(pass_fds),
             )
-        except FileNotFoundError as e:
-            raise Unavailable(f"{args[0]} is not installed (run `tandem doctor`)") from e
+        except OSError as e:
+            raise start_error(args[0], e) from e
     identity = ProcessIdentity.of(child.pid)
     assert identity is not None, "our own unreaped child has a /proc entry"
     return identity

@@ -91,6 +91,9 @@ class DefaultNetworkSettings:
     253 pods, more than kubelet's default max-pods (110), and claims little of the node's network.
     """
 
+    enabled: bool = field(
+        default=True, metadata=doc("false: no network until one is installed in conf_dir (containerd's behaviour)")
+    )
     bridge: str = field(default="tandem0", metadata=doc("the bridge's interface name"))
     subnet: str = field(default="10.157.0.0/24", metadata=doc("IPv4, /29 or larger (README, Pod network, says why)"))
     masquerade: bool = field(default=True, metadata=doc("NAT pods' traffic out of the node; false where it is routed"))
@@ -307,7 +310,7 @@ class _Reader:
 
 
 def _default_network(table: _Reader, defaults: DefaultNetworkSettings) -> DefaultNetworkSettings:
-    """`[cni.default]`: a Linux interface name, an IPv4 subnet with room for pods, masquerade on or off."""
+    """`[cni.default]`: on or off, a Linux interface name, an IPv4 subnet with room for pods, masquerade on or off."""
     bridge = table.get("bridge", str, defaults.bridge)
     if not 0 < len(bridge.encode()) < 16 or any(c in bridge for c in "/: \t\n") or bridge in (".", ".."):
         reason = f"must be a network interface name (1-15 bytes, no '/', ':' or spaces), got {bridge!r}"
@@ -320,7 +323,10 @@ def _default_network(table: _Reader, defaults: DefaultNetworkSettings) -> Defaul
     if network.prefixlen > 29:
         raise table.fail("subnet", f"must be /29 or larger (room for a gateway and pods), got {subnet}")
     settings = DefaultNetworkSettings(
-        bridge=bridge, subnet=str(network), masquerade=table.get("masquerade", bool, defaults.masquerade)
+        enabled=table.get("enabled", bool, defaults.enabled),
+        bridge=bridge,
+        subnet=str(network),
+        masquerade=table.get("masquerade", bool, defaults.masquerade),
     )
     table.done()
     return settings

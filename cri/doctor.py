@@ -179,8 +179,12 @@ def _check_metrics(config: Config) -> Finding:
 def _check_cni(config: Config) -> list[Finding]:
     """Which network pods join and why; NetworkReady; for the default network, whether its subnet is free."""
     settings = config.cni.default
-    default = default_network(
-        config.runtime_dir / "cni", bridge=settings.bridge, subnet=settings.subnet, masquerade=settings.masquerade
+    default = (
+        default_network(
+            config.runtime_dir / "cni", bridge=settings.bridge, subnet=settings.subnet, masquerade=settings.masquerade
+        )
+        if settings.enabled
+        else None
     )
     choice = cni.choose_network(config.cni.conf_dir, default)
     ready = cni.readiness(choice, config.cni.bin_dirs)

@@ -133,7 +133,9 @@ class Daemon:
                 bridge=default.bridge,
                 subnet=default.subnet,
                 masquerade=default.masquerade,
-            ),
+            )
+            if default.enabled
+            else None,
         )
         plugins.current()  # logs which network pods join, and why
         self.pods = PodManager(

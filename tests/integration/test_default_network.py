@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from protos import cri_pb2 as pb
@@ -164,3 +165,20 @@ def test_crictl_runp_on_the_default_network(node):
     assert info["podNetwork"]["default"] is True and info["podNetwork"]["network"] == "tandem-default"
     assert {c["type"]: c["status"] for c in info["status"]["conditions"]}["NetworkReady"] is True
     node.remove_pod(pod_id)
+
+
+def test_with_the_default_network_off_kubelet_waits_for_the_cluster_network(tmp_path):
+    (tmp_path / "net.d").mkdir()
+    default = private_network()
+    daemon = TandemDaemon.isolated(tmp_path, default.toml() + "enabled = false\n").start()
+    try:
+        status = daemon.runtime.Status(pb.StatusRequest()).status
+        assert {c.type: c.status for c in status.conditions}["NetworkReady"] is False
+        with pytest.raises(grpc.RpcError) as refused:
+            daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=pod_config("waits", tmp_path / "logs")))
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert pod_leftovers(daemon, ("conmon",), (str(tmp_path),)) == []
+        assert subprocess.run(["ip", "link", "show", default.bridge], capture_output=True).returncode != 0
+    finally:
+        daemon.stop()
+        daemon.unmount_workdir(tmp_path)

@@ -4,6 +4,10 @@ import asyncio
 import os
 import signal
 
+import pytest
+
+from core import proc
+from core.errors import InvalidArgument, Unavailable
 from core.proc import ProcessIdentity, spawn, spawn_detached, wait_exit, wait_pidfd
 
 
@@ -44,3 +48,17 @@ async def test_spawn_wires_stdio():
     process = await spawn(["sh", "-c", "echo out"], stdout=asyncio.subprocess.PIPE)
     out, _ = await process.communicate()
     assert out == b"out\n" and process.returncode == 0
+
+
+async def test_a_program_that_cannot_start_is_a_domain_error_never_an_oserror():
+    """An argv or environment the kernel refuses (E2BIG) must not escape as OSError: cleanup steps
+    catch domain errors, and a pod whose CNI teardown raised OSError could never be removed."""
+    huge = "x" * (4 * 2**20)
+    with pytest.raises(InvalidArgument, match="too long"):
+        await proc.run(["true", huge])
+    with pytest.raises(InvalidArgument, match="too long"):
+        await proc.run(["true"], env={"HUGE": huge})
+    with pytest.raises(InvalidArgument, match="too long"):
+        proc.run_blocking(["true", huge])
+    with pytest.raises(Unavailable, match="not installed"):
+        await proc.run(["/nonexistent/program"])

@@ -169,3 +169,10 @@ def test_vm_memory_headroom_is_off_by_default_and_never_negative():
     assert parse_config({"vm": {"memory_headroom_mib": 512}}).vm.memory_headroom_mib == 512
     with pytest.raises(ConfigError, match=r"key 'vm.memory_headroom_mib': cannot be negative"):
         parse_config({"vm": {"memory_headroom_mib": -1}})
+
+
+def test_the_default_network_can_be_turned_off():
+    assert parse_config({}).cni.default.enabled is True
+    assert parse_config({"cni": {"default": {"enabled": False}}}).cni.default.enabled is False
+    with pytest.raises(ConfigError, match=r"cni\.default\.enabled"):
+        parse_config({"cni": {"default": {"enabled": "no"}}})
