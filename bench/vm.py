@@ -19,7 +19,8 @@
    making + removing a VM's cgroup with its limits.
 2. memory: K idle VM pods with one sleeping container each; after an idle wait,
    the PSS (/proc/PID/smaps_rollup) of every host process whose command line names
-   the pod's VM run dir (QEMU, virtiofsd), per pod and mean; the daemon's PSS apart.
+   the pod's VM run dir (QEMU, virtiofsd), per pod and mean; the daemon's PSS apart;
+   and the CPU those processes used during the idle wait (/proc/PID/stat), in millicores.
 3. density: idle VM pods started one after another until the first failure or the
    cap; how many started, and MemAvailable at the end; then all removed.
 
@@ -96,6 +97,15 @@ def pss_kib(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (and its threads), from /proc/PID/stat."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def processes_naming(text: str) -> dict[int, str]:
@@ -318,7 +328,13 @@ def jail_fixed_cost(ids_dir: Path, samples: int = 20) -> tuple[float, float]:
 def measure_memory(pods: Pods, count: int, idle: float) -> None:
     print(f"\n## 2. host memory per idle VM pod: {count} pods, one `sleep 3600` container each, {idle:g} s idle")
     started = [pods.start(retries=1)[0] for _ in range(count)]
+    processes = [processes_naming(str(pods.run_dir(pod_id))) for pod_id in started]
+    cpu_before = [sum(cpu_seconds(pid) for pid in procs) for procs in processes]
     time.sleep(idle)
+    cpu_after = [sum(cpu_seconds(pid) for pid in procs) for procs in processes]
+    millicores = [(after - before) / idle * 1000 for before, after in zip(cpu_before, cpu_after, strict=True)]
+    print(f"cpu: idle VM pod's QEMU + virtiofsd over {idle:g} s: mean {statistics.mean(millicores):.0f} millicores "
+          f"(min {min(millicores):.0f}, max {max(millicores):.0f})")  # fmt: skip
     totals = []
     for pod_id in started:
         procs = processes_naming(str(pods.run_dir(pod_id)))

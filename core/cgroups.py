@@ -220,6 +220,24 @@ def set_limits(path: str, limits: Limits, mountinfo: str | None = None) -> None:
             _write(target, value)
 
 
+def set_memory_limit(path: str, memory_bytes: int, mountinfo: str | None = None) -> None:
+    """Change only the memory limit of an existing cgroup (swap stays none). On v1 memsw may never be below the
+    memory limit, so a raise writes it first and a cut second."""
+    rel = _relative(path)
+    roots = controller_roots(mountinfo)
+    if "memory" not in roots:
+        raise FailedPrecondition("the memory cgroup controller is not available on this host")
+    root, version = roots["memory"]
+    if version == 2:
+        _write(root / rel / "memory.max", str(memory_bytes))
+        return
+    memory, memsw = root / rel / "memory.limit_in_bytes", root / rel / "memory.memsw.limit_in_bytes"
+    order = [memory, memsw] if memory_bytes < int(memory.read_text()) else [memsw, memory]
+    for target in order:
+        if target.exists():
+            _write(target, str(memory_bytes))
+
+
 def read_limits(path: str, mountinfo: str | None = None) -> dict[str, str]:
     """The limit files `set_limits` writes, as they read now (file name -> stripped content)."""
     rel = _relative(path)

@@ -225,6 +225,13 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
         await self.pods.update_resources(request.container_id, request.linux)
         return pb.UpdateContainerResourcesResponse()
 
+    async def UpdatePodSandboxResources(
+        self, request: pb.UpdatePodSandboxResourcesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdatePodSandboxResourcesResponse:
+        validate.update_pod_sandbox_resources(request)
+        await self.pods.update_sandbox_resources(request.pod_sandbox_id, request.resources)
+        return pb.UpdatePodSandboxResourcesResponse()
+
     async def ReopenContainerLog(
         self, request: pb.ReopenContainerLogRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReopenContainerLogResponse:

@@ -20,13 +20,16 @@ from typing import Any
 
 import grpc
 
+from core import metrics
 from core.errors import FailedPrecondition, TandemError
 from core.files import private_dir
 from core.settings import Config
 from cri.encoded import add_servicer
 from cri.errors import ErrorInterceptor
 from cri.image_service import ImageServicer
+from cri.prometheus import MetricsInterceptor, MetricsServer, PrometheusMetrics
 from cri.runtime_service import RuntimeServicer
+from cri.sdnotify import Notifier
 from cri.streaming.pods import PodStreams
 from cri.streaming.server import StreamingServer
 from cri.version import RUNTIME_VERSION
@@ -99,9 +102,14 @@ class Daemon:
         self.images: ImageStore | None = None
         self.pods: PodManager | None = None
         self.streaming: StreamingServer | None = None
+        self.metrics: MetricsServer | None = None
 
     async def start(self) -> None:
         config = self.config
+        sink = None
+        if config.metrics.address:
+            sink = PrometheusMetrics()
+            metrics.install(sink)
         private_dir(config.state_dir)
         private_dir(config.runtime_dir)
         config.runtime_dir.chmod(0o711)  # searchable, not listable: runc in a pod's user namespace passes through
@@ -144,9 +152,15 @@ class Daemon:
         await self.pods.recover()
         self.streaming = StreamingServer(config.streaming, PodStreams(self.pods))
         await self.streaming.start()
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
+        if sink is not None:
+            sink.count_objects(self.pods)
+            self.metrics = MetricsServer(config.metrics.address, sink.registry)
+            await self.metrics.start()
+            interceptors.insert(0, MetricsInterceptor(sink))
 
         server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -176,6 +190,10 @@ class Daemon:
         if self.streaming is not None:
             await self.streaming.stop()
             self.streaming = None
+        if self.metrics is not None:
+            await self.metrics.stop()
+            self.metrics = None
+            metrics.install(metrics.MetricsSink())
         if self.pods is not None:
             await self.pods.close()
             self.pods = None
@@ -190,14 +208,17 @@ class Daemon:
 async def serve(config: Config) -> None:
     """Serve until SIGTERM or SIGINT, then finish in-flight calls and exit."""
     os.umask(0o077)
+    notifier = Notifier.from_environment()
     daemon = Daemon(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await daemon.start()
+    notifier.notify("READY=1")
     try:
         await stop.wait()
         log.info("shutting down")
+        notifier.notify("STOPPING=1")
     finally:
         await daemon.stop()

@@ -526,6 +526,9 @@ class RuncBackend(Backend[RuncBackendSettings]):
         process.update(args=cmd, terminal=False)
         return await self.runc.exec_sync(container.id, process, float(timeout) if timeout > 0 else 0.0)
 
+    async def update_sandbox_resources(self, sandbox: SandboxRecord, resources: Resources) -> None:
+        """Nothing to do: kubelet writes the pod cgroup's limits itself (cgroupfs), and the infra process has none."""
+
     async def update_resources(self, sandbox: SandboxRecord, container: ContainerRecord, resources: Resources) -> None:
         await self.runc.update(container.id, resources)
 

@@ -305,6 +305,12 @@ class Backend(ABC, Generic[SettingsT]):
         """Apply new OCI `linux.resources` (built for `host_info`) to a created or running container."""
 
     @abstractmethod
+    async def update_sandbox_resources(self, sandbox: SandboxRecord, resources: Resources) -> None:
+        """The pod's resources changed (kubelet's in-place resize tells before growing containers and after
+        shrinking them): resize what holds the pod, or refuse with the reason. `resources` is OCI, for `host_info`.
+        """
+
+    @abstractmethod
     async def usage(self, pods: list[PodContainers]) -> dict[str, ContainerUsage]:
         """The resource usage of these running containers, by container id, all collected in one go.
 

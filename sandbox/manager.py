@@ -17,10 +17,12 @@ import functools
 import logging
 import os
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from core import metrics
 from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TandemError, Unimplemented
 from core.files import private_dir
 from core.records import RecordStore
@@ -237,17 +239,21 @@ class PodManager:
         )
         name = self._sandbox_name(config)
         self._reserve(name, sandbox.id, "pod sandbox")
+        began = time.monotonic()
         async with self._locks.hold(sandbox.id):
             self._sandboxes[sandbox.id] = sandbox
             self._sandbox_store.put(sandbox)
             try:
-                await self.network.connect(sandbox, lambda path: backend.create_network_namespace(sandbox, path))
-                await backend.start_sandbox(sandbox)
+                with metrics.timed(metrics.Timing.SANDBOX_NETWORK):
+                    await self.network.connect(sandbox, lambda path: backend.create_network_namespace(sandbox, path))
+                with metrics.timed(metrics.Timing.SANDBOX_RUNTIME_CREATE, backend.name):
+                    await backend.start_sandbox(sandbox)
             except BaseException:
                 await self._release_sandbox(sandbox, best_effort=True)
                 raise
             sandbox.state = SandboxState.READY
             self._sandbox_store.put(sandbox)
+        metrics.timing(metrics.Timing.SANDBOX_RUN, time.monotonic() - began, backend.name)
         log.info(
             "pod started",
             extra={
@@ -267,10 +273,7 @@ class PodManager:
         except NotFound:
             return
         async with self._locks.hold(sandbox.id):
-            for container in self.containers_of(sandbox.id):
-                async with self._locks.hold(container.id):
-                    await self._stop_container(sandbox, container, timeout=0)
-            await self._backend(sandbox).stop_sandbox(sandbox)
+            await self._stop_containers_and_holder(sandbox)
             await self.network.disconnect(sandbox)
             if sandbox.state != SandboxState.NOTREADY:
                 sandbox.state = SandboxState.NOTREADY
@@ -283,12 +286,35 @@ class PodManager:
         except NotFound:
             return
         async with self._locks.hold(sandbox.id):
+            await self._stop_containers_and_holder(sandbox)
             for container in self.containers_of(sandbox.id):
                 async with self._locks.hold(container.id):
-                    await self._stop_container(sandbox, container, timeout=0)
                     await self._remove_container(sandbox, container)
             await self._release_sandbox(sandbox, best_effort=False)
         log.info("pod removed", extra={"pod": sandbox.id[:12]})
+
+    async def _stop_containers_and_holder(self, sandbox: SandboxRecord) -> None:
+        """Kill every container, then the pod's holder. A container that survived its kill may still end
+        with the holder (a VM's do, even when its guest could not kill them): only one that outlives both
+        fails the stop, so a broken guest never keeps its pod from being stopped and removed."""
+        survivors: list[tuple[ContainerRecord, TandemError]] = []
+        for container in self.containers_of(sandbox.id):
+            async with self._locks.hold(container.id):
+                try:
+                    await self._stop_container(sandbox, container, timeout=0)
+                except TandemError as e:
+                    survivors.append((container, e))
+        backend = self._backend(sandbox)
+        await backend.stop_sandbox(sandbox)
+        for container, error in survivors:
+            async with self._locks.hold(container.id):
+                if container.state in (ContainerState.EXITED, ContainerState.UNKNOWN):
+                    continue
+                exit_status = await backend.container_exit(sandbox, container)
+                if exit_status is None:
+                    raise error
+                log.warning("container ended with its pod's holder", extra={"container": container.id[:12]})
+                self._mark_exited(container, exit_status)
 
     async def _release_sandbox(self, sandbox: SandboxRecord, best_effort: bool) -> None:
         steps: list[Callable[[], Awaitable[None]]] = [
@@ -385,6 +411,7 @@ class PodManager:
             self._container_store.put(container)
             rootfs = ImageRootfs(image.image_id, self.images.layer_dirs(image), self.images.config_of(image))
             backend = self._backend(sandbox)
+            began = time.monotonic()
             try:
                 platform = await backend.prepare_container(sandbox, container, rootfs)
                 spec = oci.container_spec(
@@ -399,6 +426,7 @@ class PodManager:
                 self._forget(container)
                 raise
             self._container_store.put(container)
+            metrics.timing(metrics.Timing.CONTAINER_CREATE, time.monotonic() - began, backend.name)
         self._publish(container, "created")
         return container
 
@@ -409,7 +437,8 @@ class PodManager:
             if container.state != ContainerState.CREATED:
                 raise FailedPrecondition(f"container {container.id} is {container.state}, not created")
             try:
-                await self._backend(sandbox).start_container(sandbox, container)
+                with metrics.timed(metrics.Timing.CONTAINER_START, sandbox.backend):
+                    await self._backend(sandbox).start_container(sandbox, container)
             except TandemError as e:
                 container.state = ContainerState.EXITED
                 container.finished_at = now_ns()
@@ -539,6 +568,17 @@ class PodManager:
             await backend.update_resources(sandbox, container, oci_resources)
             container.config.linux.resources.CopyFrom(resources)
             self._container_store.put(container)
+            self._sandbox_store.put(sandbox)  # a VM may have grown for it
+
+    async def update_sandbox_resources(self, ident: str, resources: pb.LinuxContainerResources) -> None:
+        sandbox = self.sandbox(ident)
+        async with self._locks.hold(sandbox.id):
+            if sandbox.state != SandboxState.READY:
+                raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
+            backend = self._backend(sandbox)
+            await backend.update_sandbox_resources(sandbox, linux_resources(resources, backend.host_info(sandbox)))
+            sandbox.config.linux.resources.CopyFrom(resources)
+            self._sandbox_store.put(sandbox)
 
     async def reopen_log(self, ident: str) -> None:
         sandbox, container = await self.running(ident)

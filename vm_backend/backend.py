@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import secrets
 import shutil
 import signal
@@ -36,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core import cgroups, mounts
+from core import cgroups, metrics, mounts
 from core.errors import FailedPrecondition, InvalidArgument, TandemError, Unavailable
 from core.files import atomic_write_json, private_dir
 from core.proc import wait_exit
@@ -60,7 +61,7 @@ from sandbox.oci import rootfs
 from sandbox.oci.layer_usage import LayerUsage
 from sandbox.oci.model import Resources, Spec
 from sandbox.oci.platform import ContainerPlatform, HostInfo
-from vm_backend import resources
+from vm_backend import resize, resources
 from vm_backend.accel import choose_accel
 from vm_backend.channel import AgentClient
 from vm_backend.events import PodEvents
@@ -70,7 +71,7 @@ from vm_backend.jail import Jail, JailIds
 from vm_backend.network import attach_tap, detach_tap
 from vm_backend.pod import PodVm
 from vm_backend.processes import VmAttach, VmExec, VmPort
-from vm_backend.qemu import VMM_DIR, QemuVm, TapNic, VmSpec
+from vm_backend.qemu import VMM_DIR, QemuVm, TapNic, VmSpec, qmp
 from vm_backend.rundir import make_run_dir, remove_run_dir
 from vm_backend.share import Attached, PodShare, ShareMount, rootfs_path
 from vm_backend.stats import STATS_WAIT, pod_usage
@@ -210,9 +211,10 @@ class VmBackend(Backend[VmBackendSettings]):
         podfiles.hostname(config)  # refuse a bad hostname before booting anything
         netns = Path(sandbox.netns_path)
         settings = self.settings
-        vcpus, memory = resources.vm_size(
+        vcpus, size = resources.vm_size(
             config, settings.default_vcpus, settings.default_memory_mib, self.max_vcpus, self.max_memory_mib
         )
+        memory = max(size, min(size + settings.memory_headroom_mib, self.max_memory_mib))  # the balloon holds the rest
         cgroup = resources.vm_cgroup(config.linux.cgroup_parent, sandbox.id)  # refuses a systemd slice
         run_dir = private_dir(self._run_dir(sandbox))
         await asyncio.to_thread(mounts.make_private, self.root)  # the run dirs' tmpfs mounts stay in this namespace
@@ -224,13 +226,14 @@ class VmBackend(Backend[VmBackendSettings]):
             accel=accel,
             vcpus=vcpus,
             memory_mib=memory,
+            size_mib=size,
             kernel=str(self.assets.kernel),
             initramfs=str(self.assets.initramfs),
         )
         began = time.monotonic()
         if settings.jail:
             uid = self.jail_ids.allocate(sandbox.id)
-            await asyncio.to_thread(resources.create_cgroup, cgroup, resources.vm_limits(vcpus, memory, accel))
+            await asyncio.to_thread(resources.create_cgroup, cgroup, resources.vm_limits(vcpus, size, accel))
             sandbox.backend_state.update(jail_uid=uid, jail_gid=uid, cgroup=cgroup)
         guest = await attach_tap(netns, tap=TAP)
         (nic,) = guest.interfaces[:1]
@@ -258,7 +261,12 @@ class VmBackend(Backend[VmBackendSettings]):
             shared_dir_tag=SHARE_TAG,
         )
         await pod.client_or_fail().setup_pod(setup)
+        if memory > size:  # the headroom goes into the balloon until a resize lets it go
+            await qmp(pod.vm.spec.qmp_socket, "balloon", value=size * resize.MIB)
         ready = time.monotonic()
+        metrics.timing(metrics.Timing.VM_BOOT, booted - began)
+        metrics.timing(metrics.Timing.VM_AGENT_READY, connected - booted)
+        metrics.timing(metrics.Timing.VM_SETUP_POD, ready - connected)
         log.info(
             "pod %s: VM ready in %.2fs (boot %.2fs, agent start %.2fs, pod setup %.2fs)",
             sandbox.id[:12], ready - began, booted - began, connected - booted, ready - connected,
@@ -458,8 +466,30 @@ class VmBackend(Backend[VmBackendSettings]):
         return ExecResult(result.exit_code, result.stdout, result.stderr)
 
     async def update_resources(self, sandbox: SandboxRecord, container: ContainerRecord, resources: Resources) -> None:
+        """The container's limits change in the guest; a memory limit the VM is too small for grows it first."""
         pod = await self._connected(sandbox)
+        limit = resources.get("memory", {}).get("limit", 0)
+        wanted = resize.target_for(self.settings.default_memory_mib, limit)
+        async with pod.lock:
+            if wanted > int(sandbox.backend_state.get("size_mib", sandbox.backend_state["memory_mib"])):
+                await resize.resize_memory(sandbox.backend_state, pod.vm.spec.qmp_socket, wanted)
         await pod.client_or_fail().update_resources(container.id, resources)
+
+    async def update_sandbox_resources(self, sandbox: SandboxRecord, resources: Resources) -> None:
+        """The VM grows or shrinks to its default size plus the pod's memory limit; its vCPUs cannot change."""
+        pod = await self._connected(sandbox)
+        state = sandbox.backend_state
+        cpu = resources.get("cpu", {})
+        if cpu.get("quota", 0) > 0 and cpu.get("period", 0) > 0:
+            wanted_vcpus = self.settings.default_vcpus + math.ceil(cpu["quota"] / cpu["period"])
+            if wanted_vcpus > int(state.get("vcpus", 1)):
+                raise FailedPrecondition(
+                    f"the pod's CPU limit needs {wanted_vcpus} vCPUs, but its VM booted with {state.get('vcpus', 1)} "
+                    "and cannot add any: QEMU's microvm machine has no CPU hotplug. Recreate the pod with the new limit"
+                )
+        wanted = resize.target_for(self.settings.default_memory_mib, resources.get("memory", {}).get("limit", 0))
+        async with pod.lock:
+            await resize.resize_memory(state, pod.vm.spec.qmp_socket, wanted)
 
     def _upper(self, container_id: str) -> Path:
         return self.layers / container_id / "upper"

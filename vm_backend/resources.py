@@ -32,6 +32,15 @@ MIB = 2**20
 # VM that faults it in, reclaimable but in use, so the limit leaves room for it (53 + 100 -> 160).
 # KVM cannot be measured here (these hosts' /dev/kvm is PVM): estimated as the same less the translation cache.
 OVERHEAD_MIB = {"tcg": 160, "kvm": 128}
+# What a VM pod costs beyond its containers, for a RuntimeClass's overhead.podFixed (`tandem config
+# runtimeclasses`). Memory: the VM cgroup's limit beyond the containers' own limits -- the default guest RAM plus
+# OVERHEAD_MIB -- because the kubelet's pod cgroup (the containers' limits plus podFixed) holds the VM's cgroup and
+# must never be the smaller of the two; an idle pod uses less (PSS 221 MiB: `python -m bench.vm --skip start jail
+# density --idle-pods 2 --idle-seconds 30`, TCG, a busybox `sleep 3600` pod). CPU: the same run measured an idle
+# pod's QEMU + virtiofsd at 14 millicores (10-18); podFixed asks 100m, room for the VMM's device emulation when the
+# guest does I/O, without reserving a whole CPU per pod at scheduling (the VM cgroup's quota is a ceiling, not a
+# reservation).
+POD_FIXED_CPU_MILLICORES = 100
 # Tasks (the pids controller counts threads). Measured: 8 under 8 parallel `find | cat` loops in the guest --
 # QEMU 4 (main, RCU, the vCPU, one worker; one more thread per extra vCPU), virtiofsd 4 (no thread pool by
 # default). 64 leaves room for QEMU's on-demand workers and the jailer while it starts.
@@ -85,6 +94,11 @@ def vm_size(
 def vm_cgroup(cgroup_parent: str, sandbox_id: str) -> str:
     """The VM's cgroup: `<pod cgroup>/<sandbox id>`, where a runc pod's infra container would be."""
     return cgroups.cgroups_path(cgroups.pod_parent(cgroup_parent, sandbox_id), sandbox_id)
+
+
+def pod_fixed_overhead(default_memory_mib: int, accel: str) -> tuple[int, int]:
+    """(CPU millicores, memory MiB) a RuntimeClass's overhead.podFixed needs for VM pods (see above)."""
+    return POD_FIXED_CPU_MILLICORES, default_memory_mib + OVERHEAD_MIB[accel]
 
 
 def vm_limits(vcpus: int, memory_mib: int, accel: str) -> cgroups.Limits:

@@ -46,6 +46,7 @@ class FakeContainer:
     exit: ExitStatus | None = None
     resources: list[Resources] = field(default_factory=list)
     ignores_signals: bool = False  # stop_container cannot end it
+    sandbox_id: str = ""
 
 
 class FakeBackend(Backend[Path]):
@@ -61,6 +62,8 @@ class FakeBackend(Backend[Path]):
         self.fail_start: set[str] = set()  # container names whose start fails
         self.unmeasured: set[str] = set()  # container ids `usage` leaves out (a guest that did not answer)
         self.calls: list[tuple[str, str]] = []
+        self.holder_ends_containers = False  # as a VM: stopping the pod's holder ends every container in it
+        self.sandbox_resources: dict[str, Resources] = {}
 
     @classmethod
     def create(cls, settings: Path) -> FakeBackend:
@@ -96,6 +99,10 @@ class FakeBackend(Backend[Path]):
         self.calls.append(("stop_sandbox", sandbox.id))
         if sandbox.id in self.pods:
             self.pods[sandbox.id] = False
+        if self.holder_ends_containers:
+            for fake in self.containers.values():
+                if fake.sandbox_id == sandbox.id and fake.started and fake.exit is None:
+                    fake.exit = ExitStatus(255, time.time_ns(), reason="VMDied")
 
     async def remove_sandbox(self, sandbox: SandboxRecord) -> None:
         self.calls.append(("remove_sandbox", sandbox.id))
@@ -134,7 +141,7 @@ class FakeBackend(Backend[Path]):
         self, sandbox: SandboxRecord, container: ContainerRecord, spec: Spec, stop_signal: int
     ) -> None:
         self.calls.append(("create_container", container.id))
-        self.containers[container.id] = FakeContainer(spec, stop_signal)
+        self.containers[container.id] = FakeContainer(spec, stop_signal, sandbox_id=sandbox.id)
 
     async def start_container(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
         self.calls.append(("start_container", container.id))
@@ -164,6 +171,10 @@ class FakeBackend(Backend[Path]):
         self, sandbox: SandboxRecord, container: ContainerRecord, cmd: list[str], timeout: int
     ) -> ExecResult:
         return ExecResult(0, " ".join(cmd).encode(), b"")
+
+    async def update_sandbox_resources(self, sandbox: SandboxRecord, resources: Resources) -> None:
+        self.calls.append(("update_sandbox_resources", sandbox.id))
+        self.sandbox_resources[sandbox.id] = resources
 
     async def update_resources(self, sandbox: SandboxRecord, container: ContainerRecord, resources: Resources) -> None:
         self.containers[container.id].resources.append(resources)

@@ -132,6 +132,31 @@ async def test_a_container_that_survives_its_kill_is_reported(env):
     assert record.state == ContainerState.RUNNING
 
 
+async def test_a_pod_whose_holder_ends_its_containers_stops_and_goes_even_if_one_survived_its_kill(env):
+    # kubelet found this: a VM whose guest could not kill a container kept StopPodSandbox failing forever,
+    # though stopping the VM ends every container in it
+    pods, fake = env
+    fake.holder_ends_containers = True
+    sandbox, record = await running(pods)
+    fake.containers[record.id].ignores_signals = True
+    await pods.stop_sandbox(sandbox.id)
+    assert sandbox.state == SandboxState.NOTREADY
+    assert (record.state, record.exit_code, record.reason) == (ContainerState.EXITED, 255, "VMDied")
+    await pods.remove_sandbox(sandbox.id)
+    assert pods.list_sandboxes(None) == [] and record.id not in fake.containers
+
+
+async def test_a_container_that_outlives_its_pods_holder_still_fails_the_pods_stop(env):
+    pods, fake = env
+    sandbox, record = await running(pods)
+    fake.containers[record.id].ignores_signals = True
+    with pytest.raises(FailedPrecondition, match="still running after being killed"):
+        await pods.stop_sandbox(sandbox.id)
+    with pytest.raises(FailedPrecondition, match="still running after being killed"):
+        await pods.remove_sandbox(sandbox.id)
+    assert record.state == ContainerState.RUNNING and pods.sandbox(sandbox.id) is sandbox
+
+
 async def test_an_exit_is_recorded_and_published_when_the_backend_tells(env):
     pods, fake = env
     events = pods.events.subscribe()
@@ -385,3 +410,18 @@ async def test_handlers_report_their_backends_features_and_requests_beyond_them_
     with pytest.raises(Unimplemented, match="recursive read-only mounts \\(/ro\\) are not supported on the vm"):
         await pods.create_container(vm_pod.id, container(mounts=[rro]), vm_pod.config)
     await pods.close()
+
+
+async def test_update_sandbox_resources_hands_the_backend_oci_resources_and_records_them(env):
+    pods, fake = env
+    sandbox = await pods.run_sandbox(host_network_pod(), "")
+    resources = pb.LinuxContainerResources(memory_limit_in_bytes=64 * 2**20, cpu_quota=50_000, cpu_period=100_000)
+    await pods.update_sandbox_resources(sandbox.id, resources)
+    assert fake.sandbox_resources[sandbox.id] == {
+        "cpu": {"quota": 50_000, "period": 100_000},
+        "memory": {"limit": 64 * 2**20, "swap": 64 * 2**20},
+    }
+    assert sandbox.config.linux.resources.memory_limit_in_bytes == 64 * 2**20
+    await pods.stop_sandbox(sandbox.id)
+    with pytest.raises(FailedPrecondition, match="is not ready"):
+        await pods.update_sandbox_resources(sandbox.id, resources)

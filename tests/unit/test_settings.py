@@ -161,6 +161,25 @@ def test_one_log_cap_for_both_backends():
     assert config.runc_backend().log_size_max == config.vm_backend().log_size_max == 2**20
 
 
+def test_metrics_are_off_unless_an_address_is_set():
+    assert Config().metrics.address == ""
+    assert parse_config({"metrics": {"address": "127.0.0.1:9090"}}).metrics.address == "127.0.0.1:9090"
+    assert parse_config({"metrics": {"address": "[::1]:0"}}).metrics.address == "[::1]:0"
+
+
+@pytest.mark.parametrize("address", ["localhost:9090", "127.0.0.1", "127.0.0.1:http", "127.0.0.1:70000", ":9090"])
+def test_a_bad_metrics_address_is_named(address):
+    with pytest.raises(ConfigError, match=r"key 'metrics.address': must be \"IP:PORT\""):
+        parse_config({"metrics": {"address": address}})
+
+
+def test_vm_memory_headroom_is_off_by_default_and_never_negative():
+    assert Config().vm.memory_headroom_mib == 0
+    assert parse_config({"vm": {"memory_headroom_mib": 512}}).vm.memory_headroom_mib == 512
+    with pytest.raises(ConfigError, match=r"key 'vm.memory_headroom_mib': cannot be negative"):
+        parse_config({"vm": {"memory_headroom_mib": -1}})
+
+
 def test_the_default_network_can_be_turned_off():
     assert parse_config({}).cni.default.enabled is True
     assert parse_config({"cni": {"default": {"enabled": False}}}).cni.default.enabled is False
