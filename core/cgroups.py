@@ -259,6 +259,36 @@ def join(directories_: list[Path], pid: int = 0) -> None:
         _write(directory / "cgroup.procs", str(pid))
 
 
+def move_processes(source: str, target: str, mountinfo: str | None = None) -> set[int]:
+    """Move every process of the cgroup `source` (not below it) into `target`, in every hierarchy; returns them.
+
+    Memory already charged stays where it was on cgroup v2 (the kernel never moves
+    charges there); on a v1 memory hierarchy `target` takes the charges of its
+    immigrants' pages along (`memory.move_charge_at_immigrate`: anonymous and file
+    pages, shared memory included), as far as `target`'s limit allows.
+    """
+    roots = controller_roots(mountinfo)
+    memory = roots.get("memory")
+    source_rel, target_rel = _relative(source), _relative(target)
+    if memory is not None and memory[1] == 1:
+        immigrate = memory[0] / target_rel / "memory.move_charge_at_immigrate"
+        if immigrate.exists():
+            _write(immigrate, "3")
+    moved: set[int] = set()
+    for root in hierarchies(mountinfo):
+        try:
+            pids = [int(line) for line in (root / source_rel / "cgroup.procs").read_text().split()]
+        except FileNotFoundError:
+            continue
+        for pid in pids:
+            try:
+                _write(root / target_rel / "cgroup.procs", str(pid))
+            except ProcessLookupError:
+                continue  # it ended meanwhile
+            moved.add(pid)
+    return moved
+
+
 def processes(path: str, mountinfo: str | None = None) -> set[int]:
     """Every process in the cgroup `path` or below it, in any hierarchy."""
     found: set[int] = set()

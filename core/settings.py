@@ -136,6 +136,7 @@ class MetricsSettings:
 
 JAIL_UID_FIRST = 0x70000000  # 1879048192: above systemd's container range, below 2**31 (see README)
 JAIL_UID_COUNT = 65536
+MAX_WARM_POOL = 64  # each warm VM holds its guest's RAM: more is a typo, not a choice
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,10 @@ class VmSettings:
     )
     jail_uid_count: int = field(default=JAIL_UID_COUNT, metadata=doc("so at most this many VM pods at once"))
     boot_timeout_seconds: float = field(default=30.0, metadata=doc("a boot that misses it is killed and retried once"))
+    warm_pool: int = field(
+        default=1,
+        metadata=doc("VMs kept booted for pods of the default size (README, The warm pool: ~170 MiB each); 0 is off"),
+    )
     qemu: Path = field(default=Path("/usr/bin/qemu-system-x86_64"), metadata=doc("QEMU's system emulator"))
     virtiofsd: Path = field(default=Path("/usr/lib/qemu/virtiofsd"), metadata=doc("the virtio-fs daemon"))
 
@@ -444,6 +449,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         default_memory_mib=vm_table.positive("default_memory_mib", defaults.vm.default_memory_mib),
         memory_headroom_mib=vm_table.get("memory_headroom_mib", int, defaults.vm.memory_headroom_mib),
         boot_timeout_seconds=vm_table.number("boot_timeout_seconds", defaults.vm.boot_timeout_seconds),
+        warm_pool=vm_table.get("warm_pool", int, defaults.vm.warm_pool),
         qemu=vm_table.path("qemu", defaults.vm.qemu),
         virtiofsd=vm_table.path("virtiofsd", defaults.vm.virtiofsd),
         max_vcpus=vm_table.positive("max_vcpus", 1) if "max_vcpus" in vm_table.table else None,
@@ -464,6 +470,8 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
     if vm.default_memory_mib < 128:
         memory = vm.default_memory_mib
         raise vm_table.fail("default_memory_mib", f"must be at least 128 (the initramfs lives in RAM), got {memory}")
+    if not 0 <= vm.warm_pool <= MAX_WARM_POOL:
+        raise vm_table.fail("warm_pool", f"must be 0 (off) to {MAX_WARM_POOL}, got {vm.warm_pool}")
     if vm.memory_headroom_mib < 0:
         raise vm_table.fail("memory_headroom_mib", f"cannot be negative, got {vm.memory_headroom_mib}")
     if vm.boot_timeout_seconds <= 0:

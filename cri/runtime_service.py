@@ -99,6 +99,7 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
                 }
             )
             info["podNetwork"] = json.dumps(self.pods.network.current().describe())
+            info["backends"] = json.dumps(self.pods.backend_status())
         return pb.StatusResponse(
             status=pb.RuntimeStatus(conditions=conditions),
             info=info,

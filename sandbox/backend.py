@@ -253,6 +253,14 @@ class Backend(ABC, Generic[SettingsT]):
         has nothing to do.
         """
 
+    async def recovered(self) -> None:
+        """At start-up, once every pod was resumed: the backend may settle what is its own beyond its pods (a VM
+        pool's leftovers) and start its background work. Nothing to do here."""
+
+    def status_info(self) -> dict[str, Any]:
+        """What the backend has beyond its pods, for the runtime's verbose Status (`crictl info`): none here."""
+        return {}
+
     def sandbox_info(self, sandbox: SandboxRecord) -> dict[str, Any]:
         """What the backend knows of the pod beyond its records, for verbose PodSandboxStatus (none here)."""
         return {}

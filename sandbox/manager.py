@@ -143,6 +143,8 @@ class PodManager:
                 self._sandbox_store.put(sandbox)
         for container in list(self._containers.values()):
             await self._refresh(container)
+        for backend in self.backends.values():
+            await backend.recovered()
         log.info("pods recovered", extra={"pods": len(self._sandboxes), "containers": len(self._containers)})
 
     async def close(self) -> None:
@@ -608,6 +610,10 @@ class PodManager:
     def backend_names(self) -> list[str]:
         """The backends this host runs."""
         return sorted(self.backends)
+
+    def backend_status(self) -> dict[str, dict[str, Any]]:
+        """Backend name -> what it has beyond its pods (the VM backend's warm pool), where it has anything."""
+        return {name: info for name, backend in sorted(self.backends.items()) if (info := backend.status_info())}
 
     # ---- streaming: looked up again when the connection arrives (it may have stopped since the URL) ----
 

@@ -30,7 +30,6 @@ import dataclasses
 import json
 import logging
 import math
-import secrets
 import shutil
 import signal
 import time
@@ -42,8 +41,7 @@ from core.errors import FailedPrecondition, InvalidArgument, TandemError, Unavai
 from core.files import atomic_write_json, private_dir
 from core.proc import wait_exit
 from core.settings import VmBackendSettings
-from protos import agent_pb2
-from sandbox import podfiles
+from sandbox import netns, podfiles
 from sandbox.backend import (
     Backend,
     BackendFeatures,
@@ -61,7 +59,7 @@ from sandbox.oci import rootfs
 from sandbox.oci.layer_usage import LayerUsage
 from sandbox.oci.model import Resources, Spec
 from sandbox.oci.platform import ContainerPlatform, HostInfo
-from vm_backend import resize, resources
+from vm_backend import resize, resources, sessions
 from vm_backend.accel import choose_accel
 from vm_backend.channel import AgentClient
 from vm_backend.events import PodEvents
@@ -70,12 +68,14 @@ from vm_backend.guest_spec import check_vm_container, guest_host_info, guest_pla
 from vm_backend.jail import Jail, JailIds
 from vm_backend.network import attach_tap, detach_tap
 from vm_backend.pod import PodVm
-from vm_backend.processes import VmAttach, VmExec, VmPort
+from vm_backend.pool import WarmPool
 from vm_backend.qemu import VMM_DIR, QemuVm, TapNic, VmSpec, qmp
 from vm_backend.rundir import make_run_dir, remove_run_dir
+from vm_backend.setup import setup_pod
 from vm_backend.share import Attached, PodShare, ShareMount, rootfs_path
 from vm_backend.stats import STATS_WAIT, pod_usage
 from vm_backend.virtiofs import Virtiofsd, virtiofsd_nofile
+from vm_backend.warm import WarmVmMaker
 
 log = logging.getLogger("tandem.vm")
 
@@ -113,6 +113,12 @@ class VmBackend(Backend[VmBackendSettings]):
         self._pods: dict[str, PodVm] = {}
         self._exit_listener: ExitListener | None = None
         self.layer_usage = LayerUsage()
+        caps = (self.max_vcpus, self.max_memory_mib)
+        self.warm = WarmVmMaker(
+            self.settings, self.root, assets, self.jail_ids, caps, self._accel_choice, self._exited, self.log_size_max
+        )
+        self.pool: WarmPool[PodVm] = WarmPool(settings.vm.warm_pool, self.warm, self.root / "pool")
+        self._warm_owned: dict[str, str] = {}  # after a restart: warm VM id -> the pod whose record names it
 
     @classmethod
     def create(cls, settings: VmBackendSettings) -> VmBackend:
@@ -134,6 +140,14 @@ class VmBackend(Backend[VmBackendSettings]):
         await self.layer_usage.close()
         for pod in self._pods.values():
             pod.unwatch()
+        await self.pool.close()
+
+    async def recovered(self) -> None:
+        """Every pod is resumed: the warm pool settles what the last daemon left, then fills."""
+        await self.pool.start(self._warm_owned)
+
+    def status_info(self) -> dict[str, Any]:
+        return {"warmPool": self.pool.describe()}
 
     def _exited(self, ident: str, status: ExitStatus | None = None) -> None:
         """A container's exit (with its status, from an agent event) or the pod's VM's end (its pod's ID)."""
@@ -143,7 +157,9 @@ class VmBackend(Backend[VmBackendSettings]):
     # ---- handles ---------------------------------------------------------------------------
 
     def _run_dir(self, sandbox: SandboxRecord) -> Path:
-        return self.root / sandbox.id[:16]
+        """Where its record says (a warm VM's keeps its own), else where a cold start makes it."""
+        recorded = sandbox.backend_state.get("run_dir")
+        return Path(recorded) if recorded else self.root / sandbox.id[:16]
 
     def _spec(self, sandbox: SandboxRecord) -> VmSpec:
         state = sandbox.backend_state
@@ -152,7 +168,7 @@ class VmBackend(Backend[VmBackendSettings]):
             cgroup_dirs = tuple(cgroups.directories(state["cgroup"]))
             jail = Jail(int(state["jail_uid"]), int(state["jail_gid"]), cgroup_dirs)
         return VmSpec(
-            name=sandbox.id[:12],
+            name=state.get("vm_name") or sandbox.id[:12],
             run_dir=self._run_dir(sandbox),
             kernel=Path(state.get("kernel") or self.assets.kernel),
             initramfs=Path(state.get("initramfs") or self.assets.initramfs),
@@ -204,17 +220,41 @@ class VmBackend(Backend[VmBackendSettings]):
 
     # ---- pods ------------------------------------------------------------------------------
 
+    async def create_network_namespace(self, sandbox: SandboxRecord, path: Path) -> None:
+        """A warm VM's, made the pod's, when the pool has one of the pod's size (`warm.py`); else a new one."""
+        if self.pool.ready:
+            pod = await self.warm.claim(self.pool, sandbox, path)
+            if pod is not None:
+                self._pods[sandbox.id] = pod
+                return
+        await netns.create_at(path)
+
     async def start_sandbox(self, sandbox: SandboxRecord) -> None:
         if not sandbox.netns_path:
             raise FailedPrecondition("a VM pod needs its own network namespace")
+        podfiles.hostname(sandbox.config)  # refuse a bad hostname before booting anything
+        async with self.pool.pod_starting():
+            if sandbox.backend_state.get("warm"):
+                began = time.monotonic()
+                await self.warm.start(self.pool, sandbox, self._pod(sandbox))
+                metrics.timing(metrics.Timing.VM_SETUP_POD, time.monotonic() - began)
+                log.info("pod %s: warm VM ready in %.2fs", sandbox.id[:12], time.monotonic() - began)
+            else:
+                await self._boot(sandbox)
+
+    async def _boot(self, sandbox: SandboxRecord) -> None:
+        """A cold start: a VM booted for this pod."""
         config = sandbox.config
-        podfiles.hostname(config)  # refuse a bad hostname before booting anything
         netns = Path(sandbox.netns_path)
         settings = self.settings
-        vcpus, size = resources.vm_size(
-            config, settings.default_vcpus, settings.default_memory_mib, self.max_vcpus, self.max_memory_mib
+        vcpus, memory, size = resources.boot_size(
+            config,
+            settings.default_vcpus,
+            settings.default_memory_mib,
+            settings.memory_headroom_mib,
+            self.max_vcpus,
+            self.max_memory_mib,
         )
-        memory = max(size, min(size + settings.memory_headroom_mib, self.max_memory_mib))  # the balloon holds the rest
         cgroup = resources.vm_cgroup(config.linux.cgroup_parent, sandbox.id)  # refuses a systemd slice
         run_dir = private_dir(self._run_dir(sandbox))
         await asyncio.to_thread(mounts.make_private, self.root)  # the run dirs' tmpfs mounts stay in this namespace
@@ -245,22 +285,7 @@ class VmBackend(Backend[VmBackendSettings]):
         sandbox.backend_state["qemu_pid"] = pod.vm.pid()
         await pod.connect(AGENT_CONNECT_TIMEOUT)
         connected = time.monotonic()
-        hostname = podfiles.hostname(config)
-        setup = agent_pb2.SetupPod(
-            hostname=hostname,
-            resolv_conf=podfiles.resolv_conf(config.dns_config),
-            hosts=podfiles.hosts(hostname, sandbox.ips),
-            interfaces=[
-                agent_pb2.Interface(name=i.name, mac=i.mac, addresses=i.addresses, mtu=i.mtu) for i in guest.interfaces
-            ],
-            routes=[
-                agent_pb2.Route(destination=r.destination, gateway=r.gateway, device=r.device) for r in guest.routes
-            ],
-            sysctls=dict(config.linux.sysctls),
-            host_time_unix_ns=time.time_ns(),
-            shared_dir_tag=SHARE_TAG,
-        )
-        await pod.client_or_fail().setup_pod(setup)
+        await pod.client_or_fail().setup_pod(setup_pod(sandbox, guest, SHARE_TAG))
         if memory > size:  # the headroom goes into the balloon until a resize lets it go
             await qmp(pod.vm.spec.qmp_socket, "balloon", value=size * resize.MIB)
         ready = time.monotonic()
@@ -312,6 +337,8 @@ class VmBackend(Backend[VmBackendSettings]):
         if self._cgroup(sandbox) is not None:
             await asyncio.to_thread(resources.remove_cgroup, sandbox.config.linux.cgroup_parent, sandbox.id)
         self.jail_ids.release(sandbox.id)
+        if warm := sandbox.backend_state.get("warm"):
+            self.pool.forget(str(warm))  # a start cut short after the claim left the pool's record
         self._pods.pop(sandbox.id, None)
 
     @staticmethod
@@ -329,6 +356,8 @@ class VmBackend(Backend[VmBackendSettings]):
     async def resume_sandbox(self, sandbox: SandboxRecord, containers: list[ContainerRecord]) -> None:
         """The pod's containers from its records, then a reconnection in the background: the agent replays
         what the last daemon did not acknowledge, and only what the host knows of is taken."""
+        if warm := sandbox.backend_state.get("warm"):
+            self._warm_owned[str(warm)] = sandbox.id
         pod = self._pod(sandbox)
         for container in containers:
             since = container.started_at or container.created_at
@@ -535,53 +564,11 @@ class VmBackend(Backend[VmBackendSettings]):
     ) -> Process:
         process_spec = self._process(sandbox, container)
         process_spec.update(args=cmd, terminal=tty)
-        if tty and terminal_size is not None:
-            process_spec["consoleSize"] = {"width": terminal_size[0], "height": terminal_size[1]}
         pod = await self._connected(sandbox)
-        client = pod.client_or_fail()
-        exec_id = f"x{secrets.token_hex(8)}"
-        process = pod.events.execs[exec_id] = VmExec(client, container.id, exec_id, tty)
-        try:
-            await client.start_exec(
-                container.id, exec_id, process_spec, terminal=tty, stdin=stdin, window=process.window
-            )
-        except BaseException:
-            pod.events.execs.pop(exec_id, None)
-            raise
-        if tty and terminal_size is not None:
-            await process.resize(*terminal_size)
-        return process
+        return await sessions.start_exec(pod, container.id, process_spec, tty=tty, stdin=stdin, size=terminal_size)
 
     async def attach(self, sandbox: SandboxRecord, container: ContainerRecord, *, tty: bool, stdin: bool) -> Process:
-        pod = await self._connected(sandbox)
-        known = pod.events.containers.get(container.id)
-        if known is None:
-            raise FailedPrecondition(f"container {container.id} is not known to its pod's VM")
-        config = container.config
-        attacher = VmAttach(
-            pod.client_or_fail,
-            container.id,
-            tty=config.tty,
-            stdin=stdin and config.stdin,
-            stdin_once=config.stdin_once,
-            detach_on_eof=config.stdin and not config.stdin_once and not config.tty,
-            on_detach=known.attachers.discard,
-        )
-        if known.exit is not None:
-            attacher.finished()
-        else:
-            known.attachers.add(attacher)
-        return attacher
+        return sessions.attach(await self._connected(sandbox), container, stdin=stdin)
 
     async def port_forward(self, sandbox: SandboxRecord, port: int) -> ByteChannel:
-        pod = await self._connected(sandbox)
-        client = pod.client_or_fail()
-        stream_id = f"p{secrets.token_hex(8)}"
-        ports = pod.events.ports
-        channel = ports[stream_id] = VmPort(client, stream_id, pod.events.end_stream)
-        try:
-            await client.open_port(stream_id, port, window=channel.window)
-        except BaseException:
-            ports.pop(stream_id, None)
-            raise
-        return channel
+        return await sessions.open_port(await self._connected(sandbox), port)

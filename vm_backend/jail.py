@@ -115,6 +115,19 @@ class JailIds:
             f"all {self.count} jail uids from {self.first} are in use ([vm] jail_uid_first, jail_uid_count)"
         )
 
+    def transfer(self, owner: str, new_owner: str) -> int | None:
+        """Hand the uid `owner` holds to `new_owner` (a warm VM's, to the pod that claims it), atomically: the
+        link is replaced by rename, so the uid is never free in between. None if `owner` holds none."""
+        for uid, holder in self.holders().items():
+            if holder == owner:
+                link = self.directory / str(uid)
+                tmp = self.directory / f".{uid}.{os.getpid()}"  # not a number: never taken for a held uid
+                tmp.unlink(missing_ok=True)
+                os.symlink(new_owner, tmp)
+                os.replace(tmp, link)
+                return uid
+        return None
+
     def release(self, owner: str) -> None:
         """Free every uid `owner` holds; holding none is fine."""
         for uid, holder in self.holders().items():

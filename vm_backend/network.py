@@ -248,13 +248,22 @@ async def _unplumb(ipr: AsyncIPRoute, veth: str, tap: str) -> None:
                 raise
 
 
-async def attach_tap(netns: Path, *, veth: str = "eth0", tap: str = "tap0") -> GuestNetwork:
-    """Join a new tap to the pod's CNI veth in `netns` and hand the veth's IP configuration to the guest.
+async def make_tap(netns: Path, tap: str = "tap0") -> None:
+    """A persistent tap in `netns`, for a warm VM's QEMU to open before its pod (and its veth) exists."""
+    try:
+        await _in_netns(netns, lambda: _create_tap(tap))
+    except OSError as e:
+        raise Unavailable(f"cannot create {tap} in {netns}: {e}") from e
 
-    Run after CNI ADD and before QEMU starts. The returned Interface carries the veth's original MAC,
-    which the guest NIC must use; the veth gets a random one. Refused, changing nothing, when the veth
-    is missing or has no address or the tap exists (attached already). If joining fails half-way the
-    tap and qdiscs are removed again, but the veth may have lost its addresses: tear the pod's network down.
+
+async def attach_tap(netns: Path, *, veth: str = "eth0", tap: str = "tap0", made: bool = False) -> GuestNetwork:
+    """Join a tap to the pod's CNI veth in `netns` and hand the veth's IP configuration to the guest.
+
+    Run after CNI ADD, before QEMU starts (a new tap) or, with `made`, with the tap `make_tap` made before
+    (a warm VM's QEMU holds it already). The returned Interface carries the veth's original MAC, which the
+    guest NIC must use; the veth gets a random one. Refused, changing nothing, when the veth is missing or
+    has no address, or the tap exists (attached already) or, with `made`, does not. If joining fails half-way
+    the tap and qdiscs are removed again, but the veth may have lost its addresses: tear the pod's network down.
     """
     try:
         sock = await _in_netns(netns, _netlink_socket)
@@ -269,13 +278,15 @@ async def attach_tap(netns: Path, *, veth: str = "eth0", tap: str = "tap0") -> G
             addresses = addresses_from([a async for a in await ipr.addr("dump", index=index)])
             if not addresses:
                 raise FailedPrecondition(f"{veth} in {netns} has no address: CNI ADD must run first")
-            if await _link(ipr, tap) is not None:
-                raise FailedPrecondition(f"{tap} exists in {netns}: the pod's VM network is set up already")
+            if (await _link(ipr, tap) is not None) != made:
+                state = "exists" if not made else "is missing"
+                raise FailedPrecondition(f"{tap} {state} in {netns}: the pod's VM network is not what it should be")
             routes = routes_from([r async for r in await ipr.route("dump")], index, veth)
         except NetlinkError as e:
             raise Unavailable(f"cannot read {veth} in {netns}: {e}") from e
         try:
-            await _in_netns(netns, lambda: _create_tap(tap))
+            if not made:
+                await _in_netns(netns, lambda: _create_tap(tap))
             (tap_link,) = await ipr.link("get", ifname=tap)
             await ipr.link("set", index=tap_link["index"], mtu=mtu, state="up")
             await _redirect(ipr, index, tap_link["index"])

@@ -91,6 +91,19 @@ def vm_size(
     return vcpus, memory
 
 
+def boot_size(
+    config: pb.PodSandboxConfig,
+    default_vcpus: int,
+    default_memory_mib: int,
+    headroom_mib: int,
+    max_vcpus: int,
+    max_memory_mib: int,
+) -> tuple[int, int, int]:
+    """(vCPUs, MiB the VM boots with, MiB its pod may use): `vm_size` plus the headroom the balloon holds."""
+    vcpus, size = vm_size(config, default_vcpus, default_memory_mib, max_vcpus, max_memory_mib)
+    return vcpus, max(size, min(size + headroom_mib, max_memory_mib)), size
+
+
 def vm_cgroup(cgroup_parent: str, sandbox_id: str) -> str:
     """The VM's cgroup: `<pod cgroup>/<sandbox id>`, where a runc pod's infra container would be."""
     return cgroups.cgroups_path(cgroups.pod_parent(cgroup_parent, sandbox_id), sandbox_id)

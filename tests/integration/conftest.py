@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import shutil
@@ -16,7 +17,9 @@ from protos import cri_pb2 as pb
 from tests.support.daemon import TandemDaemon
 from tests.support.network import PrivateNetwork, write_bridge_network
 from tests.support.pods import remove_pods_and_stop
-from vm_backend.guest_image import GuestAssets, assets_root, current_assets
+from vm_backend.guest_image import GuestAssets, assets_root
+from vm_backend.guest_image.inputs import resolve_inputs
+from vm_backend.guest_image.store import load as load_assets
 
 
 @dataclass
@@ -52,12 +55,14 @@ def pod_env(tmp_path: Path, busybox_ref: str) -> Iterator[Callable[[str], PodEnv
 
 @pytest.fixture(scope="session")
 def guest_assets(tmp_path_factory: pytest.TempPathFactory) -> GuestAssets:
-    """The guest assets `make setup` built for the default state dir (their absence fails the test), hard-linked
-    into the session's tmp: a rebuild of the shared state dir during the run (another checkout's `make setup`
-    replaces and deletes them) cannot pull them away from under the tests."""
-    assets = current_assets(Config().state_dir)
+    """The guest assets `make setup` built from this checkout for the default state dir (their absence fails the
+    test), hard-linked into the session's tmp: a rebuild of the shared state dir during the run (another
+    checkout's `make setup` replaces and deletes them) cannot pull them away from under the tests."""
+    root = assets_root(Config().state_dir)
+    digest = asyncio.run(resolve_inputs()).digest()  # this checkout's agent: another checkout may own `current`
+    assets = load_assets(root / digest)
     if assets is None:
-        pytest.fail(f"no guest assets under {assets_root(Config().state_dir)}: run `make setup`")
+        pytest.fail(f"no guest assets built from this checkout ({digest}) under {root}: run `make setup`")
     copy = tmp_path_factory.mktemp("guest-assets") / assets.dir.name
     shutil.copytree(assets.dir, copy, copy_function=os.link)
     return dataclasses.replace(

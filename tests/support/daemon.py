@@ -54,11 +54,18 @@ class TandemDaemon:
 
     @classmethod
     def isolated(cls, workdir: Path, config_toml: str = "") -> TandemDaemon:
-        """Everything under `workdir`: socket, state, runtime dir, an empty CNI conf dir, the log.
+        """Everything under `workdir`: socket, state, runtime dir, an empty CNI conf dir, the log; no warm VMs
+        unless `config_toml` sets `[vm] warm_pool`.
 
         Unless `config_toml` sets `[cni.default]`, the default network is a private one (its own bridge name,
         a free /24, masquerade off), so a pod that lands on it touches nothing of the host's.
         """
+        if "warm_pool" not in config_toml:  # no warm VMs unless asked for: every other test sees VMs booted for pods
+            config_toml = (
+                config_toml.replace("[vm]\n", "[vm]\nwarm_pool = 0\n", 1)
+                if "[vm]\n" in config_toml
+                else f"{config_toml}\n[vm]\nwarm_pool = 0\n"
+            )
         default = None
         if "[cni.default]" not in config_toml:
             default = private_network()

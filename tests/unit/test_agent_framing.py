@@ -480,9 +480,15 @@ class Recorder(pod.DrySystem):
 
     # Rtnetlink's part, recorded; adding an address fails with `address_errno` when set.
     def set_link(
-        self, name: str, *, up: bool | None = None, mtu: int | None = None, new_name: str | None = None
+        self,
+        name: str,
+        *,
+        up: bool | None = None,
+        mtu: int | None = None,
+        new_name: str | None = None,
+        mac: str | None = None,
     ) -> None:
-        self.calls.append(("link", name, up, mtu, new_name))
+        self.calls.append(("link", name, up, mtu, new_name) if mac is None else ("mac", name, mac))
 
     def add_address(self, name: str, cidr: str) -> None:
         self.calls.append(("address", name, cidr))
@@ -538,6 +544,30 @@ async def test_setup_pod(tmp_path: Path) -> None:
         ("link", "eth0", True, None, None),
         ("route", "0.0.0.0/0", "10.88.0.1", ""),
     ]
+
+
+async def test_setup_pod_of_a_warm_vm(tmp_path: Path) -> None:
+    # A warm VM's NIC booted with a MAC of its own: found by it, it takes the pod's veth's MAC while down.
+    warm = pb.SetupPod()
+    warm.CopyFrom(SETUP)
+    warm.interfaces[0].current_mac = "02:BB:00:00:00:09"
+    system = Recorder({"02:bb:00:00:00:09": "eth0"})
+    await pod.PodSetup(system, tmp_path / "pod", tmp_path / "share").apply(warm)
+    links = [c for c in system.calls if c[0] in ("link", "mac")]
+    assert links == [
+        ("link", "lo", True, None, None),
+        ("link", "eth0", False, None, None),
+        ("mac", "eth0", "02:aa:00:00:00:01"),
+        ("link", "eth0", True, None, None),
+    ]
+    # Retried after the change: the NIC is found by the pod's MAC and keeps it.
+    system = Recorder({"02:aa:00:00:00:01": "eth0"})
+    await pod.PodSetup(system, tmp_path / "pod", tmp_path / "share").apply(warm)
+    assert not [c for c in system.calls if c[0] == "mac"]
+    warm.interfaces[0].current_mac = "not-a-mac"
+    with pytest.raises(Fail) as invalid:
+        await pod.PodSetup(Recorder({}), tmp_path, tmp_path).apply(warm)
+    assert invalid.value.code == pb.INVALID_ARGUMENT
 
 
 async def test_setup_pod_failures(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ _SOL_NETLINK = 270  # not exported by Python's socket module
 _NETLINK_CAP_ACK, _NETLINK_EXT_ACK = 10, 11
 # <linux/rtnetlink.h>, <linux/if_link.h>, <linux/if_addr.h>, <linux/if.h>
 _RTM_NEWLINK, _RTM_NEWADDR, _RTM_NEWROUTE = 16, 20, 24
-_IFLA_IFNAME, _IFLA_MTU = 3, 4
+_IFLA_ADDRESS, _IFLA_IFNAME, _IFLA_MTU = 1, 3, 4
 _IFA_ADDRESS, _IFA_LOCAL = 1, 2
 _RTA_DST, _RTA_OIF, _RTA_GATEWAY = 1, 4, 5
 _RT_TABLE_MAIN, _RTPROT_BOOT, _RTN_UNICAST = 254, 3, 1
@@ -104,9 +104,15 @@ class Rtnetlink:
             raise NetlinkError(errno.ENODEV, f"find interface {name}") from None
 
     def set_link(
-        self, name: str, *, up: bool | None = None, mtu: int | None = None, new_name: str | None = None
+        self,
+        name: str,
+        *,
+        up: bool | None = None,
+        mtu: int | None = None,
+        new_name: str | None = None,
+        mac: str | None = None,
     ) -> None:
-        """Change what is given of `name`'s state, MTU and name in one request.
+        """Change what is given of `name`'s state, MTU, MAC and name in one request.
 
         The kernel applies the MTU and the name before the flags, and kernels
         before 6.2 rename only a link that is down: take it down in an earlier call.
@@ -116,6 +122,8 @@ class Rtnetlink:
         body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, flags, change)
         if mtu is not None:
             body += _attr(_IFLA_MTU, struct.pack("=I", mtu))
+        if mac:
+            body += _attr(_IFLA_ADDRESS, bytes.fromhex(mac.replace(":", "")))
         if new_name:
             body += _attr(_IFLA_IFNAME, new_name.encode() + b"\0")
         self._request(_RTM_NEWLINK, 0, body, f"set link {name}")

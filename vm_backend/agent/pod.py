@@ -101,8 +101,9 @@ def sysctl_path(name: str, proc_sys: Path = Path("/proc/sys")) -> Path:
 def _check_interface(iface: agent_pb2.Interface) -> None:
     if not _IFNAME.fullmatch(iface.name):
         raise Fail(agent_pb2.INVALID_ARGUMENT, f"invalid interface name {iface.name!r}")
-    if not _MAC.fullmatch(iface.mac.lower()):
-        raise Fail(agent_pb2.INVALID_ARGUMENT, f"invalid MAC address {iface.mac!r}")
+    for mac in (iface.mac, iface.current_mac) if iface.current_mac else (iface.mac,):
+        if not _MAC.fullmatch(mac.lower()):
+            raise Fail(agent_pb2.INVALID_ARGUMENT, f"invalid MAC address {mac!r}")
     try:
         for address in iface.addresses:
             ipaddress.ip_interface(address)
@@ -127,6 +128,7 @@ class SetLink:
     up: bool | None = None
     mtu: int | None = None
     new_name: str | None = None
+    mac: str | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,9 @@ def network_plan(
 ) -> list[NetworkChange]:
     """The changes for (current NIC name, wanted interface) pairs and routes, in order.
 
+    An interface with `current_mac` is the NIC found by that MAC, which takes `mac`
+    (a warm VM's NIC, booted before its pod's network existed), while it is down.
+
     Netlink, not busybox `ip`: under TCG each `ip` is a process start of about
     50 ms, and a pod needs five or more. The plan is safe to repeat (a retried
     SetupPod): a NIC already renamed is not renamed again, routes are replaced,
@@ -157,8 +162,12 @@ def network_plan(
     """
     plan: list[NetworkChange] = [SetLink("lo", up=True)]
     for current, iface in interfaces:
-        if current != iface.name:  # a NIC can only be renamed while down (before Linux 6.2)
+        new_mac = iface.current_mac and iface.current_mac.lower() != iface.mac.lower()
+        if current != iface.name or new_mac:  # a NIC can only be renamed while down (before Linux 6.2)
             plan.append(SetLink(current, up=False))
+        if new_mac:
+            plan.append(SetLink(current, mac=iface.mac.lower()))
+        if current != iface.name:
             plan.append(SetLink(current, new_name=iface.name))
         if iface.mtu:
             plan.append(SetLink(iface.name, mtu=iface.mtu))
@@ -173,7 +182,7 @@ def apply_network_plan(rtnl: Rtnetlink, plan: Sequence[NetworkChange]) -> None:
     for change in plan:
         try:
             if isinstance(change, SetLink):
-                rtnl.set_link(change.name, up=change.up, mtu=change.mtu, new_name=change.new_name)
+                rtnl.set_link(change.name, up=change.up, mtu=change.mtu, new_name=change.new_name, mac=change.mac)
             elif isinstance(change, AddAddress):
                 rtnl.add_address(change.name, change.cidr)
             else:
@@ -219,7 +228,10 @@ class PodSetup:
     def _network(self, request: agent_pb2.SetupPod) -> None:
         pairs = []
         for iface in request.interfaces:
-            current = self.system.nic_by_mac(iface.mac.lower())
+            current = self.system.nic_by_mac(iface.current_mac.lower()) if iface.current_mac else None
+            if current is None:  # no MAC to change, or changed already (a retried SetupPod)
+                iface = agent_pb2.Interface(name=iface.name, mac=iface.mac, addresses=iface.addresses, mtu=iface.mtu)
+                current = self.system.nic_by_mac(iface.mac.lower())
             if current is None:
                 raise Fail(agent_pb2.NOT_FOUND, f"no network interface has MAC {iface.mac}")
             pairs.append((current, iface))
