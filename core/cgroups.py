@@ -263,17 +263,21 @@ def move_processes(source: str, target: str, mountinfo: str | None = None) -> se
     """Move every process of the cgroup `source` (not below it) into `target`, in every hierarchy; returns them.
 
     Memory already charged stays where it was on cgroup v2 (the kernel never moves
-    charges there); on a v1 memory hierarchy `target` takes the charges of its
-    immigrants' pages along (`memory.move_charge_at_immigrate`: anonymous and file
-    pages, shared memory included), as far as `target`'s limit allows.
+    charges there). On a v1 memory hierarchy `target` is asked to take the charges
+    of its immigrants' pages along (`memory.move_charge_at_immigrate`: anonymous and
+    file pages, shared memory included), which kernels since 6.x refuse (EINVAL, the
+    feature is gone; measured on 6.18): there, too, the charges stay.
     """
     roots = controller_roots(mountinfo)
     memory = roots.get("memory")
     source_rel, target_rel = _relative(source), _relative(target)
     if memory is not None and memory[1] == 1:
         immigrate = memory[0] / target_rel / "memory.move_charge_at_immigrate"
-        if immigrate.exists():
+        try:
             _write(immigrate, "3")
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOENT):
+                raise
     moved: set[int] = set()
     for root in hierarchies(mountinfo):
         try:

@@ -221,7 +221,9 @@ class VmBackend(Backend[VmBackendSettings]):
     # ---- pods ------------------------------------------------------------------------------
 
     async def create_network_namespace(self, sandbox: SandboxRecord, path: Path) -> None:
-        """A warm VM's, made the pod's, when the pool has one of the pod's size (`warm.py`); else a new one."""
+        """A warm VM's, made the pod's, when the pool has one of the pod's size (`warm.py`); else a new one.
+        From here until the pod is up (or removed) the pool boots nothing: the pod's start comes first."""
+        self.pool.starting(sandbox.id)
         if self.pool.ready:
             pod = await self.warm.claim(self.pool, sandbox, path)
             if pod is not None:
@@ -233,7 +235,7 @@ class VmBackend(Backend[VmBackendSettings]):
         if not sandbox.netns_path:
             raise FailedPrecondition("a VM pod needs its own network namespace")
         podfiles.hostname(sandbox.config)  # refuse a bad hostname before booting anything
-        async with self.pool.pod_starting():
+        try:
             if sandbox.backend_state.get("warm"):
                 began = time.monotonic()
                 await self.warm.start(self.pool, sandbox, self._pod(sandbox))
@@ -241,6 +243,8 @@ class VmBackend(Backend[VmBackendSettings]):
                 log.info("pod %s: warm VM ready in %.2fs", sandbox.id[:12], time.monotonic() - began)
             else:
                 await self._boot(sandbox)
+        finally:
+            self.pool.started(sandbox.id)
 
     async def _boot(self, sandbox: SandboxRecord) -> None:
         """A cold start: a VM booted for this pod."""
@@ -337,6 +341,7 @@ class VmBackend(Backend[VmBackendSettings]):
         if self._cgroup(sandbox) is not None:
             await asyncio.to_thread(resources.remove_cgroup, sandbox.config.linux.cgroup_parent, sandbox.id)
         self.jail_ids.release(sandbox.id)
+        self.pool.started(sandbox.id)  # a start that failed before the VM was asked for
         if warm := sandbox.backend_state.get("warm"):
             self.pool.forget(str(warm))  # a start cut short after the claim left the pool's record
         self._pods.pop(sandbox.id, None)

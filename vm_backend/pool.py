@@ -28,9 +28,10 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -43,6 +44,12 @@ log = logging.getLogger("tandem.vm.pool")
 BACKOFF_FIRST = 5.0
 BACKOFF_MAX = 600.0
 ID_PREFIX = "warm-"
+_ID = re.compile(r"warm-[0-9a-f]{8}")
+
+
+def is_warm_id(name: str) -> bool:
+    """Whether `name` is a warm VM's id (and nothing else that lives beside warm VMs' directories)."""
+    return _ID.fullmatch(name) is not None
 
 
 @dataclass
@@ -129,7 +136,7 @@ class WarmPool(Generic[H]):
         self.last_error = ""
         self.claimed = 0
         self._retry_at = 0.0  # monotonic time before which no boot starts (the back-off)
-        self._starts = 0  # pod starts in progress: refills wait for them
+        self._starts: set[str] = set()  # pods whose start is in progress: refills wait for them
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -140,7 +147,7 @@ class WarmPool(Generic[H]):
     # ---- records -----------------------------------------------------------------------------
 
     def _path(self, vm_id: str) -> Path:
-        if not vm_id.startswith(ID_PREFIX) or "/" in vm_id:
+        if not is_warm_id(vm_id):
             raise ValueError(f"not a warm VM id: {vm_id!r}")
         return self.directory / f"{vm_id}.json"
 
@@ -154,7 +161,7 @@ class WarmPool(Generic[H]):
     def records(self) -> list[WarmRecord]:
         """Every record on disk; an unreadable one is set aside (the strays scan finds what it named)."""
         found = []
-        for path in sorted(private_dir(self.directory).glob(f"{ID_PREFIX}*.json")):
+        for path in sorted(p for p in private_dir(self.directory).glob("*.json") if is_warm_id(p.stem)):
             try:
                 found.append(WarmRecord.from_dict(json.loads(path.read_bytes())))
             except (OSError, ValueError, KeyError, TypeError) as e:
@@ -230,17 +237,16 @@ class WarmPool(Generic[H]):
         """A claimed VM whose hand-over failed: destroyed (its pod boots cold)."""
         await self._destroy(entry.record, entry.handle)
 
-    @contextlib.asynccontextmanager
-    async def pod_starting(self) -> AsyncIterator[None]:
-        """Around a pod's start: no refill boot begins while one is in progress."""
-        self._starts += 1
+    def starting(self, pod_id: str) -> None:
+        """A pod's start began (before its network: a claim comes then): no refill boot begins until it ends."""
+        self._starts.add(pod_id)
         self._idle.clear()
-        try:
-            yield
-        finally:
-            self._starts -= 1
-            if self._starts == 0:
-                self._idle.set()
+
+    def started(self, pod_id: str) -> None:
+        """The pod's start is over, whichever way (idempotent: its removal says so again)."""
+        self._starts.discard(pod_id)
+        if not self._starts:
+            self._idle.set()
 
     # ---- refills -----------------------------------------------------------------------------
 

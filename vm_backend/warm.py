@@ -3,7 +3,7 @@
 Each warm VM `warm-<hex>` holds, all named from its id (so a record or a leftover
 alone says what to remove):
     <run_dir>/warm-<hex>/                  its run dir (a tmpfs, `rundir.py`), share namespace and sockets
-    <run_dir>/warm-netns/warm-<hex>        its network namespace, with the tap (`tap0`) in it
+    <run_dir>/netns-warm/warm-<hex>        its network namespace, with the tap (`tap0`) in it
     <cgroup root>/.../tandem/warm/warm-<hex>   its cgroup, with a pod of the default size's limits
     <run_dir>/jail-ids/<uid> -> warm-<hex>  its jail uid
 A claim makes all of it the pod's (`claim`): the uid's link names the pod; the
@@ -41,7 +41,7 @@ from vm_backend.guest_image import GuestAssets
 from vm_backend.jail import Jail, JailIds
 from vm_backend.network import attach_tap, make_tap, random_mac
 from vm_backend.pod import PodVm
-from vm_backend.pool import ID_PREFIX, WarmPool, WarmRecord
+from vm_backend.pool import WarmPool, WarmRecord, is_warm_id
 from vm_backend.qemu import VMM_DIR, QemuVm, TapNic, VmSpec, qmp
 from vm_backend.rundir import make_run_dir, remove_run_dir
 from vm_backend.setup import setup_pod
@@ -72,7 +72,7 @@ class WarmVmMaker:
     ) -> None:
         self.settings = settings
         self.root = root
-        self.netns_root = root / "warm-netns"
+        self.netns_root = root / "netns-warm"
         self.assets = assets
         self.jail_ids = jail_ids
         self.max_vcpus, self.max_memory_mib = caps
@@ -189,12 +189,12 @@ class WarmVmMaker:
         found: set[str] = set()
         for directory in (self.root, self.netns_root):
             with contextlib.suppress(FileNotFoundError):
-                found.update(e.name for e in os.scandir(directory) if e.name.startswith(ID_PREFIX))
-        found.update(owner for owner in self.jail_ids.holders().values() if owner.startswith(ID_PREFIX))
+                found.update(e.name for e in os.scandir(directory) if is_warm_id(e.name))
+        found.update(owner for owner in self.jail_ids.holders().values() if is_warm_id(owner))
         for directory in cgroups.directories(WARM_CGROUP_PARENT):
             with contextlib.suppress(FileNotFoundError):
-                found.update(e.name for e in os.scandir(directory) if e.is_dir() and e.name.startswith(ID_PREFIX))
-        return [WarmRecord(vm_id, 0, 0, 0) for vm_id in sorted(found - known) if "/" not in vm_id]
+                found.update(e.name for e in os.scandir(directory) if e.is_dir() and is_warm_id(e.name))
+        return [WarmRecord(vm_id, 0, 0, 0) for vm_id in sorted(found - known)]
 
     # ---- claims ------------------------------------------------------------------------------
 

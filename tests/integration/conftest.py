@@ -16,7 +16,8 @@ from core.settings import Config
 from protos import cri_pb2 as pb
 from tests.support.daemon import TandemDaemon
 from tests.support.network import PrivateNetwork, write_bridge_network
-from tests.support.pods import remove_pods_and_stop
+from tests.support.pods import remove_pods_and_stop, warm_pool
+from tests.support.wait import wait_for
 from vm_backend.guest_image import GuestAssets, assets_root
 from vm_backend.guest_image.inputs import resolve_inputs
 from vm_backend.guest_image.store import load as load_assets
@@ -73,10 +74,28 @@ def guest_assets(tmp_path_factory: pytest.TempPathFactory) -> GuestAssets:
     )
 
 
-@pytest.fixture
-def vm_pod_env(pod_env: Callable[[str], PodEnv], guest_assets: GuestAssets, tmp_path: Path) -> PodEnv:
-    """A pod daemon that boots VM pods (TCG) from the assets `make setup` built."""
+def _vm_env(pod_env: Callable[[str], PodEnv], guest_assets: GuestAssets, tmp_path: Path, vm_config: str) -> PodEnv:
     root = assets_root(tmp_path / "state")
     root.mkdir(parents=True)
     (root / "current").symlink_to(guest_assets.dir)
-    return pod_env('[vm]\naccel = "tcg"\n')
+    return pod_env(f'[vm]\naccel = "tcg"\n{vm_config}')
+
+
+@pytest.fixture
+def vm_pod_env(pod_env: Callable[[str], PodEnv], guest_assets: GuestAssets, tmp_path: Path) -> PodEnv:
+    """A pod daemon that boots VM pods (TCG) from the assets `make setup` built, each for its pod."""
+    return _vm_env(pod_env, guest_assets, tmp_path, "")
+
+
+@pytest.fixture
+def vm_pool_env(pod_env: Callable[[str], PodEnv], guest_assets: GuestAssets, tmp_path: Path) -> PodEnv:
+    """`vm_pod_env` with a warm pool of one VM, booted (its agent answered) before the test begins."""
+    env = _vm_env(pod_env, guest_assets, tmp_path, "warm_pool = 1\n")
+    wait_for(lambda: warm_pool(env.daemon)["ready"] == 1, 180, "the warm pool to fill")
+    return env
+
+
+@pytest.fixture(params=[False, True], ids=["cold", "warm-pool"])
+def vm_either_env(request: pytest.FixtureRequest) -> PodEnv:
+    """VM pods booted for them, then (the same test again) from a warm pool."""
+    return request.getfixturevalue("vm_pool_env" if request.param else "vm_pod_env")

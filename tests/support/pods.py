@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from protos import cri_pb2 as pb
 from tests.support.daemon import TandemDaemon
@@ -54,16 +56,22 @@ def next_event(events: Iterator[pb.ContainerEventResponse], container_id: str, k
     raise AssertionError(f"the event stream ended before a {pb.ContainerEventType.Name(kind)} for {container_id}")
 
 
+def warm_pool(daemon: TandemDaemon) -> dict[str, Any]:
+    """The VM backend's warm pool as `crictl info` shows it (verbose Status)."""
+    info = daemon.runtime.Status(pb.StatusRequest(verbose=True)).info
+    return json.loads(info["backends"])["vm"]["warmPool"]
+
+
 def pod_leftovers(daemon: TandemDaemon, processes: tuple[str, ...], roots: tuple[str, ...]) -> list[str]:
     """Anything of a pod's still on the host: mounts under the daemon's dirs, netns files, and per-pod
     processes (`processes` names, e.g. conmon or qemu) whose command line names one of `roots`.
 
-    The netns directory's, the runc pod directories' and the VM run dirs' own private bind mounts stay:
-    they are the daemon's, made once, not a pod's.
+    The netns directories' (the pods' and the warm VMs'), the runc pod directories' and the VM run dirs' own
+    private bind mounts stay: they are the daemon's, made once, not a pod's.
     """
     found = []
     state, run = str(daemon.state_dir), str(daemon.socket.parent)
-    daemons = (f"{run}/netns", f"{run}/runc/pods", f"{run}/vm")
+    daemons = (f"{run}/netns", f"{run}/runc/pods", f"{run}/vm", f"{run}/vm/netns-warm")
     for line in open("/proc/self/mountinfo"):
         mount_point = line.split()[4]
         if (mount_point.startswith(state) or mount_point.startswith(f"{run}/")) and mount_point not in daemons:

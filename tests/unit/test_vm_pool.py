@@ -12,7 +12,7 @@ import pytest
 
 from core.errors import TandemError, Unavailable
 from tests.support.wait import eventually
-from vm_backend.pool import BACKOFF_FIRST, BACKOFF_MAX, WarmPool, WarmRecord
+from vm_backend.pool import BACKOFF_FIRST, BACKOFF_MAX, WarmPool, WarmRecord, is_warm_id
 
 SIZE = (1, 256, 256)
 
@@ -111,11 +111,15 @@ async def test_claim_takes_only_a_vm_of_the_pods_size_and_the_pool_refills(tmp_p
 async def test_refills_wait_while_a_pod_starts(tmp_path: Path) -> None:
     vms = FakeVms()
     pool = WarmPool(1, vms, tmp_path)
-    async with pool.pod_starting():
-        await pool.start({})
-        for _ in range(100):
-            await asyncio.sleep(0)
-        assert vms.booted == [] and vms.booting == 0
+    pool.starting("pod-a")
+    pool.starting("pod-b")
+    await pool.start({})
+    pool.started("pod-a")
+    pool.started("pod-a")  # said twice (its removal says it again): pod-b still starts
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert vms.booted == [] and vms.booting == 0
+    pool.started("pod-b")
     await eventually(lambda: len(pool.ready) == 1)
     await pool.close()
 
@@ -163,17 +167,23 @@ async def test_a_claim_lifts_the_back_off(tmp_path: Path) -> None:
 async def test_restart_keeps_claims_pods_recorded_and_reaps_the_rest(tmp_path: Path) -> None:
     vms = FakeVms()
     pool = WarmPool(0, vms, tmp_path)
-    owned = WarmRecord("warm-0001", *SIZE, ready=True, claimed_by="pod-a")
-    half_claimed = WarmRecord("warm-0002", *SIZE, ready=True, claimed_by="pod-b")  # pod-b never recorded it
-    unclaimed = WarmRecord("warm-0003", *SIZE, ready=True)
-    booting = WarmRecord("warm-0004", *SIZE)
+    owned = WarmRecord("warm-00000001", *SIZE, ready=True, claimed_by="pod-a")
+    half_claimed = WarmRecord("warm-00000002", *SIZE, ready=True, claimed_by="pod-b")  # pod-b never recorded it
+    unclaimed = WarmRecord("warm-00000003", *SIZE, ready=True)
+    booting = WarmRecord("warm-00000004", *SIZE)
     for record in (owned, half_claimed, unclaimed, booting):
         pool.save(record)
-    (tmp_path / "warm-0005.json").write_text("{not json")
-    vms.stray_ids = ["warm-0005", "warm-0006", "warm-0001"]
-    await pool.start({"warm-0001": "pod-a", "warm-0009": "pod-c"})
-    assert sorted(vms.destroyed) == ["warm-0002", "warm-0003", "warm-0004", "warm-0005", "warm-0006"]
-    assert on_disk(tmp_path) == {} and vms.booted == []  # warm-0001 is pod-a's now: only its record went
+    (tmp_path / "warm-00000005.json").write_text("{not json")
+    vms.stray_ids = ["warm-00000005", "warm-00000006", "warm-00000001"]
+    await pool.start({"warm-00000001": "pod-a", "warm-00000009": "pod-c"})
+    assert sorted(vms.destroyed) == [
+        "warm-00000002",
+        "warm-00000003",
+        "warm-00000004",
+        "warm-00000005",
+        "warm-00000006",
+    ]
+    assert on_disk(tmp_path) == {} and vms.booted == []  # warm-00000001 is pod-a's now: only its record went
     await pool.close()
 
 
@@ -181,9 +191,9 @@ async def test_a_vm_that_cannot_be_removed_keeps_its_record(tmp_path: Path) -> N
     vms = FakeVms()
     vms.fail_destroy = True
     pool = WarmPool(0, vms, tmp_path)
-    pool.save(WarmRecord("warm-0001", *SIZE))
+    pool.save(WarmRecord("warm-00000001", *SIZE))
     await pool.start({})
-    assert vms.destroyed == ["warm-0001"] and list(on_disk(tmp_path)) == ["warm-0001"]  # tried again next start
+    assert vms.destroyed == ["warm-00000001"] and list(on_disk(tmp_path)) == ["warm-00000001"]  # tried again next start
     await pool.close()
 
 
@@ -205,9 +215,9 @@ async def test_close_destroys_what_is_unclaimed(tmp_path: Path) -> None:
 async def test_off_boots_nothing_and_still_reaps(tmp_path: Path) -> None:
     vms = FakeVms()
     pool = WarmPool(0, vms, tmp_path)
-    pool.save(WarmRecord("warm-0001", *SIZE, ready=True))
+    pool.save(WarmRecord("warm-00000001", *SIZE, ready=True))
     await pool.start({})
-    assert vms.destroyed == ["warm-0001"] and vms.booted == [] and pool._refill is None
+    assert vms.destroyed == ["warm-00000001"] and vms.booted == [] and pool._refill is None
     await pool.close()
 
 
@@ -218,3 +228,4 @@ def test_record_round_trip_and_ids() -> None:
     assert record.id.startswith("warm-") and WarmRecord.new(*SIZE).id != record.id
     with pytest.raises(ValueError):
         WarmPool(1, FakeVms(), Path("/tmp")).forget("../etc/passwd")
+    assert not is_warm_id("warm-netns") and not is_warm_id("warm-0000000g") and is_warm_id(record.id)
