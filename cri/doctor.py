@@ -31,6 +31,7 @@ import grpc
 
 from core import cgroups, proc
 from core.errors import TandemError
+from core.proc import ProcessIdentity
 from core.settings import Config, load_config
 from cri.version import RUNTIME_NAME, RUNTIME_VERSION
 from protos import cri_pb2 as pb
@@ -39,6 +40,7 @@ from runc_backend.cgroups import oom_score_adj_floor
 from sandbox import cni
 from sandbox.default_network import default_network
 from vm_backend.jail import Jail, JailIds
+from vm_backend.pool import warm_records
 
 EXIT_OK, EXIT_FAILED, EXIT_WARNINGS = 0, 1, 2
 LEVELS = {"ok": "OK", "warn": "WARN", "FAIL": "FAIL"}
@@ -370,6 +372,19 @@ def _check_jail(config: Config) -> list[Finding]:
     return findings
 
 
+def _check_warm_pool(config: Config) -> Finding:
+    """The warm pool: its size, and the warm VMs whose QEMU runs now (from the pool's records)."""
+    size = config.vm.warm_pool
+    if size == 0:
+        return Finding("ok", "warm pool", "off ([vm] warm_pool = 0): every VM pod boots its own VM")
+    records = warm_records(config.runtime_dir / "vm" / "pool")
+    running = [r for r in records if r.qemu and ProcessIdentity(r.qemu["pid"], r.qemu["start_time"]).alive()]
+    ready = sum(1 for r in running if r.ready and not r.claimed_by)
+    booting = sum(1 for r in running if not r.ready)
+    detail = f"{size} configured: {ready} ready, {booting} booting (README, The warm pool: memory per warm VM)"
+    return Finding("ok", "warm pool", detail)
+
+
 def _probe_jail(config: Config, ids: JailIds) -> Finding:
     """QEMU started in a jail of its own (as a VM's would be) to print its version: the root, the uid drop
     and QEMU's loading in it all work."""
@@ -426,6 +441,7 @@ def diagnose(config_path: Path | None) -> list[Finding]:
                 _check_vm_program("virtiofsd", config.vm.virtiofsd, "qemu-system-common"),
                 *asyncio.run(_check_vm_guest(config)),
                 *_check_jail(config),
+                _check_warm_pool(config),
             ],
         ),
         *_in("images", _check_mirrors(config) or [Finding("ok", "mirrors", "none configured")]),

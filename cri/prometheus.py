@@ -14,7 +14,8 @@ Names follow the conventions of the runtimes and libraries operators already scr
   and `tandem_image_pull_seconds`;
 - a VM pod's start in its three parts: `tandem_vm_boot_seconds`, `tandem_vm_agent_ready_seconds`,
   `tandem_vm_setup_pod_seconds`.
-There is no warm pool of VMs, so no gauge for one.
+- the VM backend's warm pool: `tandem_vm_warm_pool_vms{state="ready"|"booting"}` and its configured
+  `tandem_vm_warm_pool_size`.
 
 It is served over HTTP on the daemon's event loop, so the live counts read the
 manager's records on the thread that changes them.
@@ -121,7 +122,8 @@ class PrometheusMetrics(metrics.MetricsSink):
 
 
 class _ObjectCounts(Collector):
-    """Pods by backend and state, containers by their pod's backend and state, as the manager records them."""
+    """Pods by backend and state, containers by their pod's backend and state, as the manager records them; the
+    VM backend's warm pool."""
 
     def __init__(self, pods: PodManager) -> None:
         self._pods = pods
@@ -141,6 +143,17 @@ class _ObjectCounts(Collector):
             for (backend, state), count in sorted(tally.items()):
                 family.add_metric([backend, state], count)
             yield family
+        pool = self._pods.backend_status().get("vm", {}).get("warmPool")
+        if pool is not None:
+            vms = GaugeMetricFamily(
+                "tandem_vm_warm_pool_vms", "warm VMs booted for pods to come, by state", labels=["state"]
+            )
+            vms.add_metric(["ready"], pool["ready"])
+            vms.add_metric(["booting"], int(pool["booting"]))
+            yield vms
+            yield GaugeMetricFamily(
+                "tandem_vm_warm_pool_size", "warm VMs the pool keeps ([vm] warm_pool)", pool["size"]
+            )
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):

@@ -86,6 +86,16 @@ class WarmRecord:
         return (self.vcpus, self.memory_mib, self.size_mib) == (vcpus, memory_mib, size_mib)
 
 
+def warm_records(directory: Path) -> list[WarmRecord]:
+    """The warm VMs recorded in `directory`, read only (for `tandem doctor` beside a running daemon)."""
+    found = []
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        if is_warm_id(path.stem):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                found.append(WarmRecord.from_dict(json.loads(path.read_bytes())))
+    return found
+
+
 H = TypeVar("H")
 
 

@@ -86,6 +86,7 @@ def test_a_scrape_shows_what_pod_starts_did(pod_env, guest_assets: GuestAssets, 
         assert value(after, "tandem_cri_sandbox_count", backend=backend, state="ready") == 1
         assert value(after, "tandem_cri_container_count", backend=backend, state="running") == 1
     assert value(after, "tandem_cri_sandbox_create_network_seconds_count") == 2
+    assert ("tandem_vm_warm_pool_size", frozenset()) in after and value(after, "tandem_vm_warm_pool_size") == 0
     for series in ("tandem_vm_boot_seconds", "tandem_vm_agent_ready_seconds", "tandem_vm_setup_pod_seconds"):
         assert value(after, f"{series}_count") == 1, series
         assert value(after, f"{series}_sum") > 0, series

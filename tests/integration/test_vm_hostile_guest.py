@@ -6,11 +6,13 @@ renames container directories, plants symlinks and FIFOs where the next mount ta
 the share and writes to the console: before and during CreateContainer and RemoveContainer of other
 containers and of itself. Whoever wins each race, the host outside the pod stays as it was (sentinel files
 and a sentinel mount, the system's mounts, nothing of the pod in the host's mount namespace but its own
-run dir), and the pod is removed completely: no mounts, directories, processes or cgroup left.
+run dir), and the pod is removed completely: no mounts, directories, processes or cgroup left. It runs twice:
+on a VM booted for the pod, and on one from the warm pool, after which the next pod's warm VM holds nothing of it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -20,7 +22,7 @@ import pytest
 
 from core import cgroups, mounts
 from protos import cri_pb2 as pb
-from tests.support.pods import container_config, pod_config, pod_leftovers
+from tests.support.pods import container_config, pod_config, pod_leftovers, warm_pool
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
@@ -68,7 +70,23 @@ def host_table(tmp: Path) -> set[tuple[int, str]]:
         for m in mounts.mountinfo()
         if (m.mount_point.startswith(f"{tmp}/") or not m.mount_point.startswith(others))
         and m.mount_point not in daemons
+        and not is_warm(tmp, m.mount_point)
     }
+
+
+def is_warm(tmp: Path, point: str) -> bool:
+    """A mount of the warm pool's VMs (they come and go with refills) or of the pool's netns directory."""
+    vm = tmp / "run" / "vm"
+    if not point.startswith(f"{vm}/"):
+        return False
+    top = Path(point).relative_to(vm).parts[0]
+    return top.startswith("warm-") or top == "netns-warm"
+
+
+def run_dir_of(daemon, pod_id: str) -> Path:
+    """The pod's VM run dir, as its record says (a warm VM keeps its own name)."""
+    answer = daemon.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True))
+    return Path(json.loads(answer.info["info"])["backendState"]["run_dir"])
 
 
 def share_mounts(run_dir: Path) -> list[str]:
@@ -88,8 +106,10 @@ def pod_mounts_are_only_the_run_dirs(tmp: Path, run_dir: Path) -> None:
     run = tmp / "run"
     for point in (m.mount_point for m in mounts.mountinfo() if m.mount_point.startswith(f"{run}/")):
         relative = Path(point).relative_to(run)
+        other_warm = is_warm(tmp, point) and not point.startswith(f"{run_dir}/") and point != str(run_dir)
         allowed = (
             relative.parts[:1] == ("netns",)
+            or other_warm
             or relative == Path("vm")
             or point in (str(run_dir), str(run_dir / "vmm"), str(run_dir / "share.ns"))
             or (relative.parts[2:3] == ("c",) and relative.name == "rootfs" and len(relative.parts) == 5)
@@ -97,8 +117,9 @@ def pod_mounts_are_only_the_run_dirs(tmp: Path, run_dir: Path) -> None:
         assert allowed, f"a mount of the pod in the host's namespace: {point}"
 
 
-def test_a_hostile_guest_cannot_reach_past_its_share(vm_pod_env):
-    daemon, image, tmp = vm_pod_env.daemon, vm_pod_env.image, vm_pod_env.tmp
+def test_a_hostile_guest_cannot_reach_past_its_share(vm_either_env):
+    daemon, image, tmp = vm_either_env.daemon, vm_either_env.image, vm_either_env.tmp
+    pooled = "warm_pool = 1" in vm_either_env.daemon.config_path.read_text()
     sentinel = tmp / "sentinel"
     sentinel.mkdir()
     (sentinel / "file").write_text("sentinel\n")
@@ -115,7 +136,8 @@ def test_a_hostile_guest_cannot_reach_past_its_share(vm_pod_env):
     pod = pod_config("hostile", tmp / "logs")
     pod.linux.security_context.privileged = True
     pod_id = daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=pod, runtime_handler="vm")).pod_sandbox_id
-    run_dir = tmp / "run" / "vm" / pod_id[:16]
+    run_dir = run_dir_of(daemon, pod_id)
+    assert run_dir.name.startswith("warm-") == pooled
 
     def create(name: str, *command: str, privileged: bool = False) -> str:
         config = container_config(name, image, *command)
@@ -206,6 +228,22 @@ def test_a_hostile_guest_cannot_reach_past_its_share(vm_pod_env):
 
     daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
     daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+    if pooled:  # the next pod's warm VM is another one, and holds nothing of the last pod's
+        wait_for(lambda: warm_pool(daemon)["ready"] == 1, 180, "the pool to refill")
+        request = pb.RunPodSandboxRequest(config=pod_config("next", tmp / "logs"), runtime_handler="vm")
+        next_id = daemon.runtime.RunPodSandbox(request).pod_sandbox_id
+        next_dir = run_dir_of(daemon, next_id)
+        assert next_dir.name.startswith("warm-") and next_dir != run_dir
+        share = subprocess.run(
+            ["nsenter", f"--mount={next_dir / 'share.ns'}", "--", "/bin/ls", "-A", str(next_dir / "share")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert share == "" and not [p for p in share_mounts(next_dir) if p.startswith(f"{next_dir}/share/")]
+        daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=next_id))
+        daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=next_id))
+        daemon.stop()  # and the unclaimed warm VM goes with the daemon
     assert pod_leftovers(daemon, ("qemu", "virtiofsd"), (str(tmp),)) == []
     assert not run_dir.exists() and not list((tmp / "state" / "vm" / "layers").iterdir())
     assert not [d for d in cgroups.directories(f"/tandem/{pod_id}") if d.exists()]
