@@ -11,6 +11,10 @@
    answers Hello on its virtio-serial socket (H), which shows how much of A is
    the agent starting. Alternating A/B, the one going first alternates per
    sample; ratio A/B per pair, median (goal <= 1.15), and A/H.
+1a. warm pool: the same pod start on a third daemon with `[vm] warm_pool = 1` (W: the pod claims a
+   booted VM), alternating with A and B in the same samples, the pool refilled (untimed) before
+   each W; ratios W/B (goal <= 0.5: a pod starts faster than a VM boots) and W/A; then the PSS of
+   one idle warm VM (what each warm VM costs the node).
 1b. jail: the same pod start (A) on a second daemon whose `[vm] jail = false` (U: QEMU as root,
    no jailer, no cgroup, no uid), alternating A/U, the one going first alternating per sample;
    ratio A/U per pair, median (goal < 1.05): what the VMM's jail costs a pod start. Pod starts
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -67,7 +72,9 @@ from tests.support.pods import container_config, pod_config
 from tests.support.registry import LocalRegistry
 from vm_backend import resources
 from vm_backend.channel import AgentClient
-from vm_backend.guest_image import GuestAssets, assets_root, current_assets
+from vm_backend.guest_image import GuestAssets, assets_root
+from vm_backend.guest_image.inputs import resolve_inputs
+from vm_backend.guest_image.store import load as load_assets
 from vm_backend.jail import Jail, JailIds
 from vm_backend.qemu import QemuVm, VmSpec
 
@@ -229,6 +236,65 @@ def bare_boot(run_dir: Path, assets: GuestAssets) -> tuple[float, float]:
 
 
 # ---- the three measurements ---------------------------------------------------------------------
+
+
+def pool_ready(daemon: TandemDaemon) -> int:
+    info = daemon.runtime.Status(pb.StatusRequest(verbose=True), timeout=30).info
+    return int(json.loads(info["backends"])["vm"]["warmPool"]["ready"])
+
+
+def wait_pool(daemon: TandemDaemon, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while pool_ready(daemon) < 1:
+        if time.monotonic() > deadline:
+            raise BenchError(f"the warm pool did not fill within {timeout:g} s")
+        time.sleep(0.2)  # the poll interval of a deadline wait
+
+
+def measure_pool(warm: Pods, cold: Pods, assets: GuestAssets, workdir: Path, samples: int) -> None:
+    print(f"\n## 1a. VM pod start from the warm pool (W) vs cold (A) vs bare boot to init (B), {samples} samples")
+    print("#  W: [vm] warm_pool = 1, the pool refilled (untimed) before each; the three alternate, first rotating")
+    print(
+        f"{'sample':>7} {'first':>6} {'W pool':>9} {'A cold':>9} {'B init':>9} {'W/B':>6} {'W/A':>6} {'A/B':>6}  load"
+    )
+    rows: list[tuple[float, float, float]] = []
+    steps: list[tuple[float, float, float]] = []
+    for n in range(samples):
+        times: dict[str, float] = {}
+        order = [("W", "A", "B"), ("A", "B", "W"), ("B", "W", "A")][n % 3]
+        for side in order:
+            if side == "W":
+                wait_pool(warm.daemon)
+                pod_id, times["W"] = warm.start(retries=1)
+                steps.append(warm.last_steps)
+                warm.remove(pod_id)
+            elif side == "A":
+                pod_id, times["A"] = cold.start(retries=1)
+                cold.remove(pod_id)
+            else:
+                times["B"], _ = bare_boot(workdir / "bare" / f"p{n + 1}", assets)
+        w, a, b = times["W"], times["A"], times["B"]
+        rows.append((w, a, b))
+        print(f"{n + 1:>7} {order[0]:>6} {w:>8.3f}s {a:>8.3f}s {b:>8.3f}s {w / b:>6.2f} {w / a:>6.2f} {a / b:>6.2f}  "
+              f"{os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+    wb, wa, ab = ([r[0] / r[2] for r in rows], [r[0] / r[1] for r in rows], [r[1] / r[2] for r in rows])
+    print(
+        f"pool: W median {statistics.median(r[0] for r in rows):.3f} s, "
+        f"A median {statistics.median(r[1] for r in rows):.3f} s, "
+        f"B median {statistics.median(r[2] for r in rows):.3f} s\n"
+        f"pool: ratio W/B median {statistics.median(wb):.2f} ({min(wb):.2f} .. {max(wb):.2f}); goal <= 0.5\n"
+        f"pool: ratio W/A median {statistics.median(wa):.2f}; cold A/B median {statistics.median(ab):.2f} (goal <= 2.0)"
+    )
+    runp, create, start = (statistics.median(step[i] for step in steps) for i in range(3))
+    print(f"pool: W's steps, medians: RunPodSandbox {runp:.3f} s, CreateContainer {create:.3f} s, "
+          f"StartContainer {start:.3f} s")  # fmt: skip
+    wait_pool(warm.daemon)
+    time.sleep(10)  # let the warm VM settle (free page reporting) before its PSS: a measurement, not a sync
+    procs = processes_naming(str(warm.daemon.socket.parent / "vm" / "warm-"))
+    parts = [f"{Path(cmd.split()[0]).name}[{pid}] {pss_kib(pid) / 1024:.1f}" for pid, cmd in sorted(procs.items())]
+    total = sum(pss_kib(pid) for pid in procs)
+    print(f"pool: PSS of one idle warm VM {total / 1024:.1f} MiB ({', '.join(parts) or 'no processes found'})")
+    print(f"# {load()}")
 
 
 def measure_start(pods: Pods, assets: GuestAssets, workdir: Path, samples: int) -> None:
@@ -448,12 +514,13 @@ def _run(argv: Sequence[str] | None) -> int:
     parser.add_argument("--idle-pods", type=int, default=3, help="pods for the memory measurement (default 3)")
     parser.add_argument("--idle-seconds", type=float, default=10.0, help="idle wait before PSS (default 10)")
     parser.add_argument("--density-cap", type=int, default=60, help="most pods in the density run (default 60)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["start", "jail", "memory", "density"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["start", "pool", "jail", "memory", "density"])
     parser.add_argument("--keep", action="store_true", help="keep the work dir")
     args = parser.parse_args(argv)
-    assets = current_assets(DEFAULT_STATE)
+    digest = asyncio.run(resolve_inputs()).digest()  # this checkout's guest: another checkout may own `current`
+    assets = load_assets(assets_root(DEFAULT_STATE) / digest)
     if assets is None:
-        print(f"no guest assets under {DEFAULT_STATE} (run `make setup`)", file=sys.stderr)
+        print(f"no guest assets {digest} under {DEFAULT_STATE} (run `make setup`)", file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, _sigterm)
 
@@ -463,7 +530,7 @@ def _run(argv: Sequence[str] | None) -> int:
         registry = stack.enter_context(LocalRegistry())
         image = f"{registry.host}/bench/busybox:1.0"
         push(registry.host, "bench/busybox", "1.0", busybox_image())
-        octet, unjailed_octet = free_octets(2)
+        octet, unjailed_octet, pool_octet = free_octets(3)
 
         stack.callback(_quietly("killing leftovers", lambda: _kill_leftovers(workdir)))  # the bare boots' too
         daemon = start_tandem(stack, workdir / "tandem", assets, octet, "")
@@ -486,6 +553,18 @@ def _run(argv: Sequence[str] | None) -> int:
         print(f"# warm-up (untimed): A {elapsed:.3f} s, B {to_init:.3f} s, H {hello:.3f} s")
         if "start" not in args.skip:
             measure_start(pods, assets, workdir, args.samples)
+        if "pool" not in args.skip:
+            daemon_w = start_tandem(stack, workdir / "pool", assets, pool_octet, "warm_pool = 1\n")
+            warm = Pods(daemon_w, image, workdir / "logs-pool")
+            stack.callback(_quietly("removing pods", warm.remove_all))
+            daemon_w.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=image)), timeout=300)
+            _wait_network_ready(daemon_w)
+            wait_pool(daemon_w)
+            pod_id, _ = warm.start(retries=1)  # warm-up, as for A
+            warm.remove(pod_id)
+            measure_pool(warm, pods, assets, workdir, args.samples)
+            warm.remove_all()
+            _stop_tandem(daemon_w)  # its refills must not load what is measured next
         if "jail" not in args.skip:
             unjailed = start_unjailed(stack, workdir, assets, image, unjailed_octet)
             pod_id, elapsed = unjailed.start(retries=1)  # warm-up, as for A
