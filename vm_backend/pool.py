@@ -202,7 +202,7 @@ class WarmPool(Generic[H]):
         log.info("warm VM %s destroyed: %s", record.id, why)
         try:
             await self.vms.destroy(record, None)
-        except TandemError as e:
+        except (TandemError, OSError) as e:
             log.error("warm VM %s: not all of it could be removed: %s", record.id, e)
             return  # its record stays: the next start tries again
         self.forget(record.id)
@@ -222,7 +222,7 @@ class WarmPool(Generic[H]):
     async def _destroy(self, record: WarmRecord, handle: H | None) -> None:
         try:
             await self.vms.destroy(record, handle)
-        except TandemError as e:
+        except (TandemError, OSError) as e:
             log.error("warm VM %s: not all of it could be removed: %s", record.id, e)
             return
         self.forget(record.id)
@@ -300,7 +300,7 @@ class WarmPool(Generic[H]):
         except asyncio.CancelledError:
             await asyncio.shield(self._destroy(record, None))
             raise
-        except TandemError as e:
+        except (TandemError, OSError) as e:
             self._failed(f"warm VM {record.id} did not boot: {e}")
             await self._destroy(record, None)
             return

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import TandemError, Unavailable
+from core.errors import Unavailable
 from tests.support.wait import eventually
 from vm_backend.pool import BACKOFF_FIRST, BACKOFF_MAX, WarmPool, WarmRecord, is_warm_id
 
@@ -25,7 +25,7 @@ class FakeVms:
         self.destroyed: list[str] = []
         self.ends: dict[str, Callable[[], None]] = {}
         self.gate: asyncio.Event | None = None
-        self.fail: TandemError | None = None
+        self.fail: Exception | None = None
         self.fail_destroy = False
         self.booting = 0
         self.most_at_once = 0
@@ -124,9 +124,12 @@ async def test_refills_wait_while_a_pod_starts(tmp_path: Path) -> None:
     await pool.close()
 
 
-async def test_failed_boots_back_off(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "error", [Unavailable("QEMU exited during boot"), OSError(28, "No space left on device: QEMU exited during boot")]
+)
+async def test_failed_boots_back_off(tmp_path: Path, error: Exception) -> None:
     vms = FakeVms()
-    vms.fail = Unavailable("QEMU exited during boot")
+    vms.fail = error
     pool = WarmPool(1, vms, tmp_path, backoff_first=3600.0, backoff_max=7200.0)
     await pool.start({})
     await eventually(lambda: "nextBootInSeconds" in pool.describe())
