@@ -85,6 +85,7 @@ STOP_GRACE_AFTER_KILL = 10.0
 SHUTDOWN_WAIT = 5.0
 AGENT_CONNECT_TIMEOUT = 60.0
 REATTACH_TIMEOUT = 10.0  # for a call that needs the agent: how long it waits for a connection being made
+FIRST_CONTAINER_GRACE = 10.0  # seconds after a VM pod is up in which no refill boots unless its container started
 VM_DIED = "VMDied"  # the reason of a container whose pod's QEMU died under it
 
 
@@ -222,7 +223,8 @@ class VmBackend(Backend[VmBackendSettings]):
 
     async def create_network_namespace(self, sandbox: SandboxRecord, path: Path) -> None:
         """A warm VM's, made the pod's, when the pool has one of the pod's size (`warm.py`); else a new one.
-        From here until the pod is up (or removed) the pool boots nothing: the pod's start comes first."""
+        From here until the pod's first container started (or `FIRST_CONTAINER_GRACE` after the pod is up, or
+        its removal) the pool boots nothing: the pod's start comes first."""
         self.pool.starting(sandbox.id)
         if self.pool.ready:
             pod = await self.warm.claim(self.pool, sandbox, path)
@@ -243,8 +245,11 @@ class VmBackend(Backend[VmBackendSettings]):
                 log.info("pod %s: warm VM ready in %.2fs", sandbox.id[:12], time.monotonic() - began)
             else:
                 await self._boot(sandbox)
-        finally:
+        except BaseException:
             self.pool.started(sandbox.id)
+            raise
+        # the pod's start goes on until its first container started (kubelet creates it next), or for a while
+        asyncio.get_running_loop().call_later(FIRST_CONTAINER_GRACE, self.pool.started, sandbox.id)
 
     async def _boot(self, sandbox: SandboxRecord) -> None:
         """A cold start: a VM booted for this pod."""
@@ -435,7 +440,10 @@ class VmBackend(Backend[VmBackendSettings]):
     async def start_container(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
         pod = await self._connected(sandbox)
         pod.events.starting(container.id)
-        await pod.client_or_fail().start_container(container.id)
+        try:
+            await pod.client_or_fail().start_container(container.id)
+        finally:
+            self.pool.started(sandbox.id)  # its first container is up: a refill may boot now
 
     async def _wait_exit(self, pod: PodVm, container_id: str, timeout: float) -> bool:
         """Whether the container's exit was heard within `timeout` (or its VM is gone)."""
