@@ -556,7 +556,7 @@ def _run(argv: Sequence[str] | None) -> int:
         if "pool" not in args.skip:
             daemon_w = start_tandem(stack, workdir / "pool", assets, pool_octet, "warm_pool = 1\n")
             warm = Pods(daemon_w, image, workdir / "logs-pool")
-            stack.callback(_quietly("removing pods", warm.remove_all))
+            stack.callback(_quietly("removing pods", lambda: warm.remove_all() if daemon_w.process else None))
             daemon_w.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=image)), timeout=300)
             _wait_network_ready(daemon_w)
             wait_pool(daemon_w)
