@@ -540,7 +540,7 @@ class VmBackend(Backend[VmBackendSettings]):
         pod = await self._connected(sandbox)
         client = pod.client_or_fail()
         exec_id = f"x{secrets.token_hex(8)}"
-        process = pod.events.execs[exec_id] = VmExec(client, container.id, exec_id, tty)
+        process = pod.events.execs[exec_id] = VmExec(client, container.id, exec_id, tty, pod.events.end_stream)
         try:
             await client.start_exec(
                 container.id, exec_id, process_spec, terminal=tty, stdin=stdin, window=process.window
