@@ -41,6 +41,7 @@ from prometheus_client.registry import Collector
 from core import errors, metrics
 from core.errors import Unavailable
 from cri.errors import Handler, status_code
+from sandbox.backend import status_of
 from sandbox.manager import PodManager
 
 log = logging.getLogger("tandem.metrics")
@@ -143,7 +144,7 @@ class _ObjectCounts(Collector):
             for (backend, state), count in sorted(tally.items()):
                 family.add_metric([backend, state], count)
             yield family
-        pool = self._pods.backend_status().get("vm", {}).get("warmPool")
+        pool = status_of(self._pods.backends).get("vm", {}).get("warmPool")
         if pool is not None:
             vms = GaugeMetricFamily(
                 "tandem_vm_warm_pool_vms", "warm VMs booted for pods to come, by state", labels=["state"]

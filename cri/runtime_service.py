@@ -23,6 +23,7 @@ from cri.streaming.server import StreamingServer
 from cri.version import CRI_API_VERSION, KUBELET_API_VERSION, RUNTIME_NAME, RUNTIME_VERSION
 from protos import cri_pb2 as pb
 from protos import cri_pb2_grpc
+from sandbox.backend import status_of
 from sandbox.manager import PodManager
 from sandbox.model import ContainerRecord, ContainerState, SandboxRecord
 
@@ -99,7 +100,7 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
                 }
             )
             info["podNetwork"] = json.dumps(self.pods.network.current().describe())
-            info["backends"] = json.dumps(self.pods.backend_status())
+            info["backends"] = json.dumps(status_of(self.pods.backends))
         return pb.StatusResponse(
             status=pb.RuntimeStatus(conditions=conditions),
             info=info,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Protocol, Self, TypeVar
@@ -353,3 +354,8 @@ class Backend(ABC, Generic[SettingsT]):
     @abstractmethod
     async def port_forward(self, sandbox: SandboxRecord, port: int) -> ByteChannel:
         """A TCP connection to `port` on the pod's loopback, made inside the pod's network namespace."""
+
+
+def status_of(backends: Mapping[str, Backend[Any]]) -> dict[str, dict[str, Any]]:
+    """Backend name -> what it has beyond its pods (the VM backend's warm pool), where it has anything."""
+    return {name: info for name, backend in sorted(backends.items()) if (info := backend.status_info())}

@@ -26,7 +26,7 @@ async def start_exec(
         process_spec["consoleSize"] = {"width": size[0], "height": size[1]}
     client = pod.client_or_fail()
     exec_id = f"x{secrets.token_hex(8)}"
-    process = pod.events.execs[exec_id] = VmExec(client, container_id, exec_id, tty)
+    process = pod.events.execs[exec_id] = VmExec(client, container_id, exec_id, tty, pod.events.end_stream)
     try:
         await client.start_exec(container_id, exec_id, process_spec, terminal=tty, stdin=stdin, window=process.window)
     except BaseException:
