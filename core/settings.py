@@ -265,7 +265,9 @@ def _default_network(table: _Reader, defaults: DefaultNetworkSettings) -> Defaul
         raise table.fail("subnet", f"must be /29 or larger (room for a gateway and pods), got {subnet}")
     settings = DefaultNetworkSettings(
         enabled=table.get("enabled", bool, defaults.enabled),
-        bridge=bridge, subnet=str(network), masquerade=table.get("masquerade", bool, defaults.masquerade)
+        bridge=bridge,
+        subnet=str(network),
+        masquerade=table.get("masquerade", bool, defaults.masquerade),
     )
     table.done()
     return settings
