@@ -190,6 +190,7 @@ async def _bare_boot(run_dir: Path, assets: GuestAssets) -> tuple[float, float]:
     """(seconds to init's first line, seconds to the agent's Hello) of one boot."""
     spec = VmSpec(
         name=run_dir.name, run_dir=run_dir, kernel=assets.kernel, initramfs=assets.initramfs,
+        userland=assets.userland, userland_bytes=assets.userland_bytes,
         accel="tcg", vcpus=VCPUS, memory_mib=MEMORY_MIB,
     )  # fmt: skip
     vm = QemuVm(spec)
@@ -258,7 +259,7 @@ def measure_start(pods: Pods, assets: GuestAssets, workdir: Path, samples: int) 
     print(f"# {load()}")
 
 
-def measure_jail(jailed: Pods, unjailed: Pods, samples: int) -> None:
+def measure_jail(jailed: Pods, unjailed: Pods, samples: int, userland_bytes: int) -> None:
     print(f"\n## 1b. the jail's cost: VM pod start jailed (A) vs [vm] jail = false (U), {samples} samples, alternating")
     print(f"{'sample':>7} {'first':>6} {'A jailed':>9} {'U':>9} {'A/U':>6}  load")
     pairs: list[tuple[float, float]] = []
@@ -278,7 +279,7 @@ def measure_jail(jailed: Pods, unjailed: Pods, samples: int) -> None:
         f"U median {statistics.median(u for _, u in pairs):.3f} s\n"
         f"jail: ratio A/U median {statistics.median(ratios):.3f} ({min(ratios):.3f} .. {max(ratios):.3f}); goal < 1.05"
     )
-    jailer, cgroup = jail_fixed_cost(jailed.daemon.socket.parent / "vm" / "jail-ids")
+    jailer, cgroup = jail_fixed_cost(jailed.daemon.socket.parent / "vm" / "jail-ids", userland_bytes)
     start = statistics.median(u for _, u in pairs)
     share = (jailer * 2 + cgroup) / start  # QEMU and virtiofsd both start through the jailer (virtiofsd unjailed)
     print(f"jail: fixed cost, medians of 20: the jailer {jailer * 1000:.1f} ms, the VM's cgroup {cgroup * 1000:.1f} ms;"
@@ -286,7 +287,7 @@ def measure_jail(jailed: Pods, unjailed: Pods, samples: int) -> None:
     print(f"# {load()}")
 
 
-def jail_fixed_cost(ids_dir: Path, samples: int = 20) -> tuple[float, float]:
+def jail_fixed_cost(ids_dir: Path, userland_bytes: int, samples: int = 20) -> tuple[float, float]:
     """(jailed - bare `qemu -version`, cgroup create + limits + remove), seconds, medians."""
     ids = JailIds(ids_dir, JAIL_UID_FIRST, JAIL_UID_COUNT)
     owner = f"bench-{os.getpid()}"
@@ -306,7 +307,7 @@ def jail_fixed_cost(ids_dir: Path, samples: int = 20) -> tuple[float, float]:
             differences.append(times["jailed"] - times["bare"])
             path = f"/tandem-bench/{owner}-{n}"
             began = time.perf_counter()
-            resources.create_cgroup(path, resources.vm_limits(VCPUS, MEMORY_MIB, "tcg"))
+            resources.create_cgroup(path, resources.vm_limits(VCPUS, MEMORY_MIB, "tcg", userland_bytes))
             cgroups.remove("/tandem-bench")
             cgroup_times.append(time.perf_counter() - began)
     finally:
@@ -474,7 +475,7 @@ def _run(argv: Sequence[str] | None) -> int:
             unjailed = start_unjailed(stack, workdir, assets, image, unjailed_octet)
             pod_id, elapsed = unjailed.start(retries=1)  # warm-up, as for A
             unjailed.remove(pod_id)
-            measure_jail(pods, unjailed, args.samples)
+            measure_jail(pods, unjailed, args.samples, assets.userland_bytes)
         if "memory" not in args.skip:
             measure_memory(pods, args.idle_pods, args.idle_seconds)
         if "density" not in args.skip:

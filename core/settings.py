@@ -362,7 +362,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         raise vm_table.fail("jail_uid_count", f"the range must end at or below 2**31 (2147483648), it ends at {end}")
     if vm.default_memory_mib < 128:
         memory = vm.default_memory_mib
-        raise vm_table.fail("default_memory_mib", f"must be at least 128 (the initramfs lives in RAM), got {memory}")
+        raise vm_table.fail("default_memory_mib", f"must be at least 128 (the guest kernel's own share), got {memory}")
     if vm.boot_timeout_seconds <= 0:
         raise vm_table.fail("boot_timeout_seconds", f"must be positive, got {vm.boot_timeout_seconds:g}")
     vm_table.done()

@@ -232,7 +232,10 @@ async def _check_vm_guest(config: Config) -> list[Finding]:
             Finding("warn", "accel", "not probed yet", fix),
         ]
     size = current.manifest.get("initramfs_bytes", 0) / 2**20
-    detail = f"{current.dir} (kernel {current.kernel_release}, initramfs {size:.1f} MiB)"
+    detail = (
+        f"{current.dir} (kernel {current.kernel_release}, initramfs {size:.1f} MiB, "
+        f"userland image {current.userland_bytes / 2**20:.1f} MiB)"
+    )
     findings = [
         Finding("ok", "guest assets", detail)
         if status.fresh

@@ -146,6 +146,8 @@ class VmBackend(Backend[VmBackendSettings]):
             run_dir=self._run_dir(sandbox),
             kernel=Path(state.get("kernel") or self.assets.kernel),
             initramfs=Path(state.get("initramfs") or self.assets.initramfs),
+            userland=Path(state.get("userland") or self.assets.userland),
+            userland_bytes=int(state.get("userland_bytes") or self.assets.userland_bytes),
             accel=state.get("accel", "tcg"),
             vcpus=int(state.get("vcpus", 1)),
             memory_mib=int(state.get("memory_mib", 256)),
@@ -211,11 +213,14 @@ class VmBackend(Backend[VmBackendSettings]):
             memory_mib=memory,
             kernel=str(self.assets.kernel),
             initramfs=str(self.assets.initramfs),
+            userland=str(self.assets.userland),
+            userland_bytes=self.assets.userland_bytes,
         )
         began = time.monotonic()
         if settings.jail:
             uid = self.jail_ids.allocate(sandbox.id)
-            await asyncio.to_thread(resources.create_cgroup, cgroup, resources.vm_limits(vcpus, memory, accel))
+            limits = resources.vm_limits(vcpus, memory, accel, self.assets.userland_bytes)
+            await asyncio.to_thread(resources.create_cgroup, cgroup, limits)
             sandbox.backend_state.update(jail_uid=uid, jail_gid=uid, cgroup=cgroup)
         guest = await attach_tap(netns, tap=TAP)
         (nic,) = guest.interfaces[:1]

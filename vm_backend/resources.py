@@ -29,7 +29,8 @@ MIB = 2**20
 # memory.max_usage_in_bytes of the VM's cgroup, /proc/PID/smaps of QEMU): peak usage 309 MiB = 256 MiB of guest
 # RAM (shmem) + 53 MiB anon (QEMU 45, with the 32 MiB translation cache; virtiofsd 8). Besides, QEMU keeps the
 # kernel and initramfs mapped (77 MiB) and its binary and libraries (~20 MiB): page cache charged to the first
-# VM that faults it in, reclaimable but in use, so the limit leaves room for it (53 + 100 -> 160).
+# VM that faults it in, reclaimable but in use, so the limit leaves room for it (53 + 100 -> 160). The userland
+# image is page cache of the same kind, charged to the VM that first reads each page: `vm_limits` adds its size.
 # KVM cannot be measured here (these hosts' /dev/kvm is PVM): estimated as the same less the translation cache.
 OVERHEAD_MIB = {"tcg": 160, "kvm": 128}
 # Tasks (the pids controller counts threads). Measured: 8 under 8 parallel `find | cat` loops in the guest --
@@ -87,9 +88,10 @@ def vm_cgroup(cgroup_parent: str, sandbox_id: str) -> str:
     return cgroups.cgroups_path(cgroups.pod_parent(cgroup_parent, sandbox_id), sandbox_id)
 
 
-def vm_limits(vcpus: int, memory_mib: int, accel: str) -> cgroups.Limits:
+def vm_limits(vcpus: int, memory_mib: int, accel: str, userland_bytes: int) -> cgroups.Limits:
+    """The VM's cgroup limits: guest RAM, the userland image it maps (vm_backend/guest_memory.py), QEMU's own."""
     return cgroups.Limits(
-        memory_bytes=(memory_mib + OVERHEAD_MIB[accel]) * MIB,
+        memory_bytes=(memory_mib + OVERHEAD_MIB[accel]) * MIB + userland_bytes,
         pids=PIDS_BASE + vcpus,
         cpu_quota_us=(vcpus + CPU_EXTRA) * CPU_PERIOD_US,
         cpu_period_us=CPU_PERIOD_US,

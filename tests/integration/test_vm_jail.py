@@ -112,7 +112,7 @@ def test_qemu_runs_jailed_in_a_cgroup_of_its_own(env):
         vmm = f"{run_dir}/vmm"
         expected = {"/bin", "/sbin", "/lib", "/lib64", "/usr", "/etc", "/etc/ld.so.cache", "/dev"}
         expected |= {f"/dev/{name}" for name in ("null", "zero", "random", "urandom")}
-        for path in (state["kernel"], state["initramfs"], f"{run_dir}/virtiofsd.sock", vmm):
+        for path in (state["kernel"], state["initramfs"], state["userland"], f"{run_dir}/virtiofsd.sock", vmm):
             expected |= {path} | parents(path)
         expected |= {f"{vmm}/{name}" for name in ("qmp.sock", "console.sock", "agent.sock", "console.log")}
         assert jail_contents(pid) == expected  # no /proc, no /dev/net/tun, no /dev/kvm (TCG), no share, no c/
@@ -133,11 +133,11 @@ def test_qemu_runs_jailed_in_a_cgroup_of_its_own(env):
         assert f":memory:{cgroup}" in Path(f"/proc/{pid}/cgroup").read_text()
         virtiofsd = int(Path(run_dir, "virtiofsd.pid").read_text().split()[0])  # pid, start time
         assert {pid, virtiofsd} == cgroups.processes(cgroup)
-        limits = resources.vm_limits(state["vcpus"], state["memory_mib"], "tcg")
+        limits = resources.vm_limits(state["vcpus"], state["memory_mib"], "tcg", state["userland_bytes"])
         found = cgroups.read_limits(cgroup)
         assert found["pids.max"] == str(limits.pids)
         memory = found.get("memory.max") or found["memory.limit_in_bytes"]
-        assert int(memory) == (256 + resources.OVERHEAD_MIB["tcg"]) * 2**20
+        assert int(memory) == (256 + resources.OVERHEAD_MIB["tcg"]) * 2**20 + state["userland_bytes"]
         cpu = found.get("cpu.max") or f"{found['cpu.cfs_quota_us']} {found['cpu.cfs_period_us']}"
         assert cpu == "200000 100000"  # one vCPU and one more for QEMU's main loop and virtiofsd
 

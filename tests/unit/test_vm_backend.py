@@ -122,7 +122,9 @@ def test_without_guest_assets_the_backend_is_unavailable(tmp_path):
 
 async def test_a_container_whose_vm_is_gone_exited_with_vm_died(tmp_path):
     config = Config(state_dir=tmp_path / "state", runtime_dir=tmp_path / "run")
-    assets = GuestAssets(tmp_path, "d", tmp_path / "vmlinuz", tmp_path / "initrd", "6.1", {})
+    assets = GuestAssets(
+        tmp_path, "d", tmp_path / "vmlinuz", tmp_path / "initrd", tmp_path / "userland.img", 2**21, "6.1", {}
+    )
     backend = VmBackend(config.vm_backend(), assets)
     sandbox = SandboxRecord(id="a" * 64, config=pod(), runtime_handler="vm", backend="vm", trust_reason="test")
     sandbox.backend_state["run_dir"] = str(tmp_path / "run" / "vm" / ("a" * 16))  # no pidfile: no QEMU
