@@ -16,13 +16,30 @@ STUBS  := protos/cri_pb2.py protos/cri_pb2_grpc.py protos/agent_pb2.py
 #   lz4                    unpacks the guest kernel (Debian compresses it with LZ4) for PVH boot
 #   e2fsprogs              mkfs.ext4 -d builds the guest's userland image (ext4, mapped by every VM with DAX)
 #                          from a directory, without root or a loop mount
+#   systemd                systemd-analyze, which checks the unit `make install` installs (tests/integration/
+#                          test_install.py); the daemon itself needs no systemd
 #   (the guest kernel, busybox, Python and crun inside the VMs are fetched by `tandem assets` with
 #   apt-get download and unpacked into the state dir, never installed on the host)
 APT_PACKAGES := docker-registry busybox-static runc conmon catatonit containernetworking-plugins \
                 iptables python3-venv iproute2 iputils-ping util-linux procps ca-certificates qemu-system-x86 lz4 \
-                e2fsprogs
+                e2fsprogs systemd
 
-.PHONY: setup apt venv protos assets demo test typecheck lint clean
+# `make install` puts Tandem where an operator's node runs it (as root; under DESTDIR for packaging):
+# the program and its modules, the systemd unit, the config file (only if absent), RuntimeClasses and
+# kubelet drop-in examples. `make uninstall` removes what the install recorded. packaging/install.sh does both.
+DESTDIR    ?=
+PREFIX     ?= /usr/local
+BINDIR     ?= $(PREFIX)/bin
+LIBDIR     ?= $(PREFIX)/lib
+UNITDIR    ?= $(PREFIX)/lib/systemd/system
+DATADIR    ?= $(PREFIX)/share
+SYSCONFDIR ?= /etc
+SOCKET     ?= /run/tandem/tandem.sock
+PYTHON3    ?= /usr/bin/python3
+INSTALL_ENV = DESTDIR="$(DESTDIR)" BINDIR="$(BINDIR)" LIBDIR="$(LIBDIR)" UNITDIR="$(UNITDIR)" DATADIR="$(DATADIR)" \
+              SYSCONFDIR="$(SYSCONFDIR)" SOCKET="$(SOCKET)" PY="$(abspath $(PY))" PYTHON3="$(PYTHON3)"
+
+.PHONY: setup apt venv protos assets demo test typecheck lint clean install uninstall
 
 setup: apt venv protos assets
 
@@ -67,6 +84,12 @@ typecheck: venv protos
 lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+install: venv protos
+	$(INSTALL_ENV) sh packaging/install.sh install
+
+uninstall:
+	$(INSTALL_ENV) sh packaging/install.sh uninstall
 
 clean:
 	rm -rf $(VENV) $(STUBS) protos/*_pb2.pyi

@@ -19,7 +19,8 @@
    making + removing a VM's cgroup with its limits.
 2. memory: K idle VM pods with one sleeping container each; after an idle wait,
    the PSS (/proc/PID/smaps_rollup) of every host process whose command line names
-   the pod's VM run dir (QEMU, virtiofsd), per pod and mean; the daemon's PSS apart.
+   the pod's VM run dir (QEMU, virtiofsd), per pod and mean; the daemon's PSS apart;
+   and the CPU those processes used during the idle wait (/proc/PID/stat), in millicores.
 3. density: idle VM pods started one after another until the first failure or the
    cap; how many started, and MemAvailable at the end; then all removed.
 
@@ -96,6 +97,15 @@ def pss_kib(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (and its threads), from /proc/PID/stat."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def processes_naming(text: str) -> dict[int, str]:
@@ -259,7 +269,7 @@ def measure_start(pods: Pods, assets: GuestAssets, workdir: Path, samples: int) 
     print(f"# {load()}")
 
 
-def measure_jail(jailed: Pods, unjailed: Pods, samples: int, userland_bytes: int) -> None:
+def measure_jail(jailed: Pods, unjailed: Pods, samples: int) -> None:
     print(f"\n## 1b. the jail's cost: VM pod start jailed (A) vs [vm] jail = false (U), {samples} samples, alternating")
     print(f"{'sample':>7} {'first':>6} {'A jailed':>9} {'U':>9} {'A/U':>6}  load")
     pairs: list[tuple[float, float]] = []
@@ -279,7 +289,7 @@ def measure_jail(jailed: Pods, unjailed: Pods, samples: int, userland_bytes: int
         f"U median {statistics.median(u for _, u in pairs):.3f} s\n"
         f"jail: ratio A/U median {statistics.median(ratios):.3f} ({min(ratios):.3f} .. {max(ratios):.3f}); goal < 1.05"
     )
-    jailer, cgroup = jail_fixed_cost(jailed.daemon.socket.parent / "vm" / "jail-ids", userland_bytes)
+    jailer, cgroup = jail_fixed_cost(jailed.daemon.socket.parent / "vm" / "jail-ids")
     start = statistics.median(u for _, u in pairs)
     share = (jailer * 2 + cgroup) / start  # QEMU and virtiofsd both start through the jailer (virtiofsd unjailed)
     print(f"jail: fixed cost, medians of 20: the jailer {jailer * 1000:.1f} ms, the VM's cgroup {cgroup * 1000:.1f} ms;"
@@ -287,7 +297,7 @@ def measure_jail(jailed: Pods, unjailed: Pods, samples: int, userland_bytes: int
     print(f"# {load()}")
 
 
-def jail_fixed_cost(ids_dir: Path, userland_bytes: int, samples: int = 20) -> tuple[float, float]:
+def jail_fixed_cost(ids_dir: Path, samples: int = 20) -> tuple[float, float]:
     """(jailed - bare `qemu -version`, cgroup create + limits + remove), seconds, medians."""
     ids = JailIds(ids_dir, JAIL_UID_FIRST, JAIL_UID_COUNT)
     owner = f"bench-{os.getpid()}"
@@ -307,7 +317,7 @@ def jail_fixed_cost(ids_dir: Path, userland_bytes: int, samples: int = 20) -> tu
             differences.append(times["jailed"] - times["bare"])
             path = f"/tandem-bench/{owner}-{n}"
             began = time.perf_counter()
-            resources.create_cgroup(path, resources.vm_limits(VCPUS, MEMORY_MIB, "tcg", userland_bytes))
+            resources.create_cgroup(path, resources.vm_limits(VCPUS, MEMORY_MIB, "tcg"))
             cgroups.remove("/tandem-bench")
             cgroup_times.append(time.perf_counter() - began)
     finally:
@@ -319,7 +329,13 @@ def jail_fixed_cost(ids_dir: Path, userland_bytes: int, samples: int = 20) -> tu
 def measure_memory(pods: Pods, count: int, idle: float) -> None:
     print(f"\n## 2. host memory per idle VM pod: {count} pods, one `sleep 3600` container each, {idle:g} s idle")
     started = [pods.start(retries=1)[0] for _ in range(count)]
+    processes = [processes_naming(str(pods.run_dir(pod_id))) for pod_id in started]
+    cpu_before = [sum(cpu_seconds(pid) for pid in procs) for procs in processes]
     time.sleep(idle)
+    cpu_after = [sum(cpu_seconds(pid) for pid in procs) for procs in processes]
+    millicores = [(after - before) / idle * 1000 for before, after in zip(cpu_before, cpu_after, strict=True)]
+    print(f"cpu: idle VM pod's QEMU + virtiofsd over {idle:g} s: mean {statistics.mean(millicores):.0f} millicores "
+          f"(min {min(millicores):.0f}, max {max(millicores):.0f})")  # fmt: skip
     totals = []
     for pod_id in started:
         procs = processes_naming(str(pods.run_dir(pod_id)))
@@ -475,7 +491,7 @@ def _run(argv: Sequence[str] | None) -> int:
             unjailed = start_unjailed(stack, workdir, assets, image, unjailed_octet)
             pod_id, elapsed = unjailed.start(retries=1)  # warm-up, as for A
             unjailed.remove(pod_id)
-            measure_jail(pods, unjailed, args.samples, assets.userland_bytes)
+            measure_jail(pods, unjailed, args.samples)
         if "memory" not in args.skip:
             measure_memory(pods, args.idle_pods, args.idle_seconds)
         if "density" not in args.skip:

@@ -144,8 +144,13 @@ def _enable_controllers(root: Path, rel: str, controllers: list[str]) -> None:
             _write(current / "cgroup.subtree_control", " ".join(f"+{c}" for c in missing))
 
 
-def create(path: str, mountinfo: str | None = None) -> None:
-    """Create the cgroup `path` (and its missing parents) in every hierarchy; existing is fine."""
+def create(path: str, mountinfo: str | None = None, searchable: bool = False) -> None:
+    """Create the cgroup `path` (and its missing parents) in every hierarchy; existing is fine.
+
+    `searchable` adds o+x to each directory on the way (the daemon's umask makes
+    them 0700): runc inside a pod's user namespace, a stranger to the host, must
+    reach the container's cgroup to bind it into a cgroup v1 container.
+    """
     rel = _relative(path)
     roots = controller_roots(mountinfo)
     v2_wanted: dict[Path, list[str]] = {}
@@ -162,9 +167,12 @@ def create(path: str, mountinfo: str | None = None) -> None:
             try:
                 current.mkdir()
             except FileExistsError:
-                continue
-            if cpuset is not None and cpuset == (root, 1):
-                _inherit_cpuset(current)
+                pass
+            else:
+                if cpuset is not None and cpuset == (root, 1):
+                    _inherit_cpuset(current)
+            if searchable:
+                current.chmod(current.stat().st_mode & 0o7777 | 0o011)
 
 
 @dataclass(frozen=True)
@@ -210,6 +218,24 @@ def set_limits(path: str, limits: Limits, mountinfo: str | None = None) -> None:
             if name in ("memory.memsw.limit_in_bytes", "memory.swap.max") and not target.exists():
                 continue
             _write(target, value)
+
+
+def set_memory_limit(path: str, memory_bytes: int, mountinfo: str | None = None) -> None:
+    """Change only the memory limit of an existing cgroup (swap stays none). On v1 memsw may never be below the
+    memory limit, so a raise writes it first and a cut second."""
+    rel = _relative(path)
+    roots = controller_roots(mountinfo)
+    if "memory" not in roots:
+        raise FailedPrecondition("the memory cgroup controller is not available on this host")
+    root, version = roots["memory"]
+    if version == 2:
+        _write(root / rel / "memory.max", str(memory_bytes))
+        return
+    memory, memsw = root / rel / "memory.limit_in_bytes", root / rel / "memory.memsw.limit_in_bytes"
+    order = [memory, memsw] if memory_bytes < int(memory.read_text()) else [memsw, memory]
+    for target in order:
+        if target.exists():
+            _write(target, str(memory_bytes))
 
 
 def read_limits(path: str, mountinfo: str | None = None) -> dict[str, str]:

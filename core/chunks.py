@@ -17,16 +17,19 @@ class ChunkQueue:
     def __init__(self, depth: int = 16) -> None:
         self._queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=depth)
         self.ended = False
+        self.size = 0  # bytes queued: what a caller bounding the queue by bytes looks at
 
     async def put(self, data: bytes) -> None:
         """Queue `data`, waiting while the queue is full; empty chunks and chunks after the end are dropped."""
         if data and not self.ended:
             await self._queue.put(data)
+            self.size += len(data)
 
     def put_nowait(self, data: bytes) -> None:
         """Queue `data` at once (`asyncio.QueueFull` if a bounded queue is full); as `put` otherwise."""
         if data and not self.ended:
             self._queue.put_nowait(data)
+            self.size += len(data)
 
     def end(self) -> None:
         """No more data: the consumer gets what is queued, then b""."""
@@ -39,4 +42,6 @@ class ChunkQueue:
         """The next chunk; b"" once the end is reached."""
         if self.ended and self._queue.empty():
             return b""
-        return await self._queue.get()
+        data = await self._queue.get()
+        self.size -= len(data)
+        return data

@@ -58,8 +58,12 @@ async def run(
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
     check: bool = True,
+    pass_fds: Sequence[int] = (),
 ) -> Completed:
-    """Run `argv` to completion; raise `CommandFailed` on a non-zero exit when `check`."""
+    """Run `argv` to completion; raise `CommandFailed` on a non-zero exit when `check`.
+
+    `pass_fds` are descriptors the program inherits under the same numbers (detached mount trees, say).
+    """
     args = [str(a) for a in argv]
     proc = await spawn(
         args,
@@ -68,6 +72,7 @@ async def run(
         stderr=asyncio.subprocess.PIPE,
         env=env,
         cwd=cwd,
+        pass_fds=pass_fds,
     )
     try:
         stdout, stderr = await asyncio.wait_for(proc.communicate(input), timeout)

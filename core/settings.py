@@ -34,33 +34,50 @@ class ConfigError(InvalidArgument):
 T = TypeVar("T")
 
 
+def doc(text: str, key: str = "", unset: str = "") -> dict[str, str]:
+    """A config key's documentation, which `tandem config default` prints beside its default.
+
+    `key` is its name in the file when that differs from the field's; `unset` says what a key whose
+    default is None means while unset.
+    """
+    return {"doc": text, "key": key, "unset": unset}
+
+
+NOT_A_KEY = {"internal": "set by code, not by the config file"}
+
+
 @dataclass
 class RegistrySettings:
     """`[registry]` in the config: which hosts may be plain HTTP, and mirrors per registry domain."""
 
-    insecure: list[str] = field(default_factory=list)
-    mirrors: dict[str, list[str]] = field(default_factory=dict)
-    timeout: float = 60.0
-    max_manifest_bytes: int = 4 * 2**20
-    max_token_bytes: int = 2**20  # a token answer; real ones are a few KiB
+    insecure: list[str] = field(
+        default_factory=list, metadata=doc("registries allowed over plain HTTP, as host:port (loopback always is)")
+    )
+    mirrors: dict[str, list[str]] = field(
+        default_factory=dict,
+        metadata=doc('per registry domain, mirrors tried in order before it: "registry.k8s.io" = ["localhost:5000"]'),
+    )
+    timeout: float = field(default=60.0, metadata=doc("one registry request's deadline", key="timeout_seconds"))
+    max_manifest_bytes: int = field(default=4 * 2**20, metadata=NOT_A_KEY)
+    max_token_bytes: int = field(default=2**20, metadata=NOT_A_KEY)  # a token answer; real ones are a few KiB
 
 
 @dataclass(frozen=True)
 class RuntimeHandler:
     """One `[runtimes.<name>]` entry: a RuntimeClass handler and the backend that serves it."""
 
-    name: str
-    backend: str
-    options: dict[str, Any] = field(default_factory=dict)
+    name: str = field(metadata=NOT_A_KEY)  # the table's name
+    backend: str = field(metadata=doc("runc or vm"))
+    options: dict[str, Any] = field(default_factory=dict, metadata=NOT_A_KEY)  # the entry's other keys
 
 
 @dataclass(frozen=True)
 class ImageSettings:
-    allow_device_nodes: bool = False
-    max_layers: int = 128
-    max_layer_bytes: int = 32 * 2**30
-    max_layer_entries: int = 500_000
-    parallel_downloads: int = 4
+    allow_device_nodes: bool = field(default=False, metadata=doc("create device nodes found in image layers"))
+    max_layers: int = field(default=128, metadata=doc("layers per image"))
+    max_layer_bytes: int = field(default=32 * 2**30, metadata=doc("a layer's uncompressed size"))
+    max_layer_entries: int = field(default=500_000, metadata=doc("files, directories and links in one layer"))
+    parallel_downloads: int = field(default=4, metadata=doc("layer downloads at once, across all pulls"))
 
 
 @dataclass(frozen=True)
@@ -74,26 +91,47 @@ class DefaultNetworkSettings:
     253 pods, more than kubelet's default max-pods (110), and claims little of the node's network.
     """
 
-    enabled: bool = True  # False: no network until one is installed in conf_dir (containerd's behaviour)
-    bridge: str = "tandem0"
-    subnet: str = "10.157.0.0/24"
-    masquerade: bool = True  # NAT the pods' traffic out of the node; off where the subnet is routed
+    enabled: bool = field(
+        default=True, metadata=doc("false: no network until one is installed in conf_dir (containerd's behaviour)")
+    )
+    bridge: str = field(default="tandem0", metadata=doc("the bridge's interface name"))
+    subnet: str = field(default="10.157.0.0/24", metadata=doc("IPv4, /29 or larger (README, Pod network, says why)"))
+    masquerade: bool = field(default=True, metadata=doc("NAT pods' traffic out of the node; false where it is routed"))
 
 
 @dataclass(frozen=True)
 class CniSettings:
-    conf_dir: Path = Path("/etc/cni/net.d")
-    bin_dirs: tuple[Path, ...] = (Path("/opt/cni/bin"), Path("/usr/lib/cni"))
-    default: DefaultNetworkSettings = field(default_factory=DefaultNetworkSettings)
+    conf_dir: Path = field(
+        default=Path("/etc/cni/net.d"), metadata=doc("the first valid .conflist/.conf/.json here is the pod network")
+    )
+    bin_dirs: tuple[Path, ...] = field(
+        default=(Path("/opt/cni/bin"), Path("/usr/lib/cni")), metadata=doc("where CNI plugins are looked for")
+    )
+    default: DefaultNetworkSettings = field(
+        default_factory=DefaultNetworkSettings, metadata=doc("Tandem's own network, while conf_dir holds none")
+    )
 
 
 @dataclass(frozen=True)
 class StreamingSettings:
     """Where the exec/attach/port-forward server listens; its one-time URLs are the only access control."""
 
-    address: str = "127.0.0.1"
-    port: int = 0  # 0: any free port (the URLs name the one chosen)
-    token_ttl_seconds: int = 60
+    address: str = field(
+        default="127.0.0.1", metadata=doc("an IP; loopback keeps it on the node (kubelet proxies to it)")
+    )
+    port: int = field(default=0, metadata=doc("0: any free port, named in each URL"))
+    token_ttl_seconds: int = field(
+        default=60, metadata=doc("an unused URL stops working after this; a used one at once")
+    )
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """`[metrics]`: the Prometheus endpoint, off unless an address is set."""
+
+    address: str = field(
+        default="", metadata=doc('"IP:PORT" serves /metrics there (e.g. "127.0.0.1:9090"; port 0: any); "" is off')
+    )
 
 
 JAIL_UID_FIRST = 0x70000000  # 1879048192: above systemd's container range, below 2**31 (see README)
@@ -104,43 +142,79 @@ JAIL_UID_COUNT = 65536
 class VmSettings:
     """The untrusted path's micro-VMs: accelerator choice, size and its caps, boot deadline, programs, the jail."""
 
-    accel: str = "auto"  # auto: KVM if a probe guest boots on it, else TCG (with a warning)
-    default_vcpus: int = 1
-    default_memory_mib: int = 256
-    max_vcpus: int | None = None  # None: the node's CPU count
-    max_memory_mib: int | None = None  # None: 3/4 of the node's MemTotal
-    jail: bool = True  # False only to measure what the jail costs: QEMU then runs as root, unconfined
-    jail_uid_first: int = JAIL_UID_FIRST  # each VM's QEMU runs as its own uid (= gid) from this range
-    jail_uid_count: int = JAIL_UID_COUNT
-    boot_timeout_seconds: float = 30.0  # TCG boots take ~2-3 s; a hung boot is killed and retried once
-    qemu: Path = Path("/usr/bin/qemu-system-x86_64")
-    virtiofsd: Path = Path("/usr/lib/qemu/virtiofsd")
+    accel: str = field(
+        default="auto", metadata=doc("auto: KVM if a probe guest boots on it (cached), else TCG; or kvm, tcg")
+    )
+    default_vcpus: int = field(default=1, metadata=doc("a VM's vCPUs besides its pod's CPU limit"))
+    default_memory_mib: int = field(
+        default=256,
+        metadata=doc("a VM's RAM besides its pod's memory limit; at least 128 (the guest kernel keeps ~75 MiB)"),
+    )
+    memory_headroom_mib: int = field(
+        default=0, metadata=doc("RAM a VM boots with beyond its pod's, held by the balloon: room to grow in place")
+    )
+    max_vcpus: int | None = field(default=None, metadata=doc("the most vCPUs a VM may have", unset="the node's CPUs"))
+    max_memory_mib: int | None = field(
+        default=None, metadata=doc("the most RAM a VM may have", unset="3/4 of the node's MemTotal")
+    )
+    jail: bool = field(
+        default=True, metadata=doc("QEMU jailed; false only to measure the jail's cost (QEMU then runs as root)")
+    )
+    jail_uid_first: int = field(
+        default=JAIL_UID_FIRST, metadata=doc("each VM's QEMU runs as its own uid (= gid) from this range")
+    )
+    jail_uid_count: int = field(default=JAIL_UID_COUNT, metadata=doc("so at most this many VM pods at once"))
+    boot_timeout_seconds: float = field(default=30.0, metadata=doc("a boot that misses it is killed and retried once"))
+    qemu: Path = field(default=Path("/usr/bin/qemu-system-x86_64"), metadata=doc("QEMU's system emulator"))
+    virtiofsd: Path = field(default=Path("/usr/lib/qemu/virtiofsd"), metadata=doc("the virtio-fs daemon"))
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """`[logs]`: container log files, the same for both backends."""
+
+    max_size_bytes: int = field(
+        default=64 * 2**20,
+        metadata=doc(
+            "past it a container's log file starts over, empty (conmon's --log-size-max); kubelet rotates at"
+            " 10 MiB by default, every 10 s: this bounds what a container (or a VM) writes between its looks"
+        ),
+    )
 
 
 @dataclass(frozen=True)
 class PolicySettings:
     """`[policy]`: what a pod that wants the host gets on a node whose default trust is untrusted."""
 
-    host_pods_on_untrusted_node: str = "refuse"  # or "runc"; see README, Trust dispatch
+    host_pods_on_untrusted_node: str = field(
+        default="refuse", metadata=doc("or runc: see README, Trust dispatch, rule 4, for the risk of each")
+    )
 
 
 @dataclass(frozen=True)
 class Config:
-    default_workload_trust: str = "trusted"
-    socket: Path = Path("/run/tandem/tandem.sock")
-    state_dir: Path = Path("/var/lib/tandem")
-    runtime_dir: Path = Path("/run/tandem")
-    log_level: str = "info"
-    runtimes: dict[str, RuntimeHandler] = field(
-        default_factory=lambda: {b: RuntimeHandler(name=b, backend=b) for b in BACKENDS}
+    default_workload_trust: str = field(
+        default="trusted", metadata=doc("or untrusted: where pods without a handler or lowering annotation go")
     )
-    registry: RegistrySettings = field(default_factory=RegistrySettings)
-    images: ImageSettings = field(default_factory=ImageSettings)
-    cni: CniSettings = field(default_factory=CniSettings)
-    vm: VmSettings = field(default_factory=VmSettings)
-    streaming: StreamingSettings = field(default_factory=StreamingSettings)
-    policy: PolicySettings = field(default_factory=PolicySettings)
-    source: str = "embedded defaults"
+    socket: Path = field(default=Path("/run/tandem/tandem.sock"), metadata=doc("the CRI socket (0600, root only)"))
+    state_dir: Path = field(default=Path("/var/lib/tandem"), metadata=doc("records, images, layers, guest assets"))
+    runtime_dir: Path = field(default=Path("/run/tandem"), metadata=doc("what lives as long as the boot: netns, VMs"))
+    log_level: str = field(default="info", metadata=doc("debug, info, warning or error"))
+    runtimes: dict[str, RuntimeHandler] = field(
+        default_factory=lambda: {b: RuntimeHandler(name=b, backend=b) for b in BACKENDS},
+        metadata=doc("RuntimeClass handler name -> backend; runc and vm always exist"),
+    )
+    registry: RegistrySettings = field(default_factory=RegistrySettings, metadata=doc("image registries"))
+    images: ImageSettings = field(default_factory=ImageSettings, metadata=doc("limits on what a pull may unpack"))
+    cni: CniSettings = field(default_factory=CniSettings, metadata=doc("the pod network"))
+    vm: VmSettings = field(default_factory=VmSettings, metadata=doc("untrusted pods' micro-VMs"))
+    streaming: StreamingSettings = field(
+        default_factory=StreamingSettings, metadata=doc("where the URLs of Exec, Attach and PortForward lead")
+    )
+    policy: PolicySettings = field(default_factory=PolicySettings, metadata=doc("pods that want the host"))
+    logs: LogSettings = field(default_factory=LogSettings, metadata=doc("containers' CRI log files"))
+    metrics: MetricsSettings = field(default_factory=MetricsSettings, metadata=doc("the Prometheus endpoint"))
+    source: str = field(default="embedded defaults", metadata=NOT_A_KEY)
 
     def trust(self) -> TrustSettings:
         return TrustSettings(
@@ -151,11 +225,17 @@ class Config:
 
     def runc_backend(self) -> RuncBackendSettings:
         return RuncBackendSettings(
-            run_dir=self.runtime_dir / "runc", state_dir=self.state_dir / "runc", attach_dir=self.runtime_dir / "a"
+            run_dir=self.runtime_dir / "runc",
+            state_dir=self.state_dir / "runc",
+            attach_dir=self.runtime_dir / "a",
+            log_size_max=self.logs.max_size_bytes,
+            reserved_ids=(range(self.vm.jail_uid_first, self.vm.jail_uid_first + self.vm.jail_uid_count),),
         )
 
     def vm_backend(self) -> VmBackendSettings:
-        return VmBackendSettings(vm=self.vm, run_dir=self.runtime_dir / "vm", state_dir=self.state_dir)
+        return VmBackendSettings(
+            vm=self.vm, run_dir=self.runtime_dir / "vm", state_dir=self.state_dir, log_size_max=self.logs.max_size_bytes
+        )
 
 
 @dataclass(frozen=True)
@@ -169,11 +249,14 @@ class TrustSettings:
 
 @dataclass(frozen=True)
 class RuncBackendSettings:
-    """What the runc backend owns: no config keys of its own, only its directories."""
+    """What the runc backend owns: no config keys of its own, only its directories (and `[logs]`' cap)."""
 
     run_dir: Path  # runc's state, bundles, exit files, pod dirs (tmpfs: gone on reboot, as the containers are)
     state_dir: Path  # writable layers and the infra containers' root
     attach_dir: Path  # conmon's attach-socket links: short, as a unix socket path must be
+    log_size_max: int  # [logs] max_size_bytes, passed to conmon
+    # host IDs no pod's user namespace may map: the VM jail's uids (a pod's root there could signal a QEMU)
+    reserved_ids: tuple[range, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -183,6 +266,7 @@ class VmBackendSettings:
     vm: VmSettings
     run_dir: Path  # one run dir per pod VM
     state_dir: Path  # the daemon's state dir: guest assets, the accelerator choice and layers live under vm/
+    log_size_max: int  # [logs] max_size_bytes: the container logs the host writes
 
 
 class _Reader:
@@ -273,6 +357,23 @@ def _default_network(table: _Reader, defaults: DefaultNetworkSettings) -> Defaul
     return settings
 
 
+def _listen_address(table: _Reader, key: str, default: str) -> str:
+    """ "IP:PORT" (an IPv6 address in brackets; port 0 for any free one), or "" for nothing to listen on."""
+    value = table.get(key, str, default)
+    if not value:
+        return ""
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(host)
+        valid = bool(sep) and port.isdigit() and int(port) <= 65535
+    except ValueError:
+        valid = False
+    if not valid:
+        raise table.fail(key, f'must be "IP:PORT" (like "127.0.0.1:9090") or "" for off, got {value!r}')
+    return value
+
+
 def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
     """Build a Config from parsed TOML, failing on the first bad key with its name and the reason."""
     defaults = Config()
@@ -342,6 +443,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         accel=vm_table.choice("accel", ACCELS, defaults.vm.accel),
         default_vcpus=vm_table.positive("default_vcpus", defaults.vm.default_vcpus),
         default_memory_mib=vm_table.positive("default_memory_mib", defaults.vm.default_memory_mib),
+        memory_headroom_mib=vm_table.get("memory_headroom_mib", int, defaults.vm.memory_headroom_mib),
         boot_timeout_seconds=vm_table.number("boot_timeout_seconds", defaults.vm.boot_timeout_seconds),
         qemu=vm_table.path("qemu", defaults.vm.qemu),
         virtiofsd=vm_table.path("virtiofsd", defaults.vm.virtiofsd),
@@ -363,6 +465,8 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
     if vm.default_memory_mib < 128:
         memory = vm.default_memory_mib
         raise vm_table.fail("default_memory_mib", f"must be at least 128 (the guest kernel's own share), got {memory}")
+    if vm.memory_headroom_mib < 0:
+        raise vm_table.fail("memory_headroom_mib", f"cannot be negative, got {vm.memory_headroom_mib}")
     if vm.boot_timeout_seconds <= 0:
         raise vm_table.fail("boot_timeout_seconds", f"must be positive, got {vm.boot_timeout_seconds:g}")
     vm_table.done()
@@ -374,6 +478,13 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         )
     )
     policy_table.done()
+
+    logs_table = top.sub("logs")
+    logs = LogSettings(max_size_bytes=logs_table.positive("max_size_bytes", defaults.logs.max_size_bytes))
+    logs_table.done()
+    metrics_table = top.sub("metrics")
+    metrics = MetricsSettings(address=_listen_address(metrics_table, "address", defaults.metrics.address))
+    metrics_table.done()
     top.done()
     return Config(
         default_workload_trust=trust,
@@ -388,6 +499,8 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         vm=vm,
         streaming=streaming,
         policy=policy,
+        logs=logs,
+        metrics=metrics,
         source=source,
     )
 

@@ -73,6 +73,21 @@ def _console(args: argparse.Namespace) -> int:
     return run_console(config.state_dir, config.vm_backend().run_dir, args.pod_id, tail=not args.no_log)
 
 
+def _config_default(args: argparse.Namespace) -> int:
+    from core.default_config import default_config_text
+
+    print(default_config_text(), end="")
+    return 0
+
+
+def _runtime_classes(args: argparse.Namespace) -> int:
+    from cri.runtimeclass import runtime_classes
+
+    config = load_config(Path(args.config) if args.config else None)
+    print(runtime_classes(config), end="")
+    return 0
+
+
 def _version(args: argparse.Namespace) -> int:
     print(f"{RUNTIME_NAME} {RUNTIME_VERSION} (CRI {CRI_API_VERSION})")
     return 0
@@ -107,6 +122,16 @@ def parser() -> argparse.ArgumentParser:
     console.add_argument("--state-dir", help="persistent state directory (default /var/lib/tandem)")
     console.add_argument("--no-log", action="store_true", help="do not print the tail of the console log first")
     console.set_defaults(run=_console)
+
+    config = commands.add_parser("config", help="print the config file or RuntimeClass manifests for this node")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    default = config_commands.add_parser("default", help="the config file: every key at its default, commented")
+    default.set_defaults(run=_config_default)
+    classes = config_commands.add_parser(
+        "runtimeclasses", help="a RuntimeClass per [runtimes.*] handler, VM ones with their overhead.podFixed"
+    )
+    classes.add_argument("--config", help="TOML config file (default /etc/tandem/tandem.toml if present)")
+    classes.set_defaults(run=_runtime_classes)
 
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(run=_version)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from protos import cri_pb2 as pb
-from sandbox.backend import ContainerUsage
+from sandbox.backend import BackendFeatures, ContainerUsage
 from sandbox.model import ContainerRecord, ContainerState, SandboxRecord
 
 CONTAINER_STATES = {
@@ -17,6 +18,12 @@ CONTAINER_STATES = {
     ContainerState.EXITED: pb.CONTAINER_EXITED,
     ContainerState.UNKNOWN: pb.CONTAINER_UNKNOWN,
 }
+
+
+def handler_features(features: BackendFeatures) -> pb.RuntimeHandlerFeatures:
+    return pb.RuntimeHandlerFeatures(
+        recursive_read_only_mounts=features.recursive_read_only_mounts, user_namespaces=features.user_namespaces
+    )
 
 
 def _sandbox_state(ready: bool) -> pb.PodSandboxState:
@@ -54,7 +61,8 @@ def pod_sandbox_status(sandbox: SandboxRecord, ready: bool) -> pb.PodSandboxStat
     )
 
 
-def sandbox_info(sandbox: SandboxRecord) -> dict[str, str]:
+def sandbox_info(sandbox: SandboxRecord, backend_info: dict[str, Any]) -> dict[str, str]:
+    """Verbose PodSandboxStatus: the records, and what the backend knows beyond them (`backendInfo`)."""
     return {
         "info": json.dumps(
             {
@@ -63,6 +71,7 @@ def sandbox_info(sandbox: SandboxRecord) -> dict[str, str]:
                 "runtimeHandler": sandbox.runtime_handler,
                 "netns": sandbox.netns_path,
                 "backendState": sandbox.backend_state,
+                "backendInfo": backend_info,
                 "config": json.loads(_message_json(sandbox.config)),
             }
         )
@@ -137,7 +146,7 @@ def _u64(value: int | None) -> pb.UInt64Value | None:
     return None if value is None else pb.UInt64Value(value=max(0, value))
 
 
-def container_stats(c: ContainerRecord, usage: ContainerUsage, nano_cores: int | None) -> pb.ContainerStats:
+def container_stats(c: ContainerRecord, usage: ContainerUsage) -> pb.ContainerStats:
     stats = pb.ContainerStats(
         attributes=pb.ContainerAttributes(
             id=c.id, metadata=c.config.metadata, labels=c.config.labels, annotations=c.config.annotations
@@ -145,7 +154,7 @@ def container_stats(c: ContainerRecord, usage: ContainerUsage, nano_cores: int |
         cpu=pb.CpuUsage(
             timestamp=usage.timestamp,
             usage_core_nano_seconds=_u64(usage.cpu_usage_ns),
-            usage_nano_cores=_u64(nano_cores),
+            usage_nano_cores=_u64(usage.cpu_nano_cores),
         ),
         memory=pb.MemoryUsage(
             timestamp=usage.timestamp,
@@ -160,10 +169,32 @@ def container_stats(c: ContainerRecord, usage: ContainerUsage, nano_cores: int |
     if usage.writable_layer_bytes is not None:
         stats.writable_layer.CopyFrom(
             pb.FilesystemUsage(
-                timestamp=usage.timestamp,
+                timestamp=usage.writable_layer_timestamp or usage.timestamp,
                 fs_id=pb.FilesystemIdentifier(mountpoint=usage.writable_layer_mountpoint),
                 used_bytes=_u64(usage.writable_layer_bytes),
                 inodes_used=_u64(usage.writable_layer_inodes),
             )
         )
     return stats
+
+
+def pod_stats(sandbox: SandboxRecord, containers: list[pb.ContainerStats]) -> pb.PodSandboxStats:
+    """A pod's stats: its containers' and their sums (at the latest of their timestamps)."""
+    now = max((c.cpu.timestamp for c in containers), default=0)
+    cpu = pb.CpuUsage(timestamp=now)
+    memory = pb.MemoryUsage(timestamp=now)
+    if containers:
+        cpu.usage_core_nano_seconds.value = sum(c.cpu.usage_core_nano_seconds.value for c in containers)
+        cpu.usage_nano_cores.value = sum(c.cpu.usage_nano_cores.value for c in containers)
+        memory.working_set_bytes.value = sum(c.memory.working_set_bytes.value for c in containers)
+        memory.usage_bytes.value = sum(c.memory.usage_bytes.value for c in containers)
+        memory.rss_bytes.value = sum(c.memory.rss_bytes.value for c in containers)
+    return pb.PodSandboxStats(
+        attributes=pb.PodSandboxAttributes(
+            id=sandbox.id,
+            metadata=sandbox.config.metadata,
+            labels=sandbox.config.labels,
+            annotations=sandbox.config.annotations,
+        ),
+        linux=pb.LinuxPodSandboxStats(cpu=cpu, memory=memory, containers=containers),
+    )

@@ -1,13 +1,19 @@
-"""`tandem doctor`: check this host for everything Tandem needs, and say how to fix what is missing.
+"""`tandem doctor`: the one page an operator reads: this host, this config and the running daemon.
 
-Each check prints one line: ok, warn (works, but something an operator should
-know) or FAIL (Tandem cannot do its job). The exit status is 1 if any check failed.
+Each check prints one line, grouped by what it is about: OK, WARN (works, but something an
+operator should know, with what to do) or FAIL (Tandem cannot do that part of its job, with
+the fix). A summary line ends the page. The exit status is for scripts:
+
+    0  every check is OK
+    1  at least one check FAILed
+    2  no failure, but warnings (e.g. VMs emulated by TCG: untrusted pods run, slowly)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import grp
 import ipaddress
 import json
@@ -21,13 +27,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+
 from core import cgroups, proc
 from core.errors import TandemError
 from core.settings import Config, load_config
+from cri.version import RUNTIME_NAME, RUNTIME_VERSION
+from protos import cri_pb2 as pb
+from protos import cri_pb2_grpc
 from runc_backend.cgroups import oom_score_adj_floor
 from sandbox import cni
 from sandbox.default_network import default_network
 from vm_backend.jail import Jail, JailIds
+
+EXIT_OK, EXIT_FAILED, EXIT_WARNINGS = 0, 1, 2
+LEVELS = {"ok": "OK", "warn": "WARN", "FAIL": "FAIL"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +50,7 @@ class Finding:
     what: str
     detail: str
     fix: str = ""
+    section: str = ""
 
 
 def _check_config(path: Path | None) -> tuple[Finding, Config | None]:
@@ -91,15 +106,74 @@ def _check_overlay(state_dir: Path) -> Finding:
     return Finding("ok", "overlayfs", f"whiteouts and opaque dirs work under {state_dir}")
 
 
-def _check_socket(path: Path) -> Finding:
+def _serving(path: Path) -> bool:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(path))
     except OSError:
-        return Finding("ok", "socket", f"{path} is free (no daemon serving)")
+        return False
     finally:
         probe.close()
-    return Finding("ok", "socket", f"a daemon is serving on {path}")
+    return True
+
+
+def _check_daemon(config: Config) -> list[Finding]:
+    """The daemon on the configured socket: its version, its readiness as kubelet sees it, what it runs."""
+    if not _serving(config.socket):
+        fix = "start it: systemctl start tandem (or tandem serve)"
+        return [Finding("warn", "daemon", f"none serving on {config.socket}", fix)]
+    channel = grpc.insecure_channel(f"unix://{config.socket}")
+    try:
+        stub = cri_pb2_grpc.RuntimeServiceStub(channel)
+        version = stub.Version(pb.VersionRequest(), timeout=10)
+        conditions = stub.Status(pb.StatusRequest(), timeout=10).status.conditions
+        pods = stub.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=10).items
+        containers = stub.ListContainers(pb.ListContainersRequest(), timeout=10).containers
+    except grpc.RpcError as e:
+        return [Finding("FAIL", "daemon", f"{config.socket} does not answer: {e.code().name}", "see its log")]
+    finally:
+        channel.close()
+    running = sum(c.state == pb.CONTAINER_RUNNING for c in containers)
+    detail = (
+        f"{version.runtime_name} {version.runtime_version} on {config.socket}: {len(pods)} pods, "
+        f"{running} of {len(containers)} containers running"
+    )
+    findings = [Finding("ok", "daemon", detail)]
+    for condition in conditions:
+        if condition.status:
+            findings.append(Finding("ok", condition.type, "true"))
+        else:
+            level = "FAIL" if condition.type == "RuntimeReady" else "warn"
+            message = f"false: {condition.reason}: {condition.message}"
+            findings.append(Finding(level, condition.type, message, "kubelet starts no pods until it is true"))
+    return findings
+
+
+def _check_service() -> Finding:
+    """Under systemd, tandem.service installed, enabled and running."""
+    if not Path("/run/systemd/system").is_dir():
+        return Finding("ok", "service", "no systemd on this host: run `tandem serve` from its init system")
+    try:
+        active = proc.run_blocking(["systemctl", "is-active", "tandem.service"], timeout=10).stdout.decode().strip()
+        enabled = proc.run_blocking(["systemctl", "is-enabled", "tandem.service"], timeout=10).stdout.decode().strip()
+    except (OSError, TandemError) as e:
+        return Finding("warn", "service", f"cannot ask systemctl: {e}")
+    if enabled in ("", "not-found"):
+        return Finding("warn", "service", "tandem.service is not installed", "make install")
+    if active != "active" or enabled != "enabled":
+        return Finding("warn", "service", f"tandem.service is {active}, {enabled}", "systemctl enable --now tandem")
+    return Finding("ok", "service", "tandem.service is active and enabled")
+
+
+def _check_metrics(config: Config) -> Finding:
+    if not config.metrics.address:
+        return Finding("ok", "metrics", 'off ([metrics] address = "" by default)')
+    host, _, port = config.metrics.address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+    except (OSError, ValueError) as e:
+        return Finding("warn", "metrics", f"nothing answers on {config.metrics.address}: {e}", "is the daemon up?")
+    return Finding("ok", "metrics", f"served at http://{config.metrics.address}/metrics")
 
 
 def _check_cni(config: Config) -> list[Finding]:
@@ -324,35 +398,70 @@ def _probe_jail(config: Config, ids: JailIds) -> Finding:
     return Finding("ok", "jail", f"QEMU runs jailed (uid {uid}, no capabilities, a root of /usr alone): {output[0]}")
 
 
+def _in(section: str, findings: list[Finding]) -> list[Finding]:
+    return [dataclasses.replace(f, section=section) for f in findings]
+
+
 def diagnose(config_path: Path | None) -> list[Finding]:
     config_finding, config = _check_config(config_path)
-    findings = [config_finding]
     if config is None:
-        return findings
-    checks: list[Callable[[], Finding]] = [
+        return _in("daemon", [config_finding])
+    host: list[Callable[[], Finding]] = [
         lambda: _check_dir("state dir", config.state_dir),
         lambda: _check_dir("runtime dir", config.runtime_dir),
         lambda: _check_overlay(config.state_dir),
-        lambda: _check_socket(config.socket),
+        _check_cgroups,
+    ]
+    trusted: list[Callable[[], Finding]] = [
         lambda: _check_program("runc", "runc"),
         lambda: _check_program("conmon", "conmon"),
         _check_catatonit,
-        _check_cgroups,
     ]
-    findings += [check() for check in checks]
-    findings += _check_cni(config)
-    findings.append(_check_vm_program("qemu", config.vm.qemu, "qemu-system-x86"))
-    findings.append(_check_vm_program("virtiofsd", config.vm.virtiofsd, "qemu-system-common"))
-    findings += asyncio.run(_check_vm_guest(config))
-    findings += _check_jail(config)
-    findings += _check_mirrors(config)
-    return findings
+    return [
+        *_in("daemon", [config_finding, _check_service(), *_check_daemon(config), _check_metrics(config)]),
+        *_in("host", [check() for check in host]),
+        *_in("network", _check_cni(config)),
+        *_in("trusted pods (runc)", [check() for check in trusted]),
+        *_in(
+            "untrusted pods (VMs)",
+            [
+                _check_vm_program("qemu", config.vm.qemu, "qemu-system-x86"),
+                _check_vm_program("virtiofsd", config.vm.virtiofsd, "qemu-system-common"),
+                *asyncio.run(_check_vm_guest(config)),
+                *_check_jail(config),
+            ],
+        ),
+        *_in("images", _check_mirrors(config) or [Finding("ok", "mirrors", "none configured")]),
+    ]
+
+
+def exit_status(findings: list[Finding]) -> int:
+    if any(f.level == "FAIL" for f in findings):
+        return EXIT_FAILED
+    return EXIT_WARNINGS if any(f.level == "warn" for f in findings) else EXIT_OK
+
+
+def report(findings: list[Finding], config_path: Path | None) -> str:
+    """The page: a heading, the findings by section (each not OK with its fix), a summary with the exit status."""
+    config = str(config_path) if config_path else "the default config"
+    lines = [f"tandem doctor: {RUNTIME_NAME} {RUNTIME_VERSION}, {config} (exit status: 0 all OK, 1 a FAIL, 2 warnings)"]
+    section = None
+    for f in findings:
+        if f.section != section:
+            section = f.section
+            lines += ["", section[:1].upper() + section[1:]]
+        lines.append(f"  {LEVELS[f.level]:<5} {f.what:<13} {f.detail}")
+        if f.fix and f.level != "ok":
+            lines.append(f"  {'':<5} {'':<13} fix: {f.fix}")
+    counts = {level: sum(f.level == level for f in findings) for level in LEVELS}
+    status = exit_status(findings)
+    meaning = {EXIT_OK: "all OK", EXIT_FAILED: "something FAILed", EXIT_WARNINGS: "warnings only"}[status]
+    summary = ", ".join(f"{counts[level]} {shown}" for level, shown in LEVELS.items())
+    lines += ["", f"{summary}: exit {status} ({meaning})"]
+    return "\n".join(lines) + "\n"
 
 
 def run_doctor(config_path: Path | None) -> int:
     findings = diagnose(config_path)
-    for f in findings:
-        print(f"{f.level:<4}  {f.what:<12} {f.detail}")
-        if f.fix and f.level != "ok":
-            print(f"      {'':<12} fix: {f.fix}")
-    return 1 if any(f.level == "FAIL" for f in findings) else 0
+    print(report(findings, config_path), end="")
+    return exit_status(findings)

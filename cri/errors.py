@@ -67,8 +67,12 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic only in the ty
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every method handler. grpc's type stubs describe handlers of the sync server; the aio server
-    takes coroutines and async generators in the same places, hence the casts below."""
+    """Wraps every method handler, once per method (the wrapper is kept: kubelet calls the list methods
+    every second). grpc's type stubs describe handlers of the sync server; the aio server takes
+    coroutines and async generators in the same places, hence the casts below."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}  # method -> (its handler, the wrapper)
 
     async def intercept_service(
         self,
@@ -78,7 +82,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return handler
-        method = details.method.rsplit("/", 1)[-1]
+        cached = self._wrapped.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, details.method.rsplit("/", 1)[-1])
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
+
+    @staticmethod
+    def _wrap(handler: Handler, method: str) -> Handler:
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
@@ -91,7 +103,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 except Exception as e:
                     await _abort(context, method, e)
                 finally:
-                    log.debug("rpc", extra={"method": method, "ms": round((time.monotonic() - started) * 1000, 2)})
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug("rpc", extra={"method": method, "ms": round((time.monotonic() - started) * 1000, 2)})
 
             return grpc.unary_unary_rpc_method_handler(
                 cast(Any, unary),

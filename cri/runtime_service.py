@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TypeVar
 
 import grpc
@@ -17,13 +17,14 @@ import grpc
 from core.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from core.settings import Config
 from cri import convert, metrics, validate
+from cri.encoded import Encoded, EntryCache
 from cri.errors import answer_unimplemented
 from cri.streaming.server import StreamingServer
 from cri.version import CRI_API_VERSION, KUBELET_API_VERSION, RUNTIME_NAME, RUNTIME_VERSION
 from protos import cri_pb2 as pb
 from protos import cri_pb2_grpc
 from sandbox.manager import PodManager
-from sandbox.model import ContainerRecord
+from sandbox.model import ContainerRecord, ContainerState, SandboxRecord
 
 log = logging.getLogger("tandem.cri")
 
@@ -48,7 +49,16 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
         self.pods = pods
         self.streaming = streaming
         self.pod_cidr = ""
-        self._cpu_samples: dict[str, tuple[int, int]] = {}
+        self._pod_entries = EntryCache[SandboxRecord](
+            "cri.list-pod-entry",
+            pods.is_ready,
+            lambda s: pb.ListPodSandboxResponse(items=[convert.pod_sandbox(s, pods.is_ready(s))]).SerializeToString(),
+        )
+        self._container_entries = EntryCache[ContainerRecord](
+            "cri.list-container-entry",
+            lambda c: c.state,
+            lambda c: pb.ListContainersResponse(containers=[convert.container(c)]).SerializeToString(),
+        )
 
     # ---- runtime ---------------------------------------------------------------------------
 
@@ -68,9 +78,9 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
                 type="NetworkReady", status=network.ready, reason=network.reason, message=network.message
             ),
         ]
-        handlers = [pb.RuntimeHandler(name="", features=pb.RuntimeHandlerFeatures())]
-        handlers += [
-            pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures()) for name in sorted(self.config.runtimes)
+        handlers = [
+            pb.RuntimeHandler(name=name, features=convert.handler_features(self.pods.handler_features(name)))
+            for name in ["", *sorted(self.config.runtimes)]
         ]
         info = {}
         if request.verbose:
@@ -136,27 +146,25 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
     ) -> pb.PodSandboxStatusResponse:
         sandbox = self.pods.sandbox(request.pod_sandbox_id)
         ready = await self.pods.sandbox_ready(sandbox)
-        containers = await self.pods.list_containers(pb.ContainerFilter(pod_sandbox_id=sandbox.id))
+        containers = self.pods.containers_of(sandbox.id)
         return pb.PodSandboxStatusResponse(
             status=convert.pod_sandbox_status(sandbox, ready),
-            info=convert.sandbox_info(sandbox) if request.verbose else {},
+            info=convert.sandbox_info(sandbox, self.pods.backend_info(sandbox)) if request.verbose else {},
             containers_statuses=[convert.container_status(c) for c in containers],
         )
 
-    async def _pod_sandboxes(self, flt: pb.PodSandboxFilter | None) -> list[pb.PodSandbox]:
-        return [convert.pod_sandbox(s, await self.pods.sandbox_ready(s)) for s in self.pods.list_sandboxes(flt)]
-
     async def ListPodSandbox(
         self, request: pb.ListPodSandboxRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListPodSandboxResponse:
-        items = await self._pod_sandboxes(request.filter if request.HasField("filter") else None)
-        return pb.ListPodSandboxResponse(items=items)
+    ) -> pb.ListPodSandboxResponse | Encoded:
+        """From memory, each pod's entry encoded once per state (`cri.encoded`): kubelet relists every second."""
+        sandboxes = self.pods.list_sandboxes(request.filter if request.HasField("filter") else None)
+        return self._pod_entries.answer(sandboxes)
 
     async def StreamPodSandboxes(
         self, request: pb.StreamPodSandboxesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamPodSandboxesResponse]:
-        items = await self._pod_sandboxes(request.filter if request.HasField("filter") else None)
-        for chunk in _chunks(items):
+        sandboxes = self.pods.list_sandboxes(request.filter if request.HasField("filter") else None)
+        for chunk in _chunks([convert.pod_sandbox(s, self.pods.is_ready(s)) for s in sandboxes]):
             yield pb.StreamPodSandboxesResponse(pod_sandboxes=chunk)
 
     # ---- containers ------------------------------------------------------------------------
@@ -188,14 +196,15 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
 
     async def ListContainers(
         self, request: pb.ListContainersRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListContainersResponse:
-        containers = await self.pods.list_containers(request.filter if request.HasField("filter") else None)
-        return pb.ListContainersResponse(containers=[convert.container(c) for c in containers])
+    ) -> pb.ListContainersResponse | Encoded:
+        """From memory, each container's entry encoded once per state (`cri.encoded`)."""
+        containers = self.pods.list_containers(request.filter if request.HasField("filter") else None)
+        return self._container_entries.answer(containers)
 
     async def StreamContainers(
         self, request: pb.StreamContainersRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamContainersResponse]:
-        containers = await self.pods.list_containers(request.filter if request.HasField("filter") else None)
+        containers = self.pods.list_containers(request.filter if request.HasField("filter") else None)
         for chunk in _chunks([convert.container(c) for c in containers]):
             yield pb.StreamContainersResponse(containers=chunk)
 
@@ -215,6 +224,13 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
         validate.update_container_resources(request)
         await self.pods.update_resources(request.container_id, request.linux)
         return pb.UpdateContainerResourcesResponse()
+
+    async def UpdatePodSandboxResources(
+        self, request: pb.UpdatePodSandboxResourcesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdatePodSandboxResourcesResponse:
+        validate.update_pod_sandbox_resources(request)
+        await self.pods.update_sandbox_resources(request.pod_sandbox_id, request.resources)
+        return pb.UpdatePodSandboxResourcesResponse()
 
     async def ReopenContainerLog(
         self, request: pb.ReopenContainerLogRequest, context: grpc.aio.ServicerContext
@@ -269,34 +285,25 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
 
     # ---- stats -----------------------------------------------------------------------------
 
-    async def _container_stats(self, container: ContainerRecord) -> pb.ContainerStats:
-        usage = await self.pods.container_usage(container)
-        nano_cores = None
-        if usage.cpu_usage_ns is not None:
-            previous = self._cpu_samples.get(container.id)
-            self._cpu_samples[container.id] = (usage.timestamp, usage.cpu_usage_ns)
-            if previous is not None and usage.timestamp > previous[0]:
-                nano_cores = (usage.cpu_usage_ns - previous[1]) * 10**9 // (usage.timestamp - previous[0])
-        return convert.container_stats(container, usage, nano_cores)
-
-    async def _stats_of(self, containers: Iterable[ContainerRecord]) -> list[pb.ContainerStats]:
-        live = {c.id for c in containers}
-        for stale in set(self._cpu_samples) - live - {c.id for c in await self.pods.list_containers(None)}:
-            del self._cpu_samples[stale]
-        return [await self._container_stats(c) for c in containers]
-
     async def ContainerStats(
         self, request: pb.ContainerStatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ContainerStatsResponse:
         container = await self.pods.container_status(request.container_id)
-        return pb.ContainerStatsResponse(stats=await self._container_stats(container))
+        usage = await self.pods.container_usage(container)
+        return pb.ContainerStatsResponse(stats=convert.container_stats(container, usage))
+
+    async def _stats_of(self, containers: list[ContainerRecord]) -> list[pb.ContainerStats]:
+        """Those of `containers` that run, with their latest sample (shared by concurrent calls: `sandbox.stats`)."""
+        running = [c for c in containers if c.state == ContainerState.RUNNING]
+        usage = await self.pods.usage(running)
+        return [convert.container_stats(c, usage[c.id]) for c in running if c.id in usage]
 
     async def _list_container_stats(self, flt: pb.ContainerStatsFilter | None) -> list[pb.ContainerStats]:
         cflt = pb.ContainerFilter()
         if flt is not None:
             cflt = pb.ContainerFilter(id=flt.id, pod_sandbox_id=flt.pod_sandbox_id, label_selector=flt.label_selector)
         cflt.state.state = pb.CONTAINER_RUNNING
-        return await self._stats_of(await self.pods.list_containers(cflt))
+        return await self._stats_of(self.pods.list_containers(cflt))
 
     async def ListContainerStats(
         self, request: pb.ListContainerStatsRequest, context: grpc.aio.ServicerContext
@@ -311,41 +318,30 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
         for chunk in _chunks(stats):
             yield pb.StreamContainerStatsResponse(container_stats=chunk)
 
-    async def _pod_stats(self, sandbox_id: str) -> pb.PodSandboxStats:
-        sandbox = self.pods.sandbox(sandbox_id)
-        running = pb.ContainerFilter(pod_sandbox_id=sandbox.id)
-        running.state.state = pb.CONTAINER_RUNNING
-        containers = await self._stats_of(await self.pods.list_containers(running))
-        now = max((c.cpu.timestamp for c in containers), default=0)
-        cpu = pb.CpuUsage(timestamp=now)
-        memory = pb.MemoryUsage(timestamp=now)
-        if containers:
-            cpu.usage_core_nano_seconds.value = sum(c.cpu.usage_core_nano_seconds.value for c in containers)
-            cpu.usage_nano_cores.value = sum(c.cpu.usage_nano_cores.value for c in containers)
-            memory.working_set_bytes.value = sum(c.memory.working_set_bytes.value for c in containers)
-            memory.usage_bytes.value = sum(c.memory.usage_bytes.value for c in containers)
-            memory.rss_bytes.value = sum(c.memory.rss_bytes.value for c in containers)
-        return pb.PodSandboxStats(
-            attributes=pb.PodSandboxAttributes(
-                id=sandbox.id,
-                metadata=sandbox.config.metadata,
-                labels=sandbox.config.labels,
-                annotations=sandbox.config.annotations,
-            ),
-            linux=pb.LinuxPodSandboxStats(cpu=cpu, memory=memory, containers=containers),
-        )
+    def _running_by_pod(self, sandboxes: list[SandboxRecord]) -> dict[str, list[ContainerRecord]]:
+        running = ContainerState.RUNNING
+        return {s.id: [c for c in self.pods.containers_of(s.id) if c.state == running] for s in sandboxes}
+
+    async def _pods_stats(self, sandboxes: list[SandboxRecord]) -> list[pb.PodSandboxStats]:
+        """Each pod's stats: its running containers' and their sums, from one shared collection."""
+        running = self._running_by_pod(sandboxes)
+        usage = await self.pods.usage([c for containers in running.values() for c in containers])
+        return [
+            convert.pod_stats(s, [convert.container_stats(c, usage[c.id]) for c in running[s.id] if c.id in usage])
+            for s in sandboxes
+        ]
 
     async def PodSandboxStats(
         self, request: pb.PodSandboxStatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.PodSandboxStatsResponse:
-        return pb.PodSandboxStatsResponse(stats=await self._pod_stats(request.pod_sandbox_id))
+        (stats,) = await self._pods_stats([self.pods.sandbox(request.pod_sandbox_id)])
+        return pb.PodSandboxStatsResponse(stats=stats)
 
     async def _list_pod_stats(self, flt: pb.PodSandboxStatsFilter | None) -> list[pb.PodSandboxStats]:
         sflt = None
         if flt is not None:
             sflt = pb.PodSandboxFilter(id=flt.id, label_selector=flt.label_selector)
-        sandboxes = [s for s in self.pods.list_sandboxes(sflt) if await self.pods.sandbox_ready(s)]
-        return [await self._pod_stats(s.id) for s in sandboxes]
+        return await self._pods_stats([s for s in self.pods.list_sandboxes(sflt) if self.pods.is_ready(s)])
 
     async def ListPodSandboxStats(
         self, request: pb.ListPodSandboxStatsRequest, context: grpc.aio.ServicerContext
@@ -368,22 +364,16 @@ class RuntimeServicer(cri_pb2_grpc.RuntimeServiceServicer):
         return pb.ListMetricDescriptorsResponse(descriptors=metrics.descriptors())
 
     async def _pod_metrics(self) -> list[pb.PodSandboxMetrics]:
-        pods = []
-        for sandbox in self.pods.list_sandboxes(None):
-            if not await self.pods.sandbox_ready(sandbox):
-                continue
-            running = pb.ContainerFilter(pod_sandbox_id=sandbox.id)
-            running.state.state = pb.CONTAINER_RUNNING
-            pods.append(
-                pb.PodSandboxMetrics(
-                    pod_sandbox_id=sandbox.id,
-                    container_metrics=[
-                        metrics.container_metrics(c, await self.pods.container_usage(c))
-                        for c in await self.pods.list_containers(running)
-                    ],
-                )
+        sandboxes = [s for s in self.pods.list_sandboxes(None) if self.pods.is_ready(s)]
+        running = self._running_by_pod(sandboxes)
+        usage = await self.pods.usage([c for containers in running.values() for c in containers])
+        return [
+            pb.PodSandboxMetrics(
+                pod_sandbox_id=s.id,
+                container_metrics=[metrics.container_metrics(c, usage[c.id]) for c in running[s.id] if c.id in usage],
             )
-        return pods
+            for s in sandboxes
+        ]
 
     async def ListPodSandboxMetrics(
         self, request: pb.ListPodSandboxMetricsRequest, context: grpc.aio.ServicerContext

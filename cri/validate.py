@@ -419,6 +419,13 @@ def update_container_resources(request: pb.UpdateContainerResourcesRequest) -> N
     _resources(request.linux, "linux")
 
 
+def update_pod_sandbox_resources(request: pb.UpdatePodSandboxResourcesRequest) -> None:
+    if not request.pod_sandbox_id:
+        raise _fail("pod_sandbox_id", "must be set")
+    _resources(request.resources, "resources")
+    _resources(request.overhead, "overhead")
+
+
 def exec_sync(request: pb.ExecSyncRequest) -> None:
     _argv(request.cmd, "cmd")
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
+from core import metrics
 from core.errors import AlreadyExists, InvalidArgument
 from core.files import private_dir
 from core.records import RecordStore
@@ -210,9 +211,17 @@ class ImageStore:
         return await asyncio.shield(task)
 
     async def _pull(self, ref: Reference, creds: Credentials | None) -> ImageRecord:
+        try:
+            return await self._pull_once(ref, creds)
+        except Exception:
+            metrics.amount(metrics.Amount.IMAGE_PULL_FAILURES)
+            raise
+
+    async def _pull_once(self, ref: Reference, creds: Credentials | None) -> ImageRecord:
         started = time.monotonic()
         repo = self._registry.repository(ref, creds)
         top, top_bytes = await repo.get_manifest(ref.digest or ref.tag or "latest")
+        metrics.amount(metrics.Amount.IMAGE_PULL_BYTES, len(top_bytes))
         held: list[str] = [top.digest]
         self._hold(held)
         try:
@@ -222,6 +231,7 @@ class ImageStore:
             if top.media_type in INDEX_TYPES:
                 chosen = select_platform(top_bytes)
                 manifest_desc, manifest_bytes = await repo.get_manifest(chosen.digest)
+                metrics.amount(metrics.Amount.IMAGE_PULL_BYTES, len(manifest_bytes))
                 self._hold([manifest_desc.digest])
                 held.append(manifest_desc.digest)
                 self._blobs.put(manifest_bytes, manifest_desc.digest)
@@ -244,6 +254,7 @@ class ImageStore:
             record = await self._record_pull(ref, top.digest, manifest_desc.digest, config, keep, size)
         finally:
             self._release(held)
+        metrics.timing(metrics.Timing.IMAGE_PULL, time.monotonic() - started)
         log.info(
             "pulled image",
             extra={"image": str(ref), "id": record.image_id, "seconds": round(time.monotonic() - started, 3)},
@@ -255,6 +266,7 @@ class ImageStore:
             tmp = self._blobs.new_ingest_path()
             try:
                 await repo.fetch_blob(blob, tmp)
+                metrics.amount(metrics.Amount.IMAGE_PULL_BYTES, blob.size)
                 self._blobs.commit(tmp, blob.digest)
             finally:
                 tmp.unlink(missing_ok=True)
@@ -280,6 +292,7 @@ class ImageStore:
         try:
             async with self._download_slots:
                 await repo.fetch_blob(blob, tmp)
+            metrics.amount(metrics.Amount.IMAGE_PULL_BYTES, blob.size)
             if dest.exists():
                 # left by a crash after the unpack but before its record: redo it from scratch
                 await asyncio.to_thread(shutil.rmtree, dest)

@@ -8,15 +8,23 @@ Everything here assumes that container processes run on this host: that is
 what makes this the runc backend, and why nothing above `sandbox/backend.py`
 may assume it.
 
+A pod with a user namespace of its own (CRI userns_options POD) has it pinned in its pod dir with its
+network, IPC and UTS namespaces, all created inside it (userns.py); its containers' layers are ID-mapped
+into it (sandbox/oci/rootfs.py) and its pod files belong to its root. runc runs inside it as root of it,
+so the path to a container's root must be traversable by anyone: run/, bundles/ and such a container's
+bundle are 0711 (searchable, not listable; containerd's state dirs are the same).
+
 Where things live (runtime dirs vanish on reboot, as the containers do):
     <runtime_dir>/runc/root/            runc's state (`runc --root`)
     <runtime_dir>/runc/bundles/<id>/    config.json, the rootfs mount point, conmon's persist dir and ctl fifo
     <runtime_dir>/runc/exits/<id>       conmon's exit files
-    <runtime_dir>/runc/pods/<id>/       a pod's hostname, resolv.conf, hosts and /dev/shm (and pinned ipc, uts);
+    <runtime_dir>/runc/pods/<id>/       a pod's hostname, resolv.conf, hosts and /dev/shm (and pinned ipc, uts,
+                                        and user for a pod with a user namespace: see userns.py);
                                         pods/ itself is a private mount once a pod pinned namespaces
+    <runtime_dir>/runc/infra-rootfs/    the read-only root of every infra container: a static catatonit (here, not
+                                        in the state dir, so a user-namespaced runc can reach it)
     <runtime_dir>/a/                    conmon's attach-socket links (short: unix socket paths are limited)
     <state_dir>/runc/layers/<id>/       a container's writable layer (upper, work)
-    <state_dir>/runc/infra-rootfs/      the read-only root of every infra container: a static catatonit
 """
 
 from __future__ import annotations
@@ -40,28 +48,33 @@ from core.inotify import DirectoryWatch
 from core.proc import ProcessIdentity
 from core.settings import RuncBackendSettings
 from protos import cri_pb2 as pb
-from runc_backend import conmon, pinns, streams
-from runc_backend.cgroups import oom_score_adj_floor, usage_from_stats
+from runc_backend import adapt, conmon, pinns, streams, userns
+from runc_backend.cgroups import CgroupStats, oom_score_adj_floor
 from runc_backend.conmon import Conmon
 from runc_backend.host import detect_host
 from runc_backend.runc import Runc
-from sandbox import podfiles
+from sandbox import netns, podfiles
 from sandbox.backend import (
     Backend,
+    BackendFeatures,
     ByteChannel,
     ContainerUsage,
     ExecResult,
     ExitListener,
     ExitStatus,
     ImageRootfs,
+    PodContainers,
     Process,
 )
 from sandbox.model import ContainerRecord, SandboxRecord
 from sandbox.oci import rootfs
+from sandbox.oci.layer_usage import LayerUsage
 from sandbox.oci.model import Resources, Spec
-from sandbox.oci.namespaces import HOST, NEW, Namespaces, check_sysctls, refuse_user_namespaces
+from sandbox.oci.namespaces import HOST, NEW, Namespaces, check_sysctls
 from sandbox.oci.platform import ContainerPlatform, HostInfo, PodFiles
+from sandbox.oci.rootfs import IdMappedLayers
 from sandbox.oci.spec import infra_spec
+from sandbox.oci.userns import IdMappings, pod_user_namespace
 
 log = logging.getLogger("tandem.runc")
 
@@ -73,17 +86,23 @@ STOP_GRACE_AFTER_KILL = 10.0
 
 class RuncBackend(Backend[RuncBackendSettings]):
     name = "runc"
+    features = BackendFeatures(recursive_read_only_mounts=True, user_namespaces=True)
 
     def __init__(self, settings: RuncBackendSettings) -> None:
         run = settings.run_dir
         self.runc = Runc(private_dir(run / "root"))
         self.conmon = Conmon(self.runc, socket_dir=private_dir(settings.attach_dir))
-        self.bundles = private_dir(run / "bundles")
+        self.bundles = _traversable_dir(run / "bundles")
+        os.chmod(run, 0o711)
         self.exits = private_dir(run / "exits")
         self.pods = private_dir(run / "pods")
         self.layers = private_dir(settings.state_dir / "layers")
-        self.infra_rootfs = settings.state_dir / "infra-rootfs"
+        self.infra_rootfs = run / "infra-rootfs"
+        self.reserved_ids = settings.reserved_ids
         self.oom_floor = oom_score_adj_floor()
+        self.log_size_max = settings.log_size_max
+        self.cgroup_stats = CgroupStats(cgroups.controller_roots())
+        self.layer_usage = LayerUsage()
         self._pods_private = False
         self._exit_watch: DirectoryWatch | None = None
 
@@ -100,13 +119,18 @@ class RuncBackend(Backend[RuncBackendSettings]):
         return backend
 
     def _install_infra_rootfs(self) -> None:
-        """A root holding only catatonit; runc adds /proc and /dev mount points, then mounts it read-only."""
+        """A root holding only catatonit and the /proc and /dev mount points; runc mounts it read-only.
+
+        The mount points exist up front: runc in a pod's user namespace may not create them.
+        """
         target = self.infra_rootfs / "catatonit"
         data = CATATONIT.read_bytes()
         if not target.exists() or target.read_bytes() != data:
             private_dir(self.infra_rootfs)
             os.chmod(self.infra_rootfs, 0o755)
             atomic_write_bytes(target, data, mode=0o755)
+        for mount_point in ("proc", "dev"):
+            (self.infra_rootfs / mount_point).mkdir(mode=0o755, exist_ok=True)
 
     async def watch_exits(self, listener: ExitListener) -> None:
         """conmon writes `<exits>/<id>` when a container (or a pod's infra process) has exited: inotify says when."""
@@ -114,6 +138,7 @@ class RuncBackend(Backend[RuncBackendSettings]):
         self._exit_watch.start()
 
     async def close(self) -> None:
+        await self.layer_usage.close()
         if self._exit_watch is not None:
             self._exit_watch.close()
             self._exit_watch = None
@@ -144,6 +169,16 @@ class RuncBackend(Backend[RuncBackendSettings]):
     def _pod_cgroup(self, sandbox: SandboxRecord) -> str:
         return cgroups.pod_parent(sandbox.config.linux.cgroup_parent, sandbox.id)
 
+    def _id_mappings(self, sandbox: SandboxRecord) -> IdMappings | None:
+        """The mappings of the pod's own user namespace, or None when it has the host's."""
+        options = sandbox.config.linux.security_context.namespace_options
+        return pod_user_namespace(options, self.reserved_ids)
+
+    def _user_files(self, sandbox: SandboxRecord) -> dict[str, Path]:
+        """Where a pod with a user namespace pins it and the IPC and UTS namespaces it owns."""
+        pod_dir = self._pod_dir(sandbox)
+        return {kind: pod_dir / kind for kind in ("user", "ipc", "uts")}
+
     # ---- pods ------------------------------------------------------------------------------
 
     async def _write_pod_files(self, sandbox: SandboxRecord) -> PodFiles:
@@ -163,9 +198,13 @@ class RuncBackend(Backend[RuncBackendSettings]):
         atomic_write_bytes(files.resolv_conf, podfiles.resolv_conf(config.dns_config), mode=0o644, durable=False)
         hosts = Path("/etc/hosts").read_bytes() if sandbox.host_network else podfiles.hosts(hostname, sandbox.ips)
         atomic_write_bytes(files.hosts, hosts, mode=0o644, durable=False)
+        mappings = self._id_mappings(sandbox)
+        owner = mappings.root if mappings is not None else (0, 0)
+        for file in (files.hostname, files.resolv_conf, files.hosts):
+            os.chown(file, *owner)  # the pod's root owns them, as it would through containerd's ID-mapped binds
         if files.shm is not None and not mounts.is_mounted(files.shm):
             files.shm.mkdir(exist_ok=True)
-            await _mount_shm(files.shm)
+            await _mount_shm(files.shm, owner)
         return files
 
     def _pod_files(self, sandbox: SandboxRecord) -> PodFiles:
@@ -174,18 +213,48 @@ class RuncBackend(Backend[RuncBackendSettings]):
         shm = None if host_ipc else pod_dir / "shm"
         return PodFiles(pod_dir / "hostname", pod_dir / "resolv.conf", pod_dir / "hosts", shm)
 
+    async def create_network_namespace(self, sandbox: SandboxRecord, path: Path) -> None:
+        """A pod with a user namespace gets it here, with its network (at `path`), IPC and UTS namespaces inside."""
+        mappings = self._id_mappings(sandbox)
+        if mappings is None:
+            await netns.create_at(path)
+            return
+        userns.check_traversable(self.bundles)  # the infra root is beside it
+        await self._make_pods_private()  # before pinning in it: a later bind of pods/ onto itself would hide them
+        private_dir(self._pod_dir(sandbox))
+        await userns.create({**self._user_files(sandbox), "net": path}, mappings)
+
+    async def _make_pods_private(self) -> None:
+        """pods/ as a private mount of its own: namespaces pinned in it neither propagate nor get copied."""
+        if not self._pods_private:
+            await asyncio.to_thread(mounts.make_private, self.pods)
+            self._pods_private = True
+
     async def start_sandbox(self, sandbox: SandboxRecord) -> None:
         options = sandbox.config.linux.security_context.namespace_options
         if options.pid != pb.POD:
             await self._start_pinned(sandbox)
             return
         await self._write_pod_files(sandbox)
-        namespaces = Namespaces(
-            network=sandbox.netns_path or HOST,
-            ipc=HOST if options.ipc == pb.NODE else NEW,
-            uts=HOST if sandbox.host_network else NEW,
-            pid=HOST if options.pid == pb.NODE else NEW,
-        )
+        mappings = self._id_mappings(sandbox)
+        if mappings is not None:
+            await asyncio.to_thread(cgroups.create, self._pod_cgroup(sandbox), None, True)
+            files = self._user_files(sandbox)
+            namespaces = Namespaces(
+                network=sandbox.netns_path,
+                ipc=str(files["ipc"]),
+                uts=str(files["uts"]),
+                pid=NEW,
+                user=str(files["user"]),
+                id_mappings=mappings,
+            )
+        else:
+            namespaces = Namespaces(
+                network=sandbox.netns_path or HOST,
+                ipc=HOST if options.ipc == pb.NODE else NEW,
+                uts=HOST if sandbox.host_network else NEW,
+                pid=HOST if options.pid == pb.NODE else NEW,
+            )
         infra = infra_spec(
             sandbox.config,
             rootfs=self.infra_rootfs,
@@ -210,7 +279,6 @@ class RuncBackend(Backend[RuncBackendSettings]):
         config = sandbox.config
         options = config.linux.security_context.namespace_options
         ipc, uts = options.ipc != pb.NODE, not sandbox.host_network
-        refuse_user_namespaces(options)
         pod_dir = self._pod_dir(sandbox)
         check_sysctls(
             config.linux.sysctls,
@@ -222,11 +290,12 @@ class RuncBackend(Backend[RuncBackendSettings]):
             ),
         )
         sandbox.backend_state["mode"] = PINNED  # from here on, removing the pod undoes what was done
-        if not self._pods_private:
-            await asyncio.to_thread(mounts.make_private, self.pods)
-            self._pods_private = True
+        await self._make_pods_private()
         await self._write_pod_files(sandbox)
-        if not (pinns.pinned(pod_dir, "ipc") or pinns.pinned(pod_dir, "uts")):
+        if self._id_mappings(sandbox) is not None:  # pinned with the user namespace, before CNI
+            hostname, netns_path = config.hostname or None, sandbox.netns_path or None
+            await pinns.configure(pod_dir, hostname=hostname, netns=netns_path, sysctls=config.linux.sysctls)
+        elif not (pinns.pinned(pod_dir, "ipc") or pinns.pinned(pod_dir, "uts")):
             await pinns.pin(
                 pod_dir,
                 ipc=ipc,
@@ -241,6 +310,7 @@ class RuncBackend(Backend[RuncBackendSettings]):
             pinns.unpin(self._pod_dir(sandbox))
         elif conmon.read_exit(self.exits, sandbox.id) is None:
             await self._signal_and_wait(sandbox.id, sandbox.backend_state, signal.SIGKILL, True, STOP_GRACE_AFTER_KILL)
+        await asyncio.to_thread(userns.remove, self._user_files(sandbox).values())
         shm = self._pod_files(sandbox).shm
         if shm is not None:
             await asyncio.to_thread(mounts.unmount, shm)
@@ -268,6 +338,13 @@ class RuncBackend(Backend[RuncBackendSettings]):
     # ---- containers ------------------------------------------------------------------------
 
     def _namespaces(self, sandbox: SandboxRecord, config: pb.ContainerConfig) -> Namespaces:
+        shared = self._shared_namespaces(sandbox, config)
+        mappings = self._id_mappings(sandbox)
+        if mappings is None:
+            return shared
+        return dataclasses.replace(shared, user=str(self._user_files(sandbox)["user"]), id_mappings=mappings)
+
+    def _shared_namespaces(self, sandbox: SandboxRecord, config: pb.ContainerConfig) -> Namespaces:
         pod = sandbox.config.linux.security_context.namespace_options
         mode = config.linux.security_context.namespace_options
         if self._pinned(sandbox):
@@ -315,15 +392,21 @@ class RuncBackend(Backend[RuncBackendSettings]):
     async def prepare_container(
         self, sandbox: SandboxRecord, container: ContainerRecord, image: ImageRootfs
     ) -> ContainerPlatform:
-        bundle = private_dir(self._bundle(container.id))
+        mappings = self._id_mappings(sandbox)
+        make_dir = private_dir if mappings is None else _traversable_dir
+        bundle = make_dir(self._bundle(container.id))
         layer = self.layers / container.id
         root = bundle / "rootfs"
-        await rootfs.mount_rootfs(image.layers, layer / "upper", layer / "work", root)
+        id_mapped = None if mappings is None else IdMappedLayers(self._user_files(sandbox)["user"], mappings.root)
+        await rootfs.mount_rootfs(image.layers, layer / "upper", layer / "work", root, id_mapped)
+        cgroup = cgroups.cgroups_path(self._pod_cgroup(sandbox), container.id)
+        if mappings is not None:  # made here, searchable, for runc in the pod's user namespace to bind
+            await asyncio.to_thread(cgroups.create, cgroup, None, True)
         return ContainerPlatform(
             rootfs=root,
             host=detect_host(),
             namespaces=self._namespaces(sandbox, container.config),
-            cgroups_path=cgroups.cgroups_path(self._pod_cgroup(sandbox), container.id),
+            cgroups_path=cgroup,
             pod_files=self._pod_files(sandbox),
             oom_score_adj_floor=self.oom_floor,
         )
@@ -332,6 +415,8 @@ class RuncBackend(Backend[RuncBackendSettings]):
         self, sandbox: SandboxRecord, container: ContainerRecord, spec: Spec, stop_signal: int
     ) -> None:
         bundle = self._bundle(container.id)
+        user = self._user_files(sandbox)["user"] if self._id_mappings(sandbox) is not None else None
+        await asyncio.to_thread(adapt.bind_id_mapped_sources, spec, bundle, user)
         atomic_write_json(bundle / "config.json", spec, durable=False)
         config = container.config
         pid = await self.conmon.create(
@@ -343,9 +428,11 @@ class RuncBackend(Backend[RuncBackendSettings]):
             terminal=config.tty,
             stdin=config.stdin,
             stdin_once=config.stdin_once,
+            log_max_size=self.log_size_max,
         )
         own_pid_ns = {"type": "pid"} in spec.get("linux", {}).get("namespaces", [])
         container.backend_state.update({"pid": pid, "stop_signal": stop_signal, **_process_identity(pid, own_pid_ns)})
+        await asyncio.to_thread(adapt.unbind_id_mapped_sources, bundle)
 
     async def start_container(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
         await self.runc.start(container.id)
@@ -401,6 +488,8 @@ class RuncBackend(Backend[RuncBackendSettings]):
         self.conmon.remove_attach_link(container.id)
         bundle = self._bundle(container.id)
         await rootfs.unmount(bundle / "rootfs")
+        self.layer_usage.forget(self._upper(container.id))
+        await asyncio.to_thread(adapt.unbind_id_mapped_sources, bundle)
         await asyncio.to_thread(self._remove_dirs, bundle, self.layers / container.id)
         (self.exits / container.id).unlink(missing_ok=True)
 
@@ -437,15 +526,37 @@ class RuncBackend(Backend[RuncBackendSettings]):
         process.update(args=cmd, terminal=False)
         return await self.runc.exec_sync(container.id, process, float(timeout) if timeout > 0 else 0.0)
 
+    async def update_sandbox_resources(self, sandbox: SandboxRecord, resources: Resources) -> None:
+        """Nothing to do: kubelet writes the pod cgroup's limits itself (cgroupfs), and the infra process has none."""
+
     async def update_resources(self, sandbox: SandboxRecord, container: ContainerRecord, resources: Resources) -> None:
         await self.runc.update(container.id, resources)
 
-    async def container_usage(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage:
-        usage = usage_from_stats(await self.runc.stats(container.id), time.time_ns())
-        used, inodes = await asyncio.to_thread(rootfs.writable_layer_usage, self.layers / container.id / "upper")
-        return dataclasses.replace(
-            usage, writable_layer_bytes=used, writable_layer_inodes=inodes, writable_layer_mountpoint=str(self.layers)
+    def _upper(self, container_id: str) -> Path:
+        return self.layers / container_id / "upper"
+
+    async def usage(self, pods: list[PodContainers]) -> dict[str, ContainerUsage]:
+        """Straight from the containers' cgroup files, all in one thread; writable layers as last measured."""
+        cgroup_paths = {
+            c.id: cgroups.cgroups_path(self._pod_cgroup(pod.sandbox), c.id) for pod in pods for c in pod.containers
+        }
+        sampled = await asyncio.to_thread(
+            lambda: {cid: self.cgroup_stats.usage(path, time.time_ns()) for cid, path in cgroup_paths.items()}
         )
+        layers = await self.layer_usage.figures([self._upper(cid) for cid in sampled])
+        found = {}
+        for cid, usage in sampled.items():
+            layer = layers.get(self._upper(cid))
+            if layer is not None:
+                usage = dataclasses.replace(
+                    usage,
+                    writable_layer_bytes=layer.used_bytes,
+                    writable_layer_inodes=layer.inodes,
+                    writable_layer_mountpoint=str(self.layers),
+                    writable_layer_timestamp=layer.measured_at,
+                )
+            found[cid] = usage
+        return found
 
     async def reopen_log(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
         if not container.log_path:
@@ -481,6 +592,13 @@ class RuncBackend(Backend[RuncBackendSettings]):
         return await streams.connect(sandbox.netns_path or None, port)
 
 
+def _traversable_dir(path: Path) -> Path:
+    """`path` made 0711: nobody can list it, a user-namespaced runc can pass through it to a container's root."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o711)
+    return path
+
+
 def _process_identity(pid: int, own_pid_ns: bool) -> dict[str, Any]:
     """What `_open_init` needs later to find this very process again: its start time, and whether it is a PID 1."""
     identity = ProcessIdentity.of(pid)
@@ -495,8 +613,8 @@ def _open_init(state: dict[str, Any]) -> tuple[bool, int | None]:
     return True, ProcessIdentity(int(pid), int(started)).open()
 
 
-async def _mount_shm(target: Path) -> None:
-    options = f"mode=1777,size={SHM_SIZE}"
+async def _mount_shm(target: Path, owner: tuple[int, int]) -> None:
+    options = f"mode=1777,size={SHM_SIZE},uid={owner[0]},gid={owner[1]}"
     flags = mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC
     try:
         mounts.sys_mount("shm", target, "tmpfs", flags, options)

@@ -9,6 +9,10 @@ first, so these mounts neither propagate elsewhere nor get copied into peers.
 
 Namespaces are per thread for IPC, UTS and network, so none of this touches
 the daemon's other threads; the mounts are in the daemon's mount namespace.
+
+A pod with a user namespace of its own has its IPC and UTS namespaces pinned
+already, created inside that one (runc_backend/userns.py): `configure` then
+only enters them to set the hostname and sysctls.
 """
 
 from __future__ import annotations
@@ -49,6 +53,26 @@ def is_net_sysctl(name: str) -> bool:
     return name.startswith("net.") or name.startswith("net/")
 
 
+def _setns(path: str | Path, kind: int) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _check(_libc.setns(fd, kind), "setns")
+    finally:
+        os.close(fd)
+
+
+def _configure(uts: bool, hostname: str | None, netns: str | None, sysctls: Mapping[str, str]) -> None:
+    """In this thread's IPC and UTS namespaces: the hostname and sysctls; then the network ones in `netns`."""
+    if uts and hostname:
+        name = hostname.encode()
+        _check(_libc.sethostname(name, len(name)), "sethostname")
+    _write_sysctls({k: v for k, v in sysctls.items() if not is_net_sysctl(k)})
+    net = {k: v for k, v in sysctls.items() if is_net_sysctl(k)}
+    if net and netns:
+        _setns(netns, CLONE_NEWNET)
+        _write_sysctls(net)
+
+
 def _pin(
     pod_dir: Path, ipc: bool, uts: bool, hostname: str | None, netns: str | None, sysctls: Mapping[str, str]
 ) -> None:
@@ -56,24 +80,20 @@ def _pin(
     flags = (CLONE_NEWIPC if ipc else 0) | (CLONE_NEWUTS if uts else 0)
     if flags:
         _check(_libc.unshare(flags), "unshare")
-    if uts and hostname:
-        name = hostname.encode()
-        _check(_libc.sethostname(name, len(name)), "sethostname")
-    _write_sysctls({k: v for k, v in sysctls.items() if not is_net_sysctl(k)})
     tid = threading.get_native_id()
     for kind, wanted in (("ipc", ipc), ("uts", uts)):
         if wanted:
             target = pod_dir / kind
             os.close(os.open(target, os.O_CREAT | os.O_RDONLY, 0o444))
             mounts.sys_mount(f"/proc/self/task/{tid}/ns/{kind}", target, None, mounts.MS_BIND)
-    net = {k: v for k, v in sysctls.items() if is_net_sysctl(k)}
-    if net and netns:
-        fd = os.open(netns, os.O_RDONLY)
-        try:
-            _check(_libc.setns(fd, CLONE_NEWNET), "setns")
-        finally:
-            os.close(fd)
-        _write_sysctls(net)
+    _configure(uts, hostname, netns, sysctls)
+
+
+def _enter_and_configure(pod_dir: Path, hostname: str | None, netns: str | None, sysctls: Mapping[str, str]) -> None:
+    """In this (throwaway) thread: join the pinned IPC and UTS namespaces, configure them."""
+    _setns(pod_dir / "ipc", CLONE_NEWIPC)
+    _setns(pod_dir / "uts", CLONE_NEWUTS)
+    _configure(True, hostname, netns, sysctls)
 
 
 def _in_thread(fn, *args) -> None:  # type: ignore[no-untyped-def]
@@ -108,6 +128,11 @@ async def pin(
     except BaseException:
         unpin(pod_dir)
         raise
+
+
+async def configure(pod_dir: Path, *, hostname: str | None, netns: str | None, sysctls: Mapping[str, str]) -> None:
+    """Set the hostname and sysctls in IPC and UTS namespaces pinned at `<pod_dir>/ipc` and `<pod_dir>/uts`."""
+    await asyncio.to_thread(_in_thread, _enter_and_configure, pod_dir, hostname, netns, dict(sysctls))
 
 
 def unpin(pod_dir: Path) -> None:

@@ -241,16 +241,6 @@ class Runc:
         """Apply an OCI `linux.resources` object to the running container (`runc update -r -`)."""
         await self._run(cid, "update", "--resources", "-", cid, input=json.dumps(resources).encode())
 
-    async def stats(self, cid: str) -> dict[str, Any]:
-        """One `runc events --stats` sample: its `data` object (cpu, memory, pids, blkio, ...)."""
-        try:
-            out = await self._run(cid, "events", "--stats", cid)
-        except CommandFailed as e:
-            if any(s in e.stderr for s in _NOT_RUNNING):
-                raise FailedPrecondition(f"container {cid} is not running") from e
-            raise
-        return json.loads(out)["data"]
-
     async def exec_sync(self, cid: str, process: dict[str, Any], timeout: float) -> ExecResult:
         """Run `process` (an OCI process object) in the container and collect its output and exit code.
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Generic, Protocol, Self, TypeVar
 
-from sandbox.model import ContainerRecord, SandboxRecord
+from sandbox import netns
+from sandbox.model import ContainerRecord, ExitStatus, SandboxRecord
 from sandbox.oci.model import Resources, Spec
 from sandbox.oci.platform import ContainerPlatform, HostInfo
 
@@ -29,16 +29,6 @@ class ImageRootfs:
     image_id: str
     layers: list[Path]
     config: dict[str, Any]  # the image's OCI config JSON
-
-
-@dataclass(frozen=True)
-class ExitStatus:
-    """A container process that has ended."""
-
-    exit_code: int
-    finished_at: int
-    reason: str = ""  # "Completed", "Error", "OOMKilled"
-    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -64,6 +54,16 @@ class ContainerUsage:
     writable_layer_bytes: int | None = None
     writable_layer_inodes: int | None = None
     writable_layer_mountpoint: str = ""
+    writable_layer_timestamp: int = 0  # when the layer was measured (it is not measured at every sample)
+    cpu_nano_cores: int | None = None  # derived by the manager from successive samples, not by backends
+
+
+@dataclass(frozen=True)
+class PodContainers:
+    """Some containers of one pod (the running ones a stats call is about)."""
+
+    sandbox: SandboxRecord
+    containers: list[ContainerRecord]
 
 
 class Process(ABC):
@@ -107,8 +107,17 @@ class Process(ABC):
 
 SettingsT = TypeVar("SettingsT")
 
-ExitListener = Callable[[str | None], None]
-"""Told the ID of a container whose process has ended; None when exits may have gone unheard (look at all)."""
+
+class ExitListener(Protocol):
+    """Told the ID of a container whose process has ended, or of a pod whose holder (infra process, VM) has;
+    None when exits may have gone unheard (look at all).
+
+    With `status`, the backend heard a container's exit as a message it must acknowledge (a VM agent's event):
+    the listener has persisted it when it returns, so the backend may acknowledge it then (at least once, even
+    across a crash).
+    """
+
+    def __call__(self, ident: str | None, status: ExitStatus | None = None) -> None: ...
 
 
 class ByteChannel(ABC):
@@ -163,6 +172,15 @@ class StreamChannel(ByteChannel):
         self._writer.close()
 
 
+@dataclass(frozen=True)
+class BackendFeatures:
+    """What a backend's pods can have beyond the CRI's baseline: each runtime handler reports its backend's
+    (RuntimeHandlerFeatures), and a request for one the backend lacks is UNIMPLEMENTED."""
+
+    recursive_read_only_mounts: bool = False  # a read-only CRI mount stays read-only in every mount below it
+    user_namespaces: bool = False  # userns_options mode POD: the pod in a user namespace of its own
+
+
 class Backend(ABC, Generic[SettingsT]):
     """Runs pods of one isolation kind. Every method is idempotent where the CRI call it serves is.
 
@@ -171,6 +189,9 @@ class Backend(ABC, Generic[SettingsT]):
     """
 
     name: str
+    features = BackendFeatures()
+    usage_wait: float | None = None
+    """How long a stats call waits for `usage` before serving the last figures (None: until it returns)."""
 
     @classmethod
     @abstractmethod
@@ -179,15 +200,26 @@ class Backend(ABC, Generic[SettingsT]):
 
     @abstractmethod
     async def watch_exits(self, listener: ExitListener) -> None:
-        """From now on, tell `listener` of each container exit as it happens, from the event loop.
+        """From now on, tell `listener` of each container exit and each end of a pod's holder as it
+        happens, from the event loop.
 
-        The manager then asks `container_exit` and records it: an exit reaches
-        GetContainerEvents without anyone polling. Called once, at start-up.
+        The manager then asks `container_exit` (or `sandbox_alive`) and records it: an exit reaches
+        GetContainerEvents, and list calls answer from what is recorded, without anyone polling.
+        Called once, at start-up.
         """
 
     @abstractmethod
     async def close(self) -> None:
         """Stop watching: the daemon is shutting down (pods and containers keep running without it)."""
+
+    async def create_network_namespace(self, sandbox: SandboxRecord, path: Path) -> None:
+        """Create the pod's network namespace (`lo` up) pinned at `path`, before CNI ADD; on failure, none.
+
+        It belongs to the host's user namespace unless the backend gives the pod a
+        user namespace of its own on this host: then it must belong to that one
+        (only a namespace's owner may mount sysfs for it).
+        """
+        await netns.create_at(path)
 
     @abstractmethod
     async def start_sandbox(self, sandbox: SandboxRecord) -> None:
@@ -206,7 +238,24 @@ class Backend(ABC, Generic[SettingsT]):
 
     @abstractmethod
     async def sandbox_alive(self, sandbox: SandboxRecord) -> bool:
-        """Whether the pod's holder is still running (false after a crash)."""
+        """Whether the pod's holder is still running (false after a crash).
+
+        Answers at once, from what the host knows (a process identity): kubelet's List* and Status calls
+        ask it for every pod, and must never wait on what runs in one; lists rely on the holder's end
+        being pushed.
+        """
+
+    async def resume_sandbox(self, sandbox: SandboxRecord, containers: list[ContainerRecord]) -> None:
+        """At start-up, after a daemon restart: the pod and the containers its records hold.
+
+        A backend that hears of its containers through a connection (a VM's agent) takes them up here, and
+        reconnects in the background: recovery must not wait on a pod. One whose exits are files (conmon's)
+        has nothing to do.
+        """
+
+    def sandbox_info(self, sandbox: SandboxRecord) -> dict[str, Any]:
+        """What the backend knows of the pod beyond its records, for verbose PodSandboxStatus (none here)."""
+        return {}
 
     @abstractmethod
     def host_info(self, sandbox: SandboxRecord) -> HostInfo:
@@ -256,7 +305,18 @@ class Backend(ABC, Generic[SettingsT]):
         """Apply new OCI `linux.resources` (built for `host_info`) to a created or running container."""
 
     @abstractmethod
-    async def container_usage(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage: ...
+    async def update_sandbox_resources(self, sandbox: SandboxRecord, resources: Resources) -> None:
+        """The pod's resources changed (kubelet's in-place resize tells before growing containers and after
+        shrinking them): resize what holds the pod, or refuse with the reason. `resources` is OCI, for `host_info`.
+        """
+
+    @abstractmethod
+    async def usage(self, pods: list[PodContainers]) -> dict[str, ContainerUsage]:
+        """The resource usage of these running containers, by container id, all collected in one go.
+
+        Returns within a short deadline however many pods there are: a container that cannot be
+        measured now (its pod's guest did not answer in time) is left out, and keeps its last figures.
+        """
 
     @abstractmethod
     async def reopen_log(self, sandbox: SandboxRecord, container: ContainerRecord) -> None: ...

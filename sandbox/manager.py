@@ -4,35 +4,52 @@ It owns the records (persisted before and after each step, so a crash at any
 point leaves something recovery can finish or undo), the per-object locks,
 pod networking (netns + CNI, shared by both backends), names, the conversion
 of CRI requests into OCI specs, exits and events. What actually runs is the
-backend's business; each backend tells it of exits as they happen.
+backend's business; each backend tells it of exits as they happen, a container's
+or a pod holder's (infra process, VM), so the state kept here in memory is
+current and list calls answer from it without asking any backend.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TandemError
+from core import metrics
+from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TandemError, Unimplemented
 from core.files import private_dir
 from core.records import RecordStore
 from core.settings import TrustSettings
 from images.store import ImageStore
 from protos import cri_pb2 as pb
 from sandbox import signals, trust
-from sandbox.backend import Backend, ByteChannel, ContainerUsage, ExecResult, ExitStatus, ImageRootfs, Process
+from sandbox.backend import (
+    Backend,
+    BackendFeatures,
+    ByteChannel,
+    ContainerUsage,
+    ExecResult,
+    ExitStatus,
+    ImageRootfs,
+    PodContainers,
+    Process,
+)
 from sandbox.cni import CniPlugins
 from sandbox.events import ContainerEvent, EventHub
 from sandbox.locks import KeyedLocks
 from sandbox.model import ContainerRecord, ContainerState, ProcessUser, SandboxRecord, SandboxState, now_ns
 from sandbox.oci import spec as oci
 from sandbox.oci.resources import linux_resources
+from sandbox.oci.userns import pod_user_namespace
 from sandbox.podnet import PodNetworking
+from sandbox.stats import UsageCollector
 
 log = logging.getLogger("tandem.pods")
 
@@ -60,6 +77,14 @@ def _match_labels(labels: dict[str, str] | object, selector: dict[str, str] | ob
     return all(labels.get(k) == v for k, v in selector.items())  # type: ignore[union-attr]
 
 
+_CONTAINER_STATES = {
+    pb.CONTAINER_CREATED: ContainerState.CREATED,
+    pb.CONTAINER_RUNNING: ContainerState.RUNNING,
+    pb.CONTAINER_EXITED: ContainerState.EXITED,
+    pb.CONTAINER_UNKNOWN: ContainerState.UNKNOWN,
+}
+
+
 class PodManager:
     def __init__(
         self,
@@ -81,9 +106,11 @@ class PodManager:
         self.network = PodNetworking(private_dir(runtime_dir / "netns"), cni, self._sandbox_store.put)
         self._sandboxes: dict[str, SandboxRecord] = {}
         self._containers: dict[str, ContainerRecord] = {}
+        self._pod_containers: dict[str, dict[str, ContainerRecord]] = {}  # sandbox id -> its containers by id
         self._names: dict[str, str] = {}
         self._locks = KeyedLocks()
         self._exit_checks: set[asyncio.Task[None]] = set()
+        self._usage = UsageCollector(backends)
 
     # ---- start-up and shutdown -------------------------------------------------------------
 
@@ -100,13 +127,17 @@ class PodManager:
                 continue
             self._names[self._container_name(container.sandbox_id, container.config)] = container.id
         self._containers = {c.id: c for c in self._containers.values() if c.sandbox_id in self._sandboxes}
+        for container in self._containers.values():
+            self._pod_containers.setdefault(container.sandbox_id, {})[container.id] = container
         for each in self.backends.values():  # before reconciling: no exit falls between the two
             await each.watch_exits(self._exited)
         for sandbox in self._sandboxes.values():
             backend = self.backends.get(sandbox.backend)
             if backend is None:  # it is not NOTREADY for that: its pods run on, unserved, until it is back
                 log.warning("pod's backend not available", extra={"pod": sandbox.id, "backend": sandbox.backend})
-            elif sandbox.state == SandboxState.READY and not await backend.sandbox_alive(sandbox):
+                continue
+            await backend.resume_sandbox(sandbox, self.containers_of(sandbox.id))
+            if sandbox.state == SandboxState.READY and not await backend.sandbox_alive(sandbox):
                 log.warning("pod died while Tandem was down", extra={"pod": sandbox.id})
                 sandbox.state = SandboxState.NOTREADY
                 self._sandbox_store.put(sandbox)
@@ -115,6 +146,7 @@ class PodManager:
         log.info("pods recovered", extra={"pods": len(self._sandboxes), "containers": len(self._containers)})
 
     async def close(self) -> None:
+        await self._usage.close()
         for backend in self.backends.values():
             await backend.close()
         for task in list(self._exit_checks):
@@ -147,8 +179,18 @@ class PodManager:
     def container(self, ident: str) -> ContainerRecord:
         return self._find(self._containers, "container", ident)  # type: ignore[return-value]
 
+    def handler_features(self, handler: str) -> BackendFeatures:
+        """What pods of a runtime handler ("": the node's default) can have: its backend's, none while unavailable."""
+        if handler:
+            entry = self.trust.runtimes.get(handler)
+            backend_name = entry.backend if entry is not None else ""
+        else:
+            backend_name = trust.default_backend(self.trust.default_workload_trust)
+        backend = self.backends.get(backend_name)
+        return backend.features if backend is not None else BackendFeatures()
+
     def containers_of(self, sandbox_id: str) -> list[ContainerRecord]:
-        return [c for c in self._containers.values() if c.sandbox_id == sandbox_id]
+        return list(self._pod_containers.get(sandbox_id, {}).values())
 
     @staticmethod
     def _sandbox_name(config: pb.PodSandboxConfig) -> str:
@@ -183,6 +225,11 @@ class PodManager:
             raise FailedPrecondition(
                 f"{decision.backend} backend not available (pod routed there by {decision.reason})"
             )
+        if pod_user_namespace(config.linux.security_context.namespace_options) and not backend.features.user_namespaces:
+            raise Unimplemented(
+                f"user namespaces are not supported on the {decision.backend} backend (pod routed there by"
+                f" {decision.reason}); see the README's conformance table"
+            )
         sandbox = SandboxRecord(
             id=_new_id(),
             config=config,
@@ -192,17 +239,21 @@ class PodManager:
         )
         name = self._sandbox_name(config)
         self._reserve(name, sandbox.id, "pod sandbox")
+        began = time.monotonic()
         async with self._locks.hold(sandbox.id):
             self._sandboxes[sandbox.id] = sandbox
             self._sandbox_store.put(sandbox)
             try:
-                await self.network.connect(sandbox)
-                await backend.start_sandbox(sandbox)
+                with metrics.timed(metrics.Timing.SANDBOX_NETWORK):
+                    await self.network.connect(sandbox, lambda path: backend.create_network_namespace(sandbox, path))
+                with metrics.timed(metrics.Timing.SANDBOX_RUNTIME_CREATE, backend.name):
+                    await backend.start_sandbox(sandbox)
             except BaseException:
                 await self._release_sandbox(sandbox, best_effort=True)
                 raise
             sandbox.state = SandboxState.READY
             self._sandbox_store.put(sandbox)
+        metrics.timing(metrics.Timing.SANDBOX_RUN, time.monotonic() - began, backend.name)
         log.info(
             "pod started",
             extra={
@@ -222,10 +273,7 @@ class PodManager:
         except NotFound:
             return
         async with self._locks.hold(sandbox.id):
-            for container in self.containers_of(sandbox.id):
-                async with self._locks.hold(container.id):
-                    await self._stop_container(sandbox, container, timeout=0)
-            await self._backend(sandbox).stop_sandbox(sandbox)
+            await self._stop_containers_and_holder(sandbox)
             await self.network.disconnect(sandbox)
             if sandbox.state != SandboxState.NOTREADY:
                 sandbox.state = SandboxState.NOTREADY
@@ -238,12 +286,35 @@ class PodManager:
         except NotFound:
             return
         async with self._locks.hold(sandbox.id):
+            await self._stop_containers_and_holder(sandbox)
             for container in self.containers_of(sandbox.id):
                 async with self._locks.hold(container.id):
-                    await self._stop_container(sandbox, container, timeout=0)
                     await self._remove_container(sandbox, container)
             await self._release_sandbox(sandbox, best_effort=False)
         log.info("pod removed", extra={"pod": sandbox.id[:12]})
+
+    async def _stop_containers_and_holder(self, sandbox: SandboxRecord) -> None:
+        """Kill every container, then the pod's holder. A container that survived its kill may still end
+        with the holder (a VM's do, even when its guest could not kill them): only one that outlives both
+        fails the stop, so a broken guest never keeps its pod from being stopped and removed."""
+        survivors: list[tuple[ContainerRecord, TandemError]] = []
+        for container in self.containers_of(sandbox.id):
+            async with self._locks.hold(container.id):
+                try:
+                    await self._stop_container(sandbox, container, timeout=0)
+                except TandemError as e:
+                    survivors.append((container, e))
+        backend = self._backend(sandbox)
+        await backend.stop_sandbox(sandbox)
+        for container, error in survivors:
+            async with self._locks.hold(container.id):
+                if container.state in (ContainerState.EXITED, ContainerState.UNKNOWN):
+                    continue
+                exit_status = await backend.container_exit(sandbox, container)
+                if exit_status is None:
+                    raise error
+                log.warning("container ended with its pod's holder", extra={"container": container.id[:12]})
+                self._mark_exited(container, exit_status)
 
     async def _release_sandbox(self, sandbox: SandboxRecord, best_effort: bool) -> None:
         steps: list[Callable[[], Awaitable[None]]] = [
@@ -260,35 +331,48 @@ class PodManager:
                 log.exception("cleanup step failed", extra={"pod": sandbox.id[:12]})
         self._sandbox_store.delete(sandbox.id)
         self._sandboxes.pop(sandbox.id, None)
+        self._usage.forget(sandbox.id)
         self._names.pop(self._sandbox_name(sandbox.config), None)
 
+    def is_ready(self, sandbox: SandboxRecord) -> bool:
+        """What is known without asking: READY as recorded (the backends push a holder's end), and only
+        while its backend is available (without that being recorded: it may come back)."""
+        return sandbox.state == SandboxState.READY and sandbox.backend in self.backends
+
     async def sandbox_ready(self, sandbox: SandboxRecord) -> bool:
-        """READY only while the pod's holder is alive; a crash shows up as NOTREADY (so does a pod whose
-        backend is not available, without that being recorded: it may come back)."""
-        if sandbox.state != SandboxState.READY:
+        """`is_ready`, confirmed by the backend now: for calls about one pod, not for lists."""
+        if not self.is_ready(sandbox):
             return False
+        await self._check_holder(sandbox)
+        return sandbox.state == SandboxState.READY
+
+    async def _check_holder(self, sandbox: SandboxRecord) -> None:
+        """Record a READY pod whose holder (infra process, pinned namespaces, VM) is gone as NOTREADY."""
         backend = self.backends.get(sandbox.backend)
-        if backend is None:
-            return False
-        if await backend.sandbox_alive(sandbox):
-            return True
+        if sandbox.state != SandboxState.READY or backend is None or await backend.sandbox_alive(sandbox):
+            return
         async with self._locks.hold(sandbox.id):
-            if sandbox.state == SandboxState.READY:
+            current = self._sandboxes.get(sandbox.id) is sandbox  # not removed meanwhile
+            if current and sandbox.state == SandboxState.READY and not await backend.sandbox_alive(sandbox):
                 log.warning("pod's holder died", extra={"pod": sandbox.id[:12]})
                 sandbox.state = SandboxState.NOTREADY
                 self._sandbox_store.put(sandbox)
-        return False
 
     def list_sandboxes(self, flt: pb.PodSandboxFilter | None) -> list[SandboxRecord]:
+        """From memory: a holder's end is recorded as its backend pushes it."""
         sandboxes = list(self._sandboxes.values())
         if flt is None:
             return sandboxes
-        if flt.id:
+        if flt.id in self._sandboxes:
+            sandboxes = [self._sandboxes[flt.id]]
+        elif flt.id:
             sandboxes = [s for s in sandboxes if s.id.startswith(flt.id)]
         if flt.HasField("state"):
-            wanted = SandboxState.READY if flt.state.state == pb.SANDBOX_READY else SandboxState.NOTREADY
-            sandboxes = [s for s in sandboxes if s.state == wanted]
-        return [s for s in sandboxes if _match_labels(s.config.labels, flt.label_selector)]
+            ready = flt.state.state == pb.SANDBOX_READY
+            sandboxes = [s for s in sandboxes if self.is_ready(s) == ready]
+        if flt.label_selector:
+            sandboxes = [s for s in sandboxes if _match_labels(s.config.labels, flt.label_selector)]
+        return sandboxes
 
     # ---- containers ------------------------------------------------------------------------
 
@@ -303,6 +387,12 @@ class PodManager:
         image = self.images.resolve(config.image.image)
         if image is None:
             raise NotFound(f"image {config.image.image!r} not found; pull it first")
+        recursive = [m.container_path for m in config.mounts if m.recursive_read_only]
+        if recursive and not self._backend(sandbox).features.recursive_read_only_mounts:
+            raise Unimplemented(
+                f"recursive read-only mounts ({', '.join(recursive)}) are not supported on the"
+                f" {sandbox.backend} backend"
+            )
         container = ContainerRecord(
             id=_new_id(),
             sandbox_id=sandbox.id,
@@ -317,9 +407,11 @@ class PodManager:
                 raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
             self._reserve(name, container.id, "container")
             self._containers[container.id] = container
+            self._pod_containers.setdefault(sandbox.id, {})[container.id] = container
             self._container_store.put(container)
             rootfs = ImageRootfs(image.image_id, self.images.layer_dirs(image), self.images.config_of(image))
             backend = self._backend(sandbox)
+            began = time.monotonic()
             try:
                 platform = await backend.prepare_container(sandbox, container, rootfs)
                 spec = oci.container_spec(
@@ -334,6 +426,7 @@ class PodManager:
                 self._forget(container)
                 raise
             self._container_store.put(container)
+            metrics.timing(metrics.Timing.CONTAINER_CREATE, time.monotonic() - began, backend.name)
         self._publish(container, "created")
         return container
 
@@ -344,7 +437,8 @@ class PodManager:
             if container.state != ContainerState.CREATED:
                 raise FailedPrecondition(f"container {container.id} is {container.state}, not created")
             try:
-                await self._backend(sandbox).start_container(sandbox, container)
+                with metrics.timed(metrics.Timing.CONTAINER_START, sandbox.backend):
+                    await self._backend(sandbox).start_container(sandbox, container)
             except TandemError as e:
                 container.state = ContainerState.EXITED
                 container.finished_at = now_ns()
@@ -371,6 +465,8 @@ class PodManager:
         if container.state in (ContainerState.EXITED, ContainerState.UNKNOWN):
             return
         await self._backend(sandbox).stop_container(sandbox, container, timeout)
+        if container.state == ContainerState.EXITED:  # its exit was reported while it was being stopped
+            return
         if container.state == ContainerState.CREATED:
             self._mark_exited(container, ExitStatus(exit_code=0, finished_at=now_ns(), reason="NeverStarted"))
             return
@@ -397,12 +493,16 @@ class PodManager:
     def _forget(self, container: ContainerRecord) -> None:
         self._container_store.delete(container.id)
         self._containers.pop(container.id, None)
+        siblings = self._pod_containers.get(container.sandbox_id, {})
+        siblings.pop(container.id, None)
+        if not siblings:
+            self._pod_containers.pop(container.sandbox_id, None)
         self._names.pop(self._container_name(container.sandbox_id, container.config), None)
 
     def _mark_exited(self, container: ContainerRecord, exit_status: ExitStatus) -> None:
         container.state = ContainerState.EXITED
         container.exit_code = exit_status.exit_code
-        container.finished_at = exit_status.finished_at
+        container.finished_at = max(exit_status.finished_at, container.started_at)
         container.reason = exit_status.reason or ("Completed" if exit_status.exit_code == 0 else "Error")
         container.message = exit_status.message
         self._container_store.put(container)
@@ -416,7 +516,7 @@ class PodManager:
         backend = None if sandbox is None else self.backends.get(sandbox.backend)
         if sandbox is None or backend is None:  # without its backend, what is recorded is all there is to say
             return container
-        exit_status = await backend.container_exit(sandbox, container)
+        exit_status = container.exit_report or await backend.container_exit(sandbox, container)
         if exit_status is not None and container.state == ContainerState.RUNNING:
             self._mark_exited(container, exit_status)
         return container
@@ -424,24 +524,25 @@ class PodManager:
     async def container_status(self, ident: str) -> ContainerRecord:
         return await self._refresh(self.container(ident))
 
-    async def list_containers(self, flt: pb.ContainerFilter | None) -> list[ContainerRecord]:
-        containers = list(self._containers.values())
-        if flt is not None:
-            if flt.id:
-                containers = [c for c in containers if c.id.startswith(flt.id)]
-            if flt.pod_sandbox_id:
-                containers = [c for c in containers if c.sandbox_id.startswith(flt.pod_sandbox_id)]
-            containers = [c for c in containers if _match_labels(c.config.labels, flt.label_selector)]
-        for container in containers:
-            await self._refresh(container)
-        if flt is not None and flt.HasField("state"):
-            wanted = {
-                pb.CONTAINER_CREATED: ContainerState.CREATED,
-                pb.CONTAINER_RUNNING: ContainerState.RUNNING,
-                pb.CONTAINER_EXITED: ContainerState.EXITED,
-                pb.CONTAINER_UNKNOWN: ContainerState.UNKNOWN,
-            }[flt.state.state]
+    def list_containers(self, flt: pb.ContainerFilter | None) -> list[ContainerRecord]:
+        """From memory: exits are recorded as the backends push them (a status call also asks the backend)."""
+        if flt is None:
+            return list(self._containers.values())
+        if flt.id in self._containers:
+            containers = [self._containers[flt.id]]
+        elif flt.id:
+            containers = [c for c in self._containers.values() if c.id.startswith(flt.id)]
+        elif flt.pod_sandbox_id in self._pod_containers:
+            containers = list(self._pod_containers[flt.pod_sandbox_id].values())
+        else:
+            containers = list(self._containers.values())
+        if flt.pod_sandbox_id:
+            containers = [c for c in containers if c.sandbox_id.startswith(flt.pod_sandbox_id)]
+        if flt.HasField("state"):
+            wanted = _CONTAINER_STATES[flt.state.state]
             containers = [c for c in containers if c.state == wanted]
+        if flt.label_selector:
+            containers = [c for c in containers if _match_labels(c.config.labels, flt.label_selector)]
         return containers
 
     async def running(self, ident: str) -> tuple[SandboxRecord, ContainerRecord]:
@@ -467,14 +568,42 @@ class PodManager:
             await backend.update_resources(sandbox, container, oci_resources)
             container.config.linux.resources.CopyFrom(resources)
             self._container_store.put(container)
+            self._sandbox_store.put(sandbox)  # a VM may have grown for it
+
+    async def update_sandbox_resources(self, ident: str, resources: pb.LinuxContainerResources) -> None:
+        sandbox = self.sandbox(ident)
+        async with self._locks.hold(sandbox.id):
+            if sandbox.state != SandboxState.READY:
+                raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
+            backend = self._backend(sandbox)
+            await backend.update_sandbox_resources(sandbox, linux_resources(resources, backend.host_info(sandbox)))
+            sandbox.config.linux.resources.CopyFrom(resources)
+            self._sandbox_store.put(sandbox)
 
     async def reopen_log(self, ident: str) -> None:
         sandbox, container = await self.running(ident)
         await self._backend(sandbox).reopen_log(sandbox, container)
 
+    async def usage(self, containers: list[ContainerRecord]) -> dict[str, ContainerUsage]:
+        """The usage of those of `containers` that run (on an available backend), by container id, from
+        samples every stats call shares (`sandbox.stats`): a container with no sample yet is left out."""
+        pods: dict[str, PodContainers] = {}
+        for container in containers:
+            sandbox = self._sandboxes.get(container.sandbox_id)
+            if container.state == ContainerState.RUNNING and sandbox is not None and sandbox.backend in self.backends:
+                pods.setdefault(sandbox.id, PodContainers(sandbox, [])).containers.append(container)
+        return await self._usage.usage(list(pods.values()))
+
     async def container_usage(self, container: ContainerRecord) -> ContainerUsage:
-        sandbox = self.sandbox(container.sandbox_id)
-        return await self._backend(sandbox).container_usage(sandbox, container)
+        """One container's usage; no figures for one that is not running."""
+        self._backend(self.sandbox(container.sandbox_id))  # refused when its backend is not available
+        found = await self.usage([container])
+        return found.get(container.id) or ContainerUsage(timestamp=now_ns())
+
+    def backend_info(self, sandbox: SandboxRecord) -> dict[str, Any]:
+        """What the pod's backend knows of it beyond the records (verbose PodSandboxStatus)."""
+        backend = self.backends.get(sandbox.backend)
+        return {} if backend is None else backend.sandbox_info(sandbox)
 
     def backend_names(self) -> list[str]:
         """The backends this host runs."""
@@ -505,25 +634,51 @@ class PodManager:
     def _publish(self, container: ContainerRecord, kind: str) -> None:
         self.events.publish(ContainerEvent(container.id, container.sandbox_id, kind, now_ns()))
 
-    def _exited(self, container_id: str | None) -> None:
-        """A backend saw a container's process end (None: it may have missed some): record it, in a task."""
-        if container_id is None:
-            ids = [c.id for c in self._containers.values() if c.state == ContainerState.RUNNING]
-        elif container_id in self._containers:
-            ids = [container_id]
+    def _exited(self, ident: str | None, status: ExitStatus | None = None) -> None:
+        """A backend saw a container's process or a pod's holder end (None: it may have missed some):
+        record it, in a task.
+
+        With `status` (a container's exit the backend must acknowledge), it is persisted before this returns.
+        """
+        if ident is None:
+            running = [c.id for c in self._containers.values() if c.state == ContainerState.RUNNING]
+            checks = [functools.partial(self._record_exit, cid) for cid in running]
+            ready = [s for s in self._sandboxes.values() if s.state == SandboxState.READY]
+            checks += [functools.partial(self._check_holder, s) for s in ready]
+        elif ident in self._containers:
+            checks = [functools.partial(self._record_exit, ident)]
+            if status is not None:
+                self._report_exit(self._containers[ident], status)
+        elif ident in self._sandboxes:
+            checks = [functools.partial(self._check_holder, self._sandboxes[ident])]
         else:
-            return  # an infra process, a container already removed, or a file that is no exit
-        for ident in ids:
-            task = asyncio.create_task(self._record_exit(ident), name=f"exit of {ident[:12]}")
+            return  # a container or pod already removed, or a file that is no exit
+        for check in checks:
+            task = asyncio.create_task(self._checked(check, ident), name=f"exit of {(ident or 'any')[:12]}")
             self._exit_checks.add(task)
             task.add_done_callback(self._exit_checks.discard)
 
+    def _report_exit(self, container: ContainerRecord, status: ExitStatus) -> None:
+        """Persist a reported exit now, without waiting for the container's lock (its holder may be waiting for
+        this very exit): marked at once if the container runs; kept for `_refresh` if it is still starting."""
+        if container.state not in (ContainerState.CREATED, ContainerState.RUNNING) or container.exit_report:
+            return
+        container.exit_report = status
+        if container.state == ContainerState.RUNNING:
+            self._mark_exited(container, status)
+        else:
+            self._container_store.put(container)
+
+    @staticmethod
+    async def _checked(check: Callable[[], Awaitable[None]], ident: str | None) -> None:
+        try:
+            await check()
+        except TandemError:
+            log.exception("recording an exit failed", extra={"id": (ident or "")[:12]})
+
     async def _record_exit(self, container_id: str) -> None:
         """Under the container's lock, so that an exit during StartContainer lands after its start is recorded."""
-        try:
-            async with self._locks.hold(container_id):
-                container = self._containers.get(container_id)
-                if container is not None:
-                    await self._refresh(container)
-        except TandemError:
-            log.exception("recording a container's exit failed", extra={"container": container_id[:12]})
+        async with self._locks.hold(container_id):
+            container = self._containers.get(container_id)
+            if container is not None:
+                await self._refresh(container)

@@ -4,11 +4,16 @@ The CRI configs are kept as the protobuf messages kubelet sent (they are the
 specification of the pod); everything Tandem learned or decided while running
 it sits beside them. Records are persisted through `core.records`, so a daemon
 restart sees exactly what the last one knew.
+
+Each record also has a `memo`: what a layer above derived from it (a list answer's
+encoded entry) and keeps for as long as the record lives. It is never persisted, and
+whoever keeps something there keys it by what it was derived from.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -59,6 +64,7 @@ class SandboxRecord:
     ips: list[str] = field(default_factory=list)
     cni_result: dict[str, Any] | None = None
     backend_state: dict[str, Any] = field(default_factory=dict)
+    memo: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -95,6 +101,16 @@ class SandboxRecord:
 
 
 @dataclass(frozen=True)
+class ExitStatus:
+    """A container process that has ended."""
+
+    exit_code: int
+    finished_at: int
+    reason: str = ""  # "Completed", "Error", "OOMKilled"
+    message: str = ""
+
+
+@dataclass(frozen=True)
 class ProcessUser:
     """The identity a container's process runs as, once the backend resolved it against the image."""
 
@@ -123,6 +139,8 @@ class ContainerRecord:
     message: str = ""
     user: ProcessUser | None = None
     backend_state: dict[str, Any] = field(default_factory=dict)
+    exit_report: ExitStatus | None = None  # an exit a backend reported before the container was marked running
+    memo: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -145,16 +163,19 @@ class ContainerRecord:
             "message": self.message,
             "user": None if self.user is None else [self.user.uid, self.user.gid, self.user.groups],
             "backend_state": self.backend_state,
+            "exit_report": None if self.exit_report is None else dataclasses.asdict(self.exit_report),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], schema: int) -> Self:
         user = data.get("user")
+        report = data.get("exit_report")
         return cls(
             **{
                 **data,
                 "config": _decode(pb.ContainerConfig, data["config"]),
                 "state": ContainerState(data["state"]),
                 "user": None if user is None else ProcessUser(user[0], user[1], list(user[2])),
+                "exit_report": None if report is None else ExitStatus(**report),
             }
         )

@@ -42,21 +42,32 @@ def exists(path: Path) -> bool:
         os.close(fd)
 
 
-async def create(root: Path, name: str) -> Path:
-    """A new network namespace with `lo` up, pinned at `root/name`."""
+async def reserve(root: Path, name: str) -> Path:
+    """The path of a new namespace called `name` under `root` (a private mount), with a file to pin it on."""
     if not name or "/" in name or name in (".", ".."):
         raise InvalidArgument(f"invalid netns name {name!r}")
     await asyncio.to_thread(_prepare_root, root)
     path = root / name
     if exists(path):
         raise AlreadyExists(f"network namespace {path} exists already")
-    # unshare bind-mounts onto an existing file only; a stale plain file from a crash is reused.
+    # namespaces are bind-mounted onto an existing file only; a stale plain file from a crash is reused.
     os.close(os.open(path, os.O_CREAT | os.O_RDONLY | os.O_CLOEXEC, 0o444))
+    return path
+
+
+async def create_at(path: Path) -> None:
+    """A new network namespace with `lo` up, owned by the host's user namespace, pinned at `path` (from `reserve`)."""
     try:
         await proc.run(["unshare", f"--net={path}", "ip", "link", "set", "lo", "up"])
     except BaseException:
         await remove(path)
         raise
+
+
+async def create(root: Path, name: str) -> Path:
+    """A new network namespace with `lo` up, pinned at `root/name`."""
+    path = await reserve(root, name)
+    await create_at(path)
     return path
 
 

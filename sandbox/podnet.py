@@ -6,7 +6,7 @@ at any point leaves a record that `disconnect` can undo.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from protos import cri_pb2 as pb
@@ -40,12 +40,24 @@ class PodNetworking:
         """The network new pods join now, and why."""
         return self.cni.current()
 
-    async def connect(self, sandbox: SandboxRecord) -> None:
-        """Give the pod its network namespace and CNI attachment (none for host-network pods)."""
+    async def connect(
+        self, sandbox: SandboxRecord, create_netns: Callable[[Path], Awaitable[None]] = netns.create_at
+    ) -> None:
+        """Give the pod its network namespace and CNI attachment (none for host-network pods).
+
+        `create_netns` makes the namespace at the path it is given (the pod's
+        backend decides which user namespace owns it).
+        """
         if sandbox.host_network:
             return
         network = self.cni.network_for_new_pod()
-        sandbox.netns_path = str(await netns.create(self.netns_root, sandbox.id))
+        path = await netns.reserve(self.netns_root, sandbox.id)
+        try:
+            await create_netns(path)
+        except BaseException:
+            await netns.remove(path)
+            raise
+        sandbox.netns_path = str(path)
         # Recorded before ADD, so a crash mid-ADD is undone on the network that was used, whatever the conf dir
         # says by then; ADD's result replaces it below.
         sandbox.cni_result = CniAttachment(network.conflist(), "eth0", {}).to_dict()

@@ -83,6 +83,11 @@ def _handler_for(backend: str, runtimes: Mapping[str, RuntimeHandler]) -> Runtim
     raise FailedPrecondition(f"no [runtimes.*] entry has backend = {backend!r}")
 
 
+def default_backend(default_trust: str) -> str:
+    """The backend of pods that name no handler and carry no lowering annotation (the default handler's)."""
+    return "runc" if default_trust == "trusted" else "vm"
+
+
 def _by_default(
     wants_host: list[str],
     runtimes: Mapping[str, RuntimeHandler],
@@ -92,7 +97,7 @@ def _by_default(
 ) -> Decision:
     """No handler and no lowering annotation: the node's default, and the host-access rule."""
     reason = f"default_workload_trust = {default_trust!r}{ignored}"
-    if default_trust == "trusted":
+    if default_backend(default_trust) == "runc":
         return Decision(_handler_for("runc", runtimes), reason)
     if not wants_host:
         return Decision(_handler_for("vm", runtimes), reason)

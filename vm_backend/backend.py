@@ -1,30 +1,35 @@
 """The untrusted backend: each pod is its own QEMU micro-VM, its containers run inside by the guest agent.
 
 What lives on the host, per pod (runtime dirs vanish on reboot, as the VMs do):
-    <runtime_dir>/vm/<pod id[:16]>/                 the VM's run dir: virtiofsd's socket, pidfiles, logs
-    <runtime_dir>/vm/<pod id[:16]>/vmm/             QEMU's sockets and console log, owned by the VM's jail uid
-    <runtime_dir>/vm/<pod id[:16]>/share/           the virtio-fs share: each container's rootfs bound in as <id>/rootfs
-    <runtime_dir>/vm/<pod id[:16]>/c/<id>/          a container's overlay mount point (rootfs/), its log path,
-                                                    its process spec and its exit file (written from ProcessExited)
+    <runtime_dir>/vm/<pod id[:16]>/                 the VM's run dir, a tmpfs of its own (`rundir.py`):
+                                                    virtiofsd's socket, pidfiles, QEMU's and virtiofsd's logs
+    <runtime_dir>/vm/<pod id[:16]>/vmm/             QEMU's sockets and console log, a tmpfs owned by the jail uid
+    <runtime_dir>/vm/<pod id[:16]>/share.ns         the pod's share namespace (`share.py`): the virtio-fs share,
+                                                    where each container's rootfs and CRI mounts are attached
+    <runtime_dir>/vm/<pod id[:16]>/c/<id>/          a container's overlay mount point (rootfs/, never seen by the
+                                                    guest) and its process spec
     <state_dir>/vm/layers/<id>/                     a container's writable layer (upper, work)
     <runtime_dir>/vm/jail-ids/<uid> -> <pod id>     the jail uid (= gid) the pod's QEMU runs as
     <cgroup root>/<hierarchy>/<pod cgroup>/<pod id>   the VM's cgroup: QEMU and virtiofsd, with their limits
 
 The daemon keeps one `PodVm` handle per pod (`pod.py`: QemuVm + AgentClient + the
-watch on QEMU's end); after a restart it is rebuilt lazily from `sandbox.backend_state`,
-and the agent's Hello replays every unacked event: output lands in the logs, exits in
-the exit files (`events.py`). The guest's specs come from the shared OCI layer, moved
-into the guest's paths (`guest_spec.py`); exec, attach and port-forward sessions are
-`processes.py`'s.
+watch on QEMU's end); after a restart it is rebuilt from the records (`resume_sandbox`:
+the manager names the pod's containers) and reconnects in the background; the agent's
+Hello replays every unacked event: output lands in the logs, exits reach the manager,
+which persists them before they are acknowledged (`events.py`). Every event is guest
+data: the router accepts only IDs this host created for the pod. The guest's specs
+come from the shared OCI layer, moved into the guest's paths (`guest_spec.py`); exec,
+attach and port-forward sessions are `processes.py`'s, bounded by `flow.py`'s credit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
-import os
+import math
 import secrets
 import shutil
 import signal
@@ -32,46 +37,45 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core import cgroups, mounts, proc
+from core import cgroups, metrics, mounts
 from core.errors import FailedPrecondition, InvalidArgument, TandemError, Unavailable
 from core.files import atomic_write_json, private_dir
 from core.proc import wait_exit
 from core.settings import VmBackendSettings
 from protos import agent_pb2
-from protos import cri_pb2 as pb
 from sandbox import podfiles
 from sandbox.backend import (
     Backend,
+    BackendFeatures,
     ByteChannel,
     ContainerUsage,
     ExecResult,
     ExitListener,
     ExitStatus,
     ImageRootfs,
+    PodContainers,
     Process,
 )
 from sandbox.model import ContainerRecord, ContainerState, SandboxRecord
 from sandbox.oci import rootfs
+from sandbox.oci.layer_usage import LayerUsage
 from sandbox.oci.model import Resources, Spec
 from sandbox.oci.platform import ContainerPlatform, HostInfo
-from vm_backend import resources
+from vm_backend import resize, resources
 from vm_backend.accel import choose_accel
+from vm_backend.channel import AgentClient
 from vm_backend.events import PodEvents
 from vm_backend.guest_image import GuestAssets, current_assets
-from vm_backend.guest_spec import (
-    check_vm_container,
-    guest_host_info,
-    guest_platform,
-    host_sources,
-    shared_mount,
-    to_guest,
-)
+from vm_backend.guest_spec import check_vm_container, guest_host_info, guest_platform, host_sources, to_guest
 from vm_backend.jail import Jail, JailIds
 from vm_backend.network import attach_tap, detach_tap
 from vm_backend.pod import PodVm
 from vm_backend.processes import VmAttach, VmExec, VmPort
-from vm_backend.qemu import QemuVm, TapNic, VmSpec
-from vm_backend.virtiofs import Virtiofsd
+from vm_backend.qemu import VMM_DIR, QemuVm, TapNic, VmSpec, qmp
+from vm_backend.rundir import make_run_dir, remove_run_dir
+from vm_backend.share import Attached, PodShare, ShareMount, rootfs_path
+from vm_backend.stats import STATS_WAIT, pod_usage
+from vm_backend.virtiofs import Virtiofsd, virtiofsd_nofile
 
 log = logging.getLogger("tandem.vm")
 
@@ -80,9 +84,7 @@ TAP = "tap0"
 STOP_GRACE_AFTER_KILL = 10.0
 SHUTDOWN_WAIT = 5.0
 AGENT_CONNECT_TIMEOUT = 60.0
-REATTACH_TIMEOUT = 10.0
-RETRY_CONNECT = 30.0
-_POLL = 0.05
+REATTACH_TIMEOUT = 10.0  # for a call that needs the agent: how long it waits for a connection being made
 VM_DIED = "VMDied"  # the reason of a container whose pod's QEMU died under it
 
 
@@ -91,6 +93,10 @@ VM_DIED = "VMDied"  # the reason of a container whose pod's QEMU died under it
 
 class VmBackend(Backend[VmBackendSettings]):
     name = "vm"
+    usage_wait = STATS_WAIT
+    # recursive read-only: made on the host's side of the share (`share.py`); user namespaces: not in VM pods
+    # (README, What a VM pod cannot do)
+    features = BackendFeatures(recursive_read_only_mounts=True, user_namespaces=False)
 
     def __init__(self, settings: VmBackendSettings, assets: GuestAssets) -> None:
         self.settings = settings.vm
@@ -102,9 +108,11 @@ class VmBackend(Backend[VmBackendSettings]):
         self.jail_ids = JailIds(self.root / "jail-ids", settings.vm.jail_uid_first, settings.vm.jail_uid_count)
         self.max_vcpus = settings.vm.max_vcpus or resources.default_max_vcpus()
         self.max_memory_mib = settings.vm.max_memory_mib or resources.default_max_memory_mib()
+        self.log_size_max = settings.log_size_max
         self._accel: str | None = None
         self._pods: dict[str, PodVm] = {}
         self._exit_listener: ExitListener | None = None
+        self.layer_usage = LayerUsage()
 
     @classmethod
     def create(cls, settings: VmBackendSettings) -> VmBackend:
@@ -123,12 +131,14 @@ class VmBackend(Backend[VmBackendSettings]):
         self._exit_listener = listener
 
     async def close(self) -> None:
+        await self.layer_usage.close()
         for pod in self._pods.values():
             pod.unwatch()
 
-    def _exited(self, container_id: str) -> None:
+    def _exited(self, ident: str, status: ExitStatus | None = None) -> None:
+        """A container's exit (with its status, from an agent event) or the pod's VM's end (its pod's ID)."""
         if self._exit_listener is not None:
-            self._exit_listener(container_id)
+            self._exit_listener(ident, status)
 
     # ---- handles ---------------------------------------------------------------------------
 
@@ -158,17 +168,24 @@ class VmBackend(Backend[VmBackendSettings]):
             jail=jail,
         )
 
+    def _virtiofsd(self, run_dir: Path, memory_mib: int = 0) -> Virtiofsd:
+        nofile = virtiofsd_nofile(memory_mib)
+        return Virtiofsd(run_dir, PodShare(run_dir).ns_file, binary=str(self.settings.virtiofsd), nofile=nofile)
+
     def _vm(self, sandbox: SandboxRecord) -> QemuVm:
-        run_dir = self._run_dir(sandbox)
-        return QemuVm(self._spec(sandbox), Virtiofsd(run_dir, binary=str(self.settings.virtiofsd)))
+        spec = self._spec(sandbox)
+        return QemuVm(spec, self._virtiofsd(spec.run_dir, spec.memory_mib))
 
     def _new_pod(self, sandbox: SandboxRecord) -> PodVm:
         run_dir = self._run_dir(sandbox)
-        pod = self._pods[sandbox.id] = PodVm(run_dir, self._vm(sandbox), PodEvents(run_dir, self._exited))
+        events = PodEvents(sandbox.id, self._exited, self.log_size_max)
+        pod = PodVm(run_dir, self._vm(sandbox), events, lambda: self._exited(sandbox.id))
+        self._pods[sandbox.id] = pod
         return pod
 
     def _pod(self, sandbox: SandboxRecord) -> PodVm:
-        """The pod's handle; made again after a restart, watching the VM if it survived."""
+        """The pod's handle (one that `resume_sandbox` did not make knows no containers: its pod never ran
+        under this daemon, and is only stopped or removed)."""
         pod = self._pods.get(sandbox.id)
         if pod is None:
             pod = self._new_pod(sandbox)
@@ -176,13 +193,9 @@ class VmBackend(Backend[VmBackendSettings]):
         return pod
 
     async def _connected(self, sandbox: SandboxRecord, timeout: float = REATTACH_TIMEOUT) -> PodVm:
-        """The pod's handle with a live agent connection (re-made after a daemon restart)."""
+        """The pod's handle with a live agent connection, waiting up to `timeout` for one being made."""
         pod = self._pod(sandbox)
-        async with pod.lock:
-            if pod.client is None:
-                if not pod.vm.alive():
-                    raise FailedPrecondition(f"the VM of pod {sandbox.id} is not running")
-                await pod.connect(timeout)
+        await pod.connect(timeout)
         return pod
 
     async def _accel_choice(self) -> str:
@@ -200,17 +213,22 @@ class VmBackend(Backend[VmBackendSettings]):
         podfiles.hostname(config)  # refuse a bad hostname before booting anything
         netns = Path(sandbox.netns_path)
         settings = self.settings
-        vcpus, memory = resources.vm_size(
+        vcpus, size = resources.vm_size(
             config, settings.default_vcpus, settings.default_memory_mib, self.max_vcpus, self.max_memory_mib
         )
+        memory = max(size, min(size + settings.memory_headroom_mib, self.max_memory_mib))  # the balloon holds the rest
         cgroup = resources.vm_cgroup(config.linux.cgroup_parent, sandbox.id)  # refuses a systemd slice
         run_dir = private_dir(self._run_dir(sandbox))
+        await asyncio.to_thread(mounts.make_private, self.root)  # the run dirs' tmpfs mounts stay in this namespace
+        await asyncio.to_thread(make_run_dir, run_dir, run_dir / VMM_DIR)
+        await PodShare(run_dir).create()
         accel = await self._accel_choice()
         sandbox.backend_state.update(
             run_dir=str(run_dir),
             accel=accel,
             vcpus=vcpus,
             memory_mib=memory,
+            size_mib=size,
             kernel=str(self.assets.kernel),
             initramfs=str(self.assets.initramfs),
             userland=str(self.assets.userland),
@@ -219,8 +237,7 @@ class VmBackend(Backend[VmBackendSettings]):
         began = time.monotonic()
         if settings.jail:
             uid = self.jail_ids.allocate(sandbox.id)
-            limits = resources.vm_limits(vcpus, memory, accel, self.assets.userland_bytes)
-            await asyncio.to_thread(resources.create_cgroup, cgroup, limits)
+            await asyncio.to_thread(resources.create_cgroup, cgroup, resources.vm_limits(vcpus, size, accel))
             sandbox.backend_state.update(jail_uid=uid, jail_gid=uid, cgroup=cgroup)
         guest = await attach_tap(netns, tap=TAP)
         (nic,) = guest.interfaces[:1]
@@ -230,7 +247,7 @@ class VmBackend(Backend[VmBackendSettings]):
         pod.watch()
         booted = time.monotonic()
         sandbox.backend_state["qemu_pid"] = pod.vm.pid()
-        await self._connected(sandbox, AGENT_CONNECT_TIMEOUT)
+        await pod.connect(AGENT_CONNECT_TIMEOUT)
         connected = time.monotonic()
         hostname = podfiles.hostname(config)
         setup = agent_pb2.SetupPod(
@@ -248,7 +265,12 @@ class VmBackend(Backend[VmBackendSettings]):
             shared_dir_tag=SHARE_TAG,
         )
         await pod.client_or_fail().setup_pod(setup)
+        if memory > size:  # the headroom goes into the balloon until a resize lets it go
+            await qmp(pod.vm.spec.qmp_socket, "balloon", value=size * resize.MIB)
         ready = time.monotonic()
+        metrics.timing(metrics.Timing.VM_BOOT, booted - began)
+        metrics.timing(metrics.Timing.VM_AGENT_READY, connected - booted)
+        metrics.timing(metrics.Timing.VM_SETUP_POD, ready - connected)
         log.info(
             "pod %s: VM ready in %.2fs (boot %.2fs, agent start %.2fs, pod setup %.2fs)",
             sandbox.id[:12], ready - began, booted - began, connected - booted, ready - connected,
@@ -270,7 +292,7 @@ class VmBackend(Backend[VmBackendSettings]):
             await pod.close()
             await pod.vm.kill()  # also stops virtiofsd and removes the sockets
             # a virtiofsd started for a boot that never reached QEMU has no QEMU to outlive it
-            await Virtiofsd(self._run_dir(sandbox), binary=str(self.settings.virtiofsd)).stop()
+            await self._virtiofsd(self._run_dir(sandbox)).stop()
             # and what no pidfile names: a jailer cut short, a QEMU whose daemon died before writing its pidfile
             if (cgroup := self._cgroup(sandbox)) is not None:
                 await resources.kill_cgroup(cgroup)
@@ -278,16 +300,19 @@ class VmBackend(Backend[VmBackendSettings]):
             await detach_tap(Path(sandbox.netns_path), sandbox.backend_state.get("tap", TAP))
 
     async def remove_sandbox(self, sandbox: SandboxRecord) -> None:
+        """QEMU and virtiofsd first (the guest can no longer act), then the share namespace (every mount in it
+        goes with it), the containers' host-side roots and layers, and the run dir: a share the guest tampered
+        with goes all the same, since nothing of it is looked at."""
         await self.stop_sandbox(sandbox)
         run_dir = self._run_dir(sandbox)
-        vfs = Virtiofsd(run_dir, binary=str(self.settings.virtiofsd))
-        if (run_dir / "c").is_dir():
-            for directory in (run_dir / "c").iterdir():
-                await self._release_container_mounts(vfs, run_dir, directory.name)
-                await asyncio.to_thread(shutil.rmtree, self.layers / directory.name, True)
-        if vfs.share.exists():
-            await vfs.remove_share()
-        await asyncio.to_thread(shutil.rmtree, run_dir, True)
+        if run_dir.is_dir():
+            await asyncio.to_thread(PodShare(run_dir).unpin)
+            containers = run_dir / "c"
+            for name in sorted(p.name for p in containers.iterdir()) if containers.is_dir() else []:
+                await rootfs.unmount(containers / name / "rootfs")
+                self.layer_usage.forget(self._upper(name))
+                await asyncio.to_thread(shutil.rmtree, self.layers / name, True)
+            await asyncio.to_thread(remove_run_dir, run_dir)
         if self._cgroup(sandbox) is not None:
             await asyncio.to_thread(resources.remove_cgroup, sandbox.config.linux.cgroup_parent, sandbox.id)
         self.jail_ids.release(sandbox.id)
@@ -302,20 +327,26 @@ class VmBackend(Backend[VmBackendSettings]):
             return None  # a systemd slice: refused at start, so no cgroup was ever made
 
     async def sandbox_alive(self, sandbox: SandboxRecord) -> bool:
-        if not sandbox.backend_state.get("run_dir"):
-            return False
+        """QEMU's process identity (its pid and start time, from the run dir): never a word with the agent."""
+        return bool(sandbox.backend_state.get("run_dir")) and self._pod(sandbox).vm.alive()
+
+    async def resume_sandbox(self, sandbox: SandboxRecord, containers: list[ContainerRecord]) -> None:
+        """The pod's containers from its records, then a reconnection in the background: the agent replays
+        what the last daemon did not acknowledge, and only what the host knows of is taken."""
         pod = self._pod(sandbox)
-        if not pod.vm.alive():
-            return False
-        # After a daemon restart: reconnect, so that the agent replays its events. Status calls come often:
-        # an agent that does not answer is retried only every RETRY_CONNECT seconds from here.
-        if pod.client is None and time.monotonic() - pod.connect_failed_at > RETRY_CONNECT:
-            try:
-                await self._connected(sandbox)
-            except TandemError as e:
-                pod.connect_failed_at = time.monotonic()
-                log.warning("cannot reach the agent of pod %s: %s", sandbox.id[:12], e)
-        return True
+        for container in containers:
+            since = container.started_at or container.created_at
+            pod.events.add_container(container.id, container.log_path, since, create_log=False)
+        pod.reconnect(sandbox.id)
+
+    def sandbox_info(self, sandbox: SandboxRecord) -> dict[str, Any]:
+        pod = self._pods.get(sandbox.id)
+        if pod is None:
+            return {}
+        info = pod.events.info()
+        if pod.client is not None:
+            info.update(agentConnected=pod.client.connected, eventIntakePeakBytes=pod.client.intake.peak_bytes)
+        return info
 
     # ---- containers ------------------------------------------------------------------------
 
@@ -340,14 +371,15 @@ class VmBackend(Backend[VmBackendSettings]):
     ) -> None:
         config = container.config
         pod = await self._connected(sandbox)
-        vfs = pod.vm.virtiofsd
-        assert vfs is not None
         directory = pod.container_dir(container.id)
-        (directory / "log_path").write_text(container.log_path)
-        if container.log_path:
-            pod.events.open_log(container.id, Path(container.log_path))
-        guest_rootfs = await vfs.bind_rootfs(container.id, directory / "rootfs")
-        await self._share_mounts(vfs, container.id, config, host_sources(spec, config))
+        pod.events.add_container(container.id, container.log_path, container.created_at, create_log=True)
+        share_mounts = [
+            ShareMount(source, mount.readonly, mount.recursive_read_only)
+            for mount, source in zip(config.mounts, host_sources(spec, config), strict=True)
+        ]
+        attached = await PodShare(self._run_dir(sandbox)).attach(container.id, directory / "rootfs", share_mounts)
+        container.backend_state["share_mounts"] = [a.to_list() for a in attached]
+        guest_rootfs = rootfs_path(container.id)
         guest = to_guest(spec, config, container.id)
         atomic_write_json(directory / "process.json", guest["process"], durable=False)
         await pod.client_or_fail().create_container(
@@ -360,56 +392,36 @@ class VmBackend(Backend[VmBackendSettings]):
         )
         container.backend_state["stop_signal"] = stop_signal
 
-    async def _share_mounts(
-        self, vfs: Virtiofsd, container_id: str, config: pb.ContainerConfig, sources: list[str]
-    ) -> None:
-        """Bind the host path of each CRI mount into the share, where the guest finds it (`shared_mount`)."""
-        for i, (mount, source) in enumerate(zip(config.mounts, sources, strict=True)):
-            target = vfs.share / shared_mount(container_id, i)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if os.path.isdir(source):
-                target.mkdir(exist_ok=True)
-            else:
-                target.touch(exist_ok=True)
-            if not mounts.is_mounted(target):
-                await proc.run(["mount", "--rbind", source, target])
-                await proc.run(["mount", "--make-rprivate", target])
-                if mount.readonly:
-                    await proc.run(["mount", "-o", "remount,bind,ro", target])
-
-    async def _release_container_mounts(self, vfs: Virtiofsd, run_dir: Path, container_id: str) -> None:
-        mounts_dir = vfs.share / container_id / "mounts"
-        for point in mounts.mounts_below(mounts_dir):
-            await asyncio.to_thread(mounts.unmount, point)
-        if mounts_dir.exists():
-            await asyncio.to_thread(shutil.rmtree, mounts_dir, True)
-        await vfs.unbind_rootfs(container_id)
-        await rootfs.unmount(run_dir / "c" / container_id / "rootfs")
-        await asyncio.to_thread(shutil.rmtree, run_dir / "c" / container_id, True)
+    async def _release_container(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
+        """Detach what CreateContainer attached to the share (by the mount IDs it recorded), then the host side."""
+        run_dir = self._run_dir(sandbox)
+        recorded = [Attached.from_list(value) for value in container.backend_state.get("share_mounts", [])]
+        await PodShare(run_dir).detach(container.id, [a for a in recorded if a is not None])
+        await rootfs.unmount(run_dir / "c" / container.id / "rootfs")
+        await asyncio.to_thread(shutil.rmtree, run_dir / "c" / container.id, True)
+        self.layer_usage.forget(self._upper(container.id))
+        await asyncio.to_thread(shutil.rmtree, self.layers / container.id, True)
 
     async def start_container(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
         pod = await self._connected(sandbox)
+        pod.events.starting(container.id)
         await pod.client_or_fail().start_container(container.id)
 
-    def _read_exit(self, sandbox: SandboxRecord, container_id: str) -> dict[str, Any] | None:
-        return self._pod(sandbox).events.read_exit(container_id)
-
-    async def _wait_exit(self, sandbox: SandboxRecord, container_id: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self._read_exit(sandbox, container_id) is None:
-            if time.monotonic() > deadline or not self._pod(sandbox).vm.alive():
-                return self._read_exit(sandbox, container_id) is not None
-            await asyncio.sleep(_POLL)
-        return True
+    async def _wait_exit(self, pod: PodVm, container_id: str, timeout: float) -> bool:
+        """Whether the container's exit was heard within `timeout` (or its VM is gone)."""
+        if not pod.vm.alive():
+            return pod.events.exit_of(container_id) is not None
+        return await pod.events.wait_exit(container_id, timeout)
 
     async def stop_container(self, sandbox: SandboxRecord, container: ContainerRecord, timeout: int) -> None:
-        if self._read_exit(sandbox, container.id) is not None or not self._pod(sandbox).vm.alive():
+        pod = self._pod(sandbox)
+        if pod.events.exit_of(container.id) is not None or not pod.vm.alive():
             return
         client = (await self._connected(sandbox)).client_or_fail()
         try:
             if timeout > 0 and container.state == ContainerState.RUNNING:
                 await client.signal(container.id, container.backend_state.get("stop_signal", signal.SIGTERM))
-                if await self._wait_exit(sandbox, container.id, timeout):
+                if await self._wait_exit(pod, container.id, timeout):
                     return
             await client.signal(container.id, signal.SIGKILL, all_processes=True)
         except TandemError as e:
@@ -418,7 +430,7 @@ class VmBackend(Backend[VmBackendSettings]):
             log.info("signalling %s: %s", container.id[:12], e)
         if container.state != ContainerState.RUNNING:
             return
-        if not await self._wait_exit(sandbox, container.id, STOP_GRACE_AFTER_KILL):
+        if not await self._wait_exit(pod, container.id, STOP_GRACE_AFTER_KILL):
             raise FailedPrecondition(f"container {container.id} did not die after SIGKILL")
 
     async def remove_container(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
@@ -428,29 +440,19 @@ class VmBackend(Backend[VmBackendSettings]):
                 await (await self._connected(sandbox)).client_or_fail().remove_container(container.id)
             except Unavailable as e:
                 log.warning("agent did not remove %s: %s", container.id[:12], e)
-        pod.events.close_log(container.id)
-        vfs = Virtiofsd(self._run_dir(sandbox), binary=str(self.settings.virtiofsd))
-        await self._release_container_mounts(vfs, self._run_dir(sandbox), container.id)
-        await asyncio.to_thread(shutil.rmtree, self.layers / container.id, True)
+        pod.events.forget_container(container.id)
+        await self._release_container(sandbox, container)
 
     async def container_exit(self, sandbox: SandboxRecord, container: ContainerRecord) -> ExitStatus | None:
-        exited = self._read_exit(sandbox, container.id)
-        if exited is None:
-            if await self.sandbox_alive(sandbox):
-                return None
-            exited = self._read_exit(sandbox, container.id)
-            if exited is None:
-                vm = self._pod(sandbox).vm.spec
-                return ExitStatus(
-                    255,
-                    time.time_ns(),
-                    reason=VM_DIED,
-                    message=f"the pod's VM tandem-{vm.name} (QEMU, run dir {vm.run_dir}) is gone",
-                )
-        code = int(exited["code"])
-        if exited.get("oom"):
-            return ExitStatus(code, int(exited["finished"]), reason="OOMKilled")
-        return ExitStatus(code if code >= 0 else 255, int(exited["finished"]))
+        """The exit the agent reported; else None while the VM runs (QEMU's identity: no agent round trip),
+        and VMDied once it is gone."""
+        pod = self._pod(sandbox)
+        exited = pod.events.exit_of(container.id)
+        if exited is not None or await self.sandbox_alive(sandbox):
+            return exited
+        vm = pod.vm.spec
+        message = f"the pod's VM tandem-{vm.name} (QEMU, run dir {vm.run_dir}) is gone"
+        return ExitStatus(255, time.time_ns(), reason=VM_DIED, message=message)
 
     def _process(self, sandbox: SandboxRecord, container: ContainerRecord) -> dict[str, Any]:
         try:
@@ -468,26 +470,57 @@ class VmBackend(Backend[VmBackendSettings]):
         return ExecResult(result.exit_code, result.stdout, result.stderr)
 
     async def update_resources(self, sandbox: SandboxRecord, container: ContainerRecord, resources: Resources) -> None:
+        """The container's limits change in the guest; a memory limit the VM is too small for grows it first."""
         pod = await self._connected(sandbox)
+        limit = resources.get("memory", {}).get("limit", 0)
+        wanted = resize.target_for(self.settings.default_memory_mib, limit)
+        async with pod.lock:
+            if wanted > int(sandbox.backend_state.get("size_mib", sandbox.backend_state["memory_mib"])):
+                await resize.resize_memory(sandbox.backend_state, pod.vm.spec.qmp_socket, wanted)
         await pod.client_or_fail().update_resources(container.id, resources)
 
-    async def container_usage(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage:
+    async def update_sandbox_resources(self, sandbox: SandboxRecord, resources: Resources) -> None:
+        """The VM grows or shrinks to its default size plus the pod's memory limit; its vCPUs cannot change."""
         pod = await self._connected(sandbox)
-        stats = await pod.client_or_fail().stats(container.id)
-        used, inodes = await asyncio.to_thread(rootfs.writable_layer_usage, self.layers / container.id / "upper")
-        return ContainerUsage(
-            timestamp=time.time_ns(),
-            cpu_usage_ns=stats.cpu_usage_ns,
-            memory_working_set_bytes=stats.memory_working_set_bytes,
-            memory_usage_bytes=stats.memory_usage_bytes,
-            memory_rss_bytes=stats.memory_rss_bytes,
-            page_faults=stats.page_faults,
-            major_page_faults=stats.major_page_faults,
-            pids=stats.pids,
-            writable_layer_bytes=used,
-            writable_layer_inodes=inodes,
-            writable_layer_mountpoint=str(self.layers),
-        )
+        state = sandbox.backend_state
+        cpu = resources.get("cpu", {})
+        if cpu.get("quota", 0) > 0 and cpu.get("period", 0) > 0:
+            wanted_vcpus = self.settings.default_vcpus + math.ceil(cpu["quota"] / cpu["period"])
+            if wanted_vcpus > int(state.get("vcpus", 1)):
+                raise FailedPrecondition(
+                    f"the pod's CPU limit needs {wanted_vcpus} vCPUs, but its VM booted with {state.get('vcpus', 1)} "
+                    "and cannot add any: QEMU's microvm machine has no CPU hotplug. Recreate the pod with the new limit"
+                )
+        wanted = resize.target_for(self.settings.default_memory_mib, resources.get("memory", {}).get("limit", 0))
+        async with pod.lock:
+            await resize.resize_memory(state, pod.vm.spec.qmp_socket, wanted)
+
+    def _upper(self, container_id: str) -> Path:
+        return self.layers / container_id / "upper"
+
+    def _client(self, sandbox: SandboxRecord) -> AgentClient | None:
+        """The pod's agent connection if there is one now (stats do not wait for one to be made)."""
+        handle = self._pods.get(sandbox.id)
+        return None if handle is None else handle.client
+
+    async def usage(self, pods: list[PodContainers]) -> dict[str, ContainerUsage]:
+        """One GetPodStats round trip per pod, all at once, each within a short deadline (`stats.py`); the
+        writable layers (on the host) as last measured. A pod whose agent is not connected now, or does
+        not answer in time, is left out: a stats call never waits long on a silent guest."""
+        answers = await asyncio.gather(*(pod_usage(self._client(pod.sandbox), pod) for pod in pods))
+        found = {cid: usage for answer in answers for cid, usage in answer.items()}
+        layers = await self.layer_usage.figures([self._upper(cid) for cid in found])
+        for cid, usage in found.items():
+            layer = layers.get(self._upper(cid))
+            if layer is not None:
+                found[cid] = dataclasses.replace(
+                    usage,
+                    writable_layer_bytes=layer.used_bytes,
+                    writable_layer_inodes=layer.inodes,
+                    writable_layer_mountpoint=str(self.layers),
+                    writable_layer_timestamp=layer.measured_at,
+                )
+        return found
 
     async def reopen_log(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
         self._pod(sandbox).events.reopen_log(container.id)
@@ -513,7 +546,9 @@ class VmBackend(Backend[VmBackendSettings]):
         exec_id = f"x{secrets.token_hex(8)}"
         process = pod.events.execs[exec_id] = VmExec(client, container.id, exec_id, tty)
         try:
-            await client.start_exec(container.id, exec_id, process_spec, terminal=tty, stdin=stdin)
+            await client.start_exec(
+                container.id, exec_id, process_spec, terminal=tty, stdin=stdin, window=process.window
+            )
         except BaseException:
             pod.events.execs.pop(exec_id, None)
             raise
@@ -523,8 +558,10 @@ class VmBackend(Backend[VmBackendSettings]):
 
     async def attach(self, sandbox: SandboxRecord, container: ContainerRecord, *, tty: bool, stdin: bool) -> Process:
         pod = await self._connected(sandbox)
+        known = pod.events.containers.get(container.id)
+        if known is None:
+            raise FailedPrecondition(f"container {container.id} is not known to its pod's VM")
         config = container.config
-        attachers = pod.events.attachers
         attacher = VmAttach(
             pod.client_or_fail,
             container.id,
@@ -532,12 +569,12 @@ class VmBackend(Backend[VmBackendSettings]):
             stdin=stdin and config.stdin,
             stdin_once=config.stdin_once,
             detach_on_eof=config.stdin and not config.stdin_once and not config.tty,
-            on_detach=lambda gone: attachers.get(container.id, set()).discard(gone),
+            on_detach=known.attachers.discard,
         )
-        if self._read_exit(sandbox, container.id) is not None:
+        if known.exit is not None:
             attacher.finished()
         else:
-            attachers.setdefault(container.id, set()).add(attacher)
+            known.attachers.add(attacher)
         return attacher
 
     async def port_forward(self, sandbox: SandboxRecord, port: int) -> ByteChannel:
@@ -545,9 +582,9 @@ class VmBackend(Backend[VmBackendSettings]):
         client = pod.client_or_fail()
         stream_id = f"p{secrets.token_hex(8)}"
         ports = pod.events.ports
-        channel = ports[stream_id] = VmPort(client, stream_id, lambda sid: ports.pop(sid, None))
+        channel = ports[stream_id] = VmPort(client, stream_id, pod.events.end_stream)
         try:
-            await client.open_port(stream_id, port)
+            await client.open_port(stream_id, port, window=channel.window)
         except BaseException:
             ports.pop(stream_id, None)
             raise

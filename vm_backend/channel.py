@@ -12,16 +12,28 @@ every event not acked before again: at least once, as the contract says.
 On virtio-serial a dropped connection can leave part of a frame in flight;
 a Hello unanswered within `hello_timeout` makes the client reconnect, and the
 agent starts over with a clean stream when it sees the host go away.
+
+Everything the agent sends is hostile input with bounded cost: a frame is at
+most 4 MiB (refused from its length, before it is read), a response text is cut
+(`guest_text`), an ExecSync's output is checked against the agent's own limit,
+and events wait for the callback in a bounded intake (`INTAKE_EVENTS`,
+`INTAKE_BYTES`): while it is full this client stops reading the socket, so a
+flood backs up into QEMU and the guest. The callback may be a coroutine, but it
+must never wait for the agent: the answer would come through the socket that is
+not read while the intake is full.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import itertools
 import json
 import logging
+import os
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +42,7 @@ from typing import Any
 from core import errors
 from core.files import socket_nofollow
 from protos import agent_pb2
-from vm_backend.agent.framing import Decoder, FramingError, encode
+from vm_backend.agent.framing import EXEC_OUTPUT_LIMIT, Decoder, FramingError, encode
 
 log = logging.getLogger("tandem.vm.channel")
 
@@ -41,8 +53,11 @@ HELLO_TIMEOUT = 10.0
 ACK_DELAY = 0.02  # seconds to gather events into one ack
 WRITE_CHUNK = 1 * 2**20  # stdin and port data are sent in pieces well below the frame limit
 _BACKOFF_MIN, _BACKOFF_MAX = 0.05, 2.0
+_STEADY = 10.0  # seconds a connection must last for the next one to be made without backoff
 _READ = 256 * 1024
 MAX_GUEST_TEXT = 1024  # characters of guest-written text that may reach a status message or a log line
+INTAKE_EVENTS = 1024  # events read and not yet delivered, at most...
+INTAKE_BYTES = 4 * 2**20  # ...and their encoded bytes (one event of any size always fits)
 
 EventCallback = Callable[[agent_pb2.Event], Awaitable[None] | None]
 
@@ -72,6 +87,39 @@ def guest_text(text: str, limit: int = MAX_GUEST_TEXT) -> str:
 def error_for(response: agent_pb2.Response) -> errors.TandemError:
     """The domain error a failed Response stands for, its text bounded: it ends up in a gRPC status."""
     return _ERRORS.get(response.code, AgentError)(f"agent: {guest_text(response.error)}")
+
+
+class _Intake:
+    """Events read from the socket and not yet delivered, in order: bounded in count and bytes."""
+
+    def __init__(self, max_events: int, max_bytes: int) -> None:
+        self.max_events, self.max_bytes = max_events, max_bytes
+        self.bytes = 0
+        self.peak_bytes = 0  # the most it ever held (shown in a VM pod's verbose info)
+        self._items: collections.deque[tuple[int, agent_pb2.Event, int]] = collections.deque()
+        self._changed = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def put(self, generation: int, event: agent_pb2.Event, size: int) -> None:
+        """Queue an event, first waiting while the intake is full."""
+        while self._items and (len(self._items) >= self.max_events or self.bytes + size > self.max_bytes):
+            self._changed.clear()
+            await self._changed.wait()
+        self._items.append((generation, event, size))
+        self.bytes += size
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
+        self._changed.set()
+
+    async def get(self) -> tuple[int, agent_pb2.Event]:
+        while not self._items:
+            self._changed.clear()
+            await self._changed.wait()
+        generation, event, size = self._items.popleft()
+        self.bytes -= size
+        self._changed.set()
+        return generation, event
 
 
 @dataclass(eq=False)
@@ -109,7 +157,8 @@ class AgentClient:
         self._conn: _Connection | None = None
         self._connected = asyncio.Event()
         self._closed = False
-        self._events: asyncio.Queue[tuple[int, agent_pb2.Event]] = asyncio.Queue()
+        self._host_instance = os.urandom(8).hex()  # the agent abandons the streaming execs of another
+        self.intake = _Intake(INTAKE_EVENTS, INTAKE_BYTES)
         self._instance: str | None = None
         self._generation = 0
         self._delivered = 0  # highest seq handed to the callback, in `_delivered_generation`
@@ -121,16 +170,37 @@ class AgentClient:
 
     # ------------------------------------------------------------------ lifecycle
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    def open(self) -> None:
+        """Start connecting (and reconnecting, with backoff, for as long as the client is open), without waiting."""
+        if self._running is None:
+            self._running = asyncio.create_task(self._run())
+            self._delivering = asyncio.create_task(self._deliver())
+            self._acking = asyncio.create_task(self._ack_loop())
+
+    async def wait_connected(self, timeout: float) -> None:
+        """Wait until the agent answered a Hello; Unavailable after `timeout` (the client goes on trying)."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._connection()
+        except TimeoutError:
+            raise errors.Unavailable(f"no agent answered on {self.socket_path} within {timeout:g}s") from None
+
     async def start(self, timeout: float = 60.0) -> agent_pb2.HelloResult:
         """Connect (retrying until `timeout`: the VM may still be booting) and return the agent's Hello."""
-        self._running = asyncio.create_task(self._run())
-        self._delivering = asyncio.create_task(self._deliver())
-        self._acking = asyncio.create_task(self._ack_loop())
+        self.open()
         try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
-        except TimeoutError:
+            await self.wait_connected(timeout)
+        except errors.Unavailable:
             await self.close()
-            raise errors.Unavailable(f"no agent answered on {self.socket_path} within {timeout:g}s") from None
+            raise
         assert self.hello is not None
         return self.hello
 
@@ -213,9 +283,14 @@ class AgentClient:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
                 continue
-            delay = _BACKOFF_MIN
+            began = time.monotonic()
             assert conn.reading is not None
             await conn.reading
+            if time.monotonic() - began >= _STEADY:
+                delay = _BACKOFF_MIN
+            else:  # greeted, then dropped at once (garbage after the Hello, say): no reconnection storm
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_MAX)
 
     async def _connect(self) -> _Connection:
         with socket_nofollow(Path(self.socket_path)) as path:  # a jailed QEMU owns the socket's directory
@@ -223,7 +298,9 @@ class AgentClient:
         conn = _Connection(reader, writer)
         conn.reading = asyncio.create_task(self._read(conn))
         try:
-            hello = agent_pb2.Request(hello=agent_pb2.Hello(host_version=self._host_version))
+            hello = agent_pb2.Request(
+                hello=agent_pb2.Hello(host_version=self._host_version, host_instance=self._host_instance)
+            )
             # asyncio.timeout, not wait_for, in these loops: Python 3.11's wait_for returns the result
             # when a cancellation races it (gh-86296), and a loop that swallows close()'s cancel runs on.
             async with asyncio.timeout(self._hello_timeout):
@@ -257,14 +334,16 @@ class AgentClient:
         try:
             while data := await conn.reader.read(_READ):
                 for frame in decoder.feed(data):
-                    self._on_frame(conn, frame)
+                    if (event := self._on_frame(conn, frame)) is not None:
+                        await self.intake.put(conn.generation, event, frame.ByteSize())
             log.info("the agent at %s closed the connection", self.socket_path)
         except (OSError, FramingError) as e:
             log.warning("connection to the agent at %s failed: %s", self.socket_path, e)
         finally:
             self._drop(conn)
 
-    def _on_frame(self, conn: _Connection, frame: agent_pb2.Frame) -> None:
+    def _on_frame(self, conn: _Connection, frame: agent_pb2.Frame) -> agent_pb2.Event | None:
+        """Settle a response; return an event to deliver."""
         body = frame.WhichOneof("body")
         if body == "response":
             if frame.id == conn.hello_id and frame.response.code == agent_pb2.OK:
@@ -274,9 +353,10 @@ class AgentClient:
                 future.set_result(frame.response)
         elif body == "event":
             if conn.greeted:  # anything before the Hello answer is a leftover of an older stream
-                self._events.put_nowait((conn.generation, frame.event))
+                return frame.event
         else:
             raise FramingError(f"the agent sent a {body} frame")
+        return None
 
     def _greeted(self, conn: _Connection, hello: agent_pb2.HelloResult) -> None:
         """Runs before any event that follows the Hello answer is queued, so those get the right generation."""
@@ -292,7 +372,7 @@ class AgentClient:
 
     async def _deliver(self) -> None:
         while True:
-            generation, event = await self._events.get()
+            generation, event = await self.intake.get()
             if generation != self._delivered_generation:
                 self._delivered_generation, self._delivered = generation, 0
             if event.seq > self._delivered:
@@ -381,7 +461,10 @@ class AgentClient:
         response = await self.call(
             agent_pb2.Request(exec_sync=message), timeout=timeout + EXEC_MARGIN if timeout > 0 else None
         )
-        return response.exec_sync
+        result = response.exec_sync
+        if max(len(result.stdout), len(result.stderr)) > EXEC_OUTPUT_LIMIT:
+            raise AgentError(f"the agent sent more ExecSync output than its limit of {EXEC_OUTPUT_LIMIT} bytes")
+        return result
 
     async def start_exec(
         self,
@@ -391,16 +474,32 @@ class AgentClient:
         *,
         terminal: bool = False,
         stdin: bool = False,
+        window: int,
     ) -> None:
-        """Start a streaming exec: Output events and then ProcessExited follow, with process_id = exec_id."""
+        """Start a streaming exec: Output events and then ProcessExited follow, with process_id = exec_id; at
+        most `window` bytes of each of stdout and stderr until `exec_credit` grants more."""
         message = agent_pb2.StartExec(
             container_id=container_id,
             exec_id=exec_id,
             process_json=json.dumps(process).encode(),
             terminal=terminal,
             stdin=stdin,
+            window=window,
         )
         await self.call(agent_pb2.Request(start_exec=message))
+
+    async def exec_credit(
+        self, container_id: str, exec_id: str, stdout_limit: int, stderr_limit: int, *, discard: bool = False
+    ) -> None:
+        """Let a streaming exec send output up to these offsets of each stream (or none, and read on: `discard`)."""
+        message = agent_pb2.ExecCredit(
+            container_id=container_id,
+            exec_id=exec_id,
+            stdout_limit=stdout_limit,
+            stderr_limit=stderr_limit,
+            discard=discard,
+        )
+        await self.call(agent_pb2.Request(exec_credit=message))
 
     async def write_stdin(self, container_id: str, process_id: str, data: bytes, *, close: bool = False) -> None:
         """Write to a process's stdin (process_id "" is the container's), in frame-sized pieces; then maybe close it."""
@@ -415,23 +514,32 @@ class AgentClient:
         message = agent_pb2.ResizeTerminal(container_id=container_id, process_id=process_id, width=width, height=height)
         await self.call(agent_pb2.Request(resize_terminal=message))
 
-    async def stats(self, container_id: str) -> agent_pb2.Stats:
-        response = await self.call(agent_pb2.Request(get_stats=agent_pb2.GetStats(container_id=container_id)))
-        return response.stats
+    async def pod_stats(self, timeout: float) -> dict[str, agent_pb2.Stats]:
+        """Every container's usage in one round trip, by container id; DeadlineExceeded past `timeout`."""
+        response = await self.call(agent_pb2.Request(get_pod_stats=agent_pb2.GetPodStats()), timeout=timeout)
+        return dict(response.pod_stats.containers)
 
     async def update_resources(self, container_id: str, resources: Mapping[str, Any]) -> None:
         """Apply an OCI linux.resources object to a running container."""
         message = agent_pb2.UpdateResources(container_id=container_id, resources_json=json.dumps(resources).encode())
         await self.call(agent_pb2.Request(update_resources=message))
 
-    async def open_port(self, stream_id: str, port: int) -> None:
-        """Connect to 127.0.0.1:`port` in the guest; data comes back as PortData events, the end as PortClosed."""
-        await self.call(agent_pb2.Request(open_port=agent_pb2.OpenPort(stream_id=stream_id, port=port)))
+    async def open_port(self, stream_id: str, port: int, *, window: int) -> None:
+        """Connect to 127.0.0.1:`port` in the guest; data comes back as PortData events (at most `window` bytes
+        until `port_credit` grants more), the end as PortClosed."""
+        message = agent_pb2.OpenPort(stream_id=stream_id, port=port, window=window)
+        await self.call(agent_pb2.Request(open_port=message))
 
-    async def write_port(self, stream_id: str, data: bytes) -> None:
-        for i in range(0, len(data), WRITE_CHUNK):
-            message = agent_pb2.WritePort(stream_id=stream_id, data=data[i : i + WRITE_CHUNK])
+    async def write_port(self, stream_id: str, data: bytes, *, eof: bool = False) -> None:
+        """Send `data` to the guest side, in frame-sized pieces; with `eof`, then end this direction."""
+        pieces = [data[i : i + WRITE_CHUNK] for i in range(0, len(data), WRITE_CHUNK)] or [b""]
+        for i, piece in enumerate(pieces):
+            message = agent_pb2.WritePort(stream_id=stream_id, data=piece, eof=eof and i == len(pieces) - 1)
             await self.call(agent_pb2.Request(write_port=message))
+
+    async def port_credit(self, stream_id: str, limit: int) -> None:
+        """Let the guest side of a port stream send up to `limit` bytes in all."""
+        await self.call(agent_pb2.Request(port_credit=agent_pb2.PortCredit(stream_id=stream_id, limit=limit)))
 
     async def close_port(self, stream_id: str) -> None:
         await self.call(agent_pb2.Request(close_port=agent_pb2.ClosePort(stream_id=stream_id)))

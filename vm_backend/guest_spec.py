@@ -4,7 +4,7 @@ The spec itself is the shared OCI layer's (`sandbox.oci`), built for the guest's
 facts: every capability (the agent holds them all), cgroup v2, no swap or
 hugetlb accounting, no host devices, the pod's files where the agent writes them.
 The host-side paths left in it (the container's root, the host paths of CRI
-mounts, bound into the pod's virtio-fs share) become the share's paths in the guest.
+mounts, attached to the pod's virtio-fs share) become the share's paths in the guest.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from sandbox.oci.capabilities import CAPABILITIES
 from sandbox.oci.model import Mount, Spec
 from sandbox.oci.namespaces import HOST, NEW, Namespaces
 from sandbox.oci.platform import ContainerPlatform, HostInfo, PodFiles
+from vm_backend.share import mount_path
 
 GUEST_POD_DIR = "/run/tandem/pod"
 GUEST_SHARE = "/run/tandem/share"
@@ -66,8 +67,10 @@ def guest_platform(
 
     Network, IPC and UTS are the guest's own (no entry); PID is the guest's for a
     pod-wide PID namespace, else new. `host_rootfs` (the container's root mounted
-    on the host) is read for user and group names. `empty_dev` stands for the
-    guest's host devices: there are none to hand a privileged container.
+    on the host, where the guest cannot reach it) is read for user and group names
+    before it is attached to the share. `empty_dev` stands for the guest's host
+    devices: there are none to hand a privileged container. Recursive read-only
+    mounts are made on the host's side of the share (`vm_backend/share.py`).
     """
     pid_mode = config.linux.security_context.namespace_options.pid
     return ContainerPlatform(
@@ -78,11 +81,6 @@ def guest_platform(
         pod_files=guest_pod_files(),
         oom_score_adj_floor=GUEST_OOM_FLOOR,
     )
-
-
-def shared_mount(container_id: str, index: int) -> str:
-    """Where the host path of the container's `index`-th CRI mount is bound, relative to the share."""
-    return f"{container_id}/mounts/{index}"
 
 
 def _cri_binds(spec: Spec, config: pb.ContainerConfig) -> list[Mount]:
@@ -107,15 +105,16 @@ def _cri_binds(spec: Spec, config: pb.ContainerConfig) -> list[Mount]:
 def to_guest(spec: Spec, config: pb.ContainerConfig, container_id: str) -> Spec:
     """`spec` as the guest's crun runs it: each CRI mount from its bind in the share, root.path for the agent.
 
-    Read-only is enforced on the host's bind (on the top mount only, as runc does
-    on a node: mounts below it stay writable); in the guest the whole share is one
-    virtio-fs mount, where a read-only bind would cover them too, so the guest's
-    mount is read-write.
+    Read-only is enforced on the host's side of the share (on the top mount only, as
+    runc does on a node, or on every mount below it too for recursive_read_only), where
+    the guest cannot undo it: a write there fails with EROFS. In the guest the whole
+    share is one virtio-fs mount, where a read-only bind would cover the mounts below
+    too, so the guest's bind is read-write (and an `rro` option is the host's alone).
     """
     guest = copy.deepcopy(spec)
     for index, entry in enumerate(_cri_binds(guest, config)):
-        entry["source"] = f"{GUEST_SHARE}/{shared_mount(container_id, index)}"
-        entry["options"] = ["rw" if option == "ro" else option for option in entry["options"]]
+        entry["source"] = f"{GUEST_SHARE}/{mount_path(container_id, index)}"
+        entry["options"] = ["rw" if option == "ro" else option for option in entry["options"] if option != "rro"]
     guest["root"] = {"path": "rootfs", "readonly": spec["root"]["readonly"]}  # the agent puts the rootfs here
     return guest
 

@@ -4,7 +4,7 @@ QEMU of each pod runs as a uid/gid of its own from `[vm] jail_uid_first` on
 (`JailIds`), so two VMMs can neither signal nor ptrace each other, and inside a
 mount namespace that holds only what it needs (`vm_backend/jailer.py` builds it).
 virtiofsd stays root (its own sandboxing is separate) but joins the VM's cgroup
-through the same program.
+and the pod's share namespace through the same program (`join_prefix`).
 """
 
 from __future__ import annotations
@@ -34,14 +34,11 @@ class Jail:
     cgroup_dirs: tuple[Path, ...] = ()
 
     def _jailer(self) -> list[str]:
-        argv = [sys.executable, "-m", JAILER]
-        for directory in self.cgroup_dirs:
-            argv += ["--cgroup", str(directory)]
-        return argv
+        return jailer_argv(self.cgroup_dirs)
 
-    def join_prefix(self) -> list[str]:
-        """Run a program in the VM's cgroup and nothing more (virtiofsd)."""
-        return [*self._jailer(), "--"]
+    def join_prefix(self, mountns: Path | None = None) -> list[str]:
+        """Run a program in the VM's cgroup (and the mount namespace pinned at `mountns`), nothing more."""
+        return join_prefix(self.cgroup_dirs, mountns)
 
     def qemu_prefix(
         self, *, root: Path, netns: Path | None, ro: Iterable[Path], rw: Iterable[Path], devices: Iterable[str]
@@ -58,6 +55,21 @@ class Jail:
         for name in devices:
             argv += ["--dev", name]
         return [*argv, "--"]
+
+
+def jailer_argv(cgroup_dirs: Iterable[Path] = ()) -> list[str]:
+    argv = [sys.executable, "-m", JAILER]
+    for directory in cgroup_dirs:
+        argv += ["--cgroup", str(directory)]
+    return argv
+
+
+def join_prefix(cgroup_dirs: Iterable[Path], mountns: Path | None) -> list[str]:
+    """The jailer's command line that only joins `cgroup_dirs` and the mount namespace `mountns`, then execs."""
+    argv = jailer_argv(cgroup_dirs)
+    if mountns is not None:
+        argv += ["--mountns", str(mountns)]
+    return [*argv, "--"]
 
 
 class JailIds:

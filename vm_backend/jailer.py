@@ -1,6 +1,6 @@
 """The jailer: puts itself where a pod's VMM belongs, takes away everything it may not keep, then execs the VMM.
 
-    python -m vm_backend.jailer [--cgroup DIR]... [--netns FILE]
+    python -m vm_backend.jailer [--cgroup DIR]... [--netns FILE] [--mountns FILE]
         [--root DIR --uid N --gid N [--ro PATH]... [--rw DIR]... [--dev NAME]... --nofile N] -- PROGRAM ARG...
 
 The daemon starts it (as root, in its own session) instead of the VMM, as the
@@ -8,7 +8,8 @@ Firecracker jailer is started: a small program of its own, so nothing of this
 happens between fork and exec of the multi-threaded daemon. In order:
 
 1. joins each cgroup (`DIR/cgroup.procs`), so the VMM is charged from its first page;
-2. enters the pod's network namespace (`--netns`);
+2. enters the pod's network namespace (`--netns`), or a mount namespace (`--mountns`: the pod's
+   share namespace, where virtiofsd runs; setns needs a single-threaded process, which this is);
 3. with `--root`, builds the jail: a private mount namespace whose root is a
    tmpfs holding only the `--ro` paths (bound read-only), the `--rw` dirs, the
    `--dev` nodes and the merged-/usr symlinks, at the same paths as on the host
@@ -19,8 +20,8 @@ happens between fork and exec of the multi-threaded daemon. In order:
    in any set, no_new_privs, RLIMIT_NOFILE `--nofile` and no core dumps;
 4. execs PROGRAM (with an empty environment when jailed).
 
-Without `--root` it only does 1, 2 and 4 (virtiofsd joins the VM's cgroup that
-way). A failure prints one line to stderr (the VMM's log) and exits 125.
+Without `--root` it only does 1, 2 and 4 (virtiofsd joins the VM's cgroup and the
+share's mount namespace that way). A failure prints one line to stderr (the VMM's log) and exits 125.
 """
 
 from __future__ import annotations
@@ -84,13 +85,15 @@ def join_cgroups(directories: Sequence[str]) -> None:
             raise JailError(f"joining cgroup {directory}: {e.strerror}") from e
 
 
-def enter_netns(path: str) -> None:
+def enter_namespace(path: str, kind: int, what: str) -> None:
+    """setns(2) into the namespace pinned at `path` (`kind`: a CLONE_NEW* flag); a mount namespace also
+    moves this process's root and working directory to that namespace's root."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
-        raise JailError(f"opening network namespace {path}: {e.strerror}") from e
+        raise JailError(f"opening {what} namespace {path}: {e.strerror}") from e
     try:
-        _check(_libc.setns(fd, _CLONE_NEWNET), f"entering network namespace {path}")
+        _check(_libc.setns(fd, kind), f"entering {what} namespace {path}")
     finally:
         os.close(fd)
 
@@ -99,7 +102,7 @@ def _inside(root: str, path: str) -> str:
     return os.path.join(root, path.lstrip("/"))
 
 
-def _bind(root: str, source: str, flags: int) -> None:
+def bind_same_path(root: str, source: str, flags: int) -> None:
     """Bind `source` at the same path under `root` (parents made), then remount it with `flags`."""
     target = _inside(root, source)
     os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
@@ -133,12 +136,12 @@ def build_root(root: str, program: str, ro: Sequence[str], rw: Sequence[str], de
         if os.path.islink(host):
             os.symlink(os.readlink(host), _inside(root, host))
         elif name.startswith("lib") and os.path.isdir(host):  # not merged: the loader and libraries live here
-            _bind(root, host, MS_RDONLY | MS_NOSUID | MS_NODEV)
+            bind_same_path(root, host, MS_RDONLY | MS_NOSUID | MS_NODEV)
     for path in ro:
         exec_ok = 0 if path == program or os.path.isdir(path) else MS_NOEXEC
-        _bind(root, path, MS_RDONLY | MS_NOSUID | MS_NODEV | exec_ok)
+        bind_same_path(root, path, MS_RDONLY | MS_NOSUID | MS_NODEV | exec_ok)
     for path in rw:
-        _bind(root, path, MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        bind_same_path(root, path, MS_NOSUID | MS_NODEV | MS_NOEXEC)
     os.makedirs(_inside(root, "/dev"), mode=0o755, exist_ok=True)
     for name in devices:
         if name not in DEVICES:
@@ -198,6 +201,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m vm_backend.jailer", description=__doc__.split("\n")[0])
     parser.add_argument("--cgroup", action="append", default=[], help="a cgroup directory to join")
     parser.add_argument("--netns", help="a network namespace file to enter")
+    parser.add_argument("--mountns", help="a mount namespace file to enter (not with --root)")
     parser.add_argument("--root", help="an empty directory for the jail's root (jails the program)")
     parser.add_argument("--uid", type=int)
     parser.add_argument("--gid", type=int)
@@ -211,6 +215,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         args.program = args.program[1:]
     if not args.program:
         parser.error("no program to run")
+    if args.root is not None and args.mountns is not None:
+        parser.error("--mountns and --root exclude each other")
     if args.root is not None and (not args.uid or not args.gid):
         parser.error("a jail needs a non-zero --uid and --gid")
     for path in [args.root, *args.ro, *args.rw]:
@@ -224,9 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         join_cgroups(args.cgroup)
         if args.netns:
-            enter_netns(args.netns)
-        env = dict(os.environ)
+            enter_namespace(args.netns, _CLONE_NEWNET, "network")
         program = shutil.which(args.program[0]) or args.program[0]  # before the jail takes PATH away
+        if args.mountns:
+            enter_namespace(args.mountns, _CLONE_NEWNS, "mount")
+        env = dict(os.environ)
         if args.root is not None:
             last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
             build_root(args.root, program, args.ro, args.rw, args.dev, args.uid, args.gid)

@@ -390,7 +390,8 @@ class QemuVm:
         except OSError:
             qemu_lines = []
         qemu_part = f"QEMU: {' | '.join(qemu_lines)}; " if qemu_lines else ""
-        return f"{qemu_part}console: {self._console_tail()}"
+        vfs_part = f"virtiofsd: {self.virtiofsd.log_tail()}; " if self.virtiofsd is not None else ""
+        return f"{qemu_part}{vfs_part}console: {self._console_tail()}"
 
     def _console_tail(self, lines: int = 5) -> str:
         tail = [line.strip() for line in self.console_since_launch().splitlines() if line.strip()][-lines:]

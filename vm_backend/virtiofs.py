@@ -1,12 +1,14 @@
-"""One virtiofsd per pod, sharing only that pod's directory (`<run_dir>/share`) into its VM.
+"""One virtiofsd per pod, serving the pod's share (`vm_backend/share.py`) into its VM from inside the share's namespace.
 
-Container rootfs directories reach the guest by being bind-mounted into the
-share as they are created; nothing else of the host is ever exported. The share
-is its own private mount, so those binds stay out of other mount namespaces.
-virtiofsd serves one QEMU connection and exits when QEMU goes away: every QEMU
-launch (including a boot retry) gets a fresh one. With a jail, it starts inside
-the VM's cgroup (through the jailer, which does nothing else to it) and its socket
-is handed to the jailed QEMU's uid before QEMU starts.
+virtiofsd starts through the jailer, which puts it in the VM's cgroup (with a jail)
+and in the pod's share namespace, where the share is `/share` and nothing of the
+host is mounted; from there it sandboxes itself (`sandbox=namespace`: new mount, PID
+and network namespaces, pivot_root into the share, capabilities dropped, seccomp). The
+daemon creates the vhost-user socket and hands virtiofsd its listening descriptor
+(`--fd`): virtiofsd never names a host path, and writes no lock file on the host as it
+does for `--socket-path`. With a jail the socket is handed to the jailed QEMU's uid
+before QEMU starts. virtiofsd serves one QEMU connection and exits when QEMU goes
+away: every QEMU launch (including a boot retry) gets a fresh one.
 """
 
 from __future__ import annotations
@@ -14,50 +16,54 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
+import socket
 from pathlib import Path
 
-from core import mounts, proc
-from core.errors import FailedPrecondition, InvalidArgument, Unavailable
 from core.proc import ProcessIdentity, spawn_detached, wait_exit
-from vm_backend.jail import Jail
+from vm_backend.jail import Jail, join_prefix
+from vm_backend.sharens import share_path
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
-_SOCKET_WAIT = 10.0
+# RLIMIT_NOFILE of virtiofsd. With cache=auto it holds an O_PATH descriptor for every inode the guest has looked up
+# and not yet forgotten, and one per file the guest holds open: measured, 40 descriptors for an idle pod, then one
+# more per file a container walks or creates (`find /` over busybox: +300; 5000 files created: +5000) for as long
+# as the guest caches them. Past the limit the guest's lookups fail with EMFILE, so it follows the guest's memory:
+# a cached FUSE inode with its dentry takes over 1 KiB of guest RAM, so a guest that gives half its memory to them
+# holds ~512 per MiB (131072 for the default 256 MiB). The host memory those descriptors pin is charged to the
+# VM's cgroup; the limit keeps one hostile guest from holding a million of the node's open files (virtiofsd's
+# own default).
+FILES_PER_MIB = 512
+NOFILE_MIN, NOFILE_MAX = 65536, 1 << 20
 
 
-def _check_id(container_id: str) -> None:
-    if not container_id or "/" in container_id or container_id in (".", ".."):
-        raise InvalidArgument(f"container id {container_id!r} cannot name a directory")
+def virtiofsd_nofile(memory_mib: int) -> int:
+    """RLIMIT_NOFILE for the virtiofsd of a VM with `memory_mib` of RAM."""
+    return min(NOFILE_MAX, max(NOFILE_MIN, memory_mib * FILES_PER_MIB))
 
 
 class Virtiofsd:
-    """The pod's virtiofsd and its share directory, all under the pod's VM run dir."""
+    """The pod's virtiofsd: socket, pidfile and log in the VM's run dir; its share in the namespace at `share_ns`."""
 
-    def __init__(self, run_dir: Path, binary: str = VIRTIOFSD) -> None:
+    def __init__(self, run_dir: Path, share_ns: Path, binary: str = VIRTIOFSD, nofile: int = NOFILE_MIN) -> None:
         self.run_dir = run_dir
+        self.share_ns = share_ns
         self.binary = binary
-        self.share = run_dir / "share"
+        self.nofile = nofile
         self.socket = run_dir / "virtiofsd.sock"
         self.pidfile = run_dir / "virtiofsd.pid"
         self.log_file = run_dir / "virtiofsd.log"
 
-    def argv(self) -> list[str]:
+    def argv(self, listen_fd: int) -> list[str]:
         return [
             self.binary,
-            f"--socket-path={self.socket}",
-            "-o", f"source={self.share}",
+            f"--fd={listen_fd}",
+            "-o", f"source={share_path(str(self.share_ns))}",  # there only in the share namespace
             "-o", "cache=auto",
-            "-o", "sandbox=chroot",  # chroot into the share: nothing outside it can be named
-            "-o", "announce_submounts",  # each bind-mounted rootfs keeps its own st_dev in the guest
+            "-o", "sandbox=namespace",
+            "-o", "announce_submounts",  # each attached rootfs keeps its own st_dev in the guest
+            f"--rlimit-nofile={self.nofile}",
         ]  # fmt: skip
-
-    async def prepare_share(self) -> None:
-        """Create the share and make it a private mount of its own (once)."""
-        self.share.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.share, 0o755)
-        await asyncio.to_thread(mounts.make_private, self.share)
 
     def identity(self) -> ProcessIdentity | None:
         """The virtiofsd started for this share, while it runs (the pidfile holds its pid and start time)."""
@@ -67,26 +73,35 @@ class Virtiofsd:
     def alive(self) -> bool:
         return self.identity() is not None
 
-    async def start(self, jail: Jail | None = None) -> None:
-        """Launch a fresh virtiofsd (stopping a previous one) and wait for its socket (then `jail`'s uid's)."""
-        await self.prepare_share()
-        await self.stop()
-        argv = self.argv() if jail is None else [*jail.join_prefix(), *self.argv()]
-        virtiofsd = await asyncio.to_thread(spawn_detached, argv, self.log_file)
-        virtiofsd.save(self.pidfile)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + _SOCKET_WAIT
-        while not self.socket.exists():
-            if not virtiofsd.alive() or loop.time() > deadline:
-                await self.stop()
-                raise Unavailable(f"virtiofsd did not start: {self._log_tail()}")
-            await asyncio.sleep(0.02)
-        if jail is not None:
-            # No race: the socket's directory is root's alone, and QEMU starts only after this.
-            os.chown(self.socket, jail.uid, jail.gid)
+    def _listen(self, jail: Jail | None) -> socket.socket:
+        """The vhost-user socket, listening; only root (and the jailed QEMU's uid) can connect."""
+        self.socket.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(self.socket))
+            if jail is not None:
+                # No race: the socket's directory is root's alone, and QEMU starts only after this.
+                os.chown(self.socket, jail.uid, jail.gid)
             os.chmod(self.socket, 0o600)
+            listener.listen(1)
+        except BaseException:
+            listener.close()
+            raise
+        return listener
 
-    def _log_tail(self) -> str:
+    async def start(self, jail: Jail | None = None) -> None:
+        """Launch a fresh virtiofsd (stopping a previous one) listening on a fresh socket."""
+        await self.stop()
+        listener = self._listen(jail)
+        try:
+            fd = listener.fileno()
+            prefix = join_prefix(jail.cgroup_dirs if jail is not None else (), self.share_ns)
+            virtiofsd = await asyncio.to_thread(spawn_detached, [*prefix, *self.argv(fd)], self.log_file, (fd,))
+        finally:
+            listener.close()  # virtiofsd holds it now
+        virtiofsd.save(self.pidfile)
+
+    def log_tail(self) -> str:
         try:
             lines = self.log_file.read_text(errors="replace").strip().splitlines()
         except OSError:
@@ -108,33 +123,3 @@ class Virtiofsd:
                 os.close(pidfd)
         self.socket.unlink(missing_ok=True)
         self.pidfile.unlink(missing_ok=True)
-
-    async def remove_share(self) -> None:
-        """Unmount and delete the share; refused while a rootfs is still bound inside (rmtree would go through it)."""
-        inside = mounts.mounts_below(self.share)
-        if inside:
-            raise FailedPrecondition(f"{self.share} still has mounts inside: {', '.join(inside)}")
-        await asyncio.to_thread(mounts.unmount, self.share)
-        await asyncio.to_thread(shutil.rmtree, self.share, True)
-
-    def guest_rootfs(self, container_id: str) -> str:
-        """Where the container's rootfs appears relative to the share (CreateContainer.rootfs)."""
-        _check_id(container_id)
-        return f"{container_id}/rootfs"
-
-    async def bind_rootfs(self, container_id: str, rootfs: Path) -> str:
-        """Bind-mount a prepared rootfs into the share; return its path relative to the share."""
-        relative = self.guest_rootfs(container_id)
-        target = self.share / relative
-        target.mkdir(parents=True, exist_ok=True)
-        if not mounts.is_mounted(target):
-            await proc.run(["mount", "--bind", rootfs, target])  # private too, as a mount under the share
-        return relative
-
-    async def unbind_rootfs(self, container_id: str) -> None:
-        """Undo `bind_rootfs`; not bound is success."""
-        target = self.share / self.guest_rootfs(container_id)
-        await asyncio.to_thread(mounts.unmount, target)
-        for directory in (target, target.parent):
-            with contextlib.suppress(OSError):  # gone already, or still holding something else
-                directory.rmdir()

@@ -1,4 +1,4 @@
-"""The OCI runtime spec (config.json, runtime-spec v1.0.2) as typed dictionaries.
+"""The OCI runtime spec (config.json, runtime-spec v1.0.2, plus 1.1's ID-mapped mounts) as typed dictionaries.
 
 TypedDicts rather than classes: a spec is JSON that runc, crun and the guest
 agent read as it is, and a TypedDict is that JSON, checked by the type checker.
@@ -49,15 +49,28 @@ class Root(TypedDict):
     readonly: bool
 
 
-class Mount(TypedDict):
+class IDMapping(TypedDict):
+    containerID: int
+    hostID: int
+    size: int
+
+
+class _MountRequired(TypedDict):
     destination: str
     type: str
     source: str
     options: list[str]
 
 
+class Mount(_MountRequired, total=False):
+    # An ID-mapped bind (runtime-spec 1.1): runc 1.1 cannot make one, so the runc backend does it
+    # before runc sees the spec (runc_backend/idmap.py).
+    uidMappings: list[IDMapping]
+    gidMappings: list[IDMapping]
+
+
 class Namespace(TypedDict, total=False):
-    type: str  # pid, network, ipc, uts, mount, cgroup
+    type: str  # pid, network, ipc, uts, mount, cgroup, user
     path: str  # join this one; without it, a new namespace
 
 
@@ -109,6 +122,8 @@ class Resources(TypedDict, total=False):
 
 class Linux(TypedDict, total=False):
     namespaces: list[Namespace]
+    uidMappings: list[IDMapping]
+    gidMappings: list[IDMapping]
     cgroupsPath: str
     resources: Resources
     devices: list[Device]

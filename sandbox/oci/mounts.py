@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import posixpath
 
-from core.errors import FailedPrecondition, InvalidArgument
+from core.errors import FailedPrecondition, InvalidArgument, Unimplemented
 from core.mounts import mount_holding
 from protos import cri_pb2 as pb
 from sandbox.oci.model import Mount
 from sandbox.oci.platform import HostInfo, PodFiles
+from sandbox.oci.userns import IdMappings
 
 # The infra process gets the classic masks; containers get what kubelet sends
 # (kubelet sends these same defaults unless the pod asks for an unmasked /proc).
@@ -64,8 +65,15 @@ def kernel_mounts(privileged: bool) -> list[Mount]:
     ]
 
 
-def check_mount(mount: pb.Mount) -> str:
-    """Validate a CRI mount without touching the host; returns its cleaned container path."""
+def check_mount(mount: pb.Mount, id_mappings: IdMappings | None) -> str:
+    """Validate a CRI mount without touching the host; returns its cleaned container path.
+
+    Recursive read-only follows the CRI (and containerd): only on a read-only
+    mount, and only with private propagation (a read-only tree that receives
+    new mounts from the host would not stay read-only). ID mappings need the
+    pod's user namespace, must be its own (kubelet copies the pod's onto
+    every mount), and private propagation.
+    """
     if mount.HasField("image") and mount.image.image:
         raise InvalidArgument("image volumes are not supported by this runtime")
     if not mount.container_path.startswith("/"):
@@ -73,9 +81,25 @@ def check_mount(mount: pb.Mount) -> str:
     if not mount.host_path.startswith("/"):
         raise InvalidArgument(f"mount host path {mount.host_path!r} must be absolute")
     if mount.recursive_read_only:
-        raise InvalidArgument("recursive read-only mounts are not supported by this runtime")
+        if not mount.readonly:
+            raise InvalidArgument(f"mount {mount.container_path}: a recursive read-only mount must be read-only")
+        if mount.propagation != pb.PROPAGATION_PRIVATE:
+            raise InvalidArgument(
+                f"mount {mount.container_path}: a recursive read-only mount needs private propagation,"
+                f" not {pb.MountPropagation.Name(mount.propagation)}"
+            )
     if mount.uidMappings or mount.gidMappings:
-        raise InvalidArgument("ID-mapped mounts need user namespaces, which this runtime does not support yet")
+        if id_mappings is None:
+            raise InvalidArgument(f"mount {mount.container_path}: ID mappings need the pod's user namespace")
+        if mount.propagation != pb.PROPAGATION_PRIVATE:
+            raise InvalidArgument(
+                f"mount {mount.container_path}: an ID-mapped mount is a copy of the host's tree, which neither"
+                " receives nor sends mounts: it needs private propagation"
+            )
+        if not id_mappings.same_as(mount.uidMappings, mount.gidMappings):
+            raise Unimplemented(
+                f"mount {mount.container_path}: ID mappings other than the pod's user namespace's are not supported"
+            )
     return posixpath.normpath(mount.container_path)
 
 
@@ -109,6 +133,22 @@ def _bind(destination: str, source: str, options: list[str]) -> Mount:
     return {"destination": destination, "type": "bind", "source": source, "options": options}
 
 
+def _cri_bind(destination: str, source: str, mode: str, mount: pb.Mount) -> Mount:
+    """A CRI mount's bind: read-only through every mount below it with `rro`, ID-mapped when it has mappings."""
+    options = ["rbind", mode, "ro" if mount.readonly else "rw"]
+    if mount.recursive_read_only:
+        options.append("rro")
+    bind = _bind(destination, source, options)
+    if mount.uidMappings or mount.gidMappings:
+        bind["uidMappings"] = [
+            {"containerID": m.container_id, "hostID": m.host_id, "size": m.length} for m in mount.uidMappings
+        ]
+        bind["gidMappings"] = [
+            {"containerID": m.container_id, "hostID": m.host_id, "size": m.length} for m in mount.gidMappings
+        ]
+    return bind
+
+
 def _depth(destination: str) -> int:
     return len([part for part in destination.split("/") if part])
 
@@ -126,7 +166,7 @@ def container_mounts(
     propagation: str | None = None
     for destination, mount in requested:
         source, mode = _host_source(mount, host)
-        binds.append(_bind(destination, source, ["rbind", mode, "ro" if mount.readonly else "rw"]))
+        binds.append(_cri_bind(destination, source, mode, mount))
         if mode == "rshared" or (mode == "rslave" and propagation is None):
             propagation = mode
     taken = {destination for destination, _ in requested}

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from core.errors import InvalidArgument
-from protos import cri_pb2 as pb
-from sandbox.oci.model import Namespace
+from sandbox.oci.model import Linux, Namespace
+from sandbox.oci.userns import IdMappings
 
 NEW = "new"
 HOST = "host"
@@ -29,20 +29,36 @@ _IPC_SYSCTLS = frozenset(
 
 @dataclass(frozen=True)
 class Namespaces:
-    """For each of network/ipc/uts/pid: a path to join, NEW (a fresh namespace) or HOST (no entry)."""
+    """For each of network/ipc/uts/pid: a path to join, NEW (a fresh namespace) or HOST (no entry).
+
+    `user` is HOST or the path of the pod's user namespace, whose mappings are
+    `id_mappings`: the others then belong to it (the pod's were created inside
+    it, a NEW one is created after joining it), so the container's root can
+    mount /proc and /sys for them.
+    """
 
     network: str
     ipc: str
     uts: str
     pid: str
+    user: str = HOST
+    id_mappings: IdMappings | None = None
 
     def __post_init__(self) -> None:
         for kind, value in self._items():
             if value not in (NEW, HOST) and not value.startswith("/"):
                 raise ValueError(f"{kind} namespace must be NEW, HOST or an absolute path, not {value!r}")
+        if (self.user == HOST) != (self.id_mappings is None):
+            raise ValueError("a user namespace to join needs its ID mappings, and only one has them")
 
     def _items(self) -> tuple[tuple[str, str], ...]:
-        return (("pid", self.pid), ("network", self.network), ("ipc", self.ipc), ("uts", self.uts))
+        return (
+            ("user", self.user),
+            ("pid", self.pid),
+            ("network", self.network),
+            ("ipc", self.ipc),
+            ("uts", self.uts),
+        )
 
     def entries(self) -> list[Namespace]:
         """`linux.namespaces` for these choices, plus the private mount namespace every container has."""
@@ -52,6 +68,12 @@ class Namespaces:
             if value != HOST
         ]
         return [*entries, {"type": "mount"}]
+
+    def id_mapping_entries(self) -> Linux:
+        """`linux.uidMappings`/`gidMappings` of the user namespace joined (runc wants them even to join one)."""
+        if self.id_mappings is None:
+            return {}
+        return {"uidMappings": [self.id_mappings.uids.oci()], "gidMappings": [self.id_mappings.gids.oci()]}
 
 
 def check_sysctls(sysctls: Mapping[str, str], namespaces: Namespaces) -> None:
@@ -67,8 +89,3 @@ def check_sysctls(sysctls: Mapping[str, str], namespaces: Namespaces) -> None:
             raise InvalidArgument(f"sysctl {name} is not namespaced, so a pod cannot set it")
         if have == HOST:
             raise InvalidArgument(f"sysctl {name} needs the pod's own {needed} namespace, but the pod uses the host's")
-
-
-def refuse_user_namespaces(options: pb.NamespaceOption) -> None:
-    if options.HasField("userns_options") and options.userns_options.mode != pb.NODE:
-        raise InvalidArgument("user namespaces are not supported by this runtime yet")

@@ -29,7 +29,7 @@ from sandbox.oci.mounts import (
     container_mounts,
     kernel_mounts,
 )
-from sandbox.oci.namespaces import HOST, Namespaces, check_sysctls, refuse_user_namespaces
+from sandbox.oci.namespaces import HOST, Namespaces, check_sysctls
 from sandbox.oci.platform import ContainerPlatform
 from sandbox.oci.process import (
     DEFAULT_PATH_ENV,
@@ -43,6 +43,7 @@ from sandbox.oci.process import (
 from sandbox.oci.resources import container_resources
 from sandbox.oci.seccomp import runtime_default_profile
 from sandbox.oci.security import check_apparmor, seccomp_choice, seccomp_profile
+from sandbox.oci.userns import check_container_user_namespace
 from sandbox.oci.users import resolve_identity
 
 OCI_VERSION = "1.0.2"
@@ -58,10 +59,11 @@ def infra_spec(
     `rootfs` holds only a static /catatonit and is mounted read-only. The pod's
     sysctls are applied here, inside the namespaces they belong to; the hostname
     too, unless the pod shares the host's UTS namespace. `sandbox_id` only
-    labels the spec (annotation io.kubernetes.cri.sandbox-id).
+    labels the spec (annotation io.kubernetes.cri.sandbox-id). A pod with a user
+    namespace of its own joins it (`namespaces.user`); its other namespaces are
+    that one's.
     """
     sc = config.linux.security_context
-    refuse_user_namespaces(sc.namespace_options)
     check_sysctls(config.linux.sysctls, namespaces)
     uid = int64_id(sc.run_as_user, "run_as_user") if sc.HasField("run_as_user") else 0
     if sc.HasField("run_as_group") and not sc.HasField("run_as_user"):
@@ -88,6 +90,7 @@ def infra_spec(
         "annotations": annotations,
         "linux": {
             "namespaces": namespaces.entries(),
+            **namespaces.id_mapping_entries(),
             "cgroupsPath": cgroups_path,
             "resources": {"devices": default_device_rules(), "cpu": {"shares": SANDBOX_CPU_SHARES}},
             "sysctl": dict(sorted(config.linux.sysctls.items())),
@@ -122,10 +125,11 @@ def container_spec(
     privileged = sc.privileged
     if privileged and not sandbox.linux.security_context.privileged:
         raise InvalidArgument("a privileged container needs a privileged pod sandbox")
-    refuse_user_namespaces(sc.namespace_options)
+    check_container_user_namespace(sc.namespace_options, sandbox.linux.security_context.namespace_options)
     check_apparmor(sc)
     seccomp = seccomp_choice(sc)
-    requested_mounts = [(check_mount(m), m) for m in config.mounts]
+    id_mappings = platform.namespaces.id_mappings
+    requested_mounts = [(check_mount(m, id_mappings), m) for m in config.mounts]
     identity = resolve_identity(
         platform.rootfs,
         user_string(sc, image),
@@ -155,6 +159,7 @@ def container_spec(
         namespace_entries.append({"type": "cgroup"})  # hides the host's cgroup tree; v2 only, as containerd
     linux: Linux = {
         "namespaces": namespace_entries,
+        **platform.namespaces.id_mapping_entries(),
         "cgroupsPath": platform.cgroups_path,
         "resources": resources,
         "devices": devices,

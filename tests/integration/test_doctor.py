@@ -45,3 +45,23 @@ def test_static_elf_detection():
     assert _is_static_elf(Path("/usr/bin/catatonit"))
     assert _is_static_elf(Path("/bin/busybox"))
     assert not _is_static_elf(Path("/usr/bin/conmon"))
+
+
+def test_a_running_daemon_is_on_the_page(pod_env, tmp_path):
+    env = pod_env()
+    config = tmp_path / "doctor.toml"
+    config.write_text(
+        f'state_dir = "{env.daemon.state_dir}"\nruntime_dir = "{tmp_path / "run"}"\nsocket = "{env.daemon.socket}"\n'
+        f'[cni]\nconf_dir = "{tmp_path / "net.d"}"\n'
+    )
+    findings = {f.what: f for f in diagnose(config)}
+    assert findings["daemon"].level == "ok" and "0 pods, 0 of 0 containers running" in findings["daemon"].detail
+    assert findings["RuntimeReady"].level == "ok" and findings["NetworkReady"].level == "ok"
+    assert findings["daemon"].section == "daemon" and findings["jail"].section == "untrusted pods (VMs)"
+
+
+def test_no_daemon_is_a_warning_with_its_fix(tmp_path):
+    config = tmp_path / "tandem.toml"
+    config.write_text(f'runtime_dir = "{tmp_path / "run"}"\nstate_dir = "{tmp_path / "state"}"\n')
+    findings = {f.what: f for f in diagnose(config)}
+    assert findings["daemon"].level == "warn" and "systemctl start tandem" in findings["daemon"].fix

@@ -30,10 +30,11 @@ from core import cgroups
 from core.errors import CommandFailed, DeadlineExceeded, FailedPrecondition, NotFound
 from core.mounts import is_mounted, mountinfo
 from core.proc import run
-from runc_backend.cgroups import usage_from_stats
+from runc_backend.cgroups import CgroupStats
 from runc_backend.conmon import Conmon, oom_killed, read_exit, running_monitor, wait_exit
 from runc_backend.runc import Runc
-from sandbox.oci.rootfs import LINKS_DIR, mount_rootfs, unmount, writable_layer_usage
+from sandbox.oci.layer_usage import measure
+from sandbox.oci.rootfs import LINKS_DIR, mount_rootfs, unmount
 from tests.support.pods import log_entries
 from tests.support.wait import eventually
 
@@ -399,16 +400,15 @@ async def test_stats_have_cpu_memory_and_pids(plumbing: Plumbing):
     busy = "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; echo counted; exec tail -f /dev/null"
     c = await plumbing.run(["sh", "-c", busy])
     await eventually(lambda: c.log_path.exists() and "counted" in c.log_path.read_text(), what="the loop to finish")
-    stats = await plumbing.runc.stats(c.cid)
-    assert stats["cpu"]["usage"]["total"] > 0 and stats["memory"]["usage"]["usage"] > 0
-    usage = usage_from_stats(stats, 0)
-    assert usage.cpu_usage_ns and usage.memory_usage_bytes and usage.pids == 1
+    reader = CgroupStats(cgroups.controller_roots())
+    usage = reader.usage(c.cgroups_path, 7)
+    assert usage.timestamp == 7 and usage.cpu_usage_ns and usage.memory_usage_bytes and usage.pids == 1
     assert usage.memory_working_set_bytes is not None and usage.page_faults
     await plumbing.runc.kill(c.cid, signal.SIGKILL)
     await plumbing.exit_of(c)
-    with pytest.raises(FailedPrecondition):
-        await plumbing.runc.stats(c.cid)
     await plumbing.remove(c)
+    gone = reader.usage(c.cgroups_path, 8)  # its cgroup is gone: no figures, no error
+    assert (gone.cpu_usage_ns, gone.memory_usage_bytes, gone.pids) == (None, None, None)
 
 
 async def test_oom_kill_is_recorded(plumbing: Plumbing):
@@ -539,7 +539,7 @@ async def test_overlay_with_a_whiteout_runs_a_container(plumbing: Plumbing):
     assert await plumbing.exit_of(c) == 0
     assert [text for *_, text in c.log_entries()] == ["b", "c"]
     assert (ctr / "upper/data/d").read_bytes() == b"new\n"
-    used, inodes = writable_layer_usage(ctr / "upper")
+    used, inodes = measure(ctr / "upper")
     assert used > 0 and inodes >= 3  # upper, data, data/d
     await plumbing.remove(c)
 
@@ -571,7 +571,7 @@ async def test_overlay_with_no_layers_is_empty_and_writable(plumbing: Plumbing):
     assert os.listdir(target) == []
     (target / "x").write_text("y")
     assert (ctr / "upper/x").read_text() == "y"
-    assert writable_layer_usage(ctr / "upper")[1] == 2  # upper itself and x
+    assert measure(ctr / "upper")[1] == 2  # upper itself and x
     busy = os.open(target / "x", os.O_RDONLY)
     try:
         await unmount(target)  # busy: detached lazily

@@ -17,6 +17,7 @@ from core.errors import DeadlineExceeded
 from vm_backend.guest_image import GuestAssets
 from vm_backend.guest_image.store import load
 from vm_backend.qemu import QemuVm, VmSpec, console_marker
+from vm_backend.share import PodShare, ShareMount
 from vm_backend.virtiofs import Virtiofsd
 
 pytestmark = pytest.mark.integration
@@ -48,43 +49,48 @@ def leftovers(run_dir: Path) -> list[str]:
 
 
 async def test_the_guest_sees_its_share_and_nothing_else(guest_assets, run_dir):
-    vfs = Virtiofsd(run_dir)
-    await vfs.prepare_share()
-    propagation = await proc.run(["findmnt", "-n", "-o", "PROPAGATION", vfs.share])
-    assert propagation.stdout.decode().strip() == "private"  # binds inside the share stay out of other namespaces
-    secret = run_dir / "secret.txt"  # beside the share, on the host
+    share = PodShare(run_dir)
+    await share.create()
+    assert share.pinned()
+    secret = run_dir / "secret.txt"  # beside the rootfs and the volume, on the host
     secret.write_text("host secret\n")
-    (vfs.share / "hello.txt").write_text("hello from the host\n")
-    (vfs.share / "escape.txt").symlink_to("../secret.txt")
-    (vfs.share / "absolute.txt").symlink_to(secret)
     rootfs = run_dir / "prepared-rootfs"
     rootfs.mkdir()
+    await proc.run(["mount", "-t", "tmpfs", "rootfs", rootfs])  # a container's root is a mount of its own
     (rootfs / "marker.txt").write_text("container rootfs\n")
-    assert await vfs.bind_rootfs("c1", rootfs) == "c1/rootfs"
+    volume = run_dir / "volume"
+    volume.mkdir()
+    (volume / "hello.txt").write_text("hello from the host\n")
+    (volume / "escape.txt").symlink_to("../secret.txt")
+    (volume / "absolute.txt").symlink_to(secret)
+    attached = await share.attach("c1", rootfs, [ShareMount(str(volume), readonly=True)])
+    assert len(attached) == 2
 
-    vm = QemuVm(vm_spec(guest_assets, run_dir, "share"), vfs)
+    vm = QemuVm(vm_spec(guest_assets, run_dir, "share"), Virtiofsd(run_dir, share.ns_file))
     try:
         await vm.start(ready=console_marker("tandem-init: share end"), boot_timeout=60)
         await asyncio.wait_for(vm.wait(), 30)  # /init powers off after listing
         console = vm.console_since_launch()
     finally:
         await vm.stop(timeout=5)
-        await vfs.unbind_rootfs("c1")
-        await vfs.remove_share()
+        await share.detach("c1", attached)
+        share.unpin()
+        await proc.run(["umount", rootfs])
 
-    assert "hello from the host" in console
+    assert "hello from the host" in console and "/run/tandem/share/c1/mounts/0/hello.txt" in console
     assert "/run/tandem/share/c1/rootfs/marker.txt" in console and "container rootfs" in console
     assert "host secret" not in console  # symlinks resolve in the guest, never on the host
     assert "tandem-init: root is ext4" in console  # the userland image, not the initramfs rootfs: crun can pivot_root
-    assert not vm.alive() and not vfs.alive()
-    assert leftovers(run_dir) == [] and not vfs.share.exists()
+    assert not vm.alive() and not vm.virtiofsd.alive()
+    assert leftovers(run_dir) == [] and not share.pinned()
 
 
 def boot_idle_and_exit(run_dir: str, assets_dir: str) -> None:
     """Run as a separate "daemon" process: start an idle VM (its first boot made to look hung), then exit."""
     assets = load(Path(assets_dir))
     assert assets is not None
-    vm = QemuVm(vm_spec(assets, Path(run_dir), "idle"), Virtiofsd(Path(run_dir)))
+    share = PodShare(Path(run_dir))
+    vm = QemuVm(vm_spec(assets, Path(run_dir), "idle"), Virtiofsd(Path(run_dir), share.ns_file))
     attempts = 0
 
     async def hangs_once(booting: QemuVm) -> None:
@@ -94,7 +100,11 @@ def boot_idle_and_exit(run_dir: str, assets_dir: str) -> None:
             raise DeadlineExceeded("simulated hung boot")
         await console_marker("tandem-init: idle")(booting)
 
-    asyncio.run(vm.start(ready=hangs_once, boot_timeout=60))
+    async def start() -> None:
+        await share.create()
+        await vm.start(ready=hangs_once, boot_timeout=60)
+
+    asyncio.run(start())
     print(f"attempts={attempts} pid={vm.pid()}")
 
 
@@ -108,7 +118,8 @@ async def test_a_vm_outlives_its_daemon_and_stops_cleanly(guest_assets, run_dir)
     assert daemon.returncode == 0
     assert out.decode().startswith("attempts=2 ")  # the "hung" boot was killed and relaunched
 
-    restarted = QemuVm(vm_spec(guest_assets, run_dir, "idle"), Virtiofsd(run_dir))  # rebuilt from records
+    share = PodShare(run_dir)
+    restarted = QemuVm(vm_spec(guest_assets, run_dir, "idle"), Virtiofsd(run_dir, share.ns_file))  # from records
     try:
         assert f"pid={restarted.pid()}" in out.decode()
         assert restarted.virtiofsd is not None and restarted.virtiofsd.alive()
@@ -118,6 +129,6 @@ async def test_a_vm_outlives_its_daemon_and_stops_cleanly(guest_assets, run_dir)
         assert "reboot: Power down" in restarted.spec.console_log.read_text(errors="replace")
     finally:
         await restarted.kill()
-        await Virtiofsd(run_dir).remove_share()
-    assert not restarted.alive() and not Virtiofsd(run_dir).alive()
+        share.unpin()
+    assert not restarted.alive() and not restarted.virtiofsd.alive() and not share.pinned()
     assert leftovers(run_dir) == []

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from core import cgroups
+from core import cgroups, mounts
 from core.settings import Config
 from protos import cri_pb2 as pb
 from tests.support.daemon import TandemDaemon
@@ -22,6 +22,7 @@ from tests.support.pods import container_config, pod_config, pod_leftovers
 from tests.support.wait import wait_for
 from vm_backend import resources
 from vm_backend.guest_image import assets_root
+from vm_backend.virtiofs import virtiofsd_nofile
 
 pytestmark = pytest.mark.integration
 
@@ -132,14 +133,27 @@ def test_qemu_runs_jailed_in_a_cgroup_of_its_own(env):
         assert state["cgroup"] == cgroup
         assert f":memory:{cgroup}" in Path(f"/proc/{pid}/cgroup").read_text()
         virtiofsd = int(Path(run_dir, "virtiofsd.pid").read_text().split()[0])  # pid, start time
-        assert {pid, virtiofsd} == cgroups.processes(cgroup)
-        limits = resources.vm_limits(state["vcpus"], state["memory_mib"], "tcg", state["userland_bytes"])
+        (sandboxed,) = cgroups.processes(cgroup) - {pid, virtiofsd}  # its sandbox: a child in new namespaces
+        assert status(sandboxed)["PPid"].strip() == str(virtiofsd)
+        limits = resources.vm_limits(state["vcpus"], state["memory_mib"], "tcg")
         found = cgroups.read_limits(cgroup)
         assert found["pids.max"] == str(limits.pids)
         memory = found.get("memory.max") or found["memory.limit_in_bytes"]
-        assert int(memory) == (256 + resources.OVERHEAD_MIB["tcg"]) * 2**20 + state["userland_bytes"]
+        assert int(memory) == (256 + resources.OVERHEAD_MIB["tcg"]) * 2**20
         cpu = found.get("cpu.max") or f"{found['cpu.cfs_quota_us']} {found['cpu.cfs_period_us']}"
         assert cpu == "200000 100000"  # one vCPU and one more for QEMU's main loop and virtiofsd
+
+        # virtiofsd: started in the pod's share namespace, then sandboxed by itself inside it (mount, PID and network
+        # namespaces of its own, pivoted into the share): only the share and what is attached to it are in view.
+        for kind in ("mnt", "pid", "net"):
+            assert os.readlink(f"/proc/{sandboxed}/ns/{kind}") != os.readlink(f"/proc/self/ns/{kind}"), kind
+        table = mounts.mountinfo(Path(f"/proc/{sandboxed}/mountinfo").read_text())
+        assert [m.source for m in table if m.mount_point == "/"] == ["tandem-share"]
+        assert {m.mount_point for m in table} == {"/", f"/{cid}/rootfs"}
+        assert (
+            f"--rlimit-nofile={virtiofsd_nofile(state['memory_mib'])}" in Path(f"/proc/{virtiofsd}/cmdline").read_text()
+        )
+        assert "--socket-path" not in Path(f"/proc/{virtiofsd}/cmdline").read_text()  # a descriptor: no host path
 
         daemon.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id))
         daemon.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id))

@@ -71,7 +71,8 @@ class TandemDaemon:
         daemon.default_network = default
         return daemon
 
-    def start(self, timeout: float = 30.0) -> TandemDaemon:
+    def start(self, timeout: float = 30.0, log_level: str = "debug") -> TandemDaemon:
+        """Start it; benchmarks log at "info", as a node would (debug logs a line per call)."""
         if self.socket.exists():
             probe = grpc.insecure_channel(f"unix://{self.socket}")
             try:
@@ -96,7 +97,7 @@ class TandemDaemon:
                 "--state-dir",
                 str(self.state_dir),
                 "--log-level",
-                "debug",
+                log_level,
             ],
             stdout=log,
             stderr=log,

@@ -26,6 +26,7 @@ from sandbox.backend import (
     ExitListener,
     ExitStatus,
     ImageRootfs,
+    PodContainers,
     Process,
 )
 from sandbox.cni import CniPlugins
@@ -45,6 +46,7 @@ class FakeContainer:
     exit: ExitStatus | None = None
     resources: list[Resources] = field(default_factory=list)
     ignores_signals: bool = False  # stop_container cannot end it
+    sandbox_id: str = ""
 
 
 class FakeBackend(Backend[Path]):
@@ -58,7 +60,10 @@ class FakeBackend(Backend[Path]):
         self.listener: ExitListener | None = None
         self.exit_on_start: dict[str, int] = {}  # container name -> exit code at once when started
         self.fail_start: set[str] = set()  # container names whose start fails
+        self.unmeasured: set[str] = set()  # container ids `usage` leaves out (a guest that did not answer)
         self.calls: list[tuple[str, str]] = []
+        self.holder_ends_containers = False  # as a VM: stopping the pod's holder ends every container in it
+        self.sandbox_resources: dict[str, Resources] = {}
 
     @classmethod
     def create(cls, settings: Path) -> FakeBackend:
@@ -71,6 +76,12 @@ class FakeBackend(Backend[Path]):
         self.containers[container_id].exit = ExitStatus(code, time.time_ns())
         if notify and self.listener is not None:
             self.listener(container_id)
+
+    def end_pod(self, sandbox_id: str, *, notify: bool = True) -> None:
+        """The pod's holder ends (an infra process killed, a VM crashed); the manager hears of it unless not."""
+        self.pods[sandbox_id] = False
+        if notify and self.listener is not None:
+            self.listener(sandbox_id)
 
     # ---- the Backend contract ----------------------------------------------------------------
 
@@ -88,6 +99,10 @@ class FakeBackend(Backend[Path]):
         self.calls.append(("stop_sandbox", sandbox.id))
         if sandbox.id in self.pods:
             self.pods[sandbox.id] = False
+        if self.holder_ends_containers:
+            for fake in self.containers.values():
+                if fake.sandbox_id == sandbox.id and fake.started and fake.exit is None:
+                    fake.exit = ExitStatus(255, time.time_ns(), reason="VMDied")
 
     async def remove_sandbox(self, sandbox: SandboxRecord) -> None:
         self.calls.append(("remove_sandbox", sandbox.id))
@@ -126,7 +141,7 @@ class FakeBackend(Backend[Path]):
         self, sandbox: SandboxRecord, container: ContainerRecord, spec: Spec, stop_signal: int
     ) -> None:
         self.calls.append(("create_container", container.id))
-        self.containers[container.id] = FakeContainer(spec, stop_signal)
+        self.containers[container.id] = FakeContainer(spec, stop_signal, sandbox_id=sandbox.id)
 
     async def start_container(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
         self.calls.append(("start_container", container.id))
@@ -157,11 +172,21 @@ class FakeBackend(Backend[Path]):
     ) -> ExecResult:
         return ExecResult(0, " ".join(cmd).encode(), b"")
 
+    async def update_sandbox_resources(self, sandbox: SandboxRecord, resources: Resources) -> None:
+        self.calls.append(("update_sandbox_resources", sandbox.id))
+        self.sandbox_resources[sandbox.id] = resources
+
     async def update_resources(self, sandbox: SandboxRecord, container: ContainerRecord, resources: Resources) -> None:
         self.containers[container.id].resources.append(resources)
 
-    async def container_usage(self, sandbox: SandboxRecord, container: ContainerRecord) -> ContainerUsage:
-        return ContainerUsage(timestamp=time.time_ns(), cpu_usage_ns=1000, memory_working_set_bytes=4096)
+    async def usage(self, pods: list[PodContainers]) -> dict[str, ContainerUsage]:
+        self.calls.append(("usage", ",".join(p.sandbox.id for p in pods)))
+        return {
+            c.id: ContainerUsage(timestamp=time.time_ns(), cpu_usage_ns=1000, memory_working_set_bytes=4096)
+            for pod in pods
+            for c in pod.containers
+            if c.id not in self.unmeasured
+        }
 
     async def reopen_log(self, sandbox: SandboxRecord, container: ContainerRecord) -> None:
         self.calls.append(("reopen_log", container.id))

@@ -58,12 +58,12 @@ def pod_leftovers(daemon: TandemDaemon, processes: tuple[str, ...], roots: tuple
     """Anything of a pod's still on the host: mounts under the daemon's dirs, netns files, and per-pod
     processes (`processes` names, e.g. conmon or qemu) whose command line names one of `roots`.
 
-    The netns directory's and the runc pod directories' own private bind mounts stay: they are the
-    daemon's, made once, not a pod's.
+    The netns directory's, the runc pod directories' and the VM run dirs' own private bind mounts stay:
+    they are the daemon's, made once, not a pod's.
     """
     found = []
     state, run = str(daemon.state_dir), str(daemon.socket.parent)
-    daemons = (f"{run}/netns", f"{run}/runc/pods")
+    daemons = (f"{run}/netns", f"{run}/runc/pods", f"{run}/vm")
     for line in open("/proc/self/mountinfo"):
         mount_point = line.split()[4]
         if (mount_point.startswith(state) or mount_point.startswith(f"{run}/")) and mount_point not in daemons:

@@ -340,7 +340,7 @@ async def test_errors_map_to_domain_exceptions(agent: Agent, short_dir: Path) ->
         with pytest.raises(errors.InvalidArgument, match="empty request"):
             await client.call(pb.Request())
         with pytest.raises(errors.FailedPrecondition, match="cannot connect"):
-            await client.open_port("s1", 1)
+            await client.open_port("s1", 1, window=1024)
     finally:
         await client.close()
 

@@ -1,126 +1,54 @@
-"""The pure parts of core.cgroups (path rules, mount detection) and runc_backend.cgroups (runc's stats for CRI)."""
+"""The pure parts of core.cgroups (path rules, mount detection) and runc_backend.cgroups (cgroup files as CRI stats)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from core import cgroups
 from core.errors import InvalidArgument
 from core.mounts import mountinfo
-from runc_backend.cgroups import oom_score_adj_floor, usage_from_stats
+from runc_backend.cgroups import CgroupStats, oom_score_adj_floor
 from sandbox.backend import ContainerUsage
 
-# `runc events --stats` data, captured from a busybox container on this project's Debian 12 hybrid host
-# (cgroup v1 + unified) with a 64 MiB limit, after it wrote 8 MiB to its disk-backed /tmp and 2 MiB to tmpfs.
-V1_STATS: dict[str, Any] = {
-    "cpu": {
-        "usage": {
-            "total": 71910139,
-            "percpu": [0, 71910139],
-            "percpu_kernel": [0, 40000000],
-            "percpu_user": [0, 60000000],
-            "kernel": 20000000,
-            "user": 40000000,
-        },
-        "throttling": {},
-    },
-    "cpuset": {
-        "cpus": [0, 1],
-        "cpu_exclusive": 0,
-        "mems": [0],
-        "mem_hardwall": 0,
-        "mem_exclusive": 0,
-        "memory_migrate": 0,
-        "memory_spread_page": 0,
-        "memory_spread_slab": 0,
-        "memory_pressure": 0,
-        "sched_load_balance": 1,
-        "sched_relax_domain_level": -1,
-    },
-    "memory": {
-        "cache": 10485760,
-        "usage": {"limit": 67108864, "usage": 11374592, "max": 11423744, "failcnt": 0},
-        "swap": {"limit": 9223372036854771712, "usage": 11374592, "max": 11423744, "failcnt": 0},
-        "kernel": {"limit": 9223372036854771712, "usage": 548864, "max": 622592, "failcnt": 0},
-        "kernelTCP": {"limit": 9223372036854771712, "failcnt": 0},
-        "raw": {
-            "active_anon": 4096,
-            "active_file": 0,
-            "cache": 10485760,
-            "dirty": 0,
-            "hierarchical_memory_limit": 67108864,
-            "hierarchical_memsw_limit": 9223372036854771712,
-            "inactive_anon": 2199552,
-            "inactive_file": 8388608,
-            "mapped_file": 0,
-            "pgfault": 953,
-            "pgmajfault": 0,
-            "pgpgin": 3071,
-            "pgpgout": 485,
-            "rss": 106496,
-            "rss_huge": 0,
-            "shmem": 2097152,
-            "swap": 0,
-            "swapcached": 0,
-            "total_active_anon": 4096,
-            "total_active_file": 0,
-            "total_cache": 10485760,
-            "total_dirty": 0,
-            "total_inactive_anon": 2199552,
-            "total_inactive_file": 8388608,
-            "total_mapped_file": 0,
-            "total_pgfault": 953,
-            "total_pgmajfault": 0,
-            "total_pgpgin": 3071,
-            "total_pgpgout": 485,
-            "total_rss": 106496,
-            "total_rss_huge": 0,
-            "total_shmem": 2097152,
-            "total_swap": 0,
-            "total_swapcached": 0,
-            "total_unevictable": 0,
-            "total_workingset_refault_anon": 0,
-            "total_workingset_refault_file": 0,
-            "total_writeback": 0,
-            "unevictable": 0,
-            "workingset_refault_anon": 0,
-            "workingset_refault_file": 0,
-            "writeback": 0,
-        },
-    },
-    "pids": {"current": 2},
-    "blkio": {},
-    "hugetlb": {},
-    "intel_rdt": {},
-    "network_interfaces": None,
-}
+V1_MEMORY_STAT = """cache 10485760
+rss 106496
+pgfault 953
+pgmajfault 0
+inactive_file 8388608
+total_cache 10485760
+total_rss 106496
+total_pgfault 953
+total_pgmajfault 0
+total_inactive_file 8388608
+"""
 
-# The same container's figures as runc reports them on a cgroup v2 host: usage from memory.current, an
-# unlimited memory.max as 2**64 - 1, and raw holding v2 memory.stat keys (anon, file, inactive_file, ...).
-V2_STATS: dict[str, Any] = {
-    "cpu": {"usage": {"total": 71910139, "kernel": 40000000, "user": 30000000}, "throttling": {}},
-    "memory": {
-        "usage": {"limit": 2**64 - 1, "usage": 11374592},
-        "swap": {"limit": 2**64 - 1, "usage": 0},
-        "raw": {
-            "anon": 106496,
-            "file": 10485760,
-            "active_file": 0,
-            "inactive_file": 8388608,
-            "shmem": 2097152,
-            "pgfault": 953,
-            "pgmajfault": 2,
-        },
-    },
-    "pids": {"current": 2},
-}
+V2_MEMORY_STAT = """anon 106496
+file 10485760
+inactive_file 8388608
+pgfault 953
+pgmajfault 2
+"""
 
 
-def test_v1_stats_map_to_cri_figures():
-    assert usage_from_stats(V1_STATS, 7) == ContainerUsage(
+def write_files(directory: Path, files: dict[str, str]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (directory / name).write_text(text)
+
+
+def test_v1_figures_come_from_each_controllers_hierarchy(tmp_path):
+    """A busybox container with a 64 MiB limit, after it wrote 8 MiB to its disk-backed /tmp, as v1 shows it."""
+    rel = "tandem/pod/ctr"
+    write_files(tmp_path / "cpuacct" / rel, {"cpuacct.usage": "71910139\n"})
+    write_files(
+        tmp_path / "memory" / rel,
+        {"memory.usage_in_bytes": "11374592\n", "memory.limit_in_bytes": "67108864\n", "memory.stat": V1_MEMORY_STAT},
+    )
+    write_files(tmp_path / "pids" / rel, {"pids.current": "2\n"})
+    roots = {c: (tmp_path / c, 1) for c in ("cpu", "cpuacct", "memory", "pids")}
+    assert CgroupStats(roots).usage(f"/{rel}", 7) == ContainerUsage(
         timestamp=7,
         cpu_usage_ns=71910139,
         memory_usage_bytes=11374592,
@@ -133,19 +61,42 @@ def test_v1_stats_map_to_cri_figures():
     )
 
 
-def test_v2_stats_use_v2_key_names_and_unlimited_has_no_available_figure():
-    usage = usage_from_stats(V2_STATS, 7)
-    assert usage.memory_working_set_bytes == 11374592 - 8388608
-    assert (usage.memory_rss_bytes, usage.page_faults, usage.major_page_faults) == (106496, 953, 2)
+def test_v2_figures_use_v2_files_and_unlimited_has_no_available_figure(tmp_path):
+    rel = "tandem/pod/ctr"
+    write_files(
+        tmp_path / rel,
+        {
+            "cpu.stat": "usage_usec 71910\nuser_usec 40000\nsystem_usec 31910\n",
+            "memory.current": "11374592\n",
+            "memory.max": "max\n",
+            "memory.stat": V2_MEMORY_STAT,
+            "pids.current": "2\n",
+        },
+    )
+    roots = {c: (tmp_path, 2) for c in ("cpu", "memory", "pids")}
+    usage = CgroupStats(roots).usage(f"/{rel}", 7)
+    assert usage.cpu_usage_ns == 71910000 and usage.memory_working_set_bytes == 11374592 - 8388608
+    assert (usage.memory_rss_bytes, usage.page_faults, usage.major_page_faults, usage.pids) == (106496, 953, 2, 2)
     assert usage.memory_available_bytes is None
 
 
-def test_working_set_never_goes_negative_and_missing_figures_are_none():
-    stats = {"memory": {"usage": {"usage": 100}, "raw": {"total_inactive_file": 4096}}}
-    usage = usage_from_stats(stats, 7)
+def test_a_hybrid_host_reads_memory_from_v1_and_cpu_from_cpuacct(tmp_path):
+    rel = "p/c"
+    write_files(tmp_path / "cpuacct" / rel, {"cpuacct.usage": "5\n"})
+    write_files(tmp_path / "memory" / rel, {"memory.usage_in_bytes": "100\n", "memory.stat": V1_MEMORY_STAT})
+    roots = {"cpuacct": (tmp_path / "cpuacct", 1), "memory": (tmp_path / "memory", 1), "misc": (tmp_path, 2)}
+    usage = CgroupStats(roots).usage(rel, 7)
+    assert (usage.cpu_usage_ns, usage.memory_usage_bytes, usage.pids) == (5, 100, None)
+
+
+def test_working_set_never_goes_negative_and_missing_figures_are_none(tmp_path):
+    write_files(tmp_path / "memory" / "c", {"memory.usage_in_bytes": "100\n", "memory.stat": V1_MEMORY_STAT})
+    roots = {c: (tmp_path / c, 1) for c in ("cpuacct", "memory", "pids")}
+    usage = CgroupStats(roots).usage("/c", 7)
     assert usage.memory_working_set_bytes == 0
-    assert usage.cpu_usage_ns is None and usage.pids is None and usage.memory_rss_bytes is None
-    assert usage_from_stats({}, 7) == ContainerUsage(timestamp=7)  # every figure None
+    assert usage.cpu_usage_ns is None and usage.pids is None and usage.memory_available_bytes is None
+    assert CgroupStats(roots).usage("/gone", 7) == ContainerUsage(timestamp=7)  # every figure None
+    assert CgroupStats({}).usage("/c", 7) == ContainerUsage(timestamp=7)  # no controllers at all
 
 
 @pytest.mark.parametrize(

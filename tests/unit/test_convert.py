@@ -42,13 +42,19 @@ def test_container_status_carries_the_exit_and_the_user():
 
 def test_stats_leave_out_what_the_backend_could_not_measure():
 
-    stats = container_stats(container_record(), ContainerUsage(timestamp=5, cpu_usage_ns=10), nano_cores=None)
+    stats = container_stats(container_record(), ContainerUsage(timestamp=5, cpu_usage_ns=10))
     assert stats.cpu.usage_core_nano_seconds.value == 10 and not stats.cpu.HasField("usage_nano_cores")
     assert not stats.memory.HasField("working_set_bytes") and not stats.HasField("writable_layer")
     usage = ContainerUsage(
-        timestamp=5, memory_working_set_bytes=-1, writable_layer_bytes=7, writable_layer_mountpoint="/x"
+        timestamp=5,
+        memory_working_set_bytes=-1,
+        writable_layer_bytes=7,
+        writable_layer_mountpoint="/x",
+        writable_layer_timestamp=4,
+        cpu_nano_cores=3,
     )
-    stats = container_stats(container_record(), usage, nano_cores=3)
+    stats = container_stats(container_record(), usage)
     assert stats.memory.working_set_bytes.value == 0  # never negative
     assert (stats.writable_layer.used_bytes.value, stats.writable_layer.fs_id.mountpoint) == (7, "/x")
+    assert stats.writable_layer.timestamp == 4  # when the layer was last measured, not the sample's time
     assert stats.cpu.usage_nano_cores.value == 3

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 
 import pytest
 
-from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unimplemented
+from core.records import RecordStore
 from protos import cri_pb2 as pb
+from sandbox.backend import BackendFeatures
 from sandbox.events import ContainerEvent, Subscription
-from sandbox.model import ContainerState, ProcessUser, SandboxRecord, SandboxState
+from sandbox.model import ContainerRecord, ContainerState, ExitStatus, ProcessUser, SandboxRecord, SandboxState
 from tests.support.fake_backend import IMAGE_ID, FakeBackend, container, fake_manager, host_network_pod
 
 
@@ -76,7 +79,7 @@ async def test_removing_a_pod_stops_and_removes_its_containers(env):
     sandbox, _ = await running(pods)
     await pods.remove_sandbox(sandbox.id)
     assert fake.containers == {} and fake.pods == {}
-    assert pods.list_sandboxes(None) == [] and await pods.list_containers(None) == []
+    assert pods.list_sandboxes(None) == [] and pods.list_containers(None) == []
 
 
 async def test_refusals(env):
@@ -127,6 +130,31 @@ async def test_a_container_that_survives_its_kill_is_reported(env):
     with pytest.raises(FailedPrecondition, match="still running after being killed"):
         await pods.stop_container(record.id, 0)
     assert record.state == ContainerState.RUNNING
+
+
+async def test_a_pod_whose_holder_ends_its_containers_stops_and_goes_even_if_one_survived_its_kill(env):
+    # kubelet found this: a VM whose guest could not kill a container kept StopPodSandbox failing forever,
+    # though stopping the VM ends every container in it
+    pods, fake = env
+    fake.holder_ends_containers = True
+    sandbox, record = await running(pods)
+    fake.containers[record.id].ignores_signals = True
+    await pods.stop_sandbox(sandbox.id)
+    assert sandbox.state == SandboxState.NOTREADY
+    assert (record.state, record.exit_code, record.reason) == (ContainerState.EXITED, 255, "VMDied")
+    await pods.remove_sandbox(sandbox.id)
+    assert pods.list_sandboxes(None) == [] and record.id not in fake.containers
+
+
+async def test_a_container_that_outlives_its_pods_holder_still_fails_the_pods_stop(env):
+    pods, fake = env
+    sandbox, record = await running(pods)
+    fake.containers[record.id].ignores_signals = True
+    with pytest.raises(FailedPrecondition, match="still running after being killed"):
+        await pods.stop_sandbox(sandbox.id)
+    with pytest.raises(FailedPrecondition, match="still running after being killed"):
+        await pods.remove_sandbox(sandbox.id)
+    assert record.state == ContainerState.RUNNING and pods.sandbox(sandbox.id) is sandbox
 
 
 async def test_an_exit_is_recorded_and_published_when_the_backend_tells(env):
@@ -258,3 +286,142 @@ async def test_pods_whose_backend_is_gone_are_served_from_their_records_and_refu
         with pytest.raises(FailedPrecondition, match="vm backend not available"):
             await refused
     await third.close()
+
+
+async def test_an_exit_reported_with_its_status_is_persisted_before_the_listener_returns(tmp_path):
+    """A VM agent's exit event: the manager must have it on disk before the backend acknowledges it."""
+    fake = FakeBackend(tmp_path / "fake")
+    pods = fake_manager(tmp_path, fake)
+    await pods.recover()
+    _, record = await running(pods)
+    fake.listener(record.id, ExitStatus(3, time.time_ns(), reason="OOMKilled"))  # the backend's own view: running
+    on_disk = RecordStore(tmp_path / "state" / "containers", ContainerRecord).get(record.id)
+    assert on_disk is not None and (on_disk.state, on_disk.exit_code, on_disk.reason) == (ContainerState.EXITED, 3,
+                                                                                        "OOMKilled")  # fmt: skip
+    fake.listener(record.id, ExitStatus(9, time.time_ns()))  # told again (a replay): the first stands
+    assert record.exit_code == 3
+    await pods.close()
+
+
+async def test_an_exit_reported_while_the_container_starts_lands_after_its_start(env):
+    pods, fake = env
+    events = pods.events.subscribe()
+    sandbox = await pods.run_sandbox(host_network_pod(), "")
+    record = await pods.create_container(sandbox.id, container(), sandbox.config)
+    starting = fake.start_container
+
+    async def start_and_exit(sandbox, container):  # the exit event overtakes the start's answer
+        await starting(sandbox, container)
+        fake.listener(container.id, ExitStatus(5, 1))  # a finish time before the start: the start wins
+        assert container.state == ContainerState.CREATED and container.exit_report is not None
+
+    fake.start_container = start_and_exit
+    await pods.start_container(record.id)
+    kinds = [(await next_event(events)).kind for _ in range(3)]
+    assert kinds == ["created", "started", "stopped"]
+    assert (record.state, record.exit_code) == (ContainerState.EXITED, 5)
+    assert record.finished_at >= record.started_at > 0
+    events.close()
+
+
+def test_recursive_read_only_is_advertised_per_handler_by_its_backend(tmp_path):
+    runc, vm = FakeBackend(tmp_path / "runc"), FakeBackend(tmp_path / "vm", name="vm")
+    vm.features = BackendFeatures(recursive_read_only_mounts=True)
+    pods = fake_manager(tmp_path, runc, vm)
+    assert pods.handler_features("vm").recursive_read_only_mounts
+    assert not pods.handler_features("runc").recursive_read_only_mounts
+    assert not pods.handler_features("").recursive_read_only_mounts  # the default (trusted) node's: runc's
+    assert pods.handler_features("none") == BackendFeatures()
+
+
+async def _checks_done(pods) -> None:
+    await asyncio.wait_for(asyncio.gather(*pods._exit_checks), 5)
+
+
+async def test_lists_answer_from_what_is_recorded_and_a_status_call_asks_the_backend(env):
+    pods, fake = env
+    _, record = await running(pods)
+    fake.exit(record.id, 3, notify=False)  # an exit nobody was told of
+    assert [c.state for c in pods.list_containers(None)] == [ContainerState.RUNNING]
+    assert (await pods.container_status(record.id)).state == ContainerState.EXITED
+    assert [c.state for c in pods.list_containers(None)] == [ContainerState.EXITED]
+
+
+async def test_a_pods_holder_ending_is_pushed_to_the_records(env):
+    pods, fake = env
+    sandbox, _ = await running(pods)
+    quiet = await pods.run_sandbox(host_network_pod("quiet"), "")
+    fake.end_pod(quiet.id, notify=False)
+    fake.end_pod(sandbox.id)
+    await _checks_done(pods)
+    assert sandbox.state == SandboxState.NOTREADY and not pods.is_ready(sandbox)
+    ready = pb.PodSandboxFilter(state=pb.PodSandboxStateValue(state=pb.SANDBOX_READY))
+    assert pods.list_sandboxes(ready) == [quiet]  # not told: as recorded, until asked
+    assert not await pods.sandbox_ready(quiet)
+    assert quiet.state == SandboxState.NOTREADY
+
+
+async def test_when_exits_were_missed_every_pod_and_container_is_looked_at(env):
+    pods, fake = env
+    sandbox, record = await running(pods)
+    fake.exit(record.id, 1, notify=False)
+    fake.end_pod(sandbox.id, notify=False)
+    fake.listener(None)  # the kernel's event queue overflowed
+    await _checks_done(pods)
+    assert (record.state, sandbox.state) == (ContainerState.EXITED, SandboxState.NOTREADY)
+
+
+async def test_a_holders_end_heard_while_its_pod_is_removed_leaves_no_record(env):
+    pods, fake = env
+    sandbox = await pods.run_sandbox(host_network_pod(), "")
+    fake.end_pod(sandbox.id)  # its check runs once the removal, which holds the pod's lock, is done
+    await pods.remove_sandbox(sandbox.id)
+    await _checks_done(pods)
+    assert pods._sandbox_store.load_all() == {} and pods.list_sandboxes(None) == []
+
+
+async def test_handlers_report_their_backends_features_and_requests_beyond_them_are_unimplemented(tmp_path):
+    runc = FakeBackend(tmp_path / "runc")
+    runc.features = BackendFeatures(recursive_read_only_mounts=True, user_namespaces=True)
+    vm = FakeBackend(tmp_path / "vm", name="vm")
+    pods = fake_manager(tmp_path, runc, vm)
+    await pods.recover()
+    assert pods.handler_features("") == pods.handler_features("runc") == runc.features
+    assert pods.handler_features("vm") == BackendFeatures() and pods.handler_features("nonesuch") == BackendFeatures()
+    assert fake_manager(tmp_path, runc, vm, default_trust="untrusted").handler_features("") == BackendFeatures()
+
+    userns = host_network_pod("guest")
+    userns.linux.security_context.namespace_options.network = pb.POD  # refused before any network is made
+    userns.linux.security_context.namespace_options.userns_options.CopyFrom(
+        pb.UserNamespace(mode=pb.POD, uids=[pb.IDMapping(host_id=65536, length=65536)] * 1,
+                         gids=[pb.IDMapping(host_id=65536, length=65536)])
+    )  # fmt: skip
+    with pytest.raises(Unimplemented, match="user namespaces are not supported on the vm backend"):
+        await pods.run_sandbox(userns, "vm")
+    assert pods.list_sandboxes(None) == [] and vm.pods == {}
+
+    rro = pb.Mount(container_path="/ro", host_path=str(tmp_path), readonly=True, recursive_read_only=True)
+    guest = await pods.run_sandbox(host_network_pod("guest"), "")
+    record = await pods.create_container(guest.id, container(mounts=[rro]), guest.config)
+    assert ["rbind", "rprivate", "ro", "rro"] in [m["options"] for m in runc.containers[record.id].spec["mounts"]]
+    vm_pod = SandboxRecord(id="6" * 64, config=host_network_pod("in-vm"), runtime_handler="vm", backend="vm",
+                           trust_reason="test", state=SandboxState.READY)  # fmt: skip
+    pods._sandboxes[vm_pod.id] = vm_pod  # a VM pod without its network: making one needs root
+    with pytest.raises(Unimplemented, match="recursive read-only mounts \\(/ro\\) are not supported on the vm"):
+        await pods.create_container(vm_pod.id, container(mounts=[rro]), vm_pod.config)
+    await pods.close()
+
+
+async def test_update_sandbox_resources_hands_the_backend_oci_resources_and_records_them(env):
+    pods, fake = env
+    sandbox = await pods.run_sandbox(host_network_pod(), "")
+    resources = pb.LinuxContainerResources(memory_limit_in_bytes=64 * 2**20, cpu_quota=50_000, cpu_period=100_000)
+    await pods.update_sandbox_resources(sandbox.id, resources)
+    assert fake.sandbox_resources[sandbox.id] == {
+        "cpu": {"quota": 50_000, "period": 100_000},
+        "memory": {"limit": 64 * 2**20, "swap": 64 * 2**20},
+    }
+    assert sandbox.config.linux.resources.memory_limit_in_bytes == 64 * 2**20
+    await pods.stop_sandbox(sandbox.id)
+    with pytest.raises(FailedPrecondition, match="is not ready"):
+        await pods.update_sandbox_resources(sandbox.id, resources)

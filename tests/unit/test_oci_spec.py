@@ -363,16 +363,49 @@ def test_propagation_needs_a_propagating_host_mount(make, tmp_path, directory, p
         (pb.Mount(container_path="vol", host_path="/tmp"), "container path 'vol' must be absolute"),
         (pb.Mount(container_path="/vol", host_path="tmp"), "host path 'tmp' must be absolute"),
         (
-            pb.Mount(container_path="/vol", host_path="/tmp", readonly=True, recursive_read_only=True),
-            "recursive read-only mounts are not supported by this runtime",
+            pb.Mount(container_path="/vol", host_path="/tmp", recursive_read_only=True),
+            "recursive read-only mount must be read-only",
+        ),
+        (
+            pb.Mount(
+                container_path="/vol",
+                host_path="/tmp",
+                readonly=True,
+                recursive_read_only=True,
+                propagation=pb.PROPAGATION_HOST_TO_CONTAINER,
+            ),
+            "needs private propagation, not PROPAGATION_HOST_TO_CONTAINER",
+        ),
+        (
+            pb.Mount(
+                container_path="/vol",
+                host_path="/tmp",
+                readonly=True,
+                recursive_read_only=True,
+                propagation=pb.PROPAGATION_BIDIRECTIONAL,
+            ),
+            "needs private propagation, not PROPAGATION_BIDIRECTIONAL",
         ),
         (pb.Mount(container_path="/vol", image=pb.ImageSpec(image="busybox")), "image volumes"),
-        (pb.Mount(container_path="/vol", host_path="/tmp", uidMappings=[pb.IDMapping(length=1)]), "ID-mapped"),
+        (
+            pb.Mount(container_path="/vol", host_path="/tmp", uidMappings=[pb.IDMapping(length=1)]),
+            "ID mappings need the pod's user namespace",
+        ),
     ],
 )
 def test_invalid_mounts(make, mount, message):
     with pytest.raises(InvalidArgument, match=message):
         make(config(mounts=[mount]))
+
+
+def test_recursive_read_only_mount_is_rro(make, tmp_path):
+    mounts = [
+        pb.Mount(container_path="/rro", host_path=str(tmp_path / "private"), readonly=True, recursive_read_only=True),
+        pb.Mount(container_path="/ro", host_path=str(tmp_path / "private"), readonly=True),
+    ]
+    spec = make(config(mounts=mounts))
+    assert mount_at(spec, "/rro")["options"] == ["rbind", "rprivate", "ro", "rro"]
+    assert mount_at(spec, "/ro")["options"] == ["rbind", "rprivate", "ro"]
 
 
 @pytest.mark.parametrize(
@@ -604,16 +637,6 @@ def test_namespaces_reject_nonsense():
         Namespaces(network="pod", ipc=NEW, uts=NEW, pid=NEW)
 
 
-@pytest.mark.parametrize(("mode", "ok"), [(pb.NODE, True), (pb.POD, False), (pb.CONTAINER, False)])
-def test_user_namespaces(make, mode, ok):
-    sc = SC(namespace_options=pb.NamespaceOption(userns_options=pb.UserNamespace(mode=mode)))
-    if ok:
-        make(config(sc=sc))
-    else:
-        with pytest.raises(InvalidArgument, match="user namespaces are not supported by this runtime yet"):
-            make(config(sc=sc))
-
-
 def test_annotations_and_root(make, rootfs):
     spec = make()
     assert spec["annotations"] == {
@@ -697,13 +720,6 @@ def test_infra_sysctls_must_fit_the_pods_namespaces(tmp_path, sysctl, namespaces
     sandbox.linux.sysctls[sysctl] = "1"
     with pytest.raises(InvalidArgument, match=message):
         infra_spec(sandbox, rootfs=tmp_path, namespaces=namespaces, cgroups_path="/x")
-
-
-def test_infra_refuses_user_namespaces(tmp_path):
-    sandbox = sandbox_config()
-    sandbox.linux.security_context.namespace_options.userns_options.mode = pb.POD
-    with pytest.raises(InvalidArgument, match="user namespaces"):
-        infra_spec(sandbox, rootfs=tmp_path, namespaces=INFRA_NS, cgroups_path="/x")
 
 
 def test_detect_host_reads_this_node():

@@ -69,7 +69,7 @@ def test_read_in_root_reads_plain_and_relative_links(rootfs):
     assert read_in_root(rootfs, "etc/group") == "g:x:1:\n"
 
 
-@pytest.mark.parametrize("prefix", ["/", "../../../../../../../../", "/../../"])
+@pytest.mark.parametrize("prefix", ["/", "../../../../../../../../", "/../../", "/proc/self/root/", "/proc/1/cwd/"])
 def test_symlinks_never_leave_the_rootfs(rootfs, tmp_path, prefix):
     outside = tmp_path / "outside"
     outside.mkdir()

@@ -11,12 +11,14 @@ import grpc
 import pytest
 
 from core.settings import Config
+from cri.encoded import add_servicer
 from cri.errors import ErrorInterceptor
 from cri.runtime_service import RuntimeServicer
 from cri.streaming.pods import PodStreams
 from cri.streaming.server import StreamingServer
 from protos import cri_pb2 as pb
 from protos import cri_pb2_grpc
+from sandbox.backend import BackendFeatures
 from tests.support.fake_backend import FakeBackend, container, fake_manager, host_network_pod
 
 
@@ -30,7 +32,7 @@ async def cri(tmp_path):
     await streaming.start()
     server = grpc.aio.server(interceptors=[ErrorInterceptor()])
     config = Config(state_dir=tmp_path / "state", runtime_dir=tmp_path / "run")
-    cri_pb2_grpc.add_RuntimeServiceServicer_to_server(RuntimeServicer(config, pods, streaming), server)
+    add_servicer(cri_pb2_grpc.add_RuntimeServiceServicer_to_server, RuntimeServicer(config, pods, streaming), server)
     server.add_insecure_port(f"unix://{short}/cri.sock")
     await server.start()
     channel = grpc.aio.insecure_channel(f"unix://{short}/cri.sock")
@@ -126,3 +128,13 @@ async def test_stats_and_status_come_through_the_manager(cri):
     assert info["backendsAvailable"] == ["runc"]
     listed = (await rt.ListContainers(pb.ListContainersRequest())).containers
     assert [(c.id, c.state) for c in listed] == [(cid, pb.CONTAINER_RUNNING)]
+
+
+async def test_each_runtime_handler_reports_its_backends_features(cri):
+    rt, fake = cri
+    fake.features = BackendFeatures(recursive_read_only_mounts=True, user_namespaces=True)
+    handlers = {h.name: h.features for h in (await rt.Status(pb.StatusRequest())).runtime_handlers}
+    assert set(handlers) == {"", "runc", "vm"}
+    both = pb.RuntimeHandlerFeatures(recursive_read_only_mounts=True, user_namespaces=True)
+    assert handlers[""] == handlers["runc"] == both
+    assert handlers["vm"] == pb.RuntimeHandlerFeatures()  # its backend is not even available here

@@ -57,6 +57,9 @@ def test_contract_names_from_the_design_parse():
         ({"cni": {"default": {"mtu": 1500}}}, "cni.default.mtu", "unknown key"),
         ({"policy": {"host_pods_on_untrusted_node": "vm"}}, "policy.host_pods_on_untrusted_node", "runc, refuse"),
         ({"policy": {"host_pods": "runc"}}, "policy.host_pods", "unknown key"),
+        ({"logs": {"max_size_bytes": 0}}, "logs.max_size_bytes", "must be positive"),
+        ({"logs": {"max_size_bytes": "1M"}}, "logs.max_size_bytes", "must be a int"),
+        ({"logs": {"max_files": 5}}, "logs.max_files", "unknown key"),
     ],
 )
 def test_bad_keys_are_named_with_a_reason(data, key, reason):
@@ -150,6 +153,31 @@ def test_the_default_network_is_settable_for_tests_and_nodes():
         False,
     )
     assert config.cni.conf_dir == Config().cni.conf_dir
+
+
+def test_one_log_cap_for_both_backends():
+    assert Config().logs.max_size_bytes == 64 * 2**20  # above kubelet's 10 MiB rotation size
+    config = parse_config({"logs": {"max_size_bytes": 2**20}})
+    assert config.runc_backend().log_size_max == config.vm_backend().log_size_max == 2**20
+
+
+def test_metrics_are_off_unless_an_address_is_set():
+    assert Config().metrics.address == ""
+    assert parse_config({"metrics": {"address": "127.0.0.1:9090"}}).metrics.address == "127.0.0.1:9090"
+    assert parse_config({"metrics": {"address": "[::1]:0"}}).metrics.address == "[::1]:0"
+
+
+@pytest.mark.parametrize("address", ["localhost:9090", "127.0.0.1", "127.0.0.1:http", "127.0.0.1:70000", ":9090"])
+def test_a_bad_metrics_address_is_named(address):
+    with pytest.raises(ConfigError, match=r"key 'metrics.address': must be \"IP:PORT\""):
+        parse_config({"metrics": {"address": address}})
+
+
+def test_vm_memory_headroom_is_off_by_default_and_never_negative():
+    assert Config().vm.memory_headroom_mib == 0
+    assert parse_config({"vm": {"memory_headroom_mib": 512}}).vm.memory_headroom_mib == 512
+    with pytest.raises(ConfigError, match=r"key 'vm.memory_headroom_mib': cannot be negative"):
+        parse_config({"vm": {"memory_headroom_mib": -1}})
 
 
 def test_the_default_network_can_be_turned_off():

@@ -19,7 +19,7 @@ from vm_backend.guest_image.elf import read_elf
 from vm_backend.guest_image.inputs import AssetInputs
 from vm_backend.guest_image.modules import load_order, module_deps, module_name
 from vm_backend.qemu import TapNic, VmSpec, build_argv, kernel_cmdline
-from vm_backend.virtiofs import Virtiofsd
+from vm_backend.virtiofs import Virtiofsd, virtiofsd_nofile
 
 # ---- cpio -------------------------------------------------------------------------------------------
 
@@ -319,15 +319,21 @@ def test_argv_refuses_unusable_paths_and_accels(tmp_path):
         build_argv(spec(tmp_path, accel="hvf"))
 
 
-def test_virtiofsd_shares_only_the_pod_directory(tmp_path):
-    vfs = Virtiofsd(tmp_path / "pod")
-    argv = vfs.argv()
+def test_virtiofsd_serves_the_share_from_its_namespace(tmp_path):
+    vfs = Virtiofsd(tmp_path / "pod", tmp_path / "pod" / "share.ns", nofile=virtiofsd_nofile(256))
+    argv = vfs.argv(7)
     assert argv[0] == "/usr/lib/qemu/virtiofsd"
-    assert f"source={tmp_path}/pod/share" in argv and "sandbox=chroot" in argv and "cache=auto" in argv
-    assert vfs.guest_rootfs("abc") == "abc/rootfs"
-    for bad in ("", "..", "a/b"):
-        with pytest.raises(InvalidArgument):
-            vfs.guest_rootfs(bad)
+    assert "--fd=7" in argv  # the socket comes as a descriptor: no host path to look up or leave a lock file by
+    assert f"source={tmp_path}/pod/share" in argv  # there only in the share namespace: it names the pod
+    assert "sandbox=namespace" in argv and "cache=auto" in argv and "--rlimit-nofile=131072" in argv
+    assert not any(arg.startswith("--socket-path") for arg in argv)
+
+
+def test_virtiofsd_may_hold_as_many_files_as_its_guest_can_cache_within_bounds():
+    assert virtiofsd_nofile(64) == 65536
+    assert virtiofsd_nofile(256) == 131072
+    assert virtiofsd_nofile(1024) == 524288
+    assert virtiofsd_nofile(64 * 1024) == 1 << 20
 
 
 # ---- accelerator choice -----------------------------------------------------------------------------

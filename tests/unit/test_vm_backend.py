@@ -4,16 +4,21 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import InvalidArgument, Unavailable
+from core.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from core.settings import Config
 from cri.server import available_backends
+from protos import agent_pb2
 from protos import cri_pb2 as pb
+from sandbox.backend import PodContainers
 from sandbox.model import ContainerRecord, ContainerState, SandboxRecord
 from sandbox.oci.capabilities import CAPABILITIES
 from sandbox.oci.spec import container_spec
 from vm_backend.backend import VM_DIED, VmBackend
 from vm_backend.guest_image import GuestAssets
 from vm_backend.guest_spec import check_vm_container, guest_platform, to_guest
+from vm_backend.share import Attached, mount_path, rootfs_path
+from vm_backend.sharens import ShareError, parts_of
+from vm_backend.stats import STATS_DEADLINE, pod_usage
 
 CID = "c" * 64
 
@@ -79,6 +84,57 @@ def test_mounts_come_from_the_share(tmp_path):
     assert (tmp_path / "data").is_dir()  # a missing host directory is created, as on a node
 
 
+def test_recursive_read_only_mounts_are_the_hosts_to_make(tmp_path):
+    config = container(
+        mounts=[
+            pb.Mount(container_path="/rro", host_path=str(tmp_path / "v"), readonly=True, recursive_read_only=True),
+        ]
+    )
+    (rro,) = [m for m in make(tmp_path, config)["mounts"] if m["destination"] == "/rro"]
+    assert rro["source"] == f"/run/tandem/share/{CID}/mounts/0"
+    assert "rro" not in rro["options"] and "ro" not in rro["options"]  # the share's side is read-only already
+
+
+@pytest.mark.parametrize(
+    ("mount", "message"),
+    [
+        (pb.Mount(container_path="/m", host_path="/tmp", recursive_read_only=True), "must be read-only"),
+        (
+            pb.Mount(
+                container_path="/m",
+                host_path="/tmp",
+                readonly=True,
+                recursive_read_only=True,
+                propagation=pb.PROPAGATION_HOST_TO_CONTAINER,
+            ),
+            "needs private propagation",
+        ),
+    ],
+)
+def test_recursive_read_only_needs_a_private_read_only_mount(tmp_path, mount, message):
+    with pytest.raises(InvalidArgument, match=message):
+        make(tmp_path, container(mounts=[mount]))
+
+
+def test_the_vm_backend_advertises_recursive_read_only_mounts():
+    assert VmBackend.features.recursive_read_only_mounts and not VmBackend.features.user_namespaces
+
+
+def test_share_paths_and_records():
+    assert (rootfs_path(CID), mount_path(CID, 3)) == (f"{CID}/rootfs", f"{CID}/mounts/3")
+    assert Attached.from_list([7, 2049, 12]) == Attached(7, 2049, 12)
+    assert Attached.from_list(Attached(7, 2049, 12).to_list()) == Attached(7, 2049, 12)
+    for bad in (None, [7, 2049], [7, 2049, -1], [True, 1, 2], ["7", 1, 2], {"mount_id": 7}):
+        assert Attached.from_list(bad) is None
+
+
+@pytest.mark.parametrize("path", ["", "/abs", "a//b", "a/./b", "../x", "a/..", "a/\0", "x" * 256])
+def test_the_share_helper_takes_plain_relative_paths_only(path):
+    with pytest.raises(ShareError):
+        parts_of(path.replace("\\0", "\0"))
+    assert parts_of(f"{CID}/mounts/0") == [CID, "mounts", "0"]
+
+
 def test_privileged_is_privileged_in_the_guest_without_host_devices(tmp_path):
     sandbox = pod()
     sandbox.linux.security_context.privileged = True
@@ -136,3 +192,41 @@ async def test_a_container_whose_vm_is_gone_exited_with_vm_died(tmp_path):
     assert exited is not None
     assert (exited.exit_code, exited.reason) == (255, VM_DIED)
     assert f"tandem-{'a' * 12}" in exited.message
+
+
+class StatsClient:
+    """An agent connection whose GetPodStats answer (or failure) a test chooses."""
+
+    def __init__(self, answer: dict[str, agent_pb2.Stats] | Exception) -> None:
+        self.answer = answer
+        self.timeouts: list[float] = []
+
+    async def pod_stats(self, timeout: float) -> dict[str, agent_pb2.Stats]:
+        self.timeouts.append(timeout)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def stats_pod(*ids: str) -> PodContainers:
+    sandbox = SandboxRecord(id="p" * 64, config=pod(), runtime_handler="vm", backend="vm", trust_reason="")
+    return PodContainers(
+        sandbox,
+        [
+            ContainerRecord(id=i, sandbox_id=sandbox.id, config=container(), image_id="", image_ref="", log_path="")
+            for i in ids
+        ],
+    )
+
+
+async def test_a_pods_stats_are_one_round_trip_with_a_short_deadline_and_only_its_own_containers():
+    client = StatsClient({"a": agent_pb2.Stats(cpu_usage_ns=5, pids=2), "forged": agent_pb2.Stats(pids=99)})
+    usage = await pod_usage(client, stats_pod("a", "b"))  # type: ignore[arg-type]
+    assert list(usage) == ["a"] and (usage["a"].cpu_usage_ns, usage["a"].pids) == (5, 2)
+    assert client.timeouts == [STATS_DEADLINE] and STATS_DEADLINE <= 1
+
+
+async def test_a_silent_or_unconnected_guest_gives_no_stats_and_no_error():
+    silent = StatsClient(DeadlineExceeded("the agent did not answer get_pod_stats within 0.5s"))
+    assert await pod_usage(silent, stats_pod("a")) == {}  # type: ignore[arg-type]
+    assert await pod_usage(None, stats_pod("a")) == {}

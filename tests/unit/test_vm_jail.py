@@ -9,7 +9,7 @@ from core import cgroups
 from core.errors import InvalidArgument, ResourceExhausted
 from protos import cri_pb2 as pb
 from vm_backend import jailer, resources
-from vm_backend.jail import Jail, JailIds
+from vm_backend.jail import Jail, JailIds, join_prefix
 from vm_backend.qemu import TapNic, VmSpec, build_argv, launch_argv
 
 MIB = 2**20
@@ -86,6 +86,22 @@ def test_the_jailer_refuses_a_jail_for_root_and_relative_paths():
     with pytest.raises(SystemExit):
         jailer.parse(["--root", "/r", "--uid", "5", "--gid", "5", "--ro", "usr", "--", "/bin/true"])
     assert jailer.parse(["--cgroup", "/sys/fs/cgroup/x", "--", "/bin/true"]).root is None  # join only
+    with pytest.raises(SystemExit):  # a jail builds its own mount namespace
+        jailer.parse(["--root", "/r", "--uid", "5", "--gid", "5", "--mountns", "/ns", "--", "/bin/true"])
+
+
+def test_virtiofsd_joins_the_vm_cgroup_and_the_share_namespace_and_nothing_else():
+    jail = Jail(7000, 7000, (Path("/sys/fs/cgroup/pids/p/x"),))
+    prefix = jail.join_prefix(Path("/run/tandem/vm/p/share.ns"))
+    args = jailer.parse([*prefix[3:], "/usr/lib/qemu/virtiofsd"])
+    assert (args.cgroup, args.mountns, args.root, args.netns) == (
+        ["/sys/fs/cgroup/pids/p/x"],
+        "/run/tandem/vm/p/share.ns",
+        None,
+        None,
+    )
+    unjailed = jailer.parse([*join_prefix((), Path("/ns"))[3:], "/usr/lib/qemu/virtiofsd"])
+    assert (unjailed.cgroup, unjailed.mountns) == ([], "/ns")
 
 
 def test_vm_size_adds_the_pods_resources_to_the_defaults():
@@ -110,8 +126,8 @@ def test_the_vm_cgroup_sits_in_the_pods_and_holds_the_guest_plus_the_vmm():
     assert resources.vm_cgroup("", "s1") == "/tandem/s1/s1"
     with pytest.raises(InvalidArgument):
         resources.vm_cgroup("kubepods.slice", "s1")
-    limits = resources.vm_limits(2, 512, "tcg", 40 * MIB)
-    assert limits.memory_bytes == (512 + 40 + resources.OVERHEAD_MIB["tcg"]) * MIB  # the image's pages too
+    limits = resources.vm_limits(2, 512, "tcg")
+    assert limits.memory_bytes == (512 + resources.OVERHEAD_MIB["tcg"]) * MIB
     assert limits.pids == resources.PIDS_BASE + 2
     assert (limits.cpu_quota_us, limits.cpu_period_us) == (300_000, 100_000)
     files = cgroups.limit_files(limits)

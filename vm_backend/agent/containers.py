@@ -25,7 +25,8 @@ Every process (a container's init, an exec) is started detached, with its stdio
 wired straight to the agent: pipes, or a pty whose master the runtime hands over
 on a console socket. Being a subreaper, the agent reaps the process itself; its exit
 becomes a ProcessExited event once its output has reached EOF, so output always
-precedes the exit.
+precedes the exit. A streaming exec's output goes out only within the host's
+credit (`flow.Gate`); a container's own output is bounded by the event log.
 """
 
 from __future__ import annotations
@@ -55,18 +56,27 @@ from protos import agent_pb2
 from .cgroup import cgroup2_root, container_stats, oom_killed
 from .errors import Fail
 from .events import EventLog
-from .framing import MAX_FRAME
-from .procs import Reaper, input_pipe, kill_tree, output_pipe, pipe_names, read_fd, run, spawn, wait_fd, write_all
+from .flow import Gate
+from .framing import EXEC_OUTPUT_LIMIT
+from .process import Process
+from .procs import (
+    Reaper,
+    input_pipe,
+    kill_tree,
+    output_pipe,
+    pipe_names,
+    read_fd,
+    receive_fd,
+    run,
+    spawn,
+    write_all,
+)
 from .runtime_errors import code_for, logged_error, runtime_message
 
 log = logging.getLogger("tandem.agent.containers")
 
 CREATE_TIMEOUT = 240.0  # seconds for `create` (CRI-O's ContainerCreateTimeout; TCG is slow)
 RUNTIME_TIMEOUT = 60.0
-EXIT_DRAIN_GRACE = 2.0
-"""Seconds output may still arrive after a process exited; then whoever still holds its stdout loses it."""
-EXEC_OUTPUT_LIMIT = (MAX_FRAME - 64 * 1024) // 2
-"""Bytes of each of stdout and stderr an ExecSync returns: both must fit one response frame."""
 REMOVE_WAIT = 10.0
 MODULES_LOADING = Path("/run/tandem-modules-loading")
 """Exists while the guest's init loads the kernel modules nothing needs before the agent answers (bridge,
@@ -91,38 +101,6 @@ def _json_object(data: bytes, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise Fail(agent_pb2.INVALID_ARGUMENT, f"{what} is not a JSON object")
     return value
-
-
-@dataclass(eq=False)
-class Process:
-    """A container's init or an exec, from the moment the runtime reported it started."""
-
-    container_id: str
-    process_id: str
-    pid: int
-    exited: asyncio.Future[int]
-    pipes: frozenset[str]  # its output pipes as /proc names, to find who holds them
-    readers: list[tuple[asyncio.ReadTransport, asyncio.Future[None]]] = field(default_factory=list)
-    stdin_fd: int | None = None  # our end of its stdin (a pipe, or a dup of the pty master)
-    console_fd: int | None = None  # a dup of the pty master, for resizing
-    stdin_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    monitor: asyncio.Task[None] | None = None
-
-    async def drain(self) -> None:
-        """Wait for EOF on its output, at most EXIT_DRAIN_GRACE, then stop reading."""
-        eofs = [eof for _, eof in self.readers]
-        if eofs:
-            await asyncio.wait(eofs, timeout=EXIT_DRAIN_GRACE)
-        for transport, _ in self.readers:
-            transport.close()
-
-    def close(self) -> None:
-        for transport, _ in self.readers:
-            transport.close()
-        for fd in {self.stdin_fd, self.console_fd}:
-            if fd is not None:
-                os.close(fd)
-        self.stdin_fd = self.console_fd = None
 
 
 @dataclass(eq=False)
@@ -307,14 +285,40 @@ class Containers:
         spec["terminal"] = request.terminal
         if request.exec_id in container.execs or request.exec_id in container.starting:
             raise Fail(agent_pb2.ALREADY_EXISTS, f"exec {request.exec_id} already exists in {container.id}")
-        sink = self._emitter(container.id, request.exec_id)
+        emit = self._emitter(container.id, request.exec_id)
+        gates: dict[int, Gate] = {
+            stream: Gate(request.window, functools.partial(emit, stream))
+            for stream in (agent_pb2.STDOUT, agent_pb2.STDERR)
+        }
         container.starting.add(request.exec_id)
         try:
-            process = await self._exec(container, request.exec_id, spec, request.terminal, request.stdin, sink)
+            process = await self._exec(
+                container, request.exec_id, spec, request.terminal, request.stdin, lambda s, d: gates[s].send(d)
+            )
         finally:
             container.starting.discard(request.exec_id)
+        process.gates = gates
+        for stream, transport in process.transports.items():
+            gates[stream].attach(transport)
         container.execs[request.exec_id] = process
         process.monitor = asyncio.create_task(self._monitor(container, process))
+
+    def credit(self, request: agent_pb2.ExecCredit) -> None:
+        """More credit for a streaming exec's output, or none needed any more (`discard`)."""
+        process = self._process(self._get(request.container_id), request.exec_id)
+        if not process.gates:
+            raise Fail(agent_pb2.FAILED_PRECONDITION, f"process {request.exec_id!r} is not a streaming exec")
+        for stream, limit in ((agent_pb2.STDOUT, request.stdout_limit), (agent_pb2.STDERR, request.stderr_limit)):
+            if request.discard:
+                process.gates[stream].discard()
+            else:
+                process.gates[stream].grant(limit)
+
+    def abandon_execs(self) -> None:
+        """The host that started the streaming execs is gone: their clients went with it."""
+        for container in self._containers.values():
+            for process in container.execs.values():
+                process.abandon()
 
     async def _exec(
         self, container: Container, name: str, spec: dict[str, Any], terminal: bool, stdin: bool, sink: OutputSink
@@ -361,16 +365,19 @@ class Containers:
 
     # ------------------------------------------------------------------ stats
 
-    def stats(self, cid: str) -> agent_pb2.Stats:
-        """From the container's cgroup v2 files; figures its cgroup lacks stay 0.
+    def pod_stats(self) -> agent_pb2.PodStats:
+        """Every container's usage from its cgroup v2 files, by id; figures a cgroup lacks stay 0.
 
-        The writable layer is the host's (the rootfs comes over virtio-fs), so
-        the host measures it.
+        A container appears once its cgroup is known (it was created). The writable layer is
+        the host's (the rootfs comes over virtio-fs), so the host measures it.
         """
-        directory = self._created(cid).cgroup
-        if directory is None:  # not started yet: no cgroup
-            return agent_pb2.Stats()
-        return container_stats(directory)
+        return agent_pb2.PodStats(
+            containers={
+                cid: container_stats(container.cgroup)
+                for cid, container in self._containers.items()
+                if container.init is not None and container.cgroup is not None
+            }
+        )
 
     # ------------------------------------------------------------------ internals
 
@@ -526,7 +533,7 @@ class Containers:
             if accepting is not None:
                 connection, _ = await asyncio.wait_for(accepting, 10.0)
                 with connection:
-                    master = await _receive_fd(connection)
+                    master = await receive_fd(connection)
                 ours.append(master)
                 process.console_fd = os.dup(master)
                 if stdin:
@@ -541,7 +548,9 @@ class Containers:
                     process.stdin_fd = in_w
             for fd, stream in outputs:
                 ours.remove(fd)  # the reader owns it from here
-                process.readers.append(await read_fd(fd, functools.partial(sink, stream)))
+                reader = await read_fd(fd, functools.partial(sink, stream))
+                process.readers.append(reader)
+                process.transports[stream] = reader[0]
             return process
         except BaseException:
             if process is not None:  # started, but we could not take hold of its terminal
@@ -588,15 +597,3 @@ async def _modules_loaded() -> None:
             log.warning("kernel modules still loading after %gs: starting the container anyway", MODULES_WAIT)
             return
         await asyncio.sleep(0.05)
-
-
-async def _receive_fd(connection: socket.socket) -> int:
-    """The pty master the runtime sends over the console socket (SCM_RIGHTS)."""
-    connection.setblocking(False)
-    await wait_fd(connection.fileno())
-    _, fds, _, _ = socket.recv_fds(connection, 4096, 4)
-    for extra in fds[1:]:
-        os.close(extra)
-    if not fds:
-        raise Fail(agent_pb2.INTERNAL, "the runtime sent no terminal on the console socket")
-    return fds[0]

@@ -1,10 +1,11 @@
 """The agent's event log: every event is numbered and kept until the host acks it.
 
 The host may be away (restarting) or slow, and containers must never block on a
-full stdout pipe because of it, so output is bounded: past `limit` bytes the
-oldest output events give way to one marker line per process saying how many
-bytes were lost. Exits and port events are never dropped; port streams, which
-cannot lose data, wait for room instead (`wait_for_room`).
+full stdout pipe because of it, so a container's output is bounded: past `limit`
+bytes the oldest of it gives way to one marker line per container saying how
+many bytes were lost. Exits are never dropped; a streaming exec's output and port
+data are bounded by the host's credit instead, and port streams, which cannot lose
+data, also wait for room (`wait_for_room`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class Entry:
     seq: int
     frame: bytes  # the encoded Frame, ready for the wire
     size: int  # what it counts against the limit
-    source: tuple[str, str] | None = None  # (container_id, process_id) of an output event, which may be dropped
+    source: tuple[str, str] | None = None  # (container_id, "") of a container's output event, which may be dropped
     lost: int = 0  # output bytes that dropping this entry loses: its data, or a marker's count
     timestamp: int = 0
 
@@ -69,7 +70,7 @@ class EventLog:
         self._next_seq += 1
         frame = encode(agent_pb2.Frame(event=event))
         entry = Entry(seq, frame, len(frame) + _OVERHEAD)
-        if event.WhichOneof("kind") == "output":
+        if event.WhichOneof("kind") == "output" and not event.output.process_id:
             output = event.output
             entry.source = (output.container_id, output.process_id)
             entry.lost, entry.timestamp = len(output.data), output.timestamp_unix_ns

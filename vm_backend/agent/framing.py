@@ -11,6 +11,9 @@ import struct
 from protos import agent_pb2
 
 MAX_FRAME = 4 * 2**20
+EXEC_OUTPUT_LIMIT = (MAX_FRAME - 64 * 1024) // 2
+"""Bytes of each of stdout and stderr an ExecSync returns: both must fit one response frame (the host checks
+a response against it too)."""
 _HEADER = struct.Struct(">I")
 
 

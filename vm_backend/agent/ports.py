@@ -2,8 +2,11 @@
 
 A stream belongs to the host connection that opened it: when that connection
 goes, its streams are closed (the host's streaming clients are gone with it).
-Data from the guest side waits for room in the event log rather than being
-dropped.
+Data from the guest side is read only within the host's credit (a byte offset
+the host raises as its client consumes) and waits for room in the event log
+rather than being dropped. Each direction ends on its own: the guest side's end
+of file is a PortData with `eof`, the host's a WritePort with `eof` (the guest
+side reads end of file); PortClosed follows once both ended, or on an error.
 """
 
 from __future__ import annotations
@@ -24,8 +27,12 @@ _CHUNK = 64 * 1024
 @dataclass(eq=False)
 class _Stream:
     writer: asyncio.StreamWriter
+    limit: int  # the host's credit: bytes of guest data it takes, counted from the start
     pump: asyncio.Task[None] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    credit: asyncio.Event = field(default_factory=asyncio.Event)
+    host_eof: bool = False  # the host sends no more
+    guest_eof: bool = False  # the guest side sends no more
 
 
 class Ports:
@@ -48,7 +55,7 @@ class Ports:
         if sid in self._streams:  # opened twice concurrently
             writer.close()
             raise Fail(agent_pb2.ALREADY_EXISTS, f"stream {sid} is open already")
-        stream = self._streams[sid] = _Stream(writer)
+        stream = self._streams[sid] = _Stream(writer, request.window)
         stream.pump = asyncio.create_task(self._pump(sid, stream, reader))
 
     async def write(self, request: agent_pb2.WritePort) -> None:
@@ -56,11 +63,28 @@ class Ports:
         if stream is None:
             raise Fail(agent_pb2.NOT_FOUND, f"no stream {request.stream_id!r}")
         async with stream.lock:
+            if stream.host_eof:
+                raise Fail(agent_pb2.FAILED_PRECONDITION, f"stream {request.stream_id} was closed for writing")
             try:
                 stream.writer.write(request.data)
                 await stream.writer.drain()
+                if request.eof:
+                    stream.host_eof = True
+                    if stream.writer.can_write_eof():
+                        stream.writer.write_eof()
             except OSError as e:
                 raise Fail(agent_pb2.FAILED_PRECONDITION, f"stream {request.stream_id} is closed: {e}") from None
+        if stream.host_eof and stream.guest_eof:
+            self._finish(request.stream_id, stream, "")
+
+    def credit(self, request: agent_pb2.PortCredit) -> None:
+        """The host takes guest data up to `limit` bytes (a lower value than before is no change)."""
+        stream = self._streams.get(request.stream_id)
+        if stream is None:
+            raise Fail(agent_pb2.NOT_FOUND, f"no stream {request.stream_id!r}")
+        if request.limit > stream.limit:
+            stream.limit = request.limit
+            stream.credit.set()
 
     def close(self, stream_id: str) -> None:
         """Close a stream at the host's request (no PortClosed follows); an unknown id is success."""
@@ -75,16 +99,32 @@ class Ports:
             self.close(sid)
 
     async def _pump(self, sid: str, stream: _Stream, reader: asyncio.StreamReader) -> None:
-        """Guest -> host, until the guest side closes; then PortClosed (with the error, if any)."""
-        error = ""
+        """Guest -> host within the credit, until the guest side ends it; a failure closes the stream."""
+        sent = 0
         try:
-            while data := await reader.read(_CHUNK):
+            while True:
+                while sent >= stream.limit:
+                    stream.credit.clear()
+                    await stream.credit.wait()
+                data = await reader.read(min(_CHUNK, stream.limit - sent))
                 await self.events.wait_for_room()
-                self.events.append(agent_pb2.Event(port_data=agent_pb2.PortData(stream_id=sid, data=data)))
+                sent += len(data)
+                port_data = agent_pb2.PortData(stream_id=sid, data=data, eof=not data)
+                self.events.append(agent_pb2.Event(port_data=port_data))
+                if not data:
+                    break
         except OSError as e:
-            error = str(e) or type(e).__name__
-        if self._streams.get(sid) is stream:
-            del self._streams[sid]
+            self._finish(sid, stream, str(e) or type(e).__name__)
+            return
+        stream.guest_eof = True
+        if stream.host_eof:
+            self._finish(sid, stream, "")
+
+    def _finish(self, sid: str, stream: _Stream, error: str) -> None:
+        """Both directions ended (or one failed): forget the stream and tell the host."""
+        if self._streams.get(sid) is not stream:
+            return
+        del self._streams[sid]
         with contextlib.suppress(OSError):
             stream.writer.close()
         self.events.append(agent_pb2.Event(port_closed=agent_pb2.PortClosed(stream_id=sid, error=error)))

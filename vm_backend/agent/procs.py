@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -244,3 +245,15 @@ def kill_tree(root: int, pipes: frozenset[str] = frozenset()) -> None:
     for pid in stopped:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+async def receive_fd(connection: socket.socket) -> int:
+    """The pty master a runtime sends over a console socket (SCM_RIGHTS)."""
+    connection.setblocking(False)
+    await wait_fd(connection.fileno())
+    _, fds, _, _ = socket.recv_fds(connection, 4096, 4)
+    for extra in fds[1:]:
+        os.close(extra)
+    if not fds:
+        raise OSError("no terminal came over the console socket")
+    return fds[0]

@@ -3,8 +3,10 @@
 Each request runs as its own task and is answered when done, in any order.
 Hello and Ack are handled inline, in arrival order, because they move the event
 cursor: after a Hello the writer sends the Hello response, then every unacked
-event from the oldest, then new events as they come. A malformed frame ends
-the connection; the agent then waits for the host to connect again.
+event from the oldest, then new events as they come. A Hello from another host
+instance than the last (a daemon restart) abandons the streaming execs the last
+one started. A malformed frame ends the connection; the agent then waits for
+the host to connect again.
 
 Links: `StreamLink` is a unix-socket connection (`--socket`, for tests);
 `PortLink` is the virtio-serial port, which stays open across host
@@ -148,6 +150,7 @@ class Agent:
         self.ports = Ports(self.events)
         self.pod = PodSetup(system, run_dir / "pod", run_dir / "share")
         self.instance_id = os.urandom(8).hex()
+        self._host_instance: str | None = None
         self.stopped = asyncio.Event()
         self._session: _Session | None = None
         self._serving: asyncio.Task[Any] | None = None
@@ -163,11 +166,13 @@ class Agent:
             "start_exec": c.start_exec,
             "write_stdin": c.write_stdin,
             "resize_terminal": _now(c.resize),
-            "get_stats": self._stats,
+            "get_pod_stats": self._pod_stats,
             "update_resources": c.update,
             "open_port": self.ports.open,
             "write_port": self.ports.write,
             "close_port": _now(lambda r: self.ports.close(r.stream_id)),
+            "exec_credit": _now(c.credit),
+            "port_credit": _now(self.ports.credit),
             "shutdown": self._shutdown,
         }
 
@@ -231,6 +236,11 @@ class Agent:
             )
             session.respond(frame.id, agent_pb2.Response(hello=result))
             session.greeted, session.cursor = True, 0  # resend every unacked event
+            host = request.hello.host_instance
+            if self._host_instance is not None and host != self._host_instance:
+                log.info("a new host instance: abandoning the streaming execs of the last one")
+                self.containers.abandon_execs()
+            self._host_instance = host
         elif kind == "ack":
             self.events.ack(request.ack.seq)
             session.respond(frame.id, agent_pb2.Response())
@@ -279,8 +289,8 @@ class Agent:
     async def _exec_sync(self, request: agent_pb2.ExecSync) -> agent_pb2.Response:
         return agent_pb2.Response(exec_sync=await self.containers.exec_sync(request))
 
-    async def _stats(self, request: agent_pb2.GetStats) -> agent_pb2.Response:
-        return agent_pb2.Response(stats=self.containers.stats(request.container_id))
+    async def _pod_stats(self, request: agent_pb2.GetPodStats) -> agent_pb2.Response:
+        return agent_pb2.Response(pod_stats=self.containers.pod_stats())
 
     async def _shutdown(self, _: agent_pb2.Shutdown) -> None:
         """Stop every container and port; the caller then flushes, syncs and powers off (or exits)."""

@@ -1,0 +1,37 @@
+"""`tandem doctor`'s page and exit status: sections, a fix under each finding that is not OK, a summary."""
+
+from __future__ import annotations
+
+from cri.doctor import EXIT_FAILED, EXIT_OK, EXIT_WARNINGS, Finding, exit_status, report
+
+
+def test_the_exit_status_says_the_worst_finding() -> None:
+    ok = Finding("ok", "runc", "fine", section="trusted pods")
+    warn = Finding("warn", "accel", "tcg", "get KVM", section="untrusted pods")
+    fail = Finding("FAIL", "conmon", "missing", "apt-get install conmon", section="trusted pods")
+    assert exit_status([ok]) == EXIT_OK == 0
+    assert exit_status([ok, warn]) == EXIT_WARNINGS == 2
+    assert exit_status([ok, warn, fail]) == EXIT_FAILED == 1
+
+
+def test_the_page_groups_by_section_and_gives_each_problem_its_fix() -> None:
+    findings = [
+        Finding("ok", "runc", "/usr/sbin/runc", "never shown", section="trusted pods (runc)"),
+        Finding("FAIL", "conmon", "not installed", "apt-get install conmon", section="trusted pods (runc)"),
+        Finding("warn", "accel", "tcg", "a usable /dev/kvm", section="untrusted pods (VMs)"),
+    ]
+    page = report(findings, None).splitlines()
+    assert page[0].startswith("tandem doctor: tandem ")
+    assert page[1:] == [
+        "",
+        "Trusted pods (runc)",
+        "  OK    runc          /usr/sbin/runc",
+        "  FAIL  conmon        not installed",
+        "                      fix: apt-get install conmon",
+        "",
+        "Untrusted pods (VMs)",
+        "  WARN  accel         tcg",
+        "                      fix: a usable /dev/kvm",
+        "",
+        "1 OK, 1 WARN, 1 FAIL: exit 1 (something FAILed)",
+    ]

@@ -1,0 +1,47 @@
+"""A VM pod's container stats: what its agent reports for all of them in one round trip, as CRI usage."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from core.errors import TandemError
+from sandbox.backend import ContainerUsage, PodContainers
+from vm_backend.channel import AgentClient
+
+log = logging.getLogger("tandem.vm")
+
+STATS_DEADLINE = 0.5  # seconds a guest has to answer for its pod's stats; past it they keep their last figures
+STATS_WAIT = 0.03
+"""Seconds a stats call waits for the guests' answers before it serves their last figures (the collection
+goes on for the next call): an idle guest under TCG takes longer than that to wake and answer."""
+
+
+async def pod_usage(client: AgentClient | None, pod: PodContainers) -> dict[str, ContainerUsage]:
+    """The usage of `pod`'s containers that its agent reports within STATS_DEADLINE; none without a connection.
+
+    The guest's answer is taken for what it is, its own containers' figures: only the containers
+    asked about are kept, whatever else it names.
+    """
+    if client is None:
+        return {}
+    try:
+        stats = await client.pod_stats(STATS_DEADLINE)
+    except TandemError as e:
+        log.info("no stats from the agent of pod %s: %s", pod.sandbox.id[:12], e)
+        return {}
+    now = time.time_ns()
+    return {
+        c.id: ContainerUsage(
+            timestamp=now,
+            cpu_usage_ns=figures.cpu_usage_ns,
+            memory_working_set_bytes=figures.memory_working_set_bytes,
+            memory_usage_bytes=figures.memory_usage_bytes,
+            memory_rss_bytes=figures.memory_rss_bytes,
+            page_faults=figures.page_faults,
+            major_page_faults=figures.major_page_faults,
+            pids=figures.pids,
+        )
+        for c in pod.containers
+        if (figures := stats.get(c.id)) is not None
+    }
