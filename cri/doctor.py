@@ -39,6 +39,7 @@ from runc_backend.cgroups import oom_score_adj_floor
 from sandbox import cni
 from sandbox.default_network import default_network
 from vm_backend.jail import Jail, JailIds
+from vm_backend.ksm import KSM_DIR, ksm_status
 
 EXIT_OK, EXIT_FAILED, EXIT_WARNINGS = 0, 1, 2
 LEVELS = {"ok": "OK", "warn": "WARN", "FAIL": "FAIL"}
@@ -332,6 +333,15 @@ async def _check_vm_guest(config: Config) -> list[Finding]:
     return findings
 
 
+def check_ksm(directory: Path = KSM_DIR) -> Finding:
+    """Whether the host merges identical pages (KSM): reported, never changed (it is host-wide, the operator's)."""
+    status = ksm_status(directory)
+    if status is None:
+        return Finding("ok", "ksm", "not in this kernel: VMs' identical pages are not merged")
+    tail = "" if status.on else "; the operator's choice (`bench.vm` measures what it would save); Tandem never sets it"
+    return Finding("ok", "ksm", f"{status.describe()}{tail}")
+
+
 def _ids_in_use(first: int, count: int) -> list[str]:
     """Users, groups and subordinate id ranges that overlap the jail uids."""
     end = first + count
@@ -429,6 +439,7 @@ def diagnose(config_path: Path | None) -> list[Finding]:
                 _check_vm_program("virtiofsd", config.vm.virtiofsd, "qemu-system-common"),
                 *asyncio.run(_check_vm_guest(config)),
                 *_check_jail(config),
+                check_ksm(),
             ],
         ),
         *_in("images", _check_mirrors(config) or [Finding("ok", "mirrors", "none configured")]),
