@@ -79,16 +79,22 @@ def _unescape(field: str) -> str:
 
 
 def mountinfo(text: str | None = None) -> list[Mount]:
-    """This process's mounts from /proc/self/mountinfo (or the given text), in mount order."""
+    """This process's mounts from /proc/self/mountinfo (or the given text), in mount order.
+
+    A VM guest names the directories of its share (and so mount points in the share's namespace) as it
+    likes: the table is decoded as file names are (bytes that are no UTF-8 survive) and split only where
+    the kernel separates, on newlines and single spaces (it escapes those in names; not what Python
+    also counts as line ends or whitespace).
+    """
     if text is None:
-        text = MOUNTINFO.read_text()
+        text = os.fsdecode(MOUNTINFO.read_bytes())
     entries = []
-    for line in text.splitlines():
-        fields = line.split()
+    for line in text.split("\n"):
+        fields = line.split(" ")
         if "-" not in fields[6:]:
             continue
         sep = fields.index("-", 6)
-        if len(fields) <= sep + 1:
+        if len(fields) <= sep + 1 or not fields[sep + 1]:
             continue
         source = _unescape(fields[sep + 2]) if len(fields) > sep + 2 else ""
         options = fields[sep + 3] if len(fields) > sep + 3 else ""

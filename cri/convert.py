@@ -142,8 +142,17 @@ def container_info(c: ContainerRecord, backend: str) -> dict[str, str]:
     }
 
 
+_U64_MAX = 2**64 - 1
+
+
+def _saturated(value: int) -> int:
+    """`value` within a uint64: a VM guest reports any uint64 it likes, so a rate or a sum of its figures can
+    exceed one, and one field out of range would fail the stats call of every pod on the node."""
+    return min(max(0, value), _U64_MAX)
+
+
 def _u64(value: int | None) -> pb.UInt64Value | None:
-    return None if value is None else pb.UInt64Value(value=max(0, value))
+    return None if value is None else pb.UInt64Value(value=_saturated(value))
 
 
 def container_stats(c: ContainerRecord, usage: ContainerUsage) -> pb.ContainerStats:
@@ -184,11 +193,11 @@ def pod_stats(sandbox: SandboxRecord, containers: list[pb.ContainerStats]) -> pb
     cpu = pb.CpuUsage(timestamp=now)
     memory = pb.MemoryUsage(timestamp=now)
     if containers:
-        cpu.usage_core_nano_seconds.value = sum(c.cpu.usage_core_nano_seconds.value for c in containers)
-        cpu.usage_nano_cores.value = sum(c.cpu.usage_nano_cores.value for c in containers)
-        memory.working_set_bytes.value = sum(c.memory.working_set_bytes.value for c in containers)
-        memory.usage_bytes.value = sum(c.memory.usage_bytes.value for c in containers)
-        memory.rss_bytes.value = sum(c.memory.rss_bytes.value for c in containers)
+        cpu.usage_core_nano_seconds.value = _saturated(sum(c.cpu.usage_core_nano_seconds.value for c in containers))
+        cpu.usage_nano_cores.value = _saturated(sum(c.cpu.usage_nano_cores.value for c in containers))
+        memory.working_set_bytes.value = _saturated(sum(c.memory.working_set_bytes.value for c in containers))
+        memory.usage_bytes.value = _saturated(sum(c.memory.usage_bytes.value for c in containers))
+        memory.rss_bytes.value = _saturated(sum(c.memory.rss_bytes.value for c in containers))
     return pb.PodSandboxStats(
         attributes=pb.PodSandboxAttributes(
             id=sandbox.id,

@@ -48,12 +48,12 @@ from core.inotify import DirectoryWatch
 from core.proc import ProcessIdentity
 from core.settings import RuncBackendSettings
 from protos import cri_pb2 as pb
-from runc_backend import adapt, conmon, pinns, streams, userns
+from runc_backend import adapt, conmon, pinns, pod_files, streams, userns
 from runc_backend.cgroups import CgroupStats, oom_score_adj_floor
 from runc_backend.conmon import Conmon
 from runc_backend.host import detect_host
 from runc_backend.runc import Runc
-from sandbox import netns, podfiles
+from sandbox import netns
 from sandbox.backend import (
     Backend,
     BackendFeatures,
@@ -80,7 +80,6 @@ log = logging.getLogger("tandem.runc")
 
 CATATONIT = Path("/usr/bin/catatonit")
 INFRA, PINNED = "infra", "pinned"  # backend_state["mode"]: records without one are infra pods
-SHM_SIZE = 64 * 2**20
 STOP_GRACE_AFTER_KILL = 10.0
 
 
@@ -182,36 +181,12 @@ class RuncBackend(Backend[RuncBackendSettings]):
     # ---- pods ------------------------------------------------------------------------------
 
     async def _write_pod_files(self, sandbox: SandboxRecord) -> PodFiles:
-        config = sandbox.config
         pod_dir = private_dir(self._pod_dir(sandbox))
-        os.chmod(pod_dir, 0o755)
-        hostname = podfiles.hostname(config)
-        if sandbox.host_network:
-            hostname = detect_host().hostname
-        files = PodFiles(
-            hostname=pod_dir / "hostname",
-            resolv_conf=pod_dir / "resolv.conf",
-            hosts=pod_dir / "hosts",
-            shm=None if config.linux.security_context.namespace_options.ipc == pb.NODE else pod_dir / "shm",
-        )
-        atomic_write_bytes(files.hostname, f"{hostname}\n".encode(), mode=0o644, durable=False)
-        atomic_write_bytes(files.resolv_conf, podfiles.resolv_conf(config.dns_config), mode=0o644, durable=False)
-        hosts = Path("/etc/hosts").read_bytes() if sandbox.host_network else podfiles.hosts(hostname, sandbox.ips)
-        atomic_write_bytes(files.hosts, hosts, mode=0o644, durable=False)
         mappings = self._id_mappings(sandbox)
-        owner = mappings.root if mappings is not None else (0, 0)
-        for file in (files.hostname, files.resolv_conf, files.hosts):
-            os.chown(file, *owner)  # the pod's root owns them, as it would through containerd's ID-mapped binds
-        if files.shm is not None and not mounts.is_mounted(files.shm):
-            files.shm.mkdir(exist_ok=True)
-            await _mount_shm(files.shm, owner)
-        return files
+        return await pod_files.write(pod_dir, sandbox, mappings.root if mappings is not None else (0, 0))
 
     def _pod_files(self, sandbox: SandboxRecord) -> PodFiles:
-        pod_dir = self._pod_dir(sandbox)
-        host_ipc = sandbox.config.linux.security_context.namespace_options.ipc == pb.NODE
-        shm = None if host_ipc else pod_dir / "shm"
-        return PodFiles(pod_dir / "hostname", pod_dir / "resolv.conf", pod_dir / "hosts", shm)
+        return pod_files.paths(self._pod_dir(sandbox), sandbox)
 
     async def create_network_namespace(self, sandbox: SandboxRecord, path: Path) -> None:
         """A pod with a user namespace gets it here, with its network (at `path`), IPC and UTS namespaces inside."""
@@ -611,12 +586,3 @@ def _open_init(state: dict[str, Any]) -> tuple[bool, int | None]:
     if not pid or started is None:
         return False, None
     return True, ProcessIdentity(int(pid), int(started)).open()
-
-
-async def _mount_shm(target: Path, owner: tuple[int, int]) -> None:
-    options = f"mode=1777,size={SHM_SIZE},uid={owner[0]},gid={owner[1]}"
-    flags = mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC
-    try:
-        mounts.sys_mount("shm", target, "tmpfs", flags, options)
-    except OSError as e:
-        raise FailedPrecondition(f"cannot mount the pod's /dev/shm: {e}") from e

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from core import metrics
-from core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, TandemError, Unimplemented
+from core.errors import FailedPrecondition, InvalidArgument, NotFound, TandemError, Unimplemented
 from core.files import private_dir
 from core.records import RecordStore
 from core.settings import TrustSettings
@@ -50,6 +50,7 @@ from sandbox.oci.resources import linux_resources
 from sandbox.oci.userns import pod_user_namespace
 from sandbox.podnet import PodNetworking
 from sandbox.stats import UsageCollector
+from sandbox.table import PodTable
 
 log = logging.getLogger("tandem.pods")
 
@@ -73,18 +74,6 @@ def _log_path(sandbox: pb.PodSandboxConfig, container: pb.ContainerConfig) -> st
     return path
 
 
-def _match_labels(labels: dict[str, str] | object, selector: dict[str, str] | object) -> bool:
-    return all(labels.get(k) == v for k, v in selector.items())  # type: ignore[union-attr]
-
-
-_CONTAINER_STATES = {
-    pb.CONTAINER_CREATED: ContainerState.CREATED,
-    pb.CONTAINER_RUNNING: ContainerState.RUNNING,
-    pb.CONTAINER_EXITED: ContainerState.EXITED,
-    pb.CONTAINER_UNKNOWN: ContainerState.UNKNOWN,
-}
-
-
 class PodManager:
     def __init__(
         self,
@@ -104,10 +93,7 @@ class PodManager:
         self._sandbox_store = RecordStore(state_dir / "sandboxes", SandboxRecord)
         self._container_store = RecordStore(state_dir / "containers", ContainerRecord)
         self.network = PodNetworking(private_dir(runtime_dir / "netns"), cni, self._sandbox_store.put)
-        self._sandboxes: dict[str, SandboxRecord] = {}
-        self._containers: dict[str, ContainerRecord] = {}
-        self._pod_containers: dict[str, dict[str, ContainerRecord]] = {}  # sandbox id -> its containers by id
-        self._names: dict[str, str] = {}
+        self.table = PodTable()
         self._locks = KeyedLocks()
         self._exit_checks: set[asyncio.Task[None]] = set()
         self._usage = UsageCollector(backends)
@@ -116,22 +102,17 @@ class PodManager:
 
     async def recover(self) -> None:
         """Reload every record and reconcile it with what is still running."""
-        self._sandboxes = self._sandbox_store.load_all()
-        self._containers = self._container_store.load_all()
-        for sandbox in self._sandboxes.values():
-            self._names[self._sandbox_name(sandbox.config)] = sandbox.id
-        for container in self._containers.values():
-            if container.sandbox_id not in self._sandboxes:
+        for sandbox in self._sandbox_store.load_all().values():
+            self.table.add_sandbox(sandbox)
+        for container in self._container_store.load_all().values():
+            if container.sandbox_id not in self.table.sandboxes:
                 log.warning("container without its pod forgotten", extra={"container": container.id})
                 self._container_store.delete(container.id)
                 continue
-            self._names[self._container_name(container.sandbox_id, container.config)] = container.id
-        self._containers = {c.id: c for c in self._containers.values() if c.sandbox_id in self._sandboxes}
-        for container in self._containers.values():
-            self._pod_containers.setdefault(container.sandbox_id, {})[container.id] = container
+            self.table.add_container(container)
         for each in self.backends.values():  # before reconciling: no exit falls between the two
             await each.watch_exits(self._exited)
-        for sandbox in self._sandboxes.values():
+        for sandbox in self.table.sandboxes.values():
             backend = self.backends.get(sandbox.backend)
             if backend is None:  # it is not NOTREADY for that: its pods run on, unserved, until it is back
                 log.warning("pod's backend not available", extra={"pod": sandbox.id, "backend": sandbox.backend})
@@ -141,9 +122,9 @@ class PodManager:
                 log.warning("pod died while Tandem was down", extra={"pod": sandbox.id})
                 sandbox.state = SandboxState.NOTREADY
                 self._sandbox_store.put(sandbox)
-        for container in list(self._containers.values()):
+        for container in list(self.table.containers.values()):
             await self._refresh(container)
-        log.info("pods recovered", extra={"pods": len(self._sandboxes), "containers": len(self._containers)})
+        log.info("pods recovered", extra={"pods": len(self.table.sandboxes), "containers": len(self.table.containers)})
 
     async def close(self) -> None:
         await self._usage.close()
@@ -161,23 +142,11 @@ class PodManager:
             raise FailedPrecondition(f"{sandbox.backend} backend not available")
         return backend
 
-    def _find(self, table: dict, kind: str, ident: str) -> object:
-        if not ident:
-            raise InvalidArgument(f"{kind} ID is empty")
-        if ident in table:
-            return table[ident]
-        matches = [v for k, v in table.items() if k.startswith(ident)]
-        if len(matches) == 1:
-            return matches[0]
-        if len(matches) > 1:
-            raise InvalidArgument(f"{kind} ID prefix {ident!r} is ambiguous")
-        raise NotFound(f"{kind} {ident!r} not found")
-
     def sandbox(self, ident: str) -> SandboxRecord:
-        return self._find(self._sandboxes, "pod sandbox", ident)  # type: ignore[return-value]
+        return self.table.sandbox(ident)
 
     def container(self, ident: str) -> ContainerRecord:
-        return self._find(self._containers, "container", ident)  # type: ignore[return-value]
+        return self.table.container(ident)
 
     def handler_features(self, handler: str) -> BackendFeatures:
         """What pods of a runtime handler ("": the node's default) can have: its backend's, none while unavailable."""
@@ -190,22 +159,7 @@ class PodManager:
         return backend.features if backend is not None else BackendFeatures()
 
     def containers_of(self, sandbox_id: str) -> list[ContainerRecord]:
-        return list(self._pod_containers.get(sandbox_id, {}).values())
-
-    @staticmethod
-    def _sandbox_name(config: pb.PodSandboxConfig) -> str:
-        m = config.metadata
-        return f"{m.name}_{m.namespace}_{m.uid}_{m.attempt}"
-
-    @staticmethod
-    def _container_name(sandbox_id: str, config: pb.ContainerConfig) -> str:
-        return f"{config.metadata.name}_{config.metadata.attempt}@{sandbox_id}"
-
-    def _reserve(self, name: str, ident: str, kind: str) -> None:
-        holder = self._names.get(name)
-        if holder is not None:
-            raise AlreadyExists(f"{kind} name {name!r} is already in use by {holder}")
-        self._names[name] = ident
+        return self.table.containers_of(sandbox_id)
 
     # ---- pods ------------------------------------------------------------------------------
 
@@ -237,11 +191,9 @@ class PodManager:
             backend=decision.backend,
             trust_reason=decision.reason,
         )
-        name = self._sandbox_name(config)
-        self._reserve(name, sandbox.id, "pod sandbox")
+        self.table.add_sandbox(sandbox)
         began = time.monotonic()
         async with self._locks.hold(sandbox.id):
-            self._sandboxes[sandbox.id] = sandbox
             self._sandbox_store.put(sandbox)
             try:
                 with metrics.timed(metrics.Timing.SANDBOX_NETWORK):
@@ -330,9 +282,8 @@ class PodManager:
                     raise
                 log.exception("cleanup step failed", extra={"pod": sandbox.id[:12]})
         self._sandbox_store.delete(sandbox.id)
-        self._sandboxes.pop(sandbox.id, None)
+        self.table.drop_sandbox(sandbox)
         self._usage.forget(sandbox.id)
-        self._names.pop(self._sandbox_name(sandbox.config), None)
 
     def is_ready(self, sandbox: SandboxRecord) -> bool:
         """What is known without asking: READY as recorded (the backends push a holder's end), and only
@@ -352,7 +303,7 @@ class PodManager:
         if sandbox.state != SandboxState.READY or backend is None or await backend.sandbox_alive(sandbox):
             return
         async with self._locks.hold(sandbox.id):
-            current = self._sandboxes.get(sandbox.id) is sandbox  # not removed meanwhile
+            current = self.table.sandboxes.get(sandbox.id) is sandbox  # not removed meanwhile
             if current and sandbox.state == SandboxState.READY and not await backend.sandbox_alive(sandbox):
                 log.warning("pod's holder died", extra={"pod": sandbox.id[:12]})
                 sandbox.state = SandboxState.NOTREADY
@@ -360,19 +311,7 @@ class PodManager:
 
     def list_sandboxes(self, flt: pb.PodSandboxFilter | None) -> list[SandboxRecord]:
         """From memory: a holder's end is recorded as its backend pushes it."""
-        sandboxes = list(self._sandboxes.values())
-        if flt is None:
-            return sandboxes
-        if flt.id in self._sandboxes:
-            sandboxes = [self._sandboxes[flt.id]]
-        elif flt.id:
-            sandboxes = [s for s in sandboxes if s.id.startswith(flt.id)]
-        if flt.HasField("state"):
-            ready = flt.state.state == pb.SANDBOX_READY
-            sandboxes = [s for s in sandboxes if self.is_ready(s) == ready]
-        if flt.label_selector:
-            sandboxes = [s for s in sandboxes if _match_labels(s.config.labels, flt.label_selector)]
-        return sandboxes
+        return self.table.list_sandboxes(flt, self.is_ready)
 
     # ---- containers ------------------------------------------------------------------------
 
@@ -401,13 +340,10 @@ class PodManager:
             image_ref=image.repo_digests[0] if image.repo_digests else image.image_id,
             log_path=_log_path(sandbox.config, config),
         )
-        name = self._container_name(sandbox.id, config)
         async with self._locks.hold(sandbox.id):
             if sandbox.state != SandboxState.READY:
                 raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
-            self._reserve(name, container.id, "container")
-            self._containers[container.id] = container
-            self._pod_containers.setdefault(sandbox.id, {})[container.id] = container
+            self.table.add_container(container)
             self._container_store.put(container)
             rootfs = ImageRootfs(image.image_id, self.images.layer_dirs(image), self.images.config_of(image))
             backend = self._backend(sandbox)
@@ -492,12 +428,7 @@ class PodManager:
 
     def _forget(self, container: ContainerRecord) -> None:
         self._container_store.delete(container.id)
-        self._containers.pop(container.id, None)
-        siblings = self._pod_containers.get(container.sandbox_id, {})
-        siblings.pop(container.id, None)
-        if not siblings:
-            self._pod_containers.pop(container.sandbox_id, None)
-        self._names.pop(self._container_name(container.sandbox_id, container.config), None)
+        self.table.drop_container(container)
 
     def _mark_exited(self, container: ContainerRecord, exit_status: ExitStatus) -> None:
         container.state = ContainerState.EXITED
@@ -512,7 +443,7 @@ class PodManager:
         """Notice a running container's exit (the watcher does this too; status calls must not lag behind)."""
         if container.state != ContainerState.RUNNING:
             return container
-        sandbox = self._sandboxes.get(container.sandbox_id)
+        sandbox = self.table.sandboxes.get(container.sandbox_id)
         backend = None if sandbox is None else self.backends.get(sandbox.backend)
         if sandbox is None or backend is None:  # without its backend, what is recorded is all there is to say
             return container
@@ -526,24 +457,7 @@ class PodManager:
 
     def list_containers(self, flt: pb.ContainerFilter | None) -> list[ContainerRecord]:
         """From memory: exits are recorded as the backends push them (a status call also asks the backend)."""
-        if flt is None:
-            return list(self._containers.values())
-        if flt.id in self._containers:
-            containers = [self._containers[flt.id]]
-        elif flt.id:
-            containers = [c for c in self._containers.values() if c.id.startswith(flt.id)]
-        elif flt.pod_sandbox_id in self._pod_containers:
-            containers = list(self._pod_containers[flt.pod_sandbox_id].values())
-        else:
-            containers = list(self._containers.values())
-        if flt.pod_sandbox_id:
-            containers = [c for c in containers if c.sandbox_id.startswith(flt.pod_sandbox_id)]
-        if flt.HasField("state"):
-            wanted = _CONTAINER_STATES[flt.state.state]
-            containers = [c for c in containers if c.state == wanted]
-        if flt.label_selector:
-            containers = [c for c in containers if _match_labels(c.config.labels, flt.label_selector)]
-        return containers
+        return self.table.list_containers(flt)
 
     async def running(self, ident: str) -> tuple[SandboxRecord, ContainerRecord]:
         container = await self._refresh(self.container(ident))
@@ -589,7 +503,7 @@ class PodManager:
         samples every stats call shares (`sandbox.stats`): a container with no sample yet is left out."""
         pods: dict[str, PodContainers] = {}
         for container in containers:
-            sandbox = self._sandboxes.get(container.sandbox_id)
+            sandbox = self.table.sandboxes.get(container.sandbox_id)
             if container.state == ContainerState.RUNNING and sandbox is not None and sandbox.backend in self.backends:
                 pods.setdefault(sandbox.id, PodContainers(sandbox, [])).containers.append(container)
         return await self._usage.usage(list(pods.values()))
@@ -641,16 +555,16 @@ class PodManager:
         With `status` (a container's exit the backend must acknowledge), it is persisted before this returns.
         """
         if ident is None:
-            running = [c.id for c in self._containers.values() if c.state == ContainerState.RUNNING]
+            running = [c.id for c in self.table.containers.values() if c.state == ContainerState.RUNNING]
             checks = [functools.partial(self._record_exit, cid) for cid in running]
-            ready = [s for s in self._sandboxes.values() if s.state == SandboxState.READY]
+            ready = [s for s in self.table.sandboxes.values() if s.state == SandboxState.READY]
             checks += [functools.partial(self._check_holder, s) for s in ready]
-        elif ident in self._containers:
+        elif ident in self.table.containers:
             checks = [functools.partial(self._record_exit, ident)]
             if status is not None:
-                self._report_exit(self._containers[ident], status)
-        elif ident in self._sandboxes:
-            checks = [functools.partial(self._check_holder, self._sandboxes[ident])]
+                self._report_exit(self.table.containers[ident], status)
+        elif ident in self.table.sandboxes:
+            checks = [functools.partial(self._check_holder, self.table.sandboxes[ident])]
         else:
             return  # a container or pod already removed, or a file that is no exit
         for check in checks:
@@ -679,6 +593,6 @@ class PodManager:
     async def _record_exit(self, container_id: str) -> None:
         """Under the container's lock, so that an exit during StartContainer lands after its start is recorded."""
         async with self._locks.hold(container_id):
-            container = self._containers.get(container_id)
+            container = self.table.containers.get(container_id)
             if container is not None:
                 await self._refresh(container)

@@ -396,7 +396,14 @@ class VmBackend(Backend[VmBackendSettings]):
         """Detach what CreateContainer attached to the share (by the mount IDs it recorded), then the host side."""
         run_dir = self._run_dir(sandbox)
         recorded = [Attached.from_list(value) for value in container.backend_state.get("share_mounts", [])]
-        await PodShare(run_dir).detach(container.id, [a for a in recorded if a is not None])
+        try:
+            await PodShare(run_dir).detach(container.id, [a for a in recorded if a is not None])
+        except TandemError as e:
+            if self._pod(sandbox).vm.alive():
+                raise
+            # the guest can no longer act, and the share namespace takes every mount in it when the pod goes:
+            # whatever the guest did to the share must not keep its pod from being removed
+            log.warning("container %s: share not cleaned (%s); its mounts go with the pod", container.id[:12], e)
         await rootfs.unmount(run_dir / "c" / container.id / "rootfs")
         await asyncio.to_thread(shutil.rmtree, run_dir / "c" / container.id, True)
         self.layer_usage.forget(self._upper(container.id))
@@ -544,7 +551,7 @@ class VmBackend(Backend[VmBackendSettings]):
         pod = await self._connected(sandbox)
         client = pod.client_or_fail()
         exec_id = f"x{secrets.token_hex(8)}"
-        process = pod.events.execs[exec_id] = VmExec(client, container.id, exec_id, tty)
+        process = pod.events.execs[exec_id] = VmExec(client, container.id, exec_id, tty, pod.events.end_stream)
         try:
             await client.start_exec(
                 container.id, exec_id, process_spec, terminal=tty, stdin=stdin, window=process.window

@@ -76,7 +76,7 @@ class PodEvents:
         self.ports: dict[str, VmPort] = {}
         self.dropped = 0  # events for IDs the host did not create for this pod (or of no known kind)
         self.overruns = 0  # streams closed because the guest sent past their credit
-        self._warned: set[str] = set()
+        self._warned: set[str | tuple[str, str]] = set()  # what was said once: kinds, and ("log", container)
         self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     # ---- what the host created ---------------------------------------------------------------
@@ -97,6 +97,7 @@ class PodEvents:
     def forget_container(self, container_id: str) -> None:
         """The container is removed: its log closed, its attachers ended; its events are strangers from now."""
         known = self.containers.pop(container_id, None)
+        self._warned.discard(("log", container_id))
         if known is not None:
             if known.log is not None:
                 known.log.close()
@@ -192,8 +193,11 @@ class PodEvents:
             stream = STDERR if out.stream == agent_pb2.STDERR else STDOUT
             try:
                 known.log.write(stream, out.data, _clamp(out.timestamp_unix_ns, known.since))
-            except OSError as e:
-                log.warning("cannot write the log of %s: %s", out.container_id[:12], e)
+            except OSError as e:  # a full disk, say: said once per container, however much the guest sends
+                if ("log", out.container_id) not in self._warned:
+                    self._warned.add(("log", out.container_id))
+                    log.warning("cannot write the log of %s (said once; its output is lost until it can): %s",
+                                out.container_id[:12], e)  # fmt: skip
         for attacher in list(known.attachers):
             attacher.output(out.stream, out.data)
 

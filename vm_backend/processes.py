@@ -33,8 +33,16 @@ ATTACH_BUFFER = 1 * 2**20
 class VmExec(Process):
     """A command the agent runs in a container (`StartExec`); its output and exit arrive as events."""
 
-    def __init__(self, client: AgentClient, container_id: str, exec_id: str, tty: bool) -> None:
+    def __init__(
+        self,
+        client: AgentClient,
+        container_id: str,
+        exec_id: str,
+        tty: bool,
+        on_close: Callable[[str], object] | None = None,
+    ) -> None:
         self.client, self.container_id, self.exec_id, self.tty = client, container_id, exec_id, tty
+        self._on_close = on_close  # the event router forgets the stream (`PodEvents.end_stream`)
         self._credit = CreditSender(self._send_credit, lambda: client.closed)
         self.stdout, self.stderr = CreditedStream(self._credit.wake), CreditedStream(self._credit.wake)
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -97,7 +105,11 @@ class VmExec(Process):
         return await asyncio.shield(self.exited)
 
     async def kill(self) -> None:
-        """The client went away: the command is killed, and what it still writes is not wanted."""
+        """The client went away: the command is killed, and what it still writes is not wanted. The host lets go
+        of the stream now, not at an exit the guest may never report."""
+        if self._on_close is not None:
+            self._on_close(self.exec_id)
+        self._credit.stop()
         if not self.exited.done():
             await self._abandon()
 

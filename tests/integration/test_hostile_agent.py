@@ -381,7 +381,7 @@ async def test_kubelet_never_waits_on_a_silent_agent(host: Host) -> None:
         )  # fmt: skip
         started = time.monotonic()
         await asyncio.wait_for(manager.recover(), 60)
-        listed = await asyncio.wait_for(manager.list_containers(None), 60)
+        listed = manager.list_containers(None)
         ready = [await asyncio.wait_for(manager.sandbox_ready(s), 60) for s in manager.list_sandboxes(None)]
         took = time.monotonic() - started
         await asyncio.gather(*(pod.agent.wait_for(lambda pod=pod: pod.agent.hellos) for pod in pods))
@@ -397,3 +397,25 @@ async def test_kubelet_never_waits_on_a_silent_agent(host: Host) -> None:
         assert manager.container(first.container.id).exit_code == 3
         assert RecordStore(state / "containers", ContainerRecord).get(first.container.id).exit_code == 3
         await manager.close()
+
+
+async def test_an_exec_whose_client_left_is_forgotten_though_the_guest_never_ends_it(host: Host) -> None:
+    # The streaming client went away; the guest keeps the command "running" and never reports its exit. The host
+    # must not keep the session (and what it buffered) for the pod's life: one per `kubectl exec`, without end.
+    async with running_pod(host, "left") as pod:
+        await pod.agent.writer()
+        router = host.backend._pod(pod.sandbox).events
+        process = await host.backend.exec(pod.sandbox, pod.container, ["sh"], tty=False, stdin=False)
+        (start,) = [r.start_exec for r in pod.agent.requests if r.HasField("start_exec")]
+
+        def output(data: bytes) -> pb.Frame:
+            out = pb.Output(container_id=pod.container.id, process_id=start.exec_id, data=data)
+            return pod.agent.event(output=out)
+
+        await exchange(pod, output(b"x" * WINDOW))
+        assert process.stdout.buffered == WINDOW  # type: ignore[attr-defined]
+        await process.kill()
+        await pod.agent.wait_for(lambda: any(r.signal_process.process_id == start.exec_id for r in pod.agent.requests))
+        assert start.exec_id not in router.execs
+        await exchange(pod, output(b"y"))  # in flight as the host let go: ignored, not counted
+        assert host.info(pod)["droppedEvents"] == 0

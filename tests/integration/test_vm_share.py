@@ -237,6 +237,20 @@ async def test_detach_finds_moved_mounts_and_never_leaves_the_share(share, run_d
     assert host_table(run_dir) == before
 
 
+async def test_detach_finds_mounts_the_guest_moved_under_names_that_are_no_text(share, run_dir):
+    # Bytes that are no UTF-8, and characters Python splits on that mountinfo does not escape: the share's
+    # mount table must still be read, or no container of the pod (and so not the pod) could ever be removed.
+    rootfs = run_dir / "c" / "c1" / "rootfs"
+    mount_tmpfs(rootfs)
+    volume = run_dir / "volume"
+    volume.mkdir()
+    attached = await share.attach("c1", rootfs, [ShareMount(str(volume))])
+    moved = guest(share, "cd $S && mv c1 \"$(printf 'a\\377\\013-\\034b\\302\\205c')\"")
+    assert moved.returncode == 0, moved.stderr
+    await share.detach("c1", attached)
+    assert {m.mount_point for m in inside(share)} == base(share)
+
+
 async def test_a_full_share_refuses_new_containers_and_fills_nothing_else(share, run_dir):
     rootfs = run_dir / "c" / "c1" / "rootfs"
     mount_tmpfs(rootfs)

@@ -1,6 +1,6 @@
 """cri.convert: records to CRI messages."""
 
-from cri.convert import container_stats, container_status, pod_sandbox_status
+from cri.convert import container_stats, container_status, pod_sandbox_status, pod_stats
 from protos import cri_pb2 as pb
 from sandbox.backend import ContainerUsage
 from sandbox.model import ContainerRecord, ContainerState, ProcessUser, SandboxRecord, SandboxState
@@ -58,3 +58,16 @@ def test_stats_leave_out_what_the_backend_could_not_measure():
     assert (stats.writable_layer.used_bytes.value, stats.writable_layer.fs_id.mountpoint) == (7, "/x")
     assert stats.writable_layer.timestamp == 4  # when the layer was last measured, not the sample's time
     assert stats.cpu.usage_nano_cores.value == 3
+
+
+def test_stats_saturate_where_guest_figures_overflow_a_uint64():
+    # A VM guest reports any uint64 it likes: a rate computed from two of them, or a pod's sum of them, must
+    # not make the whole node's stats call fail with "Value out of range".
+    top = 2**64 - 1
+    usage = ContainerUsage(timestamp=5, cpu_usage_ns=top, memory_working_set_bytes=top, cpu_nano_cores=top * 10**9)
+    stats = container_stats(container_record(), usage)
+    assert stats.cpu.usage_nano_cores.value == top
+    pod = pod_stats(sandbox_record(), [stats, stats])
+    assert pod.linux.cpu.usage_core_nano_seconds.value == top
+    assert pod.linux.cpu.usage_nano_cores.value == top
+    assert pod.linux.memory.working_set_bytes.value == top

@@ -406,7 +406,7 @@ async def test_handlers_report_their_backends_features_and_requests_beyond_them_
     assert ["rbind", "rprivate", "ro", "rro"] in [m["options"] for m in runc.containers[record.id].spec["mounts"]]
     vm_pod = SandboxRecord(id="6" * 64, config=host_network_pod("in-vm"), runtime_handler="vm", backend="vm",
                            trust_reason="test", state=SandboxState.READY)  # fmt: skip
-    pods._sandboxes[vm_pod.id] = vm_pod  # a VM pod without its network: making one needs root
+    pods.table.sandboxes[vm_pod.id] = vm_pod  # a VM pod without its network: making one needs root
     with pytest.raises(Unimplemented, match="recursive read-only mounts \\(/ro\\) are not supported on the vm"):
         await pods.create_container(vm_pod.id, container(mounts=[rro]), vm_pod.config)
     await pods.close()

@@ -43,6 +43,24 @@ def test_malformed_lines_are_skipped():
     assert mountinfo("garbage\n1 2 3 4 5 6 - \n") == []
 
 
+def test_mount_points_named_by_a_guest_are_read_as_the_kernel_wrote_them(tmp_path, monkeypatch):
+    # A VM guest names the directories of its share as it likes: bytes that are no UTF-8 and characters that
+    # Python counts as whitespace (but mountinfo does not escape) must neither fail the read nor shift fields.
+    share = b"/run/tandem/vm/p/share"
+    table = tmp_path / "mountinfo"
+    table.write_bytes(
+        b"40 22 0:40 / " + share + b" rw shared:7 - tmpfs tandem-share rw\n"
+        b"41 40 0:41 / " + share + b"/\xff/rootfs rw - overlay overlay rw\n"
+        b"42 40 0:42 / " + share + b"/a\x0b-\x1cb\xc2\x85c/rootfs rw - overlay overlay rw\n"
+    )
+    monkeypatch.setattr("core.mounts.MOUNTINFO", table)
+    entries = mountinfo()
+    assert [(m.mount_id, os.fsencode(m.mount_point)) for m in entries] == [
+        (40, share), (41, share + b"/\xff/rootfs"), (42, share + b"/a\x0b-\x1cb\xc2\x85c/rootfs"),
+    ]  # fmt: skip
+    assert [m.fstype for m in entries] == ["tmpfs", "overlay", "overlay"]
+
+
 def test_mount_ids_parents_and_mount_options():
     entries = mountinfo(MOUNTINFO)
     assert [(m.mount_id, m.parent_id) for m in entries] == [(22, 1), (25, 22), (30, 25), (31, 30), (32, 30), (33, 32)]

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from core.errors import DeadlineExceeded, Internal, InvalidArgument, Unavailable
 from core.settings import Config
 from cri.server import available_backends
 from protos import agent_pb2
@@ -16,7 +16,7 @@ from sandbox.oci.spec import container_spec
 from vm_backend.backend import VM_DIED, VmBackend
 from vm_backend.guest_image import GuestAssets
 from vm_backend.guest_spec import check_vm_container, guest_platform, to_guest
-from vm_backend.share import Attached, mount_path, rootfs_path
+from vm_backend.share import Attached, PodShare, mount_path, rootfs_path
 from vm_backend.sharens import ShareError, parts_of
 from vm_backend.stats import STATS_DEADLINE, pod_usage
 
@@ -176,11 +176,16 @@ def test_without_guest_assets_the_backend_is_unavailable(tmp_path):
     assert "vm" not in available_backends(config)
 
 
-async def test_a_container_whose_vm_is_gone_exited_with_vm_died(tmp_path):
-    config = Config(state_dir=tmp_path / "state", runtime_dir=tmp_path / "run")
-    assets = GuestAssets(
+def fake_assets(tmp_path: Path) -> GuestAssets:
+    """Assets whose files nothing reads: no QEMU runs in these tests."""
+    return GuestAssets(
         tmp_path, "d", tmp_path / "vmlinuz", tmp_path / "initrd", tmp_path / "userland.img", 2**21, "6.1", {}
     )
+
+
+async def test_a_container_whose_vm_is_gone_exited_with_vm_died(tmp_path):
+    config = Config(state_dir=tmp_path / "state", runtime_dir=tmp_path / "run")
+    assets = fake_assets(tmp_path)
     backend = VmBackend(config.vm_backend(), assets)
     sandbox = SandboxRecord(id="a" * 64, config=pod(), runtime_handler="vm", backend="vm", trust_reason="test")
     sandbox.backend_state["run_dir"] = str(tmp_path / "run" / "vm" / ("a" * 16))  # no pidfile: no QEMU
@@ -192,6 +197,26 @@ async def test_a_container_whose_vm_is_gone_exited_with_vm_died(tmp_path):
     assert exited is not None
     assert (exited.exit_code, exited.reason) == (255, VM_DIED)
     assert f"tandem-{'a' * 12}" in exited.message
+
+
+async def test_a_share_the_guest_broke_keeps_no_container_of_a_dead_vm_from_going(tmp_path, monkeypatch):
+    config = Config(state_dir=tmp_path / "state", runtime_dir=tmp_path / "run")
+    assets = fake_assets(tmp_path)
+    backend = VmBackend(config.vm_backend(), assets)
+    sandbox = SandboxRecord(id="a" * 64, config=pod(), runtime_handler="vm", backend="vm", trust_reason="test")
+    sandbox.backend_state["run_dir"] = str(tmp_path / "run" / "vm" / ("a" * 16))  # no pidfile: no QEMU
+    record = ContainerRecord(
+        id="c" * 64, sandbox_id=sandbox.id, config=container(), image_id="i", image_ref="busybox", log_path=""
+    )
+
+    async def broken(self, container_id, attached):
+        raise Internal("share helper detach failed (1): what the guest did")
+
+    monkeypatch.setattr(PodShare, "detach", broken)
+    await backend.remove_container(sandbox, record)  # the VM is gone: logged, and the pod's removal takes the rest
+    monkeypatch.setattr(type(backend._pod(sandbox).vm), "alive", lambda self: True)
+    with pytest.raises(Internal):  # while the guest runs, the failure is the caller's to see
+        await backend._release_container(sandbox, record)
 
 
 class StatsClient:

@@ -60,18 +60,24 @@ def test_a_window_of_nothing_sends_nothing() -> None:
 
 async def test_the_host_buffers_at_most_its_window_and_grants_as_it_reads() -> None:
     grants: list[int] = []
-    stream = CreditedStream(lambda: grants.append(stream.limit), window=100)
-    assert stream.receive(b"a" * 60) and stream.receive(b"b" * 40)
+    stream = CreditedStream(lambda: grants.append(stream.limit), window=10_000)
+    assert stream.receive(b"a" * 6000) and stream.receive(b"b" * 4000)
     assert not stream.receive(b"c")  # past the credit: refused, not queued
-    assert stream.buffered == 100
-    assert await stream.read() == b"a" * 60
-    assert grants == [160]  # more than half a window read: the credit moves on
-    assert await stream.read() == b"b" * 40
-    assert grants == [160]  # 40 more is less than half a window: no request for it
-    assert stream.receive(b"d" * 60) and not stream.receive(b"e")
+    assert stream.buffered == 10_000
+    assert await stream.read() == b"a" * 6000
+    assert grants == [16_000]  # more than half a window read: the credit moves on
+    assert await stream.read() == b"b" * 4000
+    assert grants == [16_000]  # 4000 more is less than half a window: no request for it
+    assert stream.receive(b"d" * 6000) and not stream.receive(b"e")
     stream.end()
-    assert await stream.read() == b"d" * 60 and await stream.read() == b""
-    assert grants == [160]  # after the end, no more credit
+    assert await stream.read() == b"d" * 6000 and await stream.read() == b""
+    assert grants == [16_000]  # after the end, no more credit
+
+
+async def test_tiny_chunks_are_read_merged() -> None:
+    stream = CreditedStream(lambda: None, window=100)
+    assert all(stream.receive(b"xy") for _ in range(50)) and not stream.receive(b"z")
+    assert await stream.read() == b"xy" * 50
 
 
 async def test_an_attach_client_that_falls_behind_is_detached() -> None:
