@@ -37,9 +37,10 @@ OVERHEAD_MIB = {"tcg": 170, "kvm": 138}
 # What a VM pod costs beyond its containers, for a RuntimeClass's overhead.podFixed (`tandem config
 # runtimeclasses`). Memory: the VM cgroup's limit beyond the containers' own limits -- the default guest RAM plus
 # OVERHEAD_MIB -- because the kubelet's pod cgroup (the containers' limits plus podFixed) holds the VM's cgroup and
-# must never be the smaller of the two; an idle pod uses less (PSS 221 MiB: `python -m bench.vm --skip start jail
-# density --idle-pods 2 --idle-seconds 30`, TCG, a busybox `sleep 3600` pod). CPU: the same run measured an idle
-# pod's QEMU + virtiofsd at 14 millicores (10-18); podFixed asks 100m, room for the VMM's device emulation when the
+# must never be the smaller of the two; an idle pod uses less (PSS 174 MiB each with 3 pods, 148 with 69, as every
+# VM maps the same kernel and userland image: `python -m bench.vm --skip jail --idle-pods 3 --idle-seconds 20`,
+# TCG, a busybox `sleep 3600` pod). CPU: an idle pod's QEMU + virtiofsd measured 14 millicores (10-18) in one
+# such run and 27 (6-38) in another at load 3; podFixed asks 100m, room for the VMM's device emulation when the
 # guest does I/O, without reserving a whole CPU per pod at scheduling (the VM cgroup's quota is a ceiling, not a
 # reservation).
 POD_FIXED_CPU_MILLICORES = 100
