@@ -316,8 +316,9 @@ async def test_a_created_container_takes_signals_and_resources_before_it_starts(
     cid = await harness.create(IDLE)
     await harness.client.signal(cid, signal.SIGKILL)  # nothing runs yet: nothing to kill, and no error
     await harness.client.update_resources(cid, {"pids": {"limit": 77}})
-    assert await harness.client.stats(cid) == pb.Stats()  # no cgroup until it starts
+    assert cid not in await harness.client.pod_stats(timeout=10)  # no cgroup until it starts
     await harness.client.start_container(cid)
+    assert cid in await harness.client.pod_stats(timeout=10)
     pids_dir = "" if cgroups.detect_mode() == "v2" else "pids"
     pids_max = Path(cgroups.CGROUP_ROOT) / pids_dir / harness.cgroups_path(cid).lstrip("/") / "pids.max"
     assert pids_max.read_text().strip() == "77"  # the spec it started with had them
