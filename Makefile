@@ -14,13 +14,15 @@ STUBS  := protos/cri_pb2.py protos/cri_pb2_grpc.py protos/agent_pb2.py
 #   iproute2, iputils-ping, util-linux, procps  ip, ping, mount/unshare/nsenter, ps
 #   qemu-system-x86        the untrusted backend's micro-VMs (its qemu-system-common dependency ships virtiofsd)
 #   lz4                    unpacks the guest kernel (Debian compresses it with LZ4) for PVH boot
+#   e2fsprogs              mkfs.ext4 -d builds the guest's userland image (ext4, mapped by every VM with DAX)
+#                          from a directory, without root or a loop mount
 #   systemd                systemd-analyze, which checks the unit `make install` installs (tests/integration/
 #                          test_install.py); the daemon itself needs no systemd
 #   (the guest kernel, busybox, Python and crun inside the VMs are fetched by `tandem assets` with
 #   apt-get download and unpacked into the state dir, never installed on the host)
 APT_PACKAGES := docker-registry busybox-static runc conmon catatonit containernetworking-plugins \
                 iptables python3-venv iproute2 iputils-ping util-linux procps ca-certificates qemu-system-x86 lz4 \
-                systemd
+                e2fsprogs systemd
 
 # `make install` puts Tandem where an operator's node runs it (as root; under DESTDIR for packaging):
 # the program and its modules, the systemd unit, the config file (only if absent), RuntimeClasses and
@@ -63,7 +65,7 @@ $(STUBS): protos/cri.proto protos/agent.proto $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/cri.proto
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. protos/agent.proto
 
-# The VM guest's kernel + initramfs (rebuilt only when an input changed) and the accelerator probe.
+# The VM guest's kernel, initramfs and userland image (rebuilt only when an input changed) and the accelerator probe.
 assets: apt venv protos
 	$(VENV)/bin/tandem assets
 

@@ -22,11 +22,17 @@
    alone: `qemu -version` through the jailer (as a VM's QEMU is jailed) vs bare, alternating, and
    making + removing a VM's cgroup with its limits.
 2. memory: K idle VM pods with one sleeping container each; after an idle wait,
-   the PSS (/proc/PID/smaps_rollup) of every host process whose command line names
-   the pod's VM run dir (QEMU, virtiofsd), per pod and mean; the daemon's PSS apart;
-   and the CPU those processes used during the idle wait (/proc/PID/stat), in millicores.
+   the PSS (/proc/PID/smaps_rollup) of every host process of the pod's VM (whose
+   command line names its run dir, or in its cgroup: QEMU, virtiofsd and its
+   sandbox), per pod and mean, QEMU's split by kind of mapping (guest RAM, the
+   kernel, initramfs and userland image, TCG's code, QEMU's own); the daemon's PSS
+   apart; and the CPU those processes used during the idle wait (/proc/PID/stat),
+   in millicores. All with KSM as found (off on these hosts), then, if it was off,
+   again with KSM switched on for the measurement (bench/hostmem.py: after 3 full
+   scans; every knob it wrote put back as found, also on failure or SIGTERM).
 3. density: idle VM pods started one after another until the first failure or the
-   cap; how many started, and MemAvailable at the end; then all removed.
+   cap (150); how many started, MemAvailable and the mean PSS per pod at the end,
+   then the same with KSM on (as in 2); then all removed.
 
 Everything runs under one temp dir (isolated daemon, LocalRegistry, a CNI bridge)
 and is removed on exit, also on failure or SIGTERM. The machine may be shared:
@@ -52,6 +58,7 @@ from pathlib import Path
 
 import grpc
 
+from bench.hostmem import ksm_available, ksm_is_on, ksm_on, ksm_settle, pss_by_kind, pss_kib
 from bench.pods import (
     BenchError,
     _ignore_sigterm,
@@ -72,7 +79,7 @@ from tests.support.pods import container_config, pod_config
 from tests.support.registry import LocalRegistry
 from vm_backend import resources
 from vm_backend.channel import AgentClient
-from vm_backend.guest_image import GuestAssets, assets_root
+from vm_backend.guest_image import GuestAssets, assets_root, current_assets
 from vm_backend.guest_image.inputs import resolve_inputs
 from vm_backend.guest_image.store import load as load_assets
 from vm_backend.jail import Jail, JailIds
@@ -94,16 +101,6 @@ def mem_available_mib() -> float:
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def pss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -207,6 +204,7 @@ async def _bare_boot(run_dir: Path, assets: GuestAssets) -> tuple[float, float]:
     """(seconds to init's first line, seconds to the agent's Hello) of one boot."""
     spec = VmSpec(
         name=run_dir.name, run_dir=run_dir, kernel=assets.kernel, initramfs=assets.initramfs,
+        userland=assets.userland, userland_bytes=assets.userland_bytes,
         accel="tcg", vcpus=VCPUS, memory_mib=MEMORY_MIB,
     )  # fmt: skip
     vm = QemuVm(spec)
@@ -401,19 +399,13 @@ def measure_memory(pods: Pods, count: int, idle: float) -> None:
     millicores = [(after - before) / idle * 1000 for before, after in zip(cpu_before, cpu_after, strict=True)]
     print(f"cpu: idle VM pod's QEMU + virtiofsd over {idle:g} s: mean {statistics.mean(millicores):.0f} millicores "
           f"(min {min(millicores):.0f}, max {max(millicores):.0f})")  # fmt: skip
-    totals = []
-    for pod_id in started:
-        procs = processes_naming(str(pods.run_dir(pod_id)))
-        parts = []
-        total = 0
-        for pid, cmdline in sorted(procs.items()):
-            kib = pss_kib(pid)
-            total += kib
-            parts.append(f"{Path(cmdline.split()[0]).name}[{pid}] {kib / 1024:.1f}")
-        totals.append(total)
-        print(f"pod {pod_id[:12]}: PSS {total / 1024:.1f} MiB  ({', '.join(parts) or 'no processes found'})")
-    print(f"memory: mean PSS per idle VM pod {statistics.mean(totals) / 1024:.1f} MiB "
-          f"(min {min(totals) / 1024:.1f}, max {max(totals) / 1024:.1f})")  # fmt: skip
+    report_pss(pods, started, "KSM off" if not ksm_is_on() else "KSM on (found on: no figures without it)")
+    if ksm_available() and not ksm_is_on():
+        with ksm_on() as ksm:
+            print(f"# {ksm.log[0]}")
+            print(f"# {ksm_settle()}; {ksm.merged()}")
+            report_pss(pods, started, "KSM on")
+        print(f"# {ksm.log[-1]}")
     assert pods.daemon.process is not None
     print(f"memory: daemon PSS {pss_kib(pods.daemon.process.pid) / 1024:.1f} MiB (with {count} VM pods)")
     print(f"# {load()}; MemAvailable {mem_available_mib():.0f} MiB")
@@ -442,11 +434,79 @@ def measure_density(pods: Pods, cap: int) -> None:
         if failure:
             print(f"density: {failure}")
         print(f"# {load()}")
+        if started:
+            density_memory(pods, started)
     finally:
         removing = time.perf_counter()
         for pod_id in started:
             pods.remove(pod_id)
         print(f"# removed {len(started)} pods in {time.perf_counter() - removing:.1f} s")
+
+
+def pod_pss(pods: Pods, pod_id: str) -> tuple[int, dict[str, int], list[str]]:
+    """PSS (KiB) of every process of the pod's VM (its cgroup's and any naming its run dir), QEMU's by kind."""
+    run_dir = pods.run_dir(pod_id)
+    procs = processes_naming(str(run_dir))
+    procs |= {pid: "" for pid in cgroups.processes(resources.vm_cgroup("", pod_id)) if pid not in procs}
+    state = pods.daemon.socket.parent.parent / "state"
+    total = 0
+    kinds: dict[str, int] = {}
+    parts: list[str] = []
+    for pid, cmdline in sorted(procs.items()):
+        kib = pss_kib(pid)
+        total += kib
+        name = Path(cmdline.split()[0]).name if cmdline else f"pid {pid}"
+        parts.append(f"{name}[{pid}] {kib / 1024:.1f}")
+        if "qemu" in name:
+            files = {str(path): kind for path, kind in guest_files(state).items()}
+            kinds = pss_by_kind(pid, files)
+    return total, kinds, parts
+
+
+def guest_files(state: Path) -> dict[Path, str]:
+    """The guest's files QEMU maps, by what they are (the assets `current` names in the daemon's state)."""
+    assets = current_assets(state)
+    if assets is None:
+        return {}
+    return {
+        path.resolve(): kind
+        for path, kind in (
+            (assets.kernel, "kernel"),
+            (assets.initramfs, "initramfs"),
+            (assets.userland, "userland image"),
+        )
+    }
+
+
+def report_pss(pods: Pods, started: list[str], label: str, each: bool = True) -> list[int]:
+    """Every pod's PSS (each on a line, if `each`), then the mean and QEMU's by kind of mapping; the totals."""
+    totals: list[int] = []
+    kinds_sum: dict[str, int] = {}
+    for pod_id in started:
+        total, kinds, parts = pod_pss(pods, pod_id)
+        totals.append(total)
+        for kind, kib in kinds.items():
+            kinds_sum[kind] = kinds_sum.get(kind, 0) + kib
+        if each:
+            print(f"pod {pod_id[:12]}: PSS {total / 1024:.1f} MiB  ({', '.join(parts) or 'no processes found'})")
+    by_kind = ", ".join(f"{kind} {kib / len(started) / 1024:.1f}" for kind, kib in sorted(kinds_sum.items()))
+    print(f"memory ({label}): mean PSS per idle VM pod {statistics.mean(totals) / 1024:.1f} MiB "
+          f"(min {min(totals) / 1024:.1f}, max {max(totals) / 1024:.1f}); QEMU's, MiB: {by_kind}")  # fmt: skip
+    return totals
+
+
+def density_memory(pods: Pods, started: list[str]) -> None:
+    """At the density reached: mean PSS per pod and MemAvailable with KSM as found, then with KSM on."""
+    label = "KSM on, found on" if ksm_is_on() else "KSM off"
+    report_pss(pods, started, f"{len(started)} pods, {label}", each=False)
+    if ksm_available() and not ksm_is_on():
+        before = mem_available_mib()
+        with ksm_on() as ksm:
+            print(f"# {ksm.log[0]}")
+            print(f"# {ksm_settle()}; {ksm.merged()}")
+            report_pss(pods, started, f"{len(started)} pods, KSM on", each=False)
+            print(f"density: MemAvailable {before:.0f} MiB with KSM off, {mem_available_mib():.0f} MiB with KSM on")
+        print(f"# {ksm.log[-1]}")
 
 
 # ---- setting up and tearing down ----------------------------------------------------------------
@@ -513,7 +573,7 @@ def _run(argv: Sequence[str] | None) -> int:
     parser.add_argument("--samples", type=int, default=5, help="start samples per side (default 5)")
     parser.add_argument("--idle-pods", type=int, default=3, help="pods for the memory measurement (default 3)")
     parser.add_argument("--idle-seconds", type=float, default=10.0, help="idle wait before PSS (default 10)")
-    parser.add_argument("--density-cap", type=int, default=60, help="most pods in the density run (default 60)")
+    parser.add_argument("--density-cap", type=int, default=150, help="most pods in the density run (default 150)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["start", "pool", "jail", "memory", "density"])
     parser.add_argument("--keep", action="store_true", help="keep the work dir")
     args = parser.parse_args(argv)

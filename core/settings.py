@@ -148,7 +148,8 @@ class VmSettings:
     )
     default_vcpus: int = field(default=1, metadata=doc("a VM's vCPUs besides its pod's CPU limit"))
     default_memory_mib: int = field(
-        default=256, metadata=doc("a VM's RAM besides its pod's memory limit; at least 128 (the initramfs lives in it)")
+        default=256,
+        metadata=doc("a VM's RAM besides its pod's memory limit; at least 128 (the guest kernel keeps ~75 MiB)"),
     )
     memory_headroom_mib: int = field(
         default=0, metadata=doc("RAM a VM boots with beyond its pod's, held by the balloon: room to grow in place")
@@ -469,7 +470,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> Config:
         raise vm_table.fail("jail_uid_count", f"the range must end at or below 2**31 (2147483648), it ends at {end}")
     if vm.default_memory_mib < 128:
         memory = vm.default_memory_mib
-        raise vm_table.fail("default_memory_mib", f"must be at least 128 (the initramfs lives in RAM), got {memory}")
+        raise vm_table.fail("default_memory_mib", f"must be at least 128 (the guest kernel's own share), got {memory}")
     if not 0 <= vm.warm_pool <= MAX_WARM_POOL:
         raise vm_table.fail("warm_pool", f"must be 0 (off) to {MAX_WARM_POOL}, got {vm.warm_pool}")
     if vm.memory_headroom_mib < 0:

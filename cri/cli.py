@@ -44,7 +44,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _assets(args: argparse.Namespace) -> int:
-    """Build (or confirm) the guest kernel + initramfs and probe the accelerator, printing the paths."""
+    """Build (or confirm) the guest kernel, initramfs and userland image and probe the accelerator; print them."""
     from vm_backend.accel import choose_accel
     from vm_backend.guest_image import ensure_assets
 
@@ -56,6 +56,7 @@ def _assets(args: argparse.Namespace) -> int:
         print(f"assets     {assets.dir} ({assets.digest})")
         print(f"kernel     {assets.kernel} ({assets.kernel_release})")
         print(f"initramfs  {assets.initramfs} ({assets.manifest['initramfs_bytes'] / 2**20:.1f} MiB)")
+        print(f"userland   {assets.userland} ({assets.userland_bytes / 2**20:.1f} MiB, mapped by every VM)")
         choice = await choose_accel(config.vm.accel, state_dir, assets, config.vm.qemu)
         print(f"accel      {choice.accel}: {choice.reason}")
 
@@ -107,7 +108,7 @@ def parser() -> argparse.ArgumentParser:
     doctor.add_argument("--config", help="TOML config file to check")
     doctor.set_defaults(run=_doctor)
 
-    assets = commands.add_parser("assets", help="build the VM guest kernel + initramfs if stale; print them")
+    assets = commands.add_parser("assets", help="build the VM guest kernel, initramfs, userland image if stale")
     assets.add_argument("--config", help="TOML config file (default /etc/tandem/tandem.toml if present)")
     assets.add_argument("--state-dir", help="persistent state directory (default /var/lib/tandem)")
     assets.add_argument("--force", action="store_true", help="rebuild even if the inputs did not change")

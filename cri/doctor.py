@@ -40,6 +40,7 @@ from runc_backend.cgroups import oom_score_adj_floor
 from sandbox import cni
 from sandbox.default_network import default_network
 from vm_backend.jail import Jail, JailIds
+from vm_backend.ksm import KSM_DIR, ksm_status
 from vm_backend.pool import warm_records
 
 EXIT_OK, EXIT_FAILED, EXIT_WARNINGS = 0, 1, 2
@@ -308,7 +309,10 @@ async def _check_vm_guest(config: Config) -> list[Finding]:
             Finding("warn", "accel", "not probed yet", fix),
         ]
     size = current.manifest.get("initramfs_bytes", 0) / 2**20
-    detail = f"{current.dir} (kernel {current.kernel_release}, initramfs {size:.1f} MiB)"
+    detail = (
+        f"{current.dir} (kernel {current.kernel_release}, initramfs {size:.1f} MiB, "
+        f"userland image {current.userland_bytes / 2**20:.1f} MiB)"
+    )
     findings = [
         Finding("ok", "guest assets", detail)
         if status.fresh
@@ -329,6 +333,15 @@ async def _check_vm_guest(config: Config) -> list[Finding]:
     else:
         findings.append(Finding("ok", "accel", f"kvm: {choice.reason}"))
     return findings
+
+
+def check_ksm(directory: Path = KSM_DIR) -> Finding:
+    """Whether the host merges identical pages (KSM): reported, never changed (it is host-wide, the operator's)."""
+    status = ksm_status(directory)
+    if status is None:
+        return Finding("ok", "ksm", "not in this kernel: VMs' identical pages are not merged")
+    tail = "" if status.on else "; the operator's choice (`bench.vm` measures what it would save); Tandem never sets it"
+    return Finding("ok", "ksm", f"{status.describe()}{tail}")
 
 
 def _ids_in_use(first: int, count: int) -> list[str]:
@@ -442,6 +455,7 @@ def diagnose(config_path: Path | None) -> list[Finding]:
                 *asyncio.run(_check_vm_guest(config)),
                 *_check_jail(config),
                 _check_warm_pool(config),
+                check_ksm(),
             ],
         ),
         *_in("images", _check_mirrors(config) or [Finding("ok", "mirrors", "none configured")]),

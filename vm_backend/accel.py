@@ -69,6 +69,8 @@ async def probe_kvm(qemu: Path, assets: GuestAssets, work_dir: Path) -> tuple[bo
         run_dir=run_dir,
         kernel=assets.kernel,
         initramfs=assets.initramfs,
+        userland=assets.userland,
+        userland_bytes=assets.userland_bytes,
         accel="kvm",
         kernel_args=("tandem.probe=1",),
         qemu=str(qemu),

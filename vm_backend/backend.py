@@ -173,6 +173,8 @@ class VmBackend(Backend[VmBackendSettings]):
             run_dir=self._run_dir(sandbox),
             kernel=Path(state.get("kernel") or self.assets.kernel),
             initramfs=Path(state.get("initramfs") or self.assets.initramfs),
+            userland=Path(state.get("userland") or self.assets.userland),
+            userland_bytes=int(state.get("userland_bytes") or self.assets.userland_bytes),
             accel=state.get("accel", "tcg"),
             vcpus=int(state.get("vcpus", 1)),
             memory_mib=int(state.get("memory_mib", 256)),
@@ -278,6 +280,8 @@ class VmBackend(Backend[VmBackendSettings]):
             size_mib=size,
             kernel=str(self.assets.kernel),
             initramfs=str(self.assets.initramfs),
+            userland=str(self.assets.userland),
+            userland_bytes=self.assets.userland_bytes,
         )
         began = time.monotonic()
         if settings.jail:

@@ -32,6 +32,7 @@ from typing import Any
 from core.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, Unavailable
 from core.files import open_regular_nofollow, private_dir, socket_nofollow
 from core.proc import ProcessIdentity, spawn_detached, wait_exit
+from vm_backend.guest_memory import GuestMemory, layout
 from vm_backend.jail import Jail
 from vm_backend.network import open_tap
 from vm_backend.virtiofs import Virtiofsd
@@ -78,6 +79,8 @@ class VmSpec:
     run_dir: Path
     kernel: Path
     initramfs: Path
+    userland: Path  # the userland image every VM maps read-only (vm_backend/guest_memory.py)
+    userland_bytes: int
     accel: str = "tcg"  # "kvm" or "tcg"
     vcpus: int = 1
     memory_mib: int = 256
@@ -88,6 +91,11 @@ class VmSpec:
     qemu: str = QEMU
     tsc_khz: int = field(default_factory=host_tsc_khz)
     jail: Jail | None = None  # None: QEMU runs as root in the host's mount namespace (measurements only)
+
+    @property
+    def memory(self) -> GuestMemory:
+        """Guest RAM and the userland image, laid out in guest-physical memory."""
+        return layout(self.memory_mib, self.userland_bytes)
 
     @property
     def pidfile(self) -> Path:
@@ -130,6 +138,7 @@ def kernel_cmdline(spec: VmSpec, share: bool) -> str:
     # uptime instead of 1.42 s). initcall_blacklist, for the KDF108 self-test that remains, costs more
     # than it saves: every initcall is looked up by name.
     args = ["console=ttyS0", "quiet", "panic=-1", f"tsc_early_khz={spec.tsc_khz}", "cryptomgr.notests"]
+    args.append(spec.memory.kernel_arg())  # the userland image's range: legacy pmem, /dev/pmem0
     if share:
         args.append(f"tandem.share={spec.share_tag}")
     return " ".join([*args, *spec.kernel_args])
@@ -150,7 +159,6 @@ def build_argv(spec: VmSpec, share_socket: Path | None = None, tap_fd: int | Non
     for sock in (spec.qmp_socket, spec.console_socket, spec.agent_socket, share_socket):
         if sock is not None and len(os.fsencode(sock)) > _SOCKET_PATH_MAX:
             raise InvalidArgument(f"unix socket path too long ({len(str(sock))} bytes): {sock}")
-    mem = f"{spec.memory_mib}M"
     if spec.accel == "kvm":
         accel = ["-accel", "kvm", "-cpu", "host"]
     else:
@@ -158,11 +166,12 @@ def build_argv(spec: VmSpec, share_socket: Path | None = None, tap_fd: int | Non
     argv = [
         spec.qemu,
         "-name", f"tandem-{spec.name}",
-        "-M", "microvm,memory-backend=mem",
-        "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",  # vhost-user-fs maps guest memory
+        # pcie=on: without a PCI host bridge the guest's kernel never registers the e820 pmem range
+        # (e820__reserve_resources_late runs in x86's PCI init), so /dev/pmem0 would not appear.
+        "-M", "microvm,pcie=on",
+        *spec.memory.qemu_args(spec.userland),
         *accel,
         "-smp", str(spec.vcpus),
-        "-m", mem,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-sandbox", SANDBOX,
         "-global", "virtio-mmio.force-legacy=false",
@@ -200,7 +209,7 @@ def launch_argv(spec: VmSpec, qemu_argv: list[str], share_socket: Path | None = 
     """QEMU's command line behind the jailer (or, without a jail, behind `nsenter` into the pod's netns)."""
     if spec.jail is None:
         return ["nsenter", f"--net={spec.netns}", "--", *qemu_argv] if spec.netns else qemu_argv
-    ro = [Path("/usr"), spec.kernel, spec.initramfs]
+    ro = [Path("/usr"), spec.kernel, spec.initramfs, spec.userland]
     if Path("/etc/ld.so.cache").exists():
         ro.append(Path("/etc/ld.so.cache"))  # else the loader searches every library directory for each library
     binary = Path(shutil.which(spec.qemu) or spec.qemu)

@@ -28,16 +28,19 @@ MIB = 2**20
 # (QEMU 7.2, tb-size=32, a 256 MiB busybox pod whose guest then used all its RAM; memory.stat and
 # memory.max_usage_in_bytes of the VM's cgroup, /proc/PID/smaps of QEMU): peak usage 309 MiB = 256 MiB of guest
 # RAM (shmem) + 53 MiB anon (QEMU 45, with the 32 MiB translation cache; virtiofsd 8). Besides, QEMU keeps the
-# kernel and initramfs mapped (77 MiB) and its binary and libraries (~20 MiB): page cache charged to the first
-# VM that faults it in, reclaimable but in use, so the limit leaves room for it (53 + 100 -> 160).
+# kernel and initramfs mapped (77 MiB then, with a 27 MiB initramfs) and its binary and libraries (~20 MiB): page
+# cache charged to the first VM that faults it in, reclaimable but in use, so the limit left room for it (53 + 100
+# -> 160). Since every VM maps the userland image (vm_backend/guest_memory.py), QEMU maps the kernel (51 MiB), the
+# initramfs (2.5) and the image (36): 12 MiB more than the 77, so 10 more (53 + 110 -> 170).
 # KVM cannot be measured here (these hosts' /dev/kvm is PVM): estimated as the same less the translation cache.
-OVERHEAD_MIB = {"tcg": 160, "kvm": 128}
+OVERHEAD_MIB = {"tcg": 170, "kvm": 138}
 # What a VM pod costs beyond its containers, for a RuntimeClass's overhead.podFixed (`tandem config
 # runtimeclasses`). Memory: the VM cgroup's limit beyond the containers' own limits -- the default guest RAM plus
 # OVERHEAD_MIB -- because the kubelet's pod cgroup (the containers' limits plus podFixed) holds the VM's cgroup and
-# must never be the smaller of the two; an idle pod uses less (PSS 221 MiB: `python -m bench.vm --skip start jail
-# density --idle-pods 2 --idle-seconds 30`, TCG, a busybox `sleep 3600` pod). CPU: the same run measured an idle
-# pod's QEMU + virtiofsd at 14 millicores (10-18); podFixed asks 100m, room for the VMM's device emulation when the
+# must never be the smaller of the two; an idle pod uses less (PSS 174 MiB each with 3 pods, 148 with 69, as every
+# VM maps the same kernel and userland image: `python -m bench.vm --skip jail --idle-pods 3 --idle-seconds 20`,
+# TCG, a busybox `sleep 3600` pod). CPU: an idle pod's QEMU + virtiofsd measured 14 millicores (10-18) in one
+# such run and 27 (6-38) in another at load 3; podFixed asks 100m, room for the VMM's device emulation when the
 # guest does I/O, without reserving a whole CPU per pod at scheduling (the VM cgroup's quota is a ceiling, not a
 # reservation).
 POD_FIXED_CPU_MILLICORES = 100
@@ -115,6 +118,7 @@ def pod_fixed_overhead(default_memory_mib: int, accel: str) -> tuple[int, int]:
 
 
 def vm_limits(vcpus: int, memory_mib: int, accel: str) -> cgroups.Limits:
+    """The VM's cgroup limits: guest RAM and what QEMU and virtiofsd use besides (OVERHEAD_MIB)."""
     return cgroups.Limits(
         memory_bytes=(memory_mib + OVERHEAD_MIB[accel]) * MIB,
         pids=PIDS_BASE + vcpus,

@@ -71,6 +71,7 @@ def guest_assets(tmp_path_factory: pytest.TempPathFactory) -> GuestAssets:
         dir=copy,
         kernel=copy / assets.kernel.relative_to(assets.dir),
         initramfs=copy / assets.initramfs.relative_to(assets.dir),
+        userland=copy / assets.userland.relative_to(assets.dir),
     )
 
 

@@ -296,15 +296,34 @@ async def test_terminal_container(harness: Harness) -> None:
 
 async def test_create_errors(harness: Harness) -> None:
     cid = await harness.create(IDLE)
+    assert harness.runc_list() == []  # created, not started: the runtime runs at StartContainer
     with pytest.raises(errors.AlreadyExists):
         await harness.client.create_container(cid, spec(IDLE, harness.cgroups_path(cid)), "rootfs")
-    with pytest.raises(AgentError, match="no-such-program"):
-        await harness.create(["/bin/no-such-program"])
+    with pytest.raises(errors.FailedPrecondition, match="not started"):
+        await harness.client.exec_sync(cid, process(["true"]), 10)
+    missing = await harness.create(["/bin/no-such-program"])
+    with pytest.raises(AgentError, match="no-such-program"):  # the runtime finds it missing when it runs
+        await harness.client.start_container(missing)
     with pytest.raises(errors.NotFound):
         await harness.client.start_container("c-unknown")
-    await harness.client.remove_container(cid)
+    for created in (cid, missing):
+        await harness.client.remove_container(created)
     assert harness.runc_list() == []
     assert os.listdir(harness.run_dir / "bundles") == []
+
+
+async def test_a_created_container_takes_signals_and_resources_before_it_starts(harness: Harness) -> None:
+    cid = await harness.create(IDLE)
+    await harness.client.signal(cid, signal.SIGKILL)  # nothing runs yet: nothing to kill, and no error
+    await harness.client.update_resources(cid, {"pids": {"limit": 77}})
+    assert cid not in await harness.client.pod_stats(timeout=10)  # no cgroup until it starts
+    await harness.client.start_container(cid)
+    assert cid in await harness.client.pod_stats(timeout=10)
+    pids_dir = "" if cgroups.detect_mode() == "v2" else "pids"
+    pids_max = Path(cgroups.CGROUP_ROOT) / pids_dir / harness.cgroups_path(cid).lstrip("/") / "pids.max"
+    assert pids_max.read_text().strip() == "77"  # the spec it started with had them
+    with pytest.raises(errors.FailedPrecondition, match="started already"):
+        await harness.client.start_container(cid)
 
 
 async def test_remove_leaves_nothing(harness: Harness) -> None:

@@ -102,7 +102,7 @@ def container_record(root: Path, sandbox: SandboxRecord, name: str) -> Container
 
 def make_backend(root: Path) -> VmBackend:
     config = Config(state_dir=root / "state", runtime_dir=root / "run", logs=LogSettings(max_size_bytes=LOG_CAP))
-    assets = GuestAssets(root, "d", root / "vmlinuz", root / "initrd", "6.1", {})
+    assets = GuestAssets(root, "d", root / "vmlinuz", root / "initrd", root / "userland.img", 2**21, "6.1", {})
     return VmBackend(config.vm_backend(), assets)
 
 

@@ -15,6 +15,7 @@ import pytest
 from core import proc
 from core.errors import DeadlineExceeded
 from vm_backend.guest_image import GuestAssets
+from vm_backend.guest_image.store import load
 from vm_backend.qemu import QemuVm, VmSpec, console_marker
 from vm_backend.share import PodShare, ShareMount
 from vm_backend.virtiofs import Virtiofsd
@@ -36,6 +37,8 @@ def vm_spec(assets: GuestAssets, run_dir: Path, debug: str) -> VmSpec:
         run_dir=run_dir,
         kernel=assets.kernel,
         initramfs=assets.initramfs,
+        userland=assets.userland,
+        userland_bytes=assets.userland_bytes,
         accel="tcg",
         kernel_args=(f"tandem.debug={debug}",),
     )
@@ -77,17 +80,17 @@ async def test_the_guest_sees_its_share_and_nothing_else(guest_assets, run_dir):
     assert "hello from the host" in console and "/run/tandem/share/c1/mounts/0/hello.txt" in console
     assert "/run/tandem/share/c1/rootfs/marker.txt" in console and "container rootfs" in console
     assert "host secret" not in console  # symlinks resolve in the guest, never on the host
-    assert "tandem-init: root is tmpfs" in console  # not the initramfs rootfs: runc can pivot_root
+    assert "tandem-init: root is ext4" in console  # the userland image, not the initramfs rootfs: crun can pivot_root
     assert not vm.alive() and not vm.virtiofsd.alive()
     assert leftovers(run_dir) == [] and not share.pinned()
 
 
-def boot_idle_and_exit(run_dir: str, kernel: str, initramfs: str) -> None:
+def boot_idle_and_exit(run_dir: str, assets_dir: str) -> None:
     """Run as a separate "daemon" process: start an idle VM (its first boot made to look hung), then exit."""
-    spec = VmSpec(name="test-idle", run_dir=Path(run_dir), kernel=Path(kernel), initramfs=Path(initramfs),
-                  accel="tcg", kernel_args=("tandem.debug=idle",))  # fmt: skip
+    assets = load(Path(assets_dir))
+    assert assets is not None
     share = PodShare(Path(run_dir))
-    vm = QemuVm(spec, Virtiofsd(Path(run_dir), share.ns_file))
+    vm = QemuVm(vm_spec(assets, Path(run_dir), "idle"), Virtiofsd(Path(run_dir), share.ns_file))
     attempts = 0
 
     async def hangs_once(booting: QemuVm) -> None:
@@ -108,7 +111,7 @@ def boot_idle_and_exit(run_dir: str, kernel: str, initramfs: str) -> None:
 async def test_a_vm_outlives_its_daemon_and_stops_cleanly(guest_assets, run_dir):
     code = "import sys; from tests.integration.test_vm_boot import boot_idle_and_exit as b; b(*sys.argv[1:])"
     daemon = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", code, str(run_dir), str(guest_assets.kernel), str(guest_assets.initramfs),
+        sys.executable, "-c", code, str(run_dir), str(guest_assets.dir),
         cwd=Path(__file__).parents[2], stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, _ = await daemon.communicate()

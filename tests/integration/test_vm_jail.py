@@ -113,7 +113,7 @@ def test_qemu_runs_jailed_in_a_cgroup_of_its_own(env):
         vmm = f"{run_dir}/vmm"
         expected = {"/bin", "/sbin", "/lib", "/lib64", "/usr", "/etc", "/etc/ld.so.cache", "/dev"}
         expected |= {f"/dev/{name}" for name in ("null", "zero", "random", "urandom")}
-        for path in (state["kernel"], state["initramfs"], f"{run_dir}/virtiofsd.sock", vmm):
+        for path in (state["kernel"], state["initramfs"], state["userland"], f"{run_dir}/virtiofsd.sock", vmm):
             expected |= {path} | parents(path)
         expected |= {f"{vmm}/{name}" for name in ("qmp.sock", "console.sock", "agent.sock", "console.log")}
         assert jail_contents(pid) == expected  # no /proc, no /dev/net/tun, no /dev/kvm (TCG), no share, no c/

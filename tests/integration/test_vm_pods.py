@@ -7,6 +7,7 @@ daemon killed with SIGKILL and restarted while the VM runs.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pty
 import re
@@ -481,5 +482,34 @@ def test_a_privileged_container_builds_a_bridge_inside_its_vm(env):
     daemon.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
     result = exec_sync(daemon, cid, "sh", "-c", "busybox brctl addbr foobar && cat /sys/class/net/foobar/ifindex")
     assert result.exit_code == 0, result.stderr
+    remove_pods(daemon, pod_id)
+    wait_for(lambda: leftovers(daemon, tmp) == [], timeout=30, what="no leftovers")
+
+
+def test_no_guest_can_change_the_userland_image_every_vm_maps(env):
+    """The image is mapped into every VM: a guest's root (here a privileged container) writing to it changes
+    neither what the guest reads back nor the file on the host. (The blocks written are the image's last, free
+    ones: overwriting its file system's metadata would only make the guest's own ext4 fail, and kill its agent.)"""
+    daemon, image, tmp, assets = env
+    before = hashlib.sha256(assets.userland.read_bytes()).hexdigest()
+    last_blocks = hashlib.md5(assets.userland.read_bytes()[-16 * 4096 :]).hexdigest()
+    pod = pod_config("hostile-image", tmp / "logs")
+    pod.linux.security_context.privileged = True
+    pod_id = daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=pod, runtime_handler="vm")).pod_sandbox_id
+    config = container_config("writer", image, "sleep", "3600")
+    config.linux.security_context.privileged = True
+    cid = daemon.runtime.CreateContainer(
+        pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod)
+    ).container_id
+    daemon.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
+    script = (  # direct I/O: past the guest's page cache, to the memory QEMU maps
+        'mknod /tmp/pmem b $(tr : " " < /sys/block/pmem0/dev) && end=$(($(cat /sys/block/pmem0/size) / 8 - 16)) '
+        "&& dd if=/dev/urandom of=/tmp/pmem bs=4096 seek=$end count=16 oflag=direct 2>/dev/null "
+        "&& dd if=/tmp/pmem bs=4096 skip=$end count=16 iflag=direct 2>/dev/null | md5sum"
+    )
+    result = exec_sync(daemon, cid, "sh", "-c", script)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.decode().split()[0] == last_blocks  # the writes went nowhere
+    assert hashlib.sha256(assets.userland.read_bytes()).hexdigest() == before
     remove_pods(daemon, pod_id)
     wait_for(lambda: leftovers(daemon, tmp) == [], timeout=30, what="no leftovers")

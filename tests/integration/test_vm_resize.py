@@ -15,6 +15,7 @@ from tests.support.crictl import Crictl
 from tests.support.pods import container_config, pod_config
 from tests.support.wait import wait_for
 from vm_backend import resources
+from vm_backend.guest_image import assets_root
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +24,7 @@ MIB = 2**20
 
 @pytest.fixture
 def vm(pod_env, guest_assets, tmp_path):
-    root = tmp_path / "state" / "vm" / "assets"
+    root = assets_root(tmp_path / "state")
     root.mkdir(parents=True)
     (root / "current").symlink_to(guest_assets.dir)
     env = pod_env('[vm]\naccel = "tcg"\nmemory_headroom_mib = 128\n')

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from cri.doctor import EXIT_FAILED, EXIT_OK, EXIT_WARNINGS, Finding, exit_status, report
+from pathlib import Path
+
+from cri.doctor import EXIT_FAILED, EXIT_OK, EXIT_WARNINGS, Finding, check_ksm, exit_status, report
 
 
 def test_the_exit_status_says_the_worst_finding() -> None:
@@ -35,3 +37,22 @@ def test_the_page_groups_by_section_and_gives_each_problem_its_fix() -> None:
         "",
         "1 OK, 1 WARN, 1 FAIL: exit 1 (something FAILed)",
     ]
+
+
+def ksm_dir(tmp_path: Path, run: int, shared: int = 0, sharing: int = 0) -> Path:
+    for name, value in (("run", run), ("pages_shared", shared), ("pages_sharing", sharing)):
+        (tmp_path / name).write_text(f"{value}\n")
+    return tmp_path
+
+
+def test_ksm_is_reported_on_or_off_and_never_a_problem(tmp_path: Path) -> None:
+    off = check_ksm(ksm_dir(tmp_path, 0))
+    assert (off.level, off.what) == ("ok", "ksm") and off.detail.startswith("off;")
+    assert "Tandem never sets it" in off.detail
+    on = check_ksm(ksm_dir(tmp_path, 1, shared=100, sharing=2560))
+    assert on.level == "ok" and on.detail == "on, 10 MiB saved now (100 pages shared)"  # 2560 pages of 4 KiB
+    assert check_ksm(ksm_dir(tmp_path, 2)).detail.startswith("off (merged pages unmerged);")
+    assert "not in this kernel" in check_ksm(tmp_path / "absent").detail
+    before = {name: (tmp_path / name).read_text() for name in ("run", "pages_shared", "pages_sharing")}
+    check_ksm(tmp_path)
+    assert {name: (tmp_path / name).read_text() for name in before} == before  # read, never written

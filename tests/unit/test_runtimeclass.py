@@ -19,20 +19,20 @@ def test_a_vm_handler_carries_guest_ram_and_the_vmms_overhead() -> None:
     assert set(docs) == {"kata", "runc", "vm"}
     for name in ("kata", "vm"):
         assert f"handler: {name}\n" in docs[name]
-        assert 'overhead:\n  podFixed:\n    cpu: "100m"\n    memory: "416Mi"\n' in docs[name]  # 256 + 160 (TCG)
+        assert 'overhead:\n  podFixed:\n    cpu: "100m"\n    memory: "426Mi"\n' in docs[name]  # 256 + 170 (TCG)
     assert "overhead" not in docs["runc"]
 
 
 def test_the_overhead_follows_the_guest_size_and_the_accelerator() -> None:
     config = parse_config({"vm": {"accel": "kvm", "default_memory_mib": 512}})
     text = runtime_classes(config)
-    assert 'memory: "640Mi"' in text  # 512 + 128 (KVM)
+    assert 'memory: "650Mi"' in text  # 512 + 138 (KVM)
     assert "accelerator kvm" in text
 
 
 def test_auto_uses_the_cached_probe_and_tcg_without_one(tmp_path) -> None:
     config = parse_config({"state_dir": str(tmp_path)})
-    assert 'memory: "416Mi"' in runtime_classes(config)
+    assert 'memory: "426Mi"' in runtime_classes(config)
     accel.cache_path(tmp_path).parent.mkdir(parents=True)
     accel.cache_path(tmp_path).write_text(json.dumps({"key": {}, "accel": "kvm", "reason": "probe booted"}))
-    assert 'memory: "384Mi"' in runtime_classes(config)
+    assert 'memory: "394Mi"' in runtime_classes(config)

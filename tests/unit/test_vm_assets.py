@@ -201,7 +201,7 @@ def fake_build(calls: list[str]):
         calls.append(wanted.digest())
         out = store.assets_root(state_dir) / wanted.digest()
         out.mkdir(parents=True, exist_ok=True)
-        for name in (store.KERNEL_FILE, store.INITRAMFS_FILE):
+        for name in (store.KERNEL_FILE, store.INITRAMFS_FILE, store.USERLAND_FILE):
             (out / name).write_bytes(b"x")
         manifest = {"digest": wanted.digest(), "kernel_release": "6.1.0-56-cloud-amd64", "kernel_file": "vmlinux"}
         (out / store.MANIFEST_FILE).write_text(json.dumps(manifest))
@@ -246,6 +246,8 @@ def spec(tmp_path: Path, **overrides) -> VmSpec:
         "run_dir": tmp_path / "run",
         "kernel": tmp_path / "vmlinuz",
         "initramfs": tmp_path / "initramfs.cpio",
+        "userland": tmp_path / "userland.img",
+        "userland_bytes": 40 * 2**20,
         "tsc_khz": 2600000,
     }
     return VmSpec(**(values | overrides))
@@ -258,8 +260,14 @@ def option(argv: list[str], flag: str) -> list[str]:
 def test_tcg_argv_follows_the_notes(tmp_path):
     argv = build_argv(spec(tmp_path))
     assert argv[0] == "qemu-system-x86_64"
-    assert option(argv, "-M") == ["microvm,memory-backend=mem"]
-    assert option(argv, "-object") == ["memory-backend-memfd,id=mem,size=256M,share=on"]
+    assert option(argv, "-M") == ["microvm,pcie=on"]  # the guest registers the pmem range in its PCI init
+    assert option(argv, "-m") == ["296M"]  # 256 MiB of RAM and the 40 MiB image between its two parts
+    assert option(argv, "-object") == [
+        "memory-backend-memfd,id=mem,size=224M,share=on",  # vhost-user-fs maps guest RAM
+        f"memory-backend-file,id=userland,mem-path={tmp_path}/userland.img,size=40M,share=off,readonly=on",
+        "memory-backend-memfd,id=mem-tail,size=32M,share=on",  # QEMU loads the initramfs at the top
+    ]
+    assert option(argv, "-numa") == ["node,memdev=mem", "node,memdev=userland", "node,memdev=mem-tail"]
     assert option(argv, "-accel") == ["tcg,tb-size=32"] and option(argv, "-cpu") == ["max"]
     assert {"-nodefaults", "-no-user-config", "-no-reboot"} <= set(argv)
     assert option(argv, "-sandbox") == ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
@@ -275,6 +283,7 @@ def test_tcg_argv_follows_the_notes(tmp_path):
     cmdline = option(argv, "-append")[0]
     assert "console=ttyS0" in cmdline and "panic=-1" in cmdline and "tsc_early_khz=2600000" in cmdline
     assert "cryptomgr.notests" in cmdline
+    assert "memmap=40M!224M" in cmdline.split()  # the image's range is persistent memory: /dev/pmem0
     assert "tandem.share" not in cmdline
 
 
@@ -290,8 +299,8 @@ def test_kvm_argv_with_share_tap_and_netns(tmp_path):
     )
     argv = build_argv(vm, share_socket=tmp_path / "run" / "virtiofsd.sock", tap_fd=7)
     assert option(argv, "-accel") == ["kvm"] and option(argv, "-cpu") == ["host"]
-    assert option(argv, "-smp") == ["2"] and option(argv, "-m") == ["512M"]
-    assert option(argv, "-object") == ["memory-backend-memfd,id=mem,size=512M,share=on"]
+    assert option(argv, "-smp") == ["2"] and option(argv, "-m") == ["552M"]
+    assert option(argv, "-object")[0] == "memory-backend-memfd,id=mem,size=480M,share=on"
     assert f"socket,id=vfs,path={tmp_path}/run/virtiofsd.sock" in option(argv, "-chardev")
     assert "vhost-user-fs-device,chardev=vfs,tag=pod1" in option(argv, "-device")
     assert option(argv, "-netdev") == ["tap,id=n0,fd=7"]
@@ -302,6 +311,8 @@ def test_kvm_argv_with_share_tap_and_netns(tmp_path):
 def test_argv_refuses_unusable_paths_and_accels(tmp_path):
     with pytest.raises(InvalidArgument, match="comma"):
         build_argv(spec(tmp_path, run_dir=tmp_path / "a,b"))
+    with pytest.raises(InvalidArgument, match="comma"):
+        build_argv(spec(tmp_path, userland=tmp_path / "a,b.img"))
     with pytest.raises(InvalidArgument, match="too long"):
         build_argv(spec(tmp_path, run_dir=tmp_path / ("x" * 100)))
     with pytest.raises(InvalidArgument, match="kvm or tcg"):
@@ -328,7 +339,16 @@ def test_virtiofsd_may_hold_as_many_files_as_its_guest_can_cache_within_bounds()
 # ---- accelerator choice -----------------------------------------------------------------------------
 
 KEY = {"host_kernel": "6.18", "qemu": "QEMU 7.2", "kvm_device": True, "guest_kernel": "6.1.0-56-cloud-amd64"}
-ASSETS = GuestAssets(Path("/a"), "d", Path("/a/vmlinuz"), Path("/a/initramfs.cpio"), "6.1.0-56-cloud-amd64", {})
+ASSETS = GuestAssets(
+    Path("/a"),
+    "d",
+    Path("/a/vmlinuz"),
+    Path("/a/initramfs.cpio"),
+    Path("/a/userland.img"),
+    2**21,
+    "6.1.0-56-cloud-amd64",
+    {},
+)
 
 
 @pytest.fixture

@@ -176,9 +176,16 @@ def test_without_guest_assets_the_backend_is_unavailable(tmp_path):
     assert "vm" not in available_backends(config)
 
 
+def fake_assets(tmp_path: Path) -> GuestAssets:
+    """Assets whose files nothing reads: no QEMU runs in these tests."""
+    return GuestAssets(
+        tmp_path, "d", tmp_path / "vmlinuz", tmp_path / "initrd", tmp_path / "userland.img", 2**21, "6.1", {}
+    )
+
+
 async def test_a_container_whose_vm_is_gone_exited_with_vm_died(tmp_path):
     config = Config(state_dir=tmp_path / "state", runtime_dir=tmp_path / "run")
-    assets = GuestAssets(tmp_path, "d", tmp_path / "vmlinuz", tmp_path / "initrd", "6.1", {})
+    assets = fake_assets(tmp_path)
     backend = VmBackend(config.vm_backend(), assets)
     sandbox = SandboxRecord(id="a" * 64, config=pod(), runtime_handler="vm", backend="vm", trust_reason="test")
     sandbox.backend_state["run_dir"] = str(tmp_path / "run" / "vm" / ("a" * 16))  # no pidfile: no QEMU
@@ -194,7 +201,7 @@ async def test_a_container_whose_vm_is_gone_exited_with_vm_died(tmp_path):
 
 async def test_a_share_the_guest_broke_keeps_no_container_of_a_dead_vm_from_going(tmp_path, monkeypatch):
     config = Config(state_dir=tmp_path / "state", runtime_dir=tmp_path / "run")
-    assets = GuestAssets(tmp_path, "d", tmp_path / "vmlinuz", tmp_path / "initrd", "6.1", {})
+    assets = fake_assets(tmp_path)
     backend = VmBackend(config.vm_backend(), assets)
     sandbox = SandboxRecord(id="a" * 64, config=pod(), runtime_handler="vm", backend="vm", trust_reason="test")
     sandbox.backend_state["run_dir"] = str(tmp_path / "run" / "vm" / ("a" * 16))  # no pidfile: no QEMU

@@ -48,7 +48,8 @@ def test_a_uid_taken_by_a_concurrent_start_is_skipped(tmp_path):
 def spec(tmp_path: Path, jail: Jail | None, accel: str = "tcg") -> VmSpec:
     return VmSpec(
         name="p1", run_dir=tmp_path / "run", kernel=Path("/assets/vmlinux"), initramfs=Path("/assets/initrd"),
-        accel=accel, tap=TapNic("tap0", "02:00:00:00:00:01"), netns=Path("/run/netns/p1"),
+        userland=Path("/assets/userland.img"), userland_bytes=2**21, accel=accel,
+        tap=TapNic("tap0", "02:00:00:00:00:01"), netns=Path("/run/netns/p1"),
         qemu="/usr/bin/qemu-system-x86_64", jail=jail,
     )  # fmt: skip
 
@@ -71,7 +72,8 @@ def test_qemu_gets_the_tap_as_a_descriptor_and_the_same_argv_jailed_or_not(tmp_p
     args = jailer.parse([*prefix[3:], "--", *program])
     assert args.cgroup == ["/sys/fs/cgroup/memory/p/x", "/sys/fs/cgroup/pids/p/x"]
     assert (args.netns, args.root, args.uid, args.gid) == ("/run/netns/p1", str(tmp_path / "run" / "jail"), 7000, 7000)
-    assert {"/usr", "/assets/vmlinux", "/assets/initrd", str(tmp_path / "run" / "virtiofsd.sock")} <= set(args.ro)
+    shared = {"/usr", "/assets/vmlinux", "/assets/initrd", "/assets/userland.img"}  # the image read-only, like the rest
+    assert shared | {str(tmp_path / "run" / "virtiofsd.sock")} <= set(args.ro)
     assert args.rw == [str(tmp_path / "run" / "vmm")]  # the one writable place: not the run dir with the share
     assert sorted(args.dev) == ["null", "random", "urandom", "zero"]
     assert "kvm" in jailer.parse(launch_argv(spec(tmp_path, jail, "kvm"), qemu, share)[3:]).dev

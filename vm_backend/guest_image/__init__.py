@@ -1,4 +1,4 @@
-"""The guest image builder: the kernel and initramfs every pod VM boots, built from Debian packages.
+"""The guest image builder: the kernel, initramfs and userland image every pod VM boots, from Debian packages.
 
 Kept apart from the VM launcher (as Kata keeps tools/osbuilder apart from its
 runtime): the launcher only needs `current_assets` and `GuestAssets`; building
@@ -10,7 +10,8 @@ happens in `tandem assets`. One module per job:
     elf, linker    ELF reading; the shared libraries a binary needs
     modules        the kernel modules a wanted set pulls in, in load order
     python_bundle  the trimmed Python, protobuf and the agent
-    initramfs      the guest's root filesystem laid out; cpio writes it
+    initramfs      the initramfs's and the userland image's trees laid out; cpio writes the initramfs
+    userland       the userland image (ext4) every VM maps read-only
     kernel         the PVH-bootable vmlinux out of Debian's bzImage
     build          the steps in order, and the rebuild decision
 """

@@ -1,8 +1,9 @@
 """Building the guest image: the steps in order, and the rebuild-only-when-an-input-changed decision.
 
 The kernel is Debian's cloud kernel, downloaded and unpacked (never installed on
-the host). The initramfs holds busybox, the virtio modules, a trimmed Python
-3.11 with protobuf's upb runtime, crun, the agent and `/init`.
+the host). The initramfs holds `/init`, busybox and the modules that mount the
+userland image; the image holds busybox, the other modules, a trimmed Python
+3.11 with protobuf's upb runtime, crun and the agent.
 """
 
 from __future__ import annotations
@@ -16,12 +17,19 @@ from pathlib import Path
 from core import proc
 from core.errors import CommandFailed, FailedPrecondition
 from core.files import atomic_write_json
-from vm_backend.guest_image import apt, inputs, python_bundle, store
+from vm_backend.guest_image import apt, inputs, python_bundle, store, userland
 from vm_backend.guest_image.cpio import write_initramfs
 from vm_backend.guest_image.initramfs import assemble
 from vm_backend.guest_image.inputs import AssetInputs
 from vm_backend.guest_image.kernel import install_kernel
-from vm_backend.guest_image.store import BZIMAGE_FILE, INITRAMFS_FILE, MANIFEST_FILE, GuestAssets, assets_root
+from vm_backend.guest_image.store import (
+    BZIMAGE_FILE,
+    INITRAMFS_FILE,
+    MANIFEST_FILE,
+    USERLAND_FILE,
+    GuestAssets,
+    assets_root,
+)
 
 
 @dataclass(frozen=True)
@@ -71,15 +79,17 @@ async def _build(state_dir: Path, wanted: AssetInputs, progress: apt.Progress) -
         except CommandFailed as e:
             raise FailedPrecondition(f"the guest's busybox does not run here: {e}") from e
         progress(
-            f"assembling the initramfs (kernel {release}, Python {python_bundle.GUEST_PYTHON} bytecode, crun, agent)"
+            f"assembling the initramfs and the userland image (kernel {release}, "
+            f"Python {python_bundle.GUEST_PYTHON} bytecode, crun, agent)"
         )
-        tree, layout = await asyncio.to_thread(assemble, unpacked, staging, applets, release)
+        tree, image_tree, layout = await asyncio.to_thread(assemble, unpacked, staging, applets, release)
         out.mkdir()
         kernel_file = await asyncio.to_thread(install_kernel, unpacked / "boot" / f"vmlinuz-{release}", out)
         if kernel_file == BZIMAGE_FILE:
             progress("the kernel yields no PVH-capable vmlinux: VMs boot the bzImage (slower under TCG)")
         payload = tree.payload_bytes()
         size = await asyncio.to_thread(write_initramfs, tree, out / INITRAMFS_FILE)
+        image_size = await userland.make_image(image_tree, Path(tmp, "userland"), out / USERLAND_FILE, digest)
         manifest = {
             "digest": digest,
             "kernel_release": release,
@@ -89,6 +99,9 @@ async def _build(state_dir: Path, wanted: AssetInputs, progress: apt.Progress) -
             "initramfs_bytes": size,
             "initramfs_entries": len(tree.nodes),
             "initramfs_payload_bytes": payload,
+            "userland_bytes": image_size,
+            "userland_entries": len(image_tree.nodes),
+            "userland_payload_bytes": image_tree.payload_bytes(),
             **dataclasses.asdict(layout),
         }
         atomic_write_json(out / MANIFEST_FILE, manifest, mode=0o644)
@@ -97,8 +110,11 @@ async def _build(state_dir: Path, wanted: AssetInputs, progress: apt.Progress) -
         if layout.dropped_extensions:
             progress(f"python extensions left out (libraries not shipped): {', '.join(layout.dropped_extensions)}")
         progress(
-            f"modules: {' '.join(layout.modules)}\n"
-            f"initramfs: {len(tree.nodes)} entries, {payload / 2**20:.1f} MiB of files, {size / 2**20:.1f} MiB"
+            f"modules: {' '.join(layout.boot_modules)} (initramfs); {' '.join(layout.modules)} (before the agent); "
+            f"{' '.join(layout.later_modules)} (once the agent runs)\n"
+            f"initramfs: {len(tree.nodes)} entries, {payload / 2**20:.1f} MiB of files, {size / 2**20:.1f} MiB\n"
+            f"userland image: {len(image_tree.nodes)} entries, {image_tree.payload_bytes() / 2**20:.1f} MiB of files, "
+            f"{image_size / 2**20:.1f} MiB"
         )
         store.publish(root_dir, digest, out)
     assets = store.load(root_dir / digest)

@@ -1,15 +1,20 @@
-"""The guest's Python: a trimmed 3.11 standard library, protobuf with its upb runtime, and the agent.
+"""The guest's Python: the part of the 3.11 standard library the agent imports, protobuf with its upb runtime,
+and the agent.
 
 Everything but the agent ships as unchecked bytecode only (no sources, no
-docstrings): under TCG every file the guest opens costs time, so the bundle
-holds what the agent can import and little else. The bytecode is compiled by
-the host's Python, which must therefore be the guest's version.
+docstrings). Of the standard library, only what the agent can import goes in:
+`modulefinder` follows every import statement from the agent (and protobuf),
+function-level ones included, through the guest's own standard library, plus
+what Python imports without an import statement (`-m` runs through runpy, codecs
+are looked up in `encodings` by name, datetime's C code imports `_strptime`).
+The bytecode is compiled by the host's Python, which must therefore be the
+guest's version.
 """
 
 from __future__ import annotations
 
+import modulefinder
 import py_compile
-import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -33,20 +38,15 @@ _UPB_EXTENSION = _PROTOBUF_DIR.parent / "_upb" / "_message.abi3.so"
 _AGENT_ROOT = "opt/tandem/agent"
 _STDLIB = f"usr/lib/python{GUEST_PYTHON}"
 
-# What the agent never imports: dropped to keep the initramfs (and its unpacking under TCG) small.
-_STDLIB_DROP = {
-    "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data", "distutils",
-    "venv", "unittest", "sqlite3", "curses", "dbm", "xmlrpc", "wsgiref", "site-packages",
-    "dist-packages", "pydoc.py", "doctest.py", "turtle.py", "antigravity.py", "this.py",
-    "__hello__.py", "__phello__", "_pydecimal.py", "LICENSE.txt", "EXTERNALLY-MANAGED",
-    "sitecustomize.py",  # a symlink into the host's /etc; `python3 -S` never imports it anyway
-}  # fmt: skip
+# Imported without an import statement the finder could follow (see the module's docstring).
+_IMPLICIT_IMPORTS = ("runpy", "encodings", "_strptime")
+# Reached only from the standard library's self-tests and interactive helps (`if __name__ == "__main__": import
+# doctest` in pickle and heapq, pdb and pydoc from there), which the agent never runs.
+_NEVER_RUN = ("doctest", "pdb", "pydoc", "unittest", "test")
 _ENCODINGS_KEEP = {
     "__init__", "aliases", "ascii", "latin_1", "utf_8", "utf_8_sig", "utf_16", "utf_16_le", "utf_16_be",
     "utf_32", "utf_32_le", "utf_32_be", "idna", "punycode", "raw_unicode_escape", "unicode_escape",
 }  # fmt: skip
-# CJK codecs: their encodings modules are not shipped either.
-_EXTENSION_DROP = re.compile(r"^(_test|_xx|xx|_ctypes_test|audioop|ossaudiodev|_codecs_|_multibytecodec)")
 _PROTOBUF_DROP = frozenset(
     {
         "testdata",
@@ -103,24 +103,44 @@ def _add_sourceless(tree: Tree, staging: Path, source: Path, guest_py: str, opti
     tree.copy(guest, _compile(source, staging, guest, optimize), 0o644)
 
 
+def agent_imports(stdlib: Path, workdir: Path) -> set[Path]:
+    """The files of `stdlib` (an unpacked guest standard library) that the agent can import, by import statement
+    or implicitly.
+
+    The finder cannot follow namespace packages (`google` is one), so it searches a layout of the agent and
+    protobuf made of regular packages, under `workdir`.
+    """
+    for package, source in (("vm_backend/agent", _AGENT_DIR), ("google/protobuf", _PROTOBUF_DIR)):
+        (workdir / package).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / package).symlink_to(source)
+    for package in ("vm_backend", "google", "protos"):
+        (workdir / package).mkdir(exist_ok=True)
+        (workdir / package / "__init__.py").touch()
+    (workdir / "protos" / _AGENT_PB2.name).symlink_to(_AGENT_PB2)
+    finder = modulefinder.ModuleFinder(
+        path=[str(stdlib), str(stdlib / "lib-dynload"), str(workdir)], excludes=list(_NEVER_RUN)
+    )
+    codecs = [f"encodings.{name}" for name in sorted(_ENCODINGS_KEEP - {"__init__"})]
+    for name in ("vm_backend.agent.__main__", *_IMPLICIT_IMPORTS, *codecs):
+        finder.import_hook(name)
+    found = {Path(file) for module in finder.modules.values() if (file := getattr(module, "__file__", None))}
+    return {path for path in found if path.is_relative_to(stdlib)}
+
+
 def add_stdlib(tree: Tree, root: Path, staging: Path, linker: Linker) -> tuple[int, list[str]]:
-    """The standard library, trimmed; returns the module count and the extensions left out (and why)."""
+    """What the agent imports of the standard library; returns the module count and the extensions left out
+    (and why)."""
     stdlib = root / _STDLIB
     modules = 0
     dropped: list[str] = []
-    for path in sorted(stdlib.rglob("*.py")):
+    for path in sorted(agent_imports(stdlib, staging / "imports")):
         rel = path.relative_to(stdlib)
-        if _STDLIB_DROP.intersection(rel.parts):
+        if path.suffix == ".py":
+            real = root / resolve(root, str(path.relative_to(root)))
+            _add_sourceless(tree, staging, real, f"{_STDLIB}/{rel}")
+            modules += 1
             continue
-        if rel.parts[0] == "encodings" and path.stem not in _ENCODINGS_KEEP:
-            continue
-        real = root / resolve(root, str(path.relative_to(root)))
-        _add_sourceless(tree, staging, real, f"{_STDLIB}/{rel}")
-        modules += 1
-    for path in sorted((stdlib / "lib-dynload").glob("*.so")):
         extension = str(path.relative_to(root))
-        if _EXTENSION_DROP.match(path.name):
-            continue
         missing = linker.add(extension)
         if missing:
             dropped.append(f"{path.name.split('.')[0]} ({', '.join(missing)})")

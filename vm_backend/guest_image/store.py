@@ -1,11 +1,15 @@
 """Where built guest images live: one directory per input digest, `current` pointing at the last build.
 
-    <state_dir>/vm/assets/<digest>/   vmlinux (or vmlinuz), initramfs.cpio, manifest.json
-    <state_dir>/vm/assets/current     -> <digest>
-    <state_dir>/vm/assets/.lock       held by the one builder at a time
+    <state_dir>/vm/guest/<digest>/   vmlinux (or vmlinuz), initramfs.cpio, userland.img, manifest.json
+    <state_dir>/vm/guest/current     -> <digest>
+    <state_dir>/vm/guest/.lock       held by the one builder at a time
 
 A build is assembled elsewhere and moved in whole, so a digest directory with a
 manifest is a complete build; a pod boots whatever `current` names.
+
+(Builds without a userland image lived in <state_dir>/vm/assets/: code of that
+time boots an initramfs that holds everything, and must never find a build of
+this kind, nor this code one of those. Nothing here reads or removes them.)
 """
 
 from __future__ import annotations
@@ -26,24 +30,27 @@ from core.files import private_dir
 KERNEL_FILE = "vmlinux"  # the ELF kernel, booted through its PVH entry (vm_backend/guest_image/kernel.py)
 BZIMAGE_FILE = "vmlinuz"  # the packaged bzImage, booted when no PVH-capable ELF comes out of it
 INITRAMFS_FILE = "initramfs.cpio"
+USERLAND_FILE = "userland.img"  # the ext4 image every VM maps read-only (vm_backend/guest_image/userland.py)
 MANIFEST_FILE = "manifest.json"
 _CURRENT = "current"
 
 
 @dataclass(frozen=True)
 class GuestAssets:
-    """A built kernel + initramfs pair and what it was built from."""
+    """A built kernel, initramfs and userland image, and what they were built from."""
 
     dir: Path
     digest: str
     kernel: Path
     initramfs: Path
+    userland: Path
+    userland_bytes: int  # QEMU maps exactly this much of it
     kernel_release: str
     manifest: dict[str, Any]  # manifest.json as written by the build
 
 
 def assets_root(state_dir: Path) -> Path:
-    return state_dir / "vm" / "assets"
+    return state_dir / "vm" / "guest"
 
 
 def load(directory: Path) -> GuestAssets | None:
@@ -52,10 +59,13 @@ def load(directory: Path) -> GuestAssets | None:
         manifest = json.loads((directory / MANIFEST_FILE).read_text())
     except (OSError, ValueError):
         return None
-    kernel, image = directory / manifest.get("kernel_file", BZIMAGE_FILE), directory / INITRAMFS_FILE
-    if not (kernel.is_file() and image.is_file()):
+    kernel = directory / manifest.get("kernel_file", BZIMAGE_FILE)
+    initramfs, userland = directory / INITRAMFS_FILE, directory / USERLAND_FILE
+    if not (kernel.is_file() and initramfs.is_file() and userland.is_file()):
         return None
-    return GuestAssets(directory, manifest["digest"], kernel, image, manifest["kernel_release"], manifest)
+    size = userland.stat().st_size
+    release = manifest["kernel_release"]
+    return GuestAssets(directory, manifest["digest"], kernel, initramfs, userland, size, release, manifest)
 
 
 def current_assets(state_dir: Path) -> GuestAssets | None:
@@ -86,8 +96,9 @@ KEPT_BUILDS = 3
 def make_current(root: Path, digest: str) -> None:
     """Point `current` at `digest`, then remove older builds but the `KEPT_BUILDS` most recent.
 
-    QEMU reads the kernel and initramfs at launch, so running VMs do not need an
-    older build's files; but a pod whose launch raced the switch (or a second
+    QEMU reads the kernel and initramfs at launch and keeps the userland image
+    open, so running VMs keep an older build's files (an unlinked file lives on
+    while it is mapped); but a pod whose launch raced the switch (or a second
     checkout of Tandem on a development machine) may still be opening them.
     """
     tmp = root / f".current.{os.getpid()}"
