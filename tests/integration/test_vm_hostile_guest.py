@@ -200,12 +200,12 @@ def test_a_hostile_guest_cannot_reach_past_its_share(vm_either_env):
     remove(victim)
 
     # A full share: the next CreateContainer is refused, nothing outside the pod fills up; emptied, it works again.
-    fill = exec_sync(daemon, attacker, f"yes 2>/dev/null >{SHARE}/fill; i=0; while :>{SHARE}/f$i; do i=$((i+1)); done")
+    fill = exec_sync(daemon, attacker, f"yes 2>/dev/null >{SHARE}/fill; i=0; while :>{SHARE}/fill-$i; do i=$((i+1)); done")
     assert b"No space left on device" in fill.stderr, fill.stderr
     with pytest.raises(grpc.RpcError) as full:
         create("after-fill", "sleep", "3600")
     assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "share is full" in full.value.details()
-    assert exec_sync(daemon, attacker, f"rm -f {SHARE}/fill {SHARE}/f*").exit_code == 0
+    assert exec_sync(daemon, attacker, f"rm -f {SHARE}/fill {SHARE}/fill-*").exit_code == 0  # no container ID matches
     fresh = create("after-fill", "sh", "-c", "cat /data/data /file; sleep 3600")
     start(fresh)
     assert exec_sync(daemon, fresh, "cat /data/data /file").stdout == b"volume data\nfile volume\n"
