@@ -200,7 +200,8 @@ def test_a_hostile_guest_cannot_reach_past_its_share(vm_either_env):
     remove(victim)
 
     # A full share: the next CreateContainer is refused, nothing outside the pod fills up; emptied, it works again.
-    fill = exec_sync(daemon, attacker, f"yes 2>/dev/null >{SHARE}/fill; i=0; while :>{SHARE}/fill-$i; do i=$((i+1)); done")
+    fill_up = f"yes 2>/dev/null >{SHARE}/fill; i=0; while :>{SHARE}/fill-$i; do i=$((i+1)); done"
+    fill = exec_sync(daemon, attacker, fill_up)
     assert b"No space left on device" in fill.stderr, fill.stderr
     with pytest.raises(grpc.RpcError) as full:
         create("after-fill", "sleep", "3600")
