@@ -4,7 +4,8 @@ Each warm VM `warm-<hex>` holds, all named from its id (so a record or a leftove
 alone says what to remove):
     <run_dir>/warm-<hex>/                  its run dir (a tmpfs, `rundir.py`), share namespace and sockets
     <run_dir>/netns-warm/warm-<hex>        its network namespace, with the tap (`tap0`) in it
-    <cgroup root>/.../tandem/warm/warm-<hex>   its cgroup, with a pod of the default size's limits
+    <cgroup root>/.../tandem/warm/warm-<hex>   its cgroup, with a pod of the default size's limits (a daemon
+                                           with another runtime dir: tandem/warm-<hash of it>/)
     <run_dir>/jail-ids/<uid> -> warm-<hex>  its jail uid
 A claim makes all of it the pod's (`claim`): the uid's link names the pod; the
 pod's VM cgroup `<pod cgroup>/<pod id>` is made with the same limits and QEMU and
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -53,7 +55,16 @@ log = logging.getLogger("tandem.vm.warm")
 TAP = "tap0"
 SHARE_TAG = "tandem"
 AGENT_CONNECT_TIMEOUT = 60.0
-WARM_CGROUP_PARENT = f"{cgroups.DEFAULT_PARENT}/warm"
+DEFAULT_ROOT = Path("/run/tandem/vm")
+
+
+def warm_cgroup_parent(root: Path) -> str:
+    """The cgroup every warm VM of one daemon sits under: `tandem/warm` for the default runtime dir, and one
+    named after the VM run dir `root` for any other. A second daemon on the host (a test's, a benchmark's)
+    scans only its own for leftovers, never taking another daemon's warm VMs for its own."""
+    if root == DEFAULT_ROOT:
+        return f"{cgroups.DEFAULT_PARENT}/warm"
+    return f"{cgroups.DEFAULT_PARENT}/warm-{hashlib.sha256(os.fsencode(root)).hexdigest()[:12]}"
 
 
 class WarmVmMaker:
@@ -73,6 +84,7 @@ class WarmVmMaker:
         self.settings = settings
         self.root = root
         self.netns_root = root / "netns-warm"
+        self.cgroup_parent = warm_cgroup_parent(root)
         self.assets = assets
         self.jail_ids = jail_ids
         self.max_vcpus, self.max_memory_mib = caps
@@ -88,9 +100,8 @@ class WarmVmMaker:
     def netns(self, vm_id: str) -> Path:
         return self.netns_root / vm_id
 
-    @staticmethod
-    def cgroup(vm_id: str) -> str:
-        return cgroups.cgroups_path(WARM_CGROUP_PARENT, vm_id)
+    def cgroup(self, vm_id: str) -> str:
+        return cgroups.cgroups_path(self.cgroup_parent, vm_id)
 
     def size(self) -> tuple[int, int, int]:
         """A warm VM's size: that of a pod without CPU or memory limits."""
@@ -193,7 +204,7 @@ class WarmVmMaker:
             with contextlib.suppress(FileNotFoundError):
                 found.update(e.name for e in os.scandir(directory) if is_warm_id(e.name))
         found.update(owner for owner in self.jail_ids.holders().values() if is_warm_id(owner))
-        for directory in cgroups.directories(WARM_CGROUP_PARENT):
+        for directory in cgroups.directories(self.cgroup_parent):
             with contextlib.suppress(FileNotFoundError):
                 found.update(e.name for e in os.scandir(directory) if e.is_dir() and is_warm_id(e.name))
         return [WarmRecord(vm_id, 0, 0, 0) for vm_id in sorted(found - known)]

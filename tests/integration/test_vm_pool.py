@@ -13,6 +13,7 @@ from core import cgroups
 from protos import cri_pb2 as pb
 from tests.support.pods import container_config, pod_config, pod_leftovers, warm_pool
 from tests.support.wait import wait_for
+from vm_backend.warm import warm_cgroup_parent
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +32,8 @@ def warm_leftovers(tmp: Path, ids: list[str]) -> list[str]:
     """What of these warm VMs is still on the host: run dirs, netns files, cgroups, jail uids, QEMU, virtiofsd."""
     vm = tmp / "run" / "vm"
     found = [f"path: {p}" for i in ids for p in (vm / i, vm / "netns-warm" / i) if p.exists()]
-    found += [f"cgroup: {d}" for i in ids for d in cgroups.directories(f"/tandem/warm/{i}") if d.exists()]
+    parent = warm_cgroup_parent(vm)
+    found += [f"cgroup: {d}" for i in ids for d in cgroups.directories(f"{parent}/{i}") if d.exists()]
     links = (vm / "jail-ids").glob("*")
     found += [f"jail uid held by {o}" for o in links if o.is_symlink() and o.readlink().name in ids]
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
@@ -54,7 +56,7 @@ def test_a_pod_from_the_pool_runs_on_its_ip_and_the_pool_refills(vm_pool_env):
     # The VM is the pod's: its QEMU in the pod's VM cgroup, the pool's cgroup gone.
     qemu = int(info["backendState"]["qemu_pid"])
     assert qemu in cgroups.processes(f"/tandem/{pod_id}/{pod_id}")
-    assert not [d for d in cgroups.directories(f"/tandem/warm/{warm}") if d.exists()]
+    assert not [d for d in cgroups.directories(f"{warm_cgroup_parent(tmp / 'run' / 'vm')}/{warm}") if d.exists()]
 
     config = container_config("app", image, "sh", "-c", "echo started; sleep 3600")
     cid = daemon.runtime.CreateContainer(
@@ -131,4 +133,5 @@ def test_kill_9_then_restart_reaps_the_pool_and_keeps_claimed_pods(vm_pool_env):
     daemon.stop()
     assert pod_leftovers(daemon, ("qemu", "virtiofsd"), (str(tmp),)) == []
     assert warm_ids(tmp) == [] and not [p for p in (tmp / "run" / "vm").glob("warm-*")]
-    assert not [c for d in cgroups.directories("/tandem/warm") if d.exists() for c in d.iterdir() if c.is_dir()]
+    parent = warm_cgroup_parent(tmp / "run" / "vm")  # this daemon's: another's warm VMs are none of its business
+    assert not [c for d in cgroups.directories(parent) if d.exists() for c in d.iterdir() if c.is_dir()]

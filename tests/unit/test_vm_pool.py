@@ -13,6 +13,7 @@ import pytest
 from core.errors import Unavailable
 from tests.support.wait import eventually
 from vm_backend.pool import BACKOFF_FIRST, BACKOFF_MAX, WarmPool, WarmRecord, is_warm_id
+from vm_backend.warm import warm_cgroup_parent
 
 SIZE = (1, 256, 256)
 
@@ -232,3 +233,11 @@ def test_record_round_trip_and_ids() -> None:
     with pytest.raises(ValueError):
         WarmPool(1, FakeVms(), Path("/tmp")).forget("../etc/passwd")
     assert not is_warm_id("warm-netns") and not is_warm_id("warm-0000000g") and is_warm_id(record.id)
+
+
+def test_each_daemon_scans_only_its_own_warm_cgroups_for_leftovers():
+    """A second daemon on the host (a test's, a benchmark's) must never reap the first one's warm VMs."""
+    assert warm_cgroup_parent(Path("/run/tandem/vm")) == "/tandem/warm"  # the node's one daemon: a readable name
+    one, other = warm_cgroup_parent(Path("/tmp/a/run/vm")), warm_cgroup_parent(Path("/tmp/b/run/vm"))
+    assert one != other and "/tandem/warm" not in (one, other)
+    assert one == warm_cgroup_parent(Path("/tmp/a/run/vm")) and one.startswith("/tandem/warm-")
