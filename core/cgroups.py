@@ -8,6 +8,7 @@ VM here, writes its limits and has the VM's processes join it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import posixpath
@@ -164,13 +165,12 @@ def create(path: str, mountinfo: str | None = None, searchable: bool = False) ->
         current = root
         for part in rel.split("/"):
             current = current / part
-            try:
+            with contextlib.suppress(FileExistsError):
                 current.mkdir()
-            except FileExistsError:
-                pass
-            else:
-                if cpuset is not None and cpuset == (root, 1):
-                    _inherit_cpuset(current)
+            if cpuset is not None and cpuset == (root, 1):
+                # also where the directory was there already: another may have made it and not filled it in yet
+                # (kubelet, or a concurrent pod start); left empty, nothing below it could be joined (ENOSPC)
+                _inherit_cpuset(current)
             if searchable:
                 current.chmod(current.stat().st_mode & 0o7777 | 0o011)
 
