@@ -278,10 +278,7 @@ class VmBackend(Backend[VmBackendSettings]):
             vcpus=vcpus,
             memory_mib=memory,
             size_mib=size,
-            kernel=str(self.assets.kernel),
-            initramfs=str(self.assets.initramfs),
-            userland=str(self.assets.userland),
-            userland_bytes=self.assets.userland_bytes,
+            **self.assets.boot_state(),
         )
         began = time.monotonic()
         if settings.jail:

@@ -48,6 +48,16 @@ class GuestAssets:
     kernel_release: str
     manifest: dict[str, Any]  # manifest.json as written by the build
 
+    def boot_state(self) -> dict[str, Any]:
+        """What a pod's record keeps of the files its VM booted (backend_state), so that the VM is described
+        and stopped with those very files after `current` moved on: one place for a cold boot and a warm claim."""
+        return {
+            "kernel": str(self.kernel),
+            "initramfs": str(self.initramfs),
+            "userland": str(self.userland),
+            "userland_bytes": self.userland_bytes,
+        }
+
 
 def assets_root(state_dir: Path) -> Path:
     return state_dir / "vm" / "guest"
