@@ -513,3 +513,30 @@ def test_no_guest_can_change_the_userland_image_every_vm_maps(env):
     assert hashlib.sha256(assets.userland.read_bytes()).hexdigest() == before
     remove_pods(daemon, pod_id)
     wait_for(lambda: leftovers(daemon, tmp) == [], timeout=30, what="no leftovers")
+
+
+def test_the_guest_kernel_is_locked_down(env):
+    """Every VM's kernel runs with lockdown=confidentiality (qemu.py says why): even a privileged container's
+    root finds the kernel's debugging doors shut, and tracefs holds none of the event files it would have made
+    in every guest's RAM."""
+    daemon, image, tmp, _ = env
+    pod = pod_config("locked-down", tmp / "logs")
+    pod.linux.security_context.privileged = True
+    pod_id = daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=pod, runtime_handler="vm")).pod_sandbox_id
+    config = container_config("root", image, "sleep", "3600")
+    config.linux.security_context.privileged = True
+    cid = daemon.runtime.CreateContainer(
+        pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod)
+    ).container_id
+    daemon.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
+    script = (
+        "mkdir -p /tmp/security /tmp/trace && mount -t securityfs none /tmp/security && cat /tmp/security/lockdown "
+        "&& mount -t tracefs none /tmp/trace && ls /tmp/trace | wc -l && cat /dev/mem > /dev/null"
+    )
+    result = exec_sync(daemon, cid, "sh", "-c", script)
+    lines = result.stdout.decode().split("\n")
+    assert lines[0] == "none integrity [confidentiality]", result
+    assert lines[1].strip() == "0", result  # no trace files at all
+    assert result.exit_code != 0 and b"/dev/mem" in result.stderr, result  # even root cannot read the guest's memory
+    remove_pods(daemon, pod_id)
+    wait_for(lambda: leftovers(daemon, tmp) == [], timeout=30, what="no leftovers")

@@ -268,7 +268,7 @@ def test_tcg_argv_follows_the_notes(tmp_path):
         "memory-backend-memfd,id=mem-tail,size=32M,share=on",  # QEMU loads the initramfs at the top
     ]
     assert option(argv, "-numa") == ["node,memdev=mem", "node,memdev=userland", "node,memdev=mem-tail"]
-    assert option(argv, "-accel") == ["tcg,tb-size=32"] and option(argv, "-cpu") == ["max"]
+    assert option(argv, "-accel") == ["tcg,tb-size=24"] and option(argv, "-cpu") == ["max"]
     assert {"-nodefaults", "-no-user-config", "-no-reboot"} <= set(argv)
     assert option(argv, "-sandbox") == ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
     assert option(argv, "-global") == ["virtio-mmio.force-legacy=false"]
@@ -277,12 +277,16 @@ def test_tcg_argv_follows_the_notes(tmp_path):
     chardevs = option(argv, "-chardev")
     assert any(c.startswith("socket,id=console,") and f"logfile={tmp_path}/run/vmm/console.log" in c for c in chardevs)
     assert f"socket,id=agent,path={tmp_path}/run/vmm/agent.sock,server=on,wait=off" in chardevs
-    assert "virtserialport,chardev=agent,name=agent" in option(argv, "-device")
+    devices = option(argv, "-device")
+    assert "virtio-serial-pci,id=serial,max_ports=2" in devices  # PCI: 128-entry queues, not virtio-mmio's 1024
+    assert "virtserialport,bus=serial.0,chardev=agent,name=agent" in devices
     assert option(argv, "-qmp") == [f"unix:{tmp_path}/run/vmm/qmp.sock,server=on,wait=off"]
     assert "-netdev" not in argv and not any("vhost-user-fs" in d for d in option(argv, "-device"))
     cmdline = option(argv, "-append")[0]
     assert "console=ttyS0" in cmdline and "panic=-1" in cmdline and "tsc_early_khz=2600000" in cmdline
     assert "cryptomgr.notests" in cmdline
+    assert {"lockdown=confidentiality", "tsc=reliable", "nowatchdog", "numa_balancing=disable"} <= set(cmdline.split())
+    assert "sysctl.vm.compaction_proactiveness=0" in cmdline.split()
     assert "memmap=40M!224M" in cmdline.split()  # the image's range is persistent memory: /dev/pmem0
     assert "tandem.share" not in cmdline
 

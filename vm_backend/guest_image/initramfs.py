@@ -24,14 +24,15 @@ INIT_SCRIPT = Path(__file__).parent / "init.sh"
 
 # Roots of the module sets; their dependencies come from the modules themselves, and each set skips what an
 # earlier one loaded. In the initramfs: what /dev/pmem0 (the userland image) needs. From the image, before the
-# agent starts: its port, the NIC and the share that SetupPod sets up right after Hello, and button + evdev (the
+# agent starts: its port (virtio_pci: the port is on PCI, qemu.py says why), the NIC and the share that SetupPod
+# sets up right after Hello, and button + evdev (the
 # ACPI power button reaches busybox acpid, so QMP system_powerdown powers the guest off from the first moment).
 # In the background once the agent runs (init.sh loads them at the lowest priority, so they take the CPU only
 # while the agent waits; StartContainer waits for them): overlay and bridge (a privileged container may mount
 # overlays or build bridges inside its VM, as on a node), virtio_balloon (free page reporting returns freed
 # guest memory to the host).
 BOOT_MODULES = ("nd_e820", "nd_pmem")
-AGENT_MODULES = ("virtio_mmio", "virtio_console", "virtio_net", "virtiofs", "button", "evdev")
+AGENT_MODULES = ("virtio_mmio", "virtio_pci", "virtio_console", "virtio_net", "virtiofs", "button", "evdev")
 LATER_MODULES = ("overlay", "bridge", "virtio_balloon")
 _BINARIES = (f"usr/bin/python{python_bundle.GUEST_PYTHON}", "usr/bin/crun")
 
