@@ -5,7 +5,7 @@ manager), and more than one caller may ask at once. A pod's sample is served as 
 while it is younger than `fresh` seconds; an older one is still served, up to `stale`
 seconds, while a new collection runs in the background; past that the caller waits
 for the new collection, as long as the pod's backend allows (`Backend.usage_wait`: a
-VM's guest may be slow to answer), then serves the last figures; a pod with a
+VM pod's figures are served at once, the new ones go to the next call), then serves the last figures; a pod with a
 container not sampled yet, which has nothing to fall back on, waits to the end.
 Only one collection per pod runs at a time, and the pods one call needs are collected
 together, each backend in one go (one pass over the cgroup files; one agent round
@@ -118,7 +118,7 @@ class UsageCollector:
         if patient:
             await asyncio.wait(patient)
         capped = {task: wait for task, wait in capped.items() if task not in patient and not task.done()}
-        if capped:
+        if capped and max(capped.values()) > 0:  # a wait of 0 does not yield: the collection starts after the answer
             await asyncio.wait(capped, timeout=max(capped.values()))
 
     def forget(self, sandbox_id: str) -> None:

@@ -12,9 +12,13 @@ from vm_backend.channel import AgentClient
 log = logging.getLogger("tandem.vm")
 
 STATS_DEADLINE = 0.5  # seconds a guest has to answer for its pod's stats; past it they keep their last figures
-STATS_WAIT = 0.03
-"""Seconds a stats call waits for the guests' answers before it serves their last figures (the collection
-goes on for the next call): an idle guest under TCG takes longer than that to wake and answer."""
+STATS_WAIT = 0.0
+"""Seconds a stats call waits for the guests' answers when it has figures to serve: none. It serves each
+container's last figures, with the time they were taken, and the collection it starts (one round trip per
+pod) serves the next call, as cAdvisor serves its last housekeeping. Measured with 30 idle VM pods under TCG
+(bench.node), a 30 ms wait got no fresher figures (the median served was 2.4 s old, calls 2 s apart: the
+guests need longer to wake and answer) and only slowed the call to a p99 of 64 ms, the collection's own work
+on the daemon's event loop landing inside it."""
 
 
 async def pod_usage(client: AgentClient | None, pod: PodContainers) -> dict[str, ContainerUsage]:

@@ -163,3 +163,17 @@ async def test_a_slow_backend_is_waited_for_no_longer_than_it_allows_when_there_
     assert not new_container.done()  # nothing to fall back on for c2: it waits for the collection
     backend.gate.set()
     assert set(await new_container) == {"c1", "c2"}
+
+
+async def test_with_no_wait_allowed_the_last_figures_are_served_before_the_collection_starts(collector):
+    stats, backend, clock = collector
+    backend.usage_wait = 0.0
+    first = await stats.usage([pod("p", "c1")])
+    assert len(backend.collections) == 1
+    clock.now += 5  # too old: this call starts a collection, but serves the last figures without yielding to it
+    assert await stats.usage([pod("p", "c1")]) == first
+    assert len(backend.collections) == 1  # not started yet: its work cannot delay the answer
+    await asyncio.sleep(0)
+    assert len(backend.collections) == 2
+    assert (await stats.usage([pod("p", "c1")]))["c1"].cpu_usage_ns == 10**9  # the next call: the new figures
+    await stats.close()
