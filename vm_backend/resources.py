@@ -32,12 +32,13 @@ MIB = 2**20
 # cache charged to the first VM that faults it in, reclaimable but in use, so the limit left room for it (53 + 100
 # -> 160). Since every VM maps the userland image (vm_backend/guest_memory.py), QEMU maps the kernel (51 MiB), the
 # initramfs (2.5) and the image (36): 12 MiB more than the 77, so 10 more (53 + 110 -> 170).
+# The translation cache is 24 MiB since (qemu.py): 8 MiB of the 53 that the limit no longer needs, left as margin.
 # KVM cannot be measured here (these hosts' /dev/kvm is PVM): estimated as the same less the translation cache.
 OVERHEAD_MIB = {"tcg": 170, "kvm": 138}
 # What a VM pod costs beyond its containers, for a RuntimeClass's overhead.podFixed (`tandem config
 # runtimeclasses`). Memory: the VM cgroup's limit beyond the containers' own limits -- the default guest RAM plus
 # OVERHEAD_MIB -- because the kubelet's pod cgroup (the containers' limits plus podFixed) holds the VM's cgroup and
-# must never be the smaller of the two; an idle pod uses less (PSS 174 MiB each with 3 pods, 148 with 69, as every
+# must never be the smaller of the two; an idle pod uses less (PSS 147 MiB each with 3 pods, 117 with 150, as every
 # VM maps the same kernel and userland image: `python -m bench.vm --skip jail --idle-pods 3 --idle-seconds 20`,
 # TCG, a busybox `sleep 3600` pod). CPU: an idle pod's QEMU + virtiofsd measured 14 millicores (10-18) in one
 # such run and 27 (6-38) in another at load 3; podFixed asks 100m, room for the VMM's device emulation when the
