@@ -171,6 +171,29 @@ def spawn_detached(
     return identity
 
 
+async def start_detached(
+    argv: Sequence[str | os.PathLike[str]], log_path: Path, pidfile: Path, pass_fds: Sequence[int] = ()
+) -> ProcessIdentity:
+    """`spawn_detached` from a thread, who it started saved to `pidfile` before this returns, also when the call
+    is cancelled meanwhile.
+
+    A thread cannot be stopped: a cancelled call that went on without it would leave a process starting
+    that nothing records, racing whoever cleans up after the cancellation (a warm VM's boot cut short by
+    the daemon's shutdown left QEMU running). So the cancelled call waits for the thread, records what it
+    started, and only then lets the cancellation through; the cleanup finds the process by its pidfile.
+    """
+    starting = asyncio.ensure_future(asyncio.to_thread(spawn_detached, argv, log_path, pass_fds))
+    try:
+        identity = await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        await asyncio.wait([starting])
+        if not starting.cancelled() and starting.exception() is None:
+            starting.result().save(pidfile)
+        raise
+    identity.save(pidfile)
+    return identity
+
+
 async def wait_pidfd(pidfd: int, timeout: float | None = None) -> bool:
     """Wait until the process behind `pidfd` has exited; False on timeout. The caller keeps owning `pidfd`."""
     loop = asyncio.get_running_loop()

@@ -31,7 +31,7 @@ from typing import Any
 
 from core.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, Unavailable
 from core.files import open_regular_nofollow, private_dir, socket_nofollow
-from core.proc import ProcessIdentity, spawn_detached, wait_exit
+from core.proc import ProcessIdentity, start_detached, wait_exit
 from vm_backend.guest_memory import GuestMemory, layout
 from vm_backend.jail import Jail
 from vm_backend.network import open_tap
@@ -363,7 +363,7 @@ class QemuVm:
                 await self.virtiofsd.start(jail)
             fds = () if tap_fd is None else (tap_fd,)
             try:
-                qemu = await asyncio.to_thread(spawn_detached, argv, spec.qemu_log, fds)
+                qemu = await start_detached(argv, spec.qemu_log, spec.pidfile, fds)
             except Unavailable:
                 if self.virtiofsd is not None:
                     await self.virtiofsd.stop()
@@ -371,8 +371,7 @@ class QemuVm:
         finally:
             if tap_fd is not None:
                 os.close(tap_fd)
-        qemu.save(spec.pidfile)  # the jailer execs QEMU: the process started is QEMU, pid and start time alike
-        return qemu
+        return qemu  # the jailer execs QEMU: the process started is QEMU, pid and start time alike
 
     def _console_size(self) -> int:
         try:

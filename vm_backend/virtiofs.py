@@ -13,14 +13,13 @@ away: every QEMU launch (including a boot retry) gets a fresh one.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
 import socket
 from pathlib import Path
 
-from core.proc import ProcessIdentity, spawn_detached, wait_exit
+from core.proc import ProcessIdentity, start_detached, wait_exit
 from vm_backend.jail import Jail, join_prefix
 from vm_backend.sharens import share_path
 
@@ -96,10 +95,9 @@ class Virtiofsd:
         try:
             fd = listener.fileno()
             prefix = join_prefix(jail.cgroup_dirs if jail is not None else (), self.share_ns)
-            virtiofsd = await asyncio.to_thread(spawn_detached, [*prefix, *self.argv(fd)], self.log_file, (fd,))
+            await start_detached([*prefix, *self.argv(fd)], self.log_file, self.pidfile, (fd,))
         finally:
             listener.close()  # virtiofsd holds it now
-        virtiofsd.save(self.pidfile)
 
     def log_tail(self) -> str:
         try:

@@ -3,12 +3,13 @@
 import asyncio
 import os
 import signal
+import threading
 
 import pytest
 
 from core import proc
 from core.errors import InvalidArgument, Unavailable
-from core.proc import ProcessIdentity, spawn, spawn_detached, wait_exit, wait_pidfd
+from core.proc import ProcessIdentity, spawn, spawn_detached, start_detached, wait_exit, wait_pidfd
 
 
 def test_an_identity_is_this_process_and_no_other():
@@ -62,3 +63,35 @@ async def test_a_program_that_cannot_start_is_a_domain_error_never_an_oserror():
         proc.run_blocking(["true", huge])
     with pytest.raises(Unavailable, match="not installed"):
         await proc.run(["/nonexistent/program"])
+
+
+async def test_a_start_cancelled_while_its_thread_spawns_still_records_who_it_started(tmp_path, monkeypatch):
+    """The daemon's shutdown cancelled a warm VM's boot while QEMU was being spawned: the process must be in its
+    pidfile when the cancellation arrives, or the cleanup that follows cannot find it."""
+    entered, release = threading.Event(), threading.Event()
+    real = proc.spawn_detached
+
+    def slow_spawn(*args):
+        entered.set()
+        release.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(proc, "spawn_detached", slow_spawn)
+    pidfile = tmp_path / "pid"
+    starting = asyncio.create_task(start_detached(["sleep", "30"], tmp_path / "log", pidfile))
+    await asyncio.to_thread(entered.wait, 10)
+    starting.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    started = ProcessIdentity.load(pidfile)
+    assert started is not None and started.alive()
+    os.kill(started.pid, signal.SIGKILL)
+    assert await wait_exit(started, 10)
+
+
+async def test_a_start_records_who_it_started(tmp_path):
+    started = await start_detached(["sleep", "30"], tmp_path / "log", tmp_path / "pid")
+    assert ProcessIdentity.load(tmp_path / "pid") == started and started.alive()
+    os.kill(started.pid, signal.SIGKILL)
+    assert await wait_exit(started, 10)
