@@ -107,16 +107,21 @@ class VmBackend(Backend[VmBackendSettings]):
         self.layers = private_dir(settings.state_dir / "vm" / "layers")
         self.empty_dev = private_dir(self.root / "empty-dev")  # a privileged guest container's "host" devices: none
         self.jail_ids = JailIds(self.root / "jail-ids", settings.vm.jail_uid_first, settings.vm.jail_uid_count)
-        self.max_vcpus = settings.vm.max_vcpus or resources.default_max_vcpus()
-        self.max_memory_mib = settings.vm.max_memory_mib or resources.default_max_memory_mib()
+        self.sizing = resources.VmSizing.of(settings.vm)
         self.log_size_max = settings.log_size_max
         self._accel: str | None = None
         self._pods: dict[str, PodVm] = {}
         self._exit_listener: ExitListener | None = None
         self.layer_usage = LayerUsage()
-        caps = (self.max_vcpus, self.max_memory_mib)
         self.warm = WarmVmMaker(
-            self.settings, self.root, assets, self.jail_ids, caps, self._accel_choice, self._exited, self.log_size_max
+            self.settings,
+            self.root,
+            assets,
+            self.jail_ids,
+            self.sizing,
+            self._accel_choice,
+            self._exited,
+            self.log_size_max,
         )
         self.pool: WarmPool[PodVm] = WarmPool(settings.vm.warm_pool, self.warm, self.root / "pool")
         self._warm_owned: dict[str, str] = {}  # after a restart: warm VM id -> the pod whose record names it
@@ -258,14 +263,7 @@ class VmBackend(Backend[VmBackendSettings]):
         config = sandbox.config
         netns = Path(sandbox.netns_path)
         settings = self.settings
-        vcpus, memory, size = resources.boot_size(
-            config,
-            settings.default_vcpus,
-            settings.default_memory_mib,
-            settings.memory_headroom_mib,
-            self.max_vcpus,
-            self.max_memory_mib,
-        )
+        vcpus, memory, size = self.sizing.boot_size(config)
         cgroup = resources.vm_cgroup(config.linux.cgroup_parent, sandbox.id)  # refuses a systemd slice
         run_dir = private_dir(self._run_dir(sandbox))
         await asyncio.to_thread(mounts.make_private, self.root)  # the run dirs' tmpfs mounts stay in this namespace

@@ -15,11 +15,13 @@ import contextlib
 import math
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 from core import cgroups
 from core.errors import InvalidArgument
 from core.proc import wait_exit
+from core.settings import VmSettings
 from protos import cri_pb2 as pb
 
 MIB = 2**20
@@ -95,17 +97,32 @@ def vm_size(
     return vcpus, memory
 
 
-def boot_size(
-    config: pb.PodSandboxConfig,
-    default_vcpus: int,
-    default_memory_mib: int,
-    headroom_mib: int,
-    max_vcpus: int,
-    max_memory_mib: int,
-) -> tuple[int, int, int]:
-    """(vCPUs, MiB the VM boots with, MiB its pod may use): `vm_size` plus the headroom the balloon holds."""
-    vcpus, size = vm_size(config, default_vcpus, default_memory_mib, max_vcpus, max_memory_mib)
-    return vcpus, max(size, min(size + headroom_mib, max_memory_mib)), size
+@dataclass(frozen=True)
+class VmSizing:
+    """How big a pod's VM boots: `[vm]`'s defaults and headroom, within the node's caps. One for the backend,
+    shared by a cold boot and the warm pool, so both size a pod's VM the same way."""
+
+    default_vcpus: int
+    default_memory_mib: int
+    headroom_mib: int
+    max_vcpus: int
+    max_memory_mib: int
+
+    @classmethod
+    def of(cls, vm: VmSettings) -> VmSizing:
+        """From the settings; an unset cap is the node's (`default_max_vcpus`, `default_max_memory_mib`)."""
+        return cls(
+            vm.default_vcpus,
+            vm.default_memory_mib,
+            vm.memory_headroom_mib,
+            vm.max_vcpus or default_max_vcpus(),
+            vm.max_memory_mib or default_max_memory_mib(),
+        )
+
+    def boot_size(self, config: pb.PodSandboxConfig) -> tuple[int, int, int]:
+        """(vCPUs, MiB the VM boots with, MiB its pod may use): `vm_size` plus the headroom the balloon holds."""
+        vcpus, size = vm_size(config, self.default_vcpus, self.default_memory_mib, self.max_vcpus, self.max_memory_mib)
+        return vcpus, max(size, min(size + self.headroom_mib, self.max_memory_mib)), size
 
 
 def vm_cgroup(cgroup_parent: str, sandbox_id: str) -> str:

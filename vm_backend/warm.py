@@ -76,7 +76,7 @@ class WarmVmMaker:
         root: Path,
         assets: GuestAssets,
         jail_ids: JailIds,
-        caps: tuple[int, int],
+        sizing: resources.VmSizing,
         accel: Callable[[], Awaitable[str]],
         exited: Callable[[str, ExitStatus | None], None],
         log_size_max: int,
@@ -87,7 +87,7 @@ class WarmVmMaker:
         self.cgroup_parent = warm_cgroup_parent(root)
         self.assets = assets
         self.jail_ids = jail_ids
-        self.max_vcpus, self.max_memory_mib = caps
+        self.sizing = sizing
         self._accel = accel
         self._exited = exited
         self._log_size_max = log_size_max
@@ -105,7 +105,7 @@ class WarmVmMaker:
 
     def size(self) -> tuple[int, int, int]:
         """A warm VM's size: that of a pod without CPU or memory limits."""
-        return self._size_of(pb.PodSandboxConfig())
+        return self.sizing.boot_size(pb.PodSandboxConfig())
 
     def _spec(self, record: WarmRecord, jail: Jail | None = None) -> VmSpec:
         return VmSpec(
@@ -214,7 +214,7 @@ class WarmVmMaker:
     async def claim(self, pool: WarmPool[PodVm], sandbox: SandboxRecord, path: Path) -> PodVm | None:
         """A warm VM made `sandbox`'s, its network namespace pinned at `path`; None if the pool has none that fits
         (or the hand-over failed: that VM is destroyed, and the pod boots cold)."""
-        vcpus, memory, size = self._size_of(sandbox.config)
+        vcpus, memory, size = self.sizing.boot_size(sandbox.config)
         cgroup = resources.vm_cgroup(sandbox.config.linux.cgroup_parent, sandbox.id) if self.settings.jail else ""
         entry = pool.claim(sandbox.id, vcpus, memory, size, str(path))
         if entry is None:
@@ -255,17 +255,6 @@ class WarmVmMaker:
         pod.on_end = lambda: self._exited(sandbox.id, None)
         log.info("pod %s claimed warm VM %s", sandbox.id[:12], record.id)
         return pod
-
-    def _size_of(self, config: pb.PodSandboxConfig) -> tuple[int, int, int]:
-        settings = self.settings
-        return resources.boot_size(
-            config,
-            settings.default_vcpus,
-            settings.default_memory_mib,
-            settings.memory_headroom_mib,
-            self.max_vcpus,
-            self.max_memory_mib,
-        )
 
     async def start(self, pool: WarmPool[PodVm], sandbox: SandboxRecord, pod: PodVm) -> agent_pb2.SetupPod:
         """After CNI ADD: the tap joined to the pod's veth, then SetupPod; the pool's record goes (the pod's
