@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import shlex
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -211,6 +212,20 @@ async def wait_pidfd(pidfd: int, timeout: float | None = None) -> bool:
     finally:
         loop.remove_reader(pidfd)
     return True
+
+
+async def kill_and_wait(process: ProcessIdentity, timeout: float) -> bool:
+    """SIGKILL `process` through a pidfd (never a later process that got its pid), then `wait_exit`; a process
+    already gone is success; False if it outlived `timeout`."""
+    pidfd = process.open()
+    if pidfd is None:
+        return True
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    finally:
+        os.close(pidfd)
+    return await wait_exit(process, timeout)
 
 
 async def wait_exit(process: int | ProcessIdentity, timeout: float | None = None) -> bool:

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from typing import Any
 
 from core.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, Unavailable
 from core.files import open_regular_nofollow, private_dir, socket_nofollow
-from core.proc import ProcessIdentity, start_detached, wait_exit
+from core.proc import ProcessIdentity, kill_and_wait, start_detached, wait_exit
 from vm_backend.guest_memory import GuestMemory, layout
 from vm_backend.jail import Jail
 from vm_backend.network import open_tap
@@ -433,13 +432,8 @@ class QemuVm:
         await self._kill(ProcessIdentity.load(self.spec.pidfile))
 
     async def _kill(self, qemu: ProcessIdentity | None) -> None:
-        if qemu is not None and (pidfd := qemu.open()) is not None:
-            try:
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            finally:
-                os.close(pidfd)
-            await wait_exit(qemu, 10.0)
+        if qemu is not None:
+            await kill_and_wait(qemu, 10.0)
         if self.virtiofsd is not None:
             await self.virtiofsd.stop()
         self._remove_runtime_files()

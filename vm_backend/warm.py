@@ -23,14 +23,13 @@ import contextlib
 import hashlib
 import logging
 import os
-import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from core import cgroups, mounts
 from core.errors import FailedPrecondition, TandemError
 from core.files import private_dir
-from core.proc import ProcessIdentity, wait_exit
+from core.proc import ProcessIdentity, kill_and_wait
 from core.settings import VmSettings
 from protos import agent_pb2
 from protos import cri_pb2 as pb
@@ -174,14 +173,7 @@ class WarmVmMaker:
             await handle.close()
         run_dir = self.run_dir(record.id)
         if record.qemu:
-            qemu = ProcessIdentity(int(record.qemu["pid"]), int(record.qemu["start_time"]))
-            if (pidfd := qemu.open()) is not None:
-                try:
-                    with contextlib.suppress(ProcessLookupError):
-                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                finally:
-                    os.close(pidfd)
-                await wait_exit(qemu, 10.0)
+            await kill_and_wait(ProcessIdentity(int(record.qemu["pid"]), int(record.qemu["start_time"])), 10.0)
         if run_dir.is_dir():
             await QemuVm(self._spec(record), self._virtiofsd(record)).kill()
         for cgroup in filter(None, (self.cgroup(record.id), record.pod_cgroup)):

@@ -9,7 +9,7 @@ import pytest
 
 from core import proc
 from core.errors import InvalidArgument, Unavailable
-from core.proc import ProcessIdentity, spawn, spawn_detached, start_detached, wait_exit, wait_pidfd
+from core.proc import ProcessIdentity, kill_and_wait, spawn, spawn_detached, start_detached, wait_exit, wait_pidfd
 
 
 def test_an_identity_is_this_process_and_no_other():
@@ -95,3 +95,10 @@ async def test_a_start_records_who_it_started(tmp_path):
     assert ProcessIdentity.load(tmp_path / "pid") == started and started.alive()
     os.kill(started.pid, signal.SIGKILL)
     assert await wait_exit(started, 10)
+
+
+async def test_kill_and_wait_ends_a_process_and_takes_one_already_gone_for_success(tmp_path):
+    started = await start_detached(["sleep", "30"], tmp_path / "log", tmp_path / "pid")
+    assert await kill_and_wait(started, 10)
+    assert not started.exists()  # killed and reaped
+    assert await kill_and_wait(started, 10)  # gone already: nothing to do, and no later process with its pid is hit
