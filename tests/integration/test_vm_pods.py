@@ -351,11 +351,13 @@ def test_a_daemon_killed_mid_boot_leaves_a_pod_that_removes_cleanly(env):
     wait_for(lambda: leftovers(daemon, tmp) == [], timeout=30, what="no QEMU, virtiofsd, mount or netns left")
 
 
-def start_sleeper(daemon, image, tmp: Path, name: str) -> tuple[str, str]:
-    """A VM pod running one sleeping container: (pod id, container id)."""
+def start_sleeper(daemon, image, tmp: Path, name: str, *, privileged: bool = False) -> tuple[str, str]:
+    """A VM pod running one sleeping container, both privileged if asked: (pod id, container id)."""
     pod = pod_config(name, tmp / "logs")
+    pod.linux.security_context.privileged = privileged
     pod_id = daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=pod, runtime_handler="vm")).pod_sandbox_id
     config = container_config("sleeper", image, "sleep", "3600")
+    config.linux.security_context.privileged = privileged
     request = pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod)
     cid = daemon.runtime.CreateContainer(request).container_id
     daemon.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
@@ -471,15 +473,7 @@ def test_console(env):
 def test_a_privileged_container_builds_a_bridge_inside_its_vm(env):
     """Privileged means privileged in the guest: what a node allows (here `brctl addbr`) works there too."""
     daemon, image, tmp, _ = env
-    pod = pod_config("privileged", tmp / "logs")
-    pod.linux.security_context.privileged = True
-    pod_id = daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=pod, runtime_handler="vm")).pod_sandbox_id
-    config = container_config("admin", image, "sleep", "3600")
-    config.linux.security_context.privileged = True
-    cid = daemon.runtime.CreateContainer(
-        pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod)
-    ).container_id
-    daemon.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
+    pod_id, cid = start_sleeper(daemon, image, tmp, "privileged", privileged=True)
     result = exec_sync(daemon, cid, "sh", "-c", "busybox brctl addbr foobar && cat /sys/class/net/foobar/ifindex")
     assert result.exit_code == 0, result.stderr
     remove_pods(daemon, pod_id)
@@ -493,15 +487,7 @@ def test_no_guest_can_change_the_userland_image_every_vm_maps(env):
     daemon, image, tmp, assets = env
     before = hashlib.sha256(assets.userland.read_bytes()).hexdigest()
     last_blocks = hashlib.md5(assets.userland.read_bytes()[-16 * 4096 :]).hexdigest()
-    pod = pod_config("hostile-image", tmp / "logs")
-    pod.linux.security_context.privileged = True
-    pod_id = daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=pod, runtime_handler="vm")).pod_sandbox_id
-    config = container_config("writer", image, "sleep", "3600")
-    config.linux.security_context.privileged = True
-    cid = daemon.runtime.CreateContainer(
-        pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod)
-    ).container_id
-    daemon.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
+    pod_id, cid = start_sleeper(daemon, image, tmp, "hostile-image", privileged=True)
     script = (  # direct I/O: past the guest's page cache, to the memory QEMU maps
         'mknod /tmp/pmem b $(tr : " " < /sys/block/pmem0/dev) && end=$(($(cat /sys/block/pmem0/size) / 8 - 16)) '
         "&& dd if=/dev/urandom of=/tmp/pmem bs=4096 seek=$end count=16 oflag=direct 2>/dev/null "
@@ -520,15 +506,7 @@ def test_the_guest_kernel_is_locked_down(env):
     root finds the kernel's debugging doors shut, and tracefs holds none of the event files it would have made
     in every guest's RAM."""
     daemon, image, tmp, _ = env
-    pod = pod_config("locked-down", tmp / "logs")
-    pod.linux.security_context.privileged = True
-    pod_id = daemon.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=pod, runtime_handler="vm")).pod_sandbox_id
-    config = container_config("root", image, "sleep", "3600")
-    config.linux.security_context.privileged = True
-    cid = daemon.runtime.CreateContainer(
-        pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod)
-    ).container_id
-    daemon.runtime.StartContainer(pb.StartContainerRequest(container_id=cid))
+    pod_id, cid = start_sleeper(daemon, image, tmp, "locked-down", privileged=True)
     script = (
         "mkdir -p /tmp/security /tmp/trace && mount -t securityfs none /tmp/security && cat /tmp/security/lockdown "
         "&& mount -t tracefs none /tmp/trace && ls /tmp/trace | wc -l && cat /dev/mem > /dev/null"
