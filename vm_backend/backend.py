@@ -74,7 +74,7 @@ from vm_backend.rundir import make_run_dir, remove_run_dir
 from vm_backend.setup import setup_pod
 from vm_backend.share import Attached, PodShare, ShareMount, rootfs_path
 from vm_backend.stats import STATS_WAIT, pod_usage
-from vm_backend.virtiofs import Virtiofsd, virtiofsd_nofile
+from vm_backend.virtiofs import Virtiofsd
 from vm_backend.warm import WarmVmMaker
 
 log = logging.getLogger("tandem.vm")
@@ -191,8 +191,7 @@ class VmBackend(Backend[VmBackendSettings]):
         )
 
     def _virtiofsd(self, run_dir: Path, memory_mib: int = 0) -> Virtiofsd:
-        nofile = virtiofsd_nofile(memory_mib)
-        return Virtiofsd(run_dir, PodShare(run_dir).ns_file, binary=str(self.settings.virtiofsd), nofile=nofile)
+        return Virtiofsd.of_vm(run_dir, str(self.settings.virtiofsd), memory_mib)
 
     def _vm(self, sandbox: SandboxRecord) -> QemuVm:
         spec = self._spec(sandbox)

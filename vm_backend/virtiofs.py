@@ -21,6 +21,7 @@ from pathlib import Path
 
 from core.proc import ProcessIdentity, start_detached, wait_exit
 from vm_backend.jail import Jail, join_prefix
+from vm_backend.share import PodShare
 from vm_backend.sharens import share_path
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
@@ -52,6 +53,12 @@ class Virtiofsd:
         self.socket = run_dir / "virtiofsd.sock"
         self.pidfile = run_dir / "virtiofsd.pid"
         self.log_file = run_dir / "virtiofsd.log"
+
+    @classmethod
+    def of_vm(cls, run_dir: Path, binary: str, memory_mib: int) -> Virtiofsd:
+        """The virtiofsd of the VM whose run dir is `run_dir` (a pod's or a warm one): its share's namespace, and
+        as many files as its RAM warrants."""
+        return cls(run_dir, PodShare(run_dir).ns_file, binary=binary, nofile=virtiofsd_nofile(memory_mib))
 
     def argv(self, listen_fd: int) -> list[str]:
         return [

@@ -47,7 +47,7 @@ from vm_backend.qemu import VMM_DIR, QemuVm, TapNic, VmSpec, qmp
 from vm_backend.rundir import make_run_dir, remove_run_dir
 from vm_backend.setup import setup_pod
 from vm_backend.share import PodShare
-from vm_backend.virtiofs import Virtiofsd, virtiofsd_nofile
+from vm_backend.virtiofs import Virtiofsd
 
 log = logging.getLogger("tandem.vm.warm")
 
@@ -125,9 +125,7 @@ class WarmVmMaker:
         )
 
     def _virtiofsd(self, record: WarmRecord) -> Virtiofsd:
-        run_dir = self.run_dir(record.id)
-        nofile = virtiofsd_nofile(record.memory_mib)
-        return Virtiofsd(run_dir, PodShare(run_dir).ns_file, binary=str(self.settings.virtiofsd), nofile=nofile)
+        return Virtiofsd.of_vm(self.run_dir(record.id), str(self.settings.virtiofsd), record.memory_mib)
 
     # ---- boot and destroy --------------------------------------------------------------------
 
