@@ -1,6 +1,7 @@
 """VM pods (issue #4): pod start vs a bare QEMU boot, the jail's cost, host memory per idle VM pod, density.
 
     .venv/bin/python -m bench.vm [--samples N] [--idle-pods K] [--density-cap N] [--skip ...] [--keep]
+                                 [--tcg-cache-mib M]
 
 1. start: A = Tandem RunPodSandbox(handler "vm") + CreateContainer + StartContainer of
    a busybox `sleep 3600`, timed over gRPC as one number (stop/remove untimed);
@@ -10,11 +11,13 @@
    line): the issue's baseline. The same boot is also timed until the agent
    answers Hello on its virtio-serial socket (H), which shows how much of A is
    the agent starting. Alternating A/B, the one going first alternates per
-   sample; ratio A/B per pair, median (goal <= 1.15), and A/H.
+   sample; ratio A/B per pair, median (goal <= 2.0, issue #12; it was 1.15 before the warm pool), and A/H.
 1a. warm pool: the same pod start on a third daemon with `[vm] warm_pool = 1` (W: the pod claims a
    booted VM), alternating with A and B in the same samples, the pool refilled (untimed) before
-   each W; ratios W/B (goal <= 0.5: a pod starts faster than a VM boots) and W/A; then the PSS of
-   one idle warm VM (what each warm VM costs the node).
+   each W; ratios W/B (goal <= 0.5: a pod starts faster than a VM boots) and W/A; under TCG, how
+   much code QEMU translated during each W and how often its translation cache flushed
+   (bench/tcgcache.py: the cache read before and after); then the PSS of one idle warm VM (what
+   each warm VM costs the node).
 1b. jail: the same pod start (A) on a second daemon whose `[vm] jail = false` (U: QEMU as root,
    no jailer, no cgroup, no uid), alternating A/U, the one going first alternating per sample;
    ratio A/U per pair, median (goal < 1.05): what the VMM's jail costs a pod start. Pod starts
@@ -33,6 +36,9 @@
 3. density: idle VM pods started one after another until the first failure or the
    cap (150); how many started, MemAvailable and the mean PSS per pod at the end,
    then the same with KSM on (as in 2); then all removed.
+
+Every VM, the bare boots' too, has `--tcg-cache-mib` of translation cache (`[vm] tcg_cache_mib`, the
+default's 24 unless given): the README's "Pod start or memory under TCG" compares the two sides of it.
 
 Everything runs under one temp dir (isolated daemon, LocalRegistry, a CNI bridge)
 and is removed on exit, also on failure or SIGTERM. The machine may be shared:
@@ -69,8 +75,9 @@ from bench.pods import (
     free_octets,
     write_network,
 )
+from bench.tcgcache import MIB, CacheReading, read_cache, translated_between
 from core import cgroups
-from core.settings import JAIL_UID_COUNT, JAIL_UID_FIRST
+from core.settings import JAIL_UID_COUNT, JAIL_UID_FIRST, TCG_CACHE_MIB
 from protos import cri_pb2 as pb
 from tests.support.daemon import TandemDaemon
 from tests.support.images import busybox_image, push
@@ -200,12 +207,12 @@ async def _console_line(path: Path, text: str) -> float:
         await asyncio.sleep(0.005)
 
 
-async def _bare_boot(run_dir: Path, assets: GuestAssets) -> tuple[float, float]:
+async def _bare_boot(run_dir: Path, assets: GuestAssets, cache_mib: int) -> tuple[float, float]:
     """(seconds to init's first line, seconds to the agent's Hello) of one boot."""
     spec = VmSpec(
         name=run_dir.name, run_dir=run_dir, kernel=assets.kernel, initramfs=assets.initramfs,
         userland=assets.userland, userland_bytes=assets.userland_bytes,
-        accel="tcg", vcpus=VCPUS, memory_mib=MEMORY_MIB,
+        accel="tcg", tcg_cache_mib=cache_mib, vcpus=VCPUS, memory_mib=MEMORY_MIB,
     )  # fmt: skip
     vm = QemuVm(spec)
     clients: list[AgentClient] = []
@@ -229,8 +236,8 @@ async def _bare_boot(run_dir: Path, assets: GuestAssets) -> tuple[float, float]:
     return to_init, hello
 
 
-def bare_boot(run_dir: Path, assets: GuestAssets) -> tuple[float, float]:
-    return asyncio.run(_bare_boot(run_dir, assets))
+def bare_boot(run_dir: Path, assets: GuestAssets, cache_mib: int) -> tuple[float, float]:
+    return asyncio.run(_bare_boot(run_dir, assets, cache_mib))
 
 
 # ---- the three measurements ---------------------------------------------------------------------
@@ -241,6 +248,12 @@ def pool_ready(daemon: TandemDaemon) -> int:
     return int(json.loads(info["backends"])["vm"]["warmPool"]["ready"])
 
 
+def warm_qmp_socket(daemon: TandemDaemon) -> Path:
+    """The QMP socket of the one warm VM a `warm_pool = 1` daemon holds when its pool is full."""
+    (socket,) = (daemon.socket.parent / "vm").glob("warm-*/vmm/qmp.sock")
+    return socket
+
+
 def wait_pool(daemon: TandemDaemon, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while pool_ready(daemon) < 1:
@@ -249,7 +262,7 @@ def wait_pool(daemon: TandemDaemon, timeout: float = 300.0) -> None:
         time.sleep(0.2)  # the poll interval of a deadline wait
 
 
-def measure_pool(warm: Pods, cold: Pods, assets: GuestAssets, workdir: Path, samples: int) -> None:
+def measure_pool(warm: Pods, cold: Pods, assets: GuestAssets, workdir: Path, samples: int, cache_mib: int) -> None:
     print(f"\n## 1a. VM pod start from the warm pool (W) vs cold (A) vs bare boot to init (B), {samples} samples")
     print("#  W: [vm] warm_pool = 1, the pool refilled (untimed) before each; the three alternate, first rotating")
     print(
@@ -257,20 +270,26 @@ def measure_pool(warm: Pods, cold: Pods, assets: GuestAssets, workdir: Path, sam
     )
     rows: list[tuple[float, float, float]] = []
     steps: list[tuple[float, float, float]] = []
+    caches: list[tuple[int, int, CacheReading]] = []  # per W: flushes, bytes translated, the cache before
     for n in range(samples):
         times: dict[str, float] = {}
         order = [("W", "A", "B"), ("A", "B", "W"), ("B", "W", "A")][n % 3]
         for side in order:
             if side == "W":
                 wait_pool(warm.daemon)
+                qmp_socket = warm_qmp_socket(warm.daemon)
+                before = read_cache(qmp_socket)
                 pod_id, times["W"] = warm.start(retries=1)
+                after = read_cache(qmp_socket)
                 steps.append(warm.last_steps)
+                if before is not None and after is not None:
+                    caches.append((after.flushes - before.flushes, translated_between(before, after), before))
                 warm.remove(pod_id)
             elif side == "A":
                 pod_id, times["A"] = cold.start(retries=1)
                 cold.remove(pod_id)
             else:
-                times["B"], _ = bare_boot(workdir / "bare" / f"p{n + 1}", assets)
+                times["B"], _ = bare_boot(workdir / "bare" / f"p{n + 1}", assets, cache_mib)
         w, a, b = times["W"], times["A"], times["B"]
         rows.append((w, a, b))
         print(f"{n + 1:>7} {order[0]:>6} {w:>8.3f}s {a:>8.3f}s {b:>8.3f}s {w / b:>6.2f} {w / a:>6.2f} {a / b:>6.2f}  "
@@ -286,6 +305,14 @@ def measure_pool(warm: Pods, cold: Pods, assets: GuestAssets, workdir: Path, sam
     runp, create, start = (statistics.median(step[i] for step in steps) for i in range(3))
     print(f"pool: W's steps, medians: RunPodSandbox {runp:.3f} s, CreateContainer {create:.3f} s, "
           f"StartContainer {start:.3f} s")  # fmt: skip
+    if caches:
+        capacity = caches[0][2].capacity / MIB
+        print(
+            f"pool: the warm VM's translation cache ({capacity:.0f} MiB) during W, medians: "
+            f"{statistics.median(c[2].used for c in caches) / MIB:.1f} MiB in use before, "
+            f"{statistics.median(c[1] for c in caches) / MIB:.1f} MiB of code translated, "
+            f"{statistics.median(c[0] for c in caches):g} flushes (per sample: {[c[0] for c in caches]})"
+        )
     wait_pool(warm.daemon)
     time.sleep(10)  # let the warm VM settle (free page reporting) before its PSS: a measurement, not a sync
     procs = processes_naming(str(warm.daemon.socket.parent / "vm" / "warm-"))
@@ -295,7 +322,7 @@ def measure_pool(warm: Pods, cold: Pods, assets: GuestAssets, workdir: Path, sam
     print(f"# {load()}")
 
 
-def measure_start(pods: Pods, assets: GuestAssets, workdir: Path, samples: int) -> None:
+def measure_start(pods: Pods, assets: GuestAssets, workdir: Path, samples: int, cache_mib: int) -> None:
     print(f"\n## 1. VM pod start (A) vs bare QEMU boot to init (B), {samples} samples, alternating")
     print("#  B: same kernel, initramfs and QEMU argv builder as Tandem, no tap NIC, no virtiofsd, until init's")
     print("#  first console line; H: the same boot until the agent answers Hello")
@@ -311,7 +338,7 @@ def measure_start(pods: Pods, assets: GuestAssets, workdir: Path, samples: int) 
                 steps.append(pods.last_steps)
                 pods.remove(pod_id)
             else:
-                b, h = bare_boot(workdir / "bare" / f"b{n + 1}", assets)
+                b, h = bare_boot(workdir / "bare" / f"b{n + 1}", assets, cache_mib)
         samples_.append((a, b, h))
         print(f"{n + 1:>7} {order[0]:>6} {a:>8.3f}s {b:>8.3f}s {h:>8.3f}s {a / b:>6.2f} {a / h:>6.2f}  "
               f"{os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
@@ -322,7 +349,7 @@ def measure_start(pods: Pods, assets: GuestAssets, workdir: Path, samples: int) 
         f"B median {statistics.median(b for _, b, _ in samples_):.3f} s, "
         f"H median {statistics.median(h for _, _, h in samples_):.3f} s\n"
         f"start: ratio A/B median {statistics.median(to_init):.2f} ({min(to_init):.2f} .. {max(to_init):.2f}); "
-        f"goal <= 1.15\n"
+        f"goal <= 2.0\n"
         f"start: ratio A/H median {statistics.median(to_hello):.2f} ({min(to_hello):.2f} .. {max(to_hello):.2f}) "
         "(what the pod adds once the agent is up)"
     )
@@ -380,7 +407,9 @@ def jail_fixed_cost(ids_dir: Path, samples: int = 20) -> tuple[float, float]:
             differences.append(times["jailed"] - times["bare"])
             path = f"/tandem-bench/{owner}-{n}"
             began = time.perf_counter()
-            resources.create_cgroup(path, resources.vm_limits(VCPUS, MEMORY_MIB, "tcg"))
+            resources.create_cgroup(
+                path, resources.vm_limits(VCPUS, MEMORY_MIB, resources.vmm_overhead_mib("tcg", TCG_CACHE_MIB))
+            )
             cgroups.remove("/tandem-bench")
             cgroup_times.append(time.perf_counter() - began)
     finally:
@@ -550,9 +579,11 @@ def start_tandem(
     return daemon
 
 
-def start_unjailed(stack: contextlib.ExitStack, workdir: Path, assets: GuestAssets, image: str, octet: int) -> Pods:
+def start_unjailed(
+    stack: contextlib.ExitStack, workdir: Path, assets: GuestAssets, image: str, octet: int, vm_config: str
+) -> Pods:
     """A second daemon, the same but for `[vm] jail = false`."""
-    daemon = start_tandem(stack, workdir / "unjailed", assets, octet, "jail = false\n")
+    daemon = start_tandem(stack, workdir / "unjailed", assets, octet, vm_config + "jail = false\n")
     pods = Pods(daemon, image, workdir / "logs-unjailed")
     stack.callback(_quietly("removing pods", pods.remove_all))
     daemon.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=image)), timeout=300)
@@ -576,6 +607,12 @@ def _run(argv: Sequence[str] | None) -> int:
     parser.add_argument("--density-cap", type=int, default=150, help="most pods in the density run (default 150)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["start", "pool", "jail", "memory", "density"])
     parser.add_argument("--keep", action="store_true", help="keep the work dir")
+    parser.add_argument(
+        "--tcg-cache-mib",
+        type=int,
+        default=TCG_CACHE_MIB,
+        help=f"[vm] tcg_cache_mib of every VM (default {TCG_CACHE_MIB})",
+    )
     args = parser.parse_args(argv)
     digest = asyncio.run(resolve_inputs()).digest()  # this checkout's guest: another checkout may own `current`
     assets = load_assets(assets_root(DEFAULT_STATE) / digest)
@@ -593,7 +630,8 @@ def _run(argv: Sequence[str] | None) -> int:
         octet, unjailed_octet, pool_octet = free_octets(3)
 
         stack.callback(_quietly("killing leftovers", lambda: _kill_leftovers(workdir)))  # the bare boots' too
-        daemon = start_tandem(stack, workdir / "tandem", assets, octet, "")
+        vm_config = f"tcg_cache_mib = {args.tcg_cache_mib}\n"  # every daemon's VMs, as the bare boots'
+        daemon = start_tandem(stack, workdir / "tandem", assets, octet, vm_config)
         pods = Pods(daemon, image, workdir / "logs")
         stack.callback(_quietly("removing pods", pods.remove_all))
         stack.callback(_ignore_sigterm)
@@ -602,19 +640,19 @@ def _run(argv: Sequence[str] | None) -> int:
 
         v = daemon.runtime.Version(pb.VersionRequest(), timeout=10)
         print(f"# {v.runtime_name} {v.runtime_version}; guest assets {assets.digest} (kernel {assets.kernel_release}); "
-              f"accel tcg, {VCPUS} vCPU, {MEMORY_MIB} MiB per VM")  # fmt: skip
+              f"accel tcg, {VCPUS} vCPU, {MEMORY_MIB} MiB per VM, TCG cache {args.tcg_cache_mib} MiB")  # fmt: skip
         print(
             f"# {os.cpu_count()} CPUs, {load()}, MemAvailable {mem_available_mib():.0f} MiB; "
             "the machine is shared (other VM daemons may run)"
         )
         pod_id, elapsed = pods.start(retries=1)  # warm-up: imports, the accel choice, page cache
         pods.remove(pod_id)
-        to_init, hello = bare_boot(workdir / "bare" / "w", assets)
+        to_init, hello = bare_boot(workdir / "bare" / "w", assets, args.tcg_cache_mib)
         print(f"# warm-up (untimed): A {elapsed:.3f} s, B {to_init:.3f} s, H {hello:.3f} s")
         if "start" not in args.skip:
-            measure_start(pods, assets, workdir, args.samples)
+            measure_start(pods, assets, workdir, args.samples, args.tcg_cache_mib)
         if "pool" not in args.skip:
-            daemon_w = start_tandem(stack, workdir / "pool", assets, pool_octet, "warm_pool = 1\n")
+            daemon_w = start_tandem(stack, workdir / "pool", assets, pool_octet, vm_config + "warm_pool = 1\n")
             warm = Pods(daemon_w, image, workdir / "logs-pool")
             stack.callback(_quietly("removing pods", lambda: warm.remove_all() if daemon_w.process else None))
             daemon_w.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=image)), timeout=300)
@@ -622,11 +660,11 @@ def _run(argv: Sequence[str] | None) -> int:
             wait_pool(daemon_w)
             pod_id, _ = warm.start(retries=1)  # warm-up, as for A
             warm.remove(pod_id)
-            measure_pool(warm, pods, assets, workdir, args.samples)
+            measure_pool(warm, pods, assets, workdir, args.samples, args.tcg_cache_mib)
             warm.remove_all()
             _stop_tandem(daemon_w)  # its refills must not load what is measured next
         if "jail" not in args.skip:
-            unjailed = start_unjailed(stack, workdir, assets, image, unjailed_octet)
+            unjailed = start_unjailed(stack, workdir, assets, image, unjailed_octet, vm_config)
             pod_id, elapsed = unjailed.start(retries=1)  # warm-up, as for A
             unjailed.remove(pod_id)
             measure_jail(pods, unjailed, args.samples)

@@ -15,10 +15,10 @@ HEADER = """\
 # RuntimeClasses for the handlers of {source} (printed by `tandem config runtimeclasses`).
 # Apply with `kubectl apply -f`. A VM handler's overhead.podFixed is what one VM pod costs beyond its
 # containers' limits on this node (accelerator {accel}): memory = [vm] default_memory_mib ({memory_default} MiB
-# of guest RAM) + the VMM's overhead under {accel} ({vmm} MiB; measured under TCG, estimated for KVM), which is
-# the VM cgroup's limit beyond the containers' own (an idle pod's PSS, measured by bench.vm under TCG, is
-# 221 MiB); cpu = {cpu}m (an idle pod's QEMU + virtiofsd measured 14m by bench.vm, plus room for the VMM's
-# I/O emulation).
+# of guest RAM) + the VMM's overhead under {accel} ({vmm} MiB{cache}; measured under TCG, estimated for KVM),
+# which is the VM cgroup's limit beyond the containers' own (an idle pod's PSS, measured by bench.vm under TCG
+# with the default cache, is 147 MiB with 3 pods, 117 MiB with 150); cpu = {cpu}m (an idle pod's QEMU +
+# virtiofsd measured 7m by bench.vm, plus room for the VMM's I/O emulation).
 # The figures and how they were measured: vm_backend/resources.py.
 """
 
@@ -33,12 +33,14 @@ def node_accel(config: Config) -> str:
 
 def runtime_classes(config: Config) -> str:
     node = node_accel(config)
-    cpu, memory = resources.pod_fixed_overhead(config.vm.default_memory_mib, node)
+    vmm = resources.vmm_overhead_mib(node, config.vm.tcg_cache_mib)
+    cpu, memory = resources.pod_fixed_overhead(config.vm.default_memory_mib, vmm)
     text = HEADER.format(
         source=config.source,
         accel=node,
         memory_default=config.vm.default_memory_mib,
-        vmm=resources.OVERHEAD_MIB[node],
+        vmm=vmm,
+        cache=f", with [vm] tcg_cache_mib = {config.vm.tcg_cache_mib}" if node == "tcg" else "",
         cpu=cpu,
     )
     for name, handler in sorted(config.runtimes.items()):

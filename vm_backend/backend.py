@@ -40,7 +40,7 @@ from core import cgroups, metrics, mounts
 from core.errors import FailedPrecondition, InvalidArgument, TandemError, Unavailable
 from core.files import atomic_write_json, private_dir
 from core.proc import wait_exit
-from core.settings import VmBackendSettings
+from core.settings import TCG_CACHE_MIB, VmBackendSettings
 from sandbox import netns, podfiles
 from sandbox.backend import (
     Backend,
@@ -181,6 +181,7 @@ class VmBackend(Backend[VmBackendSettings]):
             userland=Path(state.get("userland") or self.assets.userland),
             userland_bytes=int(state.get("userland_bytes") or self.assets.userland_bytes),
             accel=state.get("accel", "tcg"),
+            tcg_cache_mib=int(state.get("tcg_cache_mib", TCG_CACHE_MIB)),  # records from before the setting: 24
             vcpus=int(state.get("vcpus", 1)),
             memory_mib=int(state.get("memory_mib", 256)),
             share_tag=SHARE_TAG,
@@ -269,9 +270,11 @@ class VmBackend(Backend[VmBackendSettings]):
         await asyncio.to_thread(make_run_dir, run_dir, run_dir / VMM_DIR)
         await PodShare(run_dir).create()
         accel = await self._accel_choice()
+        cache = settings.tcg_cache_mib
         sandbox.backend_state.update(
             run_dir=str(run_dir),
             accel=accel,
+            tcg_cache_mib=cache,
             vcpus=vcpus,
             memory_mib=memory,
             size_mib=size,
@@ -280,7 +283,8 @@ class VmBackend(Backend[VmBackendSettings]):
         began = time.monotonic()
         if settings.jail:
             uid = self.jail_ids.allocate(sandbox.id)
-            await asyncio.to_thread(resources.create_cgroup, cgroup, resources.vm_limits(vcpus, size, accel))
+            limits = resources.vm_limits(vcpus, size, resources.vmm_overhead_mib(accel, cache))
+            await asyncio.to_thread(resources.create_cgroup, cgroup, limits)
             sandbox.backend_state.update(jail_uid=uid, jail_gid=uid, cgroup=cgroup)
         guest = await attach_tap(netns, tap=TAP)
         (nic,) = guest.interfaces[:1]

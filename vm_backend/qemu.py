@@ -31,6 +31,7 @@ from typing import Any
 from core.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, Unavailable
 from core.files import open_regular_nofollow, private_dir, socket_nofollow
 from core.proc import ProcessIdentity, kill_and_wait, start_detached, wait_exit
+from core.settings import TCG_CACHE_MIB
 from vm_backend.guest_memory import GuestMemory, layout
 from vm_backend.jail import Jail
 from vm_backend.network import open_tap
@@ -42,11 +43,6 @@ BOOT_MARKER = "tandem-init: agent starting"  # printed by init.sh right before i
 PROBE_MARKER = "tandem-init: probe ok"  # printed by init.sh with tandem.probe=1
 QEMU = "qemu-system-x86_64"
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
-# TCG's translation cache, MiB: every VM keeps all of it resident once filled, so it is a third of an idle
-# VM pod's host memory. 16 thrashes once Python runs (pod start 8.86 s against 5.90 s with 32). 24 costs a
-# boot to the agent's Hello 0.4 s more than 32 (5.54 s against 5.15 s, medians of 4 alternating bare boots)
-# and saves 8 MiB per VM: the warm pool hides boot time, nothing hides memory.
-TCG_TB_SIZE_MIB = 24
 _TSC_KHZ_FALLBACK = 2_600_000  # the notes' value for these hosts
 _SOCKET_PATH_MAX = 107  # sun_path, minus the NUL
 VMM_DIR = "vmm"  # in the run dir: QEMU's own files, the only place a jailed QEMU can write
@@ -82,6 +78,7 @@ class VmSpec:
     userland: Path  # the userland image every VM maps read-only (vm_backend/guest_memory.py)
     userland_bytes: int
     accel: str = "tcg"  # "kvm" or "tcg"
+    tcg_cache_mib: int = TCG_CACHE_MIB  # under TCG: its translation cache (`[vm] tcg_cache_mib`)
     vcpus: int = 1
     memory_mib: int = 256
     share_tag: str = "tandem"  # virtio-fs tag of the pod's share (when a Virtiofsd is attached)
@@ -171,7 +168,7 @@ def build_argv(spec: VmSpec, share_socket: Path | None = None, tap_fd: int | Non
     if spec.accel == "kvm":
         accel = ["-accel", "kvm", "-cpu", "host"]
     else:
-        accel = ["-accel", f"tcg,tb-size={TCG_TB_SIZE_MIB}", "-cpu", "max"]
+        accel = ["-accel", f"tcg,tb-size={spec.tcg_cache_mib}", "-cpu", "max"]
     argv = [
         spec.qemu,
         "-name", f"tandem-{spec.name}",

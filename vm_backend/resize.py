@@ -27,6 +27,7 @@ from typing import Any
 
 from core import cgroups
 from core.errors import FailedPrecondition
+from core.settings import TCG_CACHE_MIB
 from vm_backend import resources
 from vm_backend.qemu import qmp
 
@@ -57,14 +58,15 @@ def check_fits(state: dict[str, Any], wanted_mib: int, what: str) -> None:
 async def resize_memory(state: dict[str, Any], qmp_socket: Path, wanted_mib: int) -> None:
     """Give the guest `wanted_mib` of RAM (within what it booted with) and move the VM's cgroup limit with it.
 
-    `state` is the pod's backend state: `memory_mib` (booted), `size_mib` (allowed now), `accel`, `cgroup`.
+    `state` is the pod's backend state: `memory_mib` (booted), `size_mib` (allowed now), `accel`, `tcg_cache_mib`
+    (absent in records from before it was a setting: it was 24 then), `cgroup`.
     """
     check_fits(state, wanted_mib, "this size")
     current = int(state.get("size_mib", state["memory_mib"]))
     if wanted_mib == current:
         return
     cgroup = state.get("cgroup")
-    overhead = resources.OVERHEAD_MIB[state.get("accel", "tcg")]
+    overhead = resources.vmm_overhead_mib(state.get("accel", "tcg"), int(state.get("tcg_cache_mib", TCG_CACHE_MIB)))
     if wanted_mib > current:
         if cgroup:
             await asyncio.to_thread(cgroups.set_memory_limit, cgroup, (wanted_mib + overhead) * MIB)

@@ -34,12 +34,14 @@ MIB = 2**20
 # cache charged to the first VM that faults it in, reclaimable but in use, so the limit left room for it (53 + 100
 # -> 160). Since every VM maps the userland image (vm_backend/guest_memory.py), QEMU maps the kernel (51 MiB), the
 # initramfs (2.5) and the image (36): 12 MiB more than the 77, so 10 more (53 + 110 -> 170).
-# The translation cache is 24 MiB since (qemu.py): 8 MiB of the 53 that the limit no longer needs, left as margin.
+# The translation cache is `[vm] tcg_cache_mib` since (24 by default): the limit keeps the 8 MiB it no longer
+# needed at 24 as margin, so a VM's is 146 MiB plus its cache (170 by default).
 # KVM cannot be measured here (these hosts' /dev/kvm is PVM): estimated as the same less the translation cache.
-OVERHEAD_MIB = {"tcg": 170, "kvm": 138}
+OVERHEAD_KVM_MIB = 138
+OVERHEAD_TCG_MIB = 146  # plus the VM's translation cache
 # What a VM pod costs beyond its containers, for a RuntimeClass's overhead.podFixed (`tandem config
 # runtimeclasses`). Memory: the VM cgroup's limit beyond the containers' own limits -- the default guest RAM plus
-# OVERHEAD_MIB -- because the kubelet's pod cgroup (the containers' limits plus podFixed) holds the VM's cgroup and
+# vmm_overhead_mib -- because the kubelet's pod cgroup (the containers' limits plus podFixed) holds the VM's cgroup and
 # must never be the smaller of the two; an idle pod uses less (PSS 147 MiB each with 3 pods, 117 with 150, as every
 # VM maps the same kernel and userland image: `python -m bench.vm --skip jail --idle-pods 3 --idle-seconds 20`,
 # TCG, a busybox `sleep 3600` pod). CPU: an idle pod's QEMU + virtiofsd measured 14 millicores (10-18) in one
@@ -130,15 +132,20 @@ def vm_cgroup(cgroup_parent: str, sandbox_id: str) -> str:
     return cgroups.cgroups_path(cgroups.pod_parent(cgroup_parent, sandbox_id), sandbox_id)
 
 
-def pod_fixed_overhead(default_memory_mib: int, accel: str) -> tuple[int, int]:
+def vmm_overhead_mib(accel: str, tcg_cache_mib: int) -> int:
+    """Host memory a VM's QEMU and virtiofsd use beyond its guest RAM (see above); under TCG its cache adds to it."""
+    return OVERHEAD_TCG_MIB + tcg_cache_mib if accel == "tcg" else OVERHEAD_KVM_MIB
+
+
+def pod_fixed_overhead(default_memory_mib: int, overhead_mib: int) -> tuple[int, int]:
     """(CPU millicores, memory MiB) a RuntimeClass's overhead.podFixed needs for VM pods (see above)."""
-    return POD_FIXED_CPU_MILLICORES, default_memory_mib + OVERHEAD_MIB[accel]
+    return POD_FIXED_CPU_MILLICORES, default_memory_mib + overhead_mib
 
 
-def vm_limits(vcpus: int, memory_mib: int, accel: str) -> cgroups.Limits:
-    """The VM's cgroup limits: guest RAM and what QEMU and virtiofsd use besides (OVERHEAD_MIB)."""
+def vm_limits(vcpus: int, memory_mib: int, overhead_mib: int) -> cgroups.Limits:
+    """The VM's cgroup limits: guest RAM and what QEMU and virtiofsd use besides (`vmm_overhead_mib`)."""
     return cgroups.Limits(
-        memory_bytes=(memory_mib + OVERHEAD_MIB[accel]) * MIB,
+        memory_bytes=(memory_mib + overhead_mib) * MIB,
         pids=PIDS_BASE + vcpus,
         cpu_quota_us=(vcpus + CPU_EXTRA) * CPU_PERIOD_US,
         cpu_period_us=CPU_PERIOD_US,

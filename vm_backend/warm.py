@@ -115,6 +115,7 @@ class WarmVmMaker:
             userland=self.assets.userland,
             userland_bytes=self.assets.userland_bytes,
             accel=record.accel or "tcg",
+            tcg_cache_mib=record.tcg_cache_mib,
             vcpus=record.vcpus,
             memory_mib=record.memory_mib,
             share_tag=SHARE_TAG,
@@ -124,6 +125,10 @@ class WarmVmMaker:
             jail=jail,
         )
 
+    @staticmethod
+    def _overhead(record: WarmRecord) -> int:
+        return resources.vmm_overhead_mib(record.accel or "tcg", record.tcg_cache_mib)
+
     def _virtiofsd(self, record: WarmRecord) -> Virtiofsd:
         return Virtiofsd.of_vm(self.run_dir(record.id), str(self.settings.virtiofsd), record.memory_mib)
 
@@ -132,6 +137,7 @@ class WarmVmMaker:
     async def boot(self, record: WarmRecord, save: Callable[[], None], on_end: Callable[[], None]) -> PodVm:
         """Everything a cold start makes before CNI, then the boot and the agent's Hello: a pod's VM minus its pod."""
         record.accel = await self._accel()
+        record.tcg_cache_mib = self.settings.tcg_cache_mib
         record.mac = random_mac()
         save()
         run_dir = self.run_dir(record.id)
@@ -145,7 +151,7 @@ class WarmVmMaker:
         if self.settings.jail:
             uid = self.jail_ids.allocate(record.id)
             cgroup = self.cgroup(record.id)
-            limits = resources.vm_limits(record.vcpus, record.size_mib, record.accel)
+            limits = resources.vm_limits(record.vcpus, record.size_mib, self._overhead(record))
             await asyncio.to_thread(resources.create_cgroup, cgroup, limits)
             jail = Jail(uid, uid, tuple(cgroups.directories(cgroup)))
         events = PodEvents(record.id, self._exited, self._log_size_max)
@@ -215,7 +221,7 @@ class WarmVmMaker:
                 record.pod_cgroup = cgroup
                 pool.save(record)
                 uid = self.jail_ids.transfer(record.id, sandbox.id)
-                limits = resources.vm_limits(vcpus, size, record.accel)
+                limits = resources.vm_limits(vcpus, size, self._overhead(record))
                 await asyncio.to_thread(resources.create_cgroup, cgroup, limits)
                 await asyncio.to_thread(_move_all, self.cgroup(record.id), cgroup)
                 sandbox.backend_state.update(jail_uid=uid, jail_gid=uid, cgroup=cgroup)
@@ -233,6 +239,7 @@ class WarmVmMaker:
             vm_name=record.id,
             run_dir=str(self.run_dir(record.id)),
             accel=record.accel,
+            tcg_cache_mib=record.tcg_cache_mib,
             vcpus=vcpus,
             memory_mib=memory,
             size_mib=size,

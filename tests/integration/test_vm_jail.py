@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from core import cgroups, mounts
-from core.settings import Config
+from core.settings import TCG_CACHE_MIB, Config
 from protos import cri_pb2 as pb
 from tests.support.daemon import TandemDaemon
 from tests.support.pods import container_config, pod_config, pod_leftovers
@@ -135,11 +135,13 @@ def test_qemu_runs_jailed_in_a_cgroup_of_its_own(env):
         virtiofsd = int(Path(run_dir, "virtiofsd.pid").read_text().split()[0])  # pid, start time
         (sandboxed,) = cgroups.processes(cgroup) - {pid, virtiofsd}  # its sandbox: a child in new namespaces
         assert status(sandboxed)["PPid"].strip() == str(virtiofsd)
-        limits = resources.vm_limits(state["vcpus"], state["memory_mib"], "tcg")
+        limits = resources.vm_limits(
+            state["vcpus"], state["memory_mib"], resources.vmm_overhead_mib("tcg", TCG_CACHE_MIB)
+        )
         found = cgroups.read_limits(cgroup)
         assert found["pids.max"] == str(limits.pids)
         memory = found.get("memory.max") or found["memory.limit_in_bytes"]
-        assert int(memory) == (256 + resources.OVERHEAD_MIB["tcg"]) * 2**20
+        assert int(memory) == (256 + resources.vmm_overhead_mib("tcg", TCG_CACHE_MIB)) * 2**20
         cpu = found.get("cpu.max") or f"{found['cpu.cfs_quota_us']} {found['cpu.cfs_period_us']}"
         assert cpu == "200000 100000"  # one vCPU and one more for QEMU's main loop and virtiofsd
 
@@ -161,6 +163,22 @@ def test_qemu_runs_jailed_in_a_cgroup_of_its_own(env):
         assert all(d.exists() for d in cgroups.directories(kubelet_parent))  # the kubelet's, left to the kubelet
     finally:
         cgroups.remove(kubelet_parent.rsplit("/", 1)[0])
+
+
+def test_a_vms_translation_cache_is_the_configured_one_and_its_cgroup_holds_it(pod_env, guest_assets, tmp_path):
+    root = assets_root(tmp_path / "state")
+    root.mkdir(parents=True)
+    (root / "current").symlink_to(guest_assets.dir)
+    pods = pod_env(CONFIG + "tcg_cache_mib = 40\n")
+    pod_id, cid = run_pod(pods.daemon, pods.image, tmp_path, "cache")
+    exec_ok(pods.daemon, cid)
+    state = backend_state(pods.daemon, pod_id)
+    assert state["tcg_cache_mib"] == 40  # recorded: a restart or a resize of this pod counts this one
+    argv = Path(f"/proc/{qemu_pid(pods.daemon, pod_id)}/cmdline").read_bytes().split(b"\0")
+    assert argv[argv.index(b"-accel") + 1] == b"tcg,tb-size=40"
+    found = cgroups.read_limits(state["cgroup"])
+    memory = found.get("memory.max") or found["memory.limit_in_bytes"]
+    assert int(memory) == (256 + 146 + 40) * 2**20
 
 
 def test_a_pod_asking_for_more_than_the_caps_is_refused(env):

@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from core import cgroups
+from core.settings import TCG_CACHE_MIB
 from protos import cri_pb2 as pb
 from tests.support.crictl import Crictl
 from tests.support.pods import container_config, pod_config
@@ -68,7 +69,7 @@ def update_memory(daemon, cid: str, mib: int) -> None:
 def test_memory_limits_change_in_the_guest_and_the_vm_follows(vm):
     env, pod_id, cid = vm
     daemon = env.daemon
-    overhead = resources.OVERHEAD_MIB["tcg"]
+    overhead = resources.vmm_overhead_mib("tcg", TCG_CACHE_MIB)
     assert vm_cgroup_limit_mib(pod_id) == 320 + overhead  # the headroom is the balloon's, not the cgroup's
     booted_total = wait_for(lambda: (t := guest_total_mib(daemon, cid)) <= 330 and t, what="the balloon to inflate")
 
@@ -110,4 +111,4 @@ def test_crictl_update_memory_reaches_the_guest(vm):
     result = crictl.run("update", "--memory", str(100 * MIB), cid)
     assert result.returncode == 0, result.stderr
     assert in_guest(env.daemon, cid, "cat", "/sys/fs/cgroup/memory.max") == f"{100 * MIB}\n"
-    assert vm_cgroup_limit_mib(pod_id) == 356 + resources.OVERHEAD_MIB["tcg"]
+    assert vm_cgroup_limit_mib(pod_id) == 356 + resources.vmm_overhead_mib("tcg", TCG_CACHE_MIB)

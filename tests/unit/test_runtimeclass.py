@@ -30,6 +30,13 @@ def test_the_overhead_follows_the_guest_size_and_the_accelerator() -> None:
     assert "accelerator kvm" in text
 
 
+def test_a_bigger_tcg_cache_is_counted_under_tcg_only() -> None:
+    text = runtime_classes(parse_config({"vm": {"accel": "tcg", "tcg_cache_mib": 64}}))
+    assert 'memory: "466Mi"' in text  # 256 + 146 + 64
+    assert "with [vm] tcg_cache_mib = 64" in text
+    assert 'memory: "394Mi"' in runtime_classes(parse_config({"vm": {"accel": "kvm", "tcg_cache_mib": 64}}))
+
+
 def test_auto_uses_the_cached_probe_and_tcg_without_one(tmp_path) -> None:
     config = parse_config({"state_dir": str(tmp_path)})
     assert 'memory: "426Mi"' in runtime_classes(config)

@@ -109,6 +109,11 @@ def test_vm_section_defaults_and_overrides():
     assert vm.qemu == Path("/usr/bin/qemu-system-x86_64")
 
 
+def test_the_tcg_cache_is_24_mib_unless_the_operator_trades_memory_for_start_time():
+    assert Config().vm.tcg_cache_mib == 24
+    assert parse_config({"vm": {"tcg_cache_mib": 64}}).vm.tcg_cache_mib == 64
+
+
 def test_vm_caps_and_jail_defaults_and_overrides():
     vm = Config().vm
     assert (vm.max_vcpus, vm.max_memory_mib) == (None, None)  # derived from the node by the VM backend
@@ -135,6 +140,9 @@ def test_vm_caps_and_jail_defaults_and_overrides():
         ({"jail": "yes"}, "vm.jail", "must be a bool"),
         ({"jail_uid_first": 0}, "vm.jail_uid_first", "must be positive"),
         ({"jail_uid_first": 2**31 - 10}, "vm.jail_uid_count", "at or below 2**31"),
+        ({"tcg_cache_mib": 8}, "vm.tcg_cache_mib", "must be 16 to 1024, got 8"),
+        ({"tcg_cache_mib": 4096}, "vm.tcg_cache_mib", "must be 16 to 1024, got 4096"),
+        ({"tcg_cache_mib": "64M"}, "vm.tcg_cache_mib", "must be a int"),
     ],
 )
 def test_bad_vm_keys_are_named(table, key, reason):

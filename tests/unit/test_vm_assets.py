@@ -291,6 +291,11 @@ def test_tcg_argv_follows_the_notes(tmp_path):
     assert "tandem.share" not in cmdline
 
 
+def test_the_translation_cache_is_the_vms_own(tmp_path):
+    assert option(build_argv(spec(tmp_path, tcg_cache_mib=64)), "-accel") == ["tcg,tb-size=64"]
+    assert option(build_argv(spec(tmp_path, accel="kvm", tcg_cache_mib=64)), "-accel") == ["kvm"]
+
+
 def test_kvm_argv_with_share_tap_and_netns(tmp_path):
     vm = spec(
         tmp_path,

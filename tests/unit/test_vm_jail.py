@@ -7,6 +7,7 @@ import pytest
 
 from core import cgroups
 from core.errors import InvalidArgument, ResourceExhausted
+from core.settings import TCG_CACHE_MIB
 from protos import cri_pb2 as pb
 from vm_backend import jailer, resources
 from vm_backend.jail import Jail, JailIds, join_prefix
@@ -126,8 +127,8 @@ def test_the_vm_cgroup_sits_in_the_pods_and_holds_the_guest_plus_the_vmm():
     assert resources.vm_cgroup("", "s1") == "/tandem/s1/s1"
     with pytest.raises(InvalidArgument):
         resources.vm_cgroup("kubepods.slice", "s1")
-    limits = resources.vm_limits(2, 512, "tcg")
-    assert limits.memory_bytes == (512 + resources.OVERHEAD_MIB["tcg"]) * MIB
+    limits = resources.vm_limits(2, 512, resources.vmm_overhead_mib("tcg", TCG_CACHE_MIB))
+    assert limits.memory_bytes == (512 + resources.vmm_overhead_mib("tcg", TCG_CACHE_MIB)) * MIB
     assert limits.pids == resources.PIDS_BASE + 2
     assert (limits.cpu_quota_us, limits.cpu_period_us) == (300_000, 100_000)
     files = cgroups.limit_files(limits)

@@ -228,7 +228,10 @@ async def test_off_boots_nothing_and_still_reaps(tmp_path: Path) -> None:
 def test_record_round_trip_and_ids() -> None:
     record = WarmRecord.new(*SIZE)
     record.claimed_by, record.pod_cgroup, record.qemu = "pod", "/kubepods/pod1/abc", {"pid": 1, "start_time": 2}
+    record.tcg_cache_mib = 64
     assert WarmRecord.from_dict(json.loads(json.dumps(record.__dict__))) == record
+    older = {k: v for k, v in record.__dict__.items() if k != "tcg_cache_mib"}  # from before the setting
+    assert WarmRecord.from_dict(older).tcg_cache_mib == 24
     assert record.id.startswith("warm-") and WarmRecord.new(*SIZE).id != record.id
     with pytest.raises(ValueError):
         WarmPool(1, FakeVms(), Path("/tmp")).forget("../etc/passwd")
