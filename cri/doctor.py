@@ -39,6 +39,7 @@ from protos import cri_pb2_grpc
 from runc_backend.cgroups import oom_score_adj_floor
 from sandbox import cni
 from sandbox.default_network import default_network
+from vm_backend.accel import AccelChoice
 from vm_backend.jail import Jail, JailIds
 from vm_backend.ksm import KSM_DIR, ksm_status
 from vm_backend.pool import warm_records
@@ -319,7 +320,7 @@ async def _check_vm_guest(config: Config) -> list[Finding]:
         else Finding("warn", "guest assets", f"{detail} is out of date: an input changed", fix)
     ]
     if config.vm.accel != "auto":
-        return [*findings, Finding("ok", "accel", f"{config.vm.accel} (set by [vm] accel)")]
+        return [*findings, accel_finding(config, AccelChoice(config.vm.accel, "set by [vm] accel"))]
     try:
         key = await accel.probe_key(config.vm.qemu, current)
     except TandemError as e:
@@ -327,12 +328,20 @@ async def _check_vm_guest(config: Config) -> list[Finding]:
     choice = accel.cached_choice(config.state_dir, key)
     if choice is None:
         findings.append(Finding("warn", "accel", "not probed yet (or QEMU, a kernel or /dev/kvm changed)", fix))
-    elif choice.accel == "tcg":
-        slow = "untrusted pods run emulated (slow); KVM needs a usable /dev/kvm"
-        findings.append(Finding("warn", "accel", f"tcg: {choice.reason}", slow))
     else:
-        findings.append(Finding("ok", "accel", f"kvm: {choice.reason}"))
+        findings.append(accel_finding(config, choice))
     return findings
+
+
+def accel_finding(config: Config, choice: AccelChoice) -> Finding:
+    """The accelerator VMs use; under TCG with the translation cache each VM holds (README: Pod start or memory)."""
+    if choice.accel == "kvm":
+        return Finding("ok", "accel", f"kvm: {choice.reason}")
+    cache = f"a {config.vm.tcg_cache_mib} MiB translation cache per VM ([vm] tcg_cache_mib)"
+    if config.vm.accel == "tcg":
+        return Finding("ok", "accel", f"tcg ({choice.reason}), {cache}")
+    slow = "untrusted pods run emulated (slow); KVM needs a usable /dev/kvm"
+    return Finding("warn", "accel", f"tcg: {choice.reason}; {cache}", slow)
 
 
 def check_ksm(directory: Path = KSM_DIR) -> Finding:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cri.doctor import EXIT_FAILED, EXIT_OK, EXIT_WARNINGS, Finding, check_ksm, exit_status, report
+from core.settings import parse_config
+from cri.doctor import EXIT_FAILED, EXIT_OK, EXIT_WARNINGS, Finding, accel_finding, check_ksm, exit_status, report
+from vm_backend.accel import AccelChoice
 
 
 def test_the_exit_status_says_the_worst_finding() -> None:
@@ -56,3 +58,16 @@ def test_ksm_is_reported_on_or_off_and_never_a_problem(tmp_path: Path) -> None:
     before = {name: (tmp_path / name).read_text() for name in ("run", "pages_shared", "pages_sharing")}
     check_ksm(tmp_path)
     assert {name: (tmp_path / name).read_text() for name in before} == before  # read, never written
+
+
+def test_the_accel_finding_names_the_translation_cache_under_tcg_only() -> None:
+    probed = parse_config({"vm": {"tcg_cache_mib": 64}})
+    finding = accel_finding(probed, AccelChoice("tcg", "no /dev/kvm"))
+    assert finding.level == "warn" and finding.detail == (
+        "tcg: no /dev/kvm; a 64 MiB translation cache per VM ([vm] tcg_cache_mib)"
+    )
+    chosen = parse_config({"vm": {"accel": "tcg"}})
+    finding = accel_finding(chosen, AccelChoice("tcg", "set by [vm] accel"))
+    assert finding.level == "ok" and "a 24 MiB translation cache per VM" in finding.detail
+    finding = accel_finding(probed, AccelChoice("kvm", "probe booted"))
+    assert (finding.level, finding.detail) == ("ok", "kvm: probe booted")
