@@ -17,7 +17,6 @@ from typing import Any
 
 from vm_backend.qemu import qmp
 
-MIB = 2**20
 _USED = re.compile(r"^gen code size\s+(\d+)/(\d+)", re.MULTILINE)
 _FLUSHES = re.compile(r"^TB flush count\s+(\d+)", re.MULTILINE)
 
@@ -55,6 +54,6 @@ def translated_between(before: CacheReading, after: CacheReading) -> int:
 
 def read_cache(qmp_socket: Path) -> CacheReading | None:
     """The VM's translation cache now, through its QMP socket (HMP `info jit`)."""
-    arguments: dict[str, Any] = {"command-line": "info jit"}  # HMP through QMP: QMP has no command for it
-    text = asyncio.run(qmp(qmp_socket, "human-monitor-command", 5.0, **arguments))
+    arguments: dict[str, Any] = {"command-line": "info jit"}
+    text = asyncio.run(qmp(qmp_socket, "human-monitor-command", timeout=5.0, **arguments))
     return CacheReading.parse(str(text))

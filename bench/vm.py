@@ -75,7 +75,7 @@ from bench.pods import (
     free_octets,
     write_network,
 )
-from bench.tcgcache import MIB, CacheReading, read_cache, translated_between
+from bench.tcgcache import CacheReading, read_cache, translated_between
 from core import cgroups
 from core.settings import JAIL_UID_COUNT, JAIL_UID_FIRST, TCG_CACHE_MIB
 from protos import cri_pb2 as pb
@@ -270,7 +270,7 @@ def measure_pool(warm: Pods, cold: Pods, assets: GuestAssets, workdir: Path, sam
     )
     rows: list[tuple[float, float, float]] = []
     steps: list[tuple[float, float, float]] = []
-    caches: list[tuple[int, int, CacheReading]] = []  # per W: flushes, bytes translated, the cache before
+    caches: list[tuple[CacheReading, CacheReading]] = []  # per W: the warm VM's cache before and after
     for n in range(samples):
         times: dict[str, float] = {}
         order = [("W", "A", "B"), ("A", "B", "W"), ("B", "W", "A")][n % 3]
@@ -283,7 +283,7 @@ def measure_pool(warm: Pods, cold: Pods, assets: GuestAssets, workdir: Path, sam
                 after = read_cache(qmp_socket)
                 steps.append(warm.last_steps)
                 if before is not None and after is not None:
-                    caches.append((after.flushes - before.flushes, translated_between(before, after), before))
+                    caches.append((before, after))
                 warm.remove(pod_id)
             elif side == "A":
                 pod_id, times["A"] = cold.start(retries=1)
@@ -306,12 +306,14 @@ def measure_pool(warm: Pods, cold: Pods, assets: GuestAssets, workdir: Path, sam
     print(f"pool: W's steps, medians: RunPodSandbox {runp:.3f} s, CreateContainer {create:.3f} s, "
           f"StartContainer {start:.3f} s")  # fmt: skip
     if caches:
-        capacity = caches[0][2].capacity / MIB
+        capacity = caches[0][0].capacity / resources.MIB
+        in_use = statistics.median(before.used for before, _ in caches) / resources.MIB
+        translated = statistics.median(translated_between(before, after) for before, after in caches) / resources.MIB
+        flushes = [after.flushes - before.flushes for before, after in caches]
         print(
-            f"pool: the warm VM's translation cache ({capacity:.0f} MiB) during W, medians: "
-            f"{statistics.median(c[2].used for c in caches) / MIB:.1f} MiB in use before, "
-            f"{statistics.median(c[1] for c in caches) / MIB:.1f} MiB of code translated, "
-            f"{statistics.median(c[0] for c in caches):g} flushes (per sample: {[c[0] for c in caches]})"
+            f"pool: the warm VM's translation cache ({capacity:.0f} MiB) during W, medians: {in_use:.1f} MiB in use "
+            f"before, {translated:.1f} MiB of code translated, {statistics.median(flushes):g} flushes "
+            f"(per sample: {flushes})"
         )
     wait_pool(warm.daemon)
     time.sleep(10)  # let the warm VM settle (free page reporting) before its PSS: a measurement, not a sync

@@ -40,7 +40,7 @@ from core import cgroups, metrics, mounts
 from core.errors import FailedPrecondition, InvalidArgument, TandemError, Unavailable
 from core.files import atomic_write_json, private_dir
 from core.proc import wait_exit
-from core.settings import TCG_CACHE_MIB, VmBackendSettings
+from core.settings import VmBackendSettings
 from sandbox import netns, podfiles
 from sandbox.backend import (
     Backend,
@@ -181,7 +181,7 @@ class VmBackend(Backend[VmBackendSettings]):
             userland=Path(state.get("userland") or self.assets.userland),
             userland_bytes=int(state.get("userland_bytes") or self.assets.userland_bytes),
             accel=state.get("accel", "tcg"),
-            tcg_cache_mib=int(state.get("tcg_cache_mib", TCG_CACHE_MIB)),  # records from before the setting: 24
+            tcg_cache_mib=int(state.get("tcg_cache_mib", resources.UNRECORDED_TCG_CACHE_MIB)),
             vcpus=int(state.get("vcpus", 1)),
             memory_mib=int(state.get("memory_mib", 256)),
             share_tag=SHARE_TAG,

@@ -38,7 +38,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from core.errors import TandemError
 from core.files import atomic_write_json, private_dir
-from core.settings import TCG_CACHE_MIB
+from vm_backend.resources import UNRECORDED_TCG_CACHE_MIB
 
 log = logging.getLogger("tandem.vm.pool")
 
@@ -62,7 +62,7 @@ class WarmRecord:
     memory_mib: int
     size_mib: int
     accel: str = ""
-    tcg_cache_mib: int = TCG_CACHE_MIB  # under TCG (records from before the setting have none: it was 24 then)
+    tcg_cache_mib: int = UNRECORDED_TCG_CACHE_MIB  # under TCG; set at boot from `[vm] tcg_cache_mib`
     mac: str = ""  # the guest NIC's MAC at boot; the pod's veth's MAC replaces it at SetupPod
     ready: bool = False  # booted, its agent answered
     qemu: dict[str, int] = field(default_factory=dict)  # QEMU's identity (pid, start time) once launched
@@ -78,7 +78,7 @@ class WarmRecord:
     def from_dict(cls, data: dict[str, Any]) -> WarmRecord:
         record = cls(str(data["id"]), int(data["vcpus"]), int(data["memory_mib"]), int(data["size_mib"]))
         record.accel, record.mac = str(data.get("accel", "")), str(data.get("mac", ""))
-        record.tcg_cache_mib = int(data.get("tcg_cache_mib", TCG_CACHE_MIB))
+        record.tcg_cache_mib = int(data.get("tcg_cache_mib", UNRECORDED_TCG_CACHE_MIB))
         record.ready, record.qemu = bool(data.get("ready")), dict(data.get("qemu") or {})
         record.claimed_by, record.pod_netns = str(data.get("claimed_by", "")), str(data.get("pod_netns", ""))
         record.pod_cgroup = str(data.get("pod_cgroup", ""))

@@ -27,7 +27,6 @@ from typing import Any
 
 from core import cgroups
 from core.errors import FailedPrecondition
-from core.settings import TCG_CACHE_MIB
 from vm_backend import resources
 from vm_backend.qemu import qmp
 
@@ -66,7 +65,8 @@ async def resize_memory(state: dict[str, Any], qmp_socket: Path, wanted_mib: int
     if wanted_mib == current:
         return
     cgroup = state.get("cgroup")
-    overhead = resources.vmm_overhead_mib(state.get("accel", "tcg"), int(state.get("tcg_cache_mib", TCG_CACHE_MIB)))
+    cache = int(state.get("tcg_cache_mib", resources.UNRECORDED_TCG_CACHE_MIB))
+    overhead = resources.vmm_overhead_mib(state.get("accel", "tcg"), cache)
     if wanted_mib > current:
         if cgroup:
             await asyncio.to_thread(cgroups.set_memory_limit, cgroup, (wanted_mib + overhead) * MIB)

@@ -35,17 +35,22 @@ MIB = 2**20
 # -> 160). Since every VM maps the userland image (vm_backend/guest_memory.py), QEMU maps the kernel (51 MiB), the
 # initramfs (2.5) and the image (36): 12 MiB more than the 77, so 10 more (53 + 110 -> 170).
 # The translation cache is `[vm] tcg_cache_mib` since (24 by default): the limit keeps the 8 MiB it no longer
-# needed at 24 as margin, so a VM's is 146 MiB plus its cache (170 by default).
+# needed at 24 as margin, so a VM's is 146 MiB plus its cache (170 by default). QEMU's records of what the cache
+# holds grow with it, outside it: an idle VM pod's anonymous memory besides the cache measured 14.1 MiB with 24,
+# 21.9 with 64 and 24.4 with 128 (88 MiB of it in use; `bench.vm --tcg-cache-mib N`), so a cache beyond 24 adds
+# a fifth of the excess again.
 # KVM cannot be measured here (these hosts' /dev/kvm is PVM): estimated as the same less the translation cache.
 OVERHEAD_KVM_MIB = 138
-OVERHEAD_TCG_MIB = 146  # plus the VM's translation cache
+OVERHEAD_TCG_MIB = 146  # plus the VM's translation cache and, beyond 24 MiB of it, a fifth of the excess
+UNRECORDED_TCG_CACHE_MIB = 24  # the cache of VMs whose records predate `[vm] tcg_cache_mib`: 24 was fixed then
 # What a VM pod costs beyond its containers, for a RuntimeClass's overhead.podFixed (`tandem config
 # runtimeclasses`). Memory: the VM cgroup's limit beyond the containers' own limits -- the default guest RAM plus
 # vmm_overhead_mib -- because the kubelet's pod cgroup (the containers' limits plus podFixed) holds the VM's cgroup and
 # must never be the smaller of the two; an idle pod uses less (PSS 147 MiB each with 3 pods, 117 with 150, as every
 # VM maps the same kernel and userland image: `python -m bench.vm --skip jail --idle-pods 3 --idle-seconds 20`,
 # TCG, a busybox `sleep 3600` pod). CPU: an idle pod's QEMU + virtiofsd measured 14 millicores (10-18) in one
-# such run and 27 (6-38) in another at load 3; podFixed asks 100m, room for the VMM's device emulation when the
+# such run and 27 (6-38) in another at load 3, 7 since the guest's timers were quieted (qemu.py); podFixed asks
+# 100m, room for the VMM's device emulation when the
 # guest does I/O, without reserving a whole CPU per pod at scheduling (the VM cgroup's quota is a ceiling, not a
 # reservation).
 POD_FIXED_CPU_MILLICORES = 100
@@ -134,7 +139,9 @@ def vm_cgroup(cgroup_parent: str, sandbox_id: str) -> str:
 
 def vmm_overhead_mib(accel: str, tcg_cache_mib: int) -> int:
     """Host memory a VM's QEMU and virtiofsd use beyond its guest RAM (see above); under TCG its cache adds to it."""
-    return OVERHEAD_TCG_MIB + tcg_cache_mib if accel == "tcg" else OVERHEAD_KVM_MIB
+    if accel != "tcg":
+        return OVERHEAD_KVM_MIB
+    return OVERHEAD_TCG_MIB + tcg_cache_mib + math.ceil(max(0, tcg_cache_mib - 24) / 5)
 
 
 def pod_fixed_overhead(default_memory_mib: int, overhead_mib: int) -> tuple[int, int]:

@@ -140,8 +140,8 @@ def test_vm_caps_and_jail_defaults_and_overrides():
         ({"jail": "yes"}, "vm.jail", "must be a bool"),
         ({"jail_uid_first": 0}, "vm.jail_uid_first", "must be positive"),
         ({"jail_uid_first": 2**31 - 10}, "vm.jail_uid_count", "at or below 2**31"),
-        ({"tcg_cache_mib": 8}, "vm.tcg_cache_mib", "must be 16 to 1024, got 8"),
-        ({"tcg_cache_mib": 4096}, "vm.tcg_cache_mib", "must be 16 to 1024, got 4096"),
+        ({"tcg_cache_mib": 8}, "vm.tcg_cache_mib", "must be 16 to 128, got 8"),
+        ({"tcg_cache_mib": 256}, "vm.tcg_cache_mib", "must be 16 to 128, got 256"),
         ({"tcg_cache_mib": "64M"}, "vm.tcg_cache_mib", "must be a int"),
     ],
 )
